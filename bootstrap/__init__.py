@@ -1,0 +1,1 @@
+"""Joining a swarm: dialing bootstrap peers."""

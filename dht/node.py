@@ -1,0 +1,123 @@
+"""``RecordDHT``: put and get Legion records on a py-libp2p Kademlia node, every await bounded."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.common import BUCKET_SIZE
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.records.record import make_signed_put_record
+from libp2p.tools.anyio_service import background_trio_service
+
+from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
+from dht.store import MergingValueStore
+from dht.validator import LegionValidator
+
+log = logging.getLogger(__name__)
+
+
+class RecordDHT:
+    """A Kademlia node (server or client mode) that speaks the standard ``/ipfs/kad/1.0.0`` protocol
+    and stores Legion bundles with the merging store and the Legion validator.
+
+    ``timeout`` bounds every network step: a lookup, and each single peer's get or put.
+    """
+
+    def __init__(self, host: IHost, key_pair: KeyPair, *, server: bool = True, timeout: float = 5.0,
+                 replication: int = BUCKET_SIZE) -> None:
+        self.host = host
+        self.key_pair = key_pair
+        self.timeout = timeout
+        self.replication = replication
+        self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
+        self.kad.register_validator("legion", LegionValidator())
+        self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["RecordDHT"]:
+        async with background_trio_service(self.kad):
+            yield self
+
+    async def add_peer(self, peer_id: ID) -> bool:
+        return await self.kad.add_peer(peer_id, skip_server_mode_check=True)
+
+    def routing_table_size(self) -> int:
+        return self.kad.get_routing_table_size()
+
+    async def store(self, key: str, value: Any, ttl: float) -> int:
+        """Write this peer's entry under ``key``; returns how many remote nodes accepted it."""
+        entry = sign_entry(key, self.key_pair, value, ttl)
+        key_bytes = key.encode()
+        bundle = encode_bundle([entry])
+        record = make_signed_put_record(key_bytes, bundle, self.key_pair.private_key)
+        self.kad.value_store.put_record(key_bytes, record)
+        accepted = 0
+
+        async def store_at(peer: ID) -> None:
+            nonlocal accepted
+            with trio.move_on_after(self.timeout):
+                if await self.kad.value_store._store_at_peer(peer, key_bytes, bundle, record=record):
+                    accepted += 1
+
+        peers = await self._closest_peers(key_bytes)
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(store_at, peer)
+        log.debug("stored %s at %d of %d peers", key, accepted, len(peers))
+        return accepted
+
+    async def withdraw(self, key: str, ttl: float) -> int:
+        """Replace this peer's entry with a tombstone that outlives it."""
+        return await self.store(key, None, ttl)
+
+    async def get(self, key: str) -> dict[str, Entry]:
+        """All live, valid, not withdrawn entries under ``key``, merged from this node and the
+        closest nodes to the key; entries that fail validation are dropped and logged."""
+        check_key(key)
+        key_bytes = key.encode()
+        local = self.kad.value_store.get(key_bytes)
+        groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
+
+        async def get_from(peer: ID) -> None:
+            with trio.move_on_after(self.timeout):
+                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
+                if record is not None:
+                    groups.append(self._decode(key, record.value, peer.to_base58()))
+
+        peers = await self._closest_peers(key_bytes)
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(get_from, peer)
+        return {sub: e for sub, e in merge(*groups).items() if not e.withdrawn}
+
+    @staticmethod
+    def _decode(key: str, data: bytes, source: str) -> list[Entry]:
+        try:
+            entries, problems = decode_bundle_lenient(key, data)
+        except RecordError as exc:
+            log.warning("dropped record for %s from %s: %s", key, source, exc)
+            return []
+        for problem in problems:
+            log.warning("dropped entry for %s from %s: %s", key, source, problem)
+        return entries
+
+    async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
+        me = self.host.get_id()
+        peers: list[ID] | None = None
+        with trio.move_on_after(self.timeout):
+            peers = await self.kad.peer_routing.find_closest_peers_network(key_bytes)
+        if peers is None:
+            log.debug("closest-peer lookup timed out; using the routing table")
+            peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
+        return [p for p in peers if p != me][: self.replication]
+
+    async def refresh(self) -> None:
+        """Look up this node's own id, the Kademlia way to fill a fresh routing table."""
+        with trio.move_on_after(self.timeout):
+            await self.kad.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())

@@ -1,0 +1,187 @@
+"""Signed entries and the bundles that hold them.
+
+A DHT key under ``/legion/`` holds a *bundle*: a msgpack list of entries, one per subkey. Every entry
+is written and signed by one peer, its subkey is that peer's id, and it carries its own timestamp and
+expiration. Bundles from different peers merge entry by entry, newest timestamp wins, so one key can
+hold e.g. the whole member list of a swarm while each member only ever writes its own entry.
+
+Only Ed25519 peer ids are accepted: their public key is inlined in the id, so an entry needs no
+separate key field and a forged subkey cannot verify.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import msgpack
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+
+NAMESPACE = "legion"
+KEY_PREFIX = f"/{NAMESPACE}/"
+MAX_KEY_BYTES = 256
+MAX_ENTRY_BYTES = 64 * 1024
+MAX_BUNDLE_BYTES = 512 * 1024
+MAX_TTL = 24 * 3600.0
+CLOCK_SKEW = 30.0
+_SIGNATURE_DOMAIN = b"legion-record-v1"
+
+
+class RecordError(ValueError):
+    """A record or entry that must not be stored or believed."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One peer's signed value under a key. ``value`` is ``None`` for a withdrawn entry."""
+
+    subkey: str
+    value_bytes: bytes
+    timestamp: float
+    expiration: float
+    signature: bytes
+
+    @property
+    def value(self) -> Any:
+        return msgpack.unpackb(self.value_bytes, raw=False, strict_map_key=False)
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.value_bytes == _PACKED_NONE
+
+    def newer_than(self, other: "Entry") -> bool:
+        return (self.timestamp, self.expiration) > (other.timestamp, other.expiration)
+
+    def to_wire(self) -> list:
+        return [ID.from_base58(self.subkey).to_bytes(), self.value_bytes, self.timestamp,
+                self.expiration, self.signature]
+
+
+_PACKED_NONE = msgpack.packb(None)
+
+
+def check_key(key: str) -> None:
+    if not key.startswith(KEY_PREFIX) or len(key.encode()) > MAX_KEY_BYTES or len(key) <= len(KEY_PREFIX):
+        raise RecordError(f"key {key[:80]!r} is not a /{NAMESPACE}/ key of at most {MAX_KEY_BYTES} bytes")
+
+
+def _signed_payload(key: str, subkey_bytes: bytes, value_bytes: bytes, timestamp: float,
+                    expiration: float) -> bytes:
+    return msgpack.packb([_SIGNATURE_DOMAIN, key, subkey_bytes, value_bytes, timestamp, expiration])
+
+
+def sign_entry(key: str, key_pair: KeyPair, value: Any, ttl: float, now: float | None = None) -> Entry:
+    """Make an entry for ``key`` holding ``value`` (any msgpack-able object), valid for ``ttl`` seconds."""
+    check_key(key)
+    if not 0 < ttl <= MAX_TTL:
+        raise RecordError(f"ttl {ttl} outside (0, {MAX_TTL}]")
+    now = time.time() if now is None else now
+    value_bytes = msgpack.packb(value, use_bin_type=True)
+    peer_id = ID.from_pubkey(key_pair.public_key)
+    expiration = now + ttl
+    signature = key_pair.private_key.sign(
+        _signed_payload(key, peer_id.to_bytes(), value_bytes, now, expiration))
+    entry = Entry(peer_id.to_base58(), value_bytes, now, expiration, signature)
+    if len(msgpack.packb(entry.to_wire())) > MAX_ENTRY_BYTES:
+        raise RecordError(f"entry of {len(value_bytes)} value bytes exceeds {MAX_ENTRY_BYTES} bytes")
+    return entry
+
+
+def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
+    """Check one wire entry completely (shape, size, signature, expiry) and return it."""
+    if not (isinstance(wire, list) and len(wire) == 5):
+        raise RecordError("entry is not a list of 5 fields")
+    subkey_bytes, value_bytes, timestamp, expiration, signature = wire
+    if not (isinstance(subkey_bytes, bytes) and isinstance(value_bytes, bytes)
+            and isinstance(signature, bytes)):
+        raise RecordError("entry fields have wrong types")
+    if not all(isinstance(t, (int, float)) and math.isfinite(t) for t in (timestamp, expiration)):
+        raise RecordError("entry times are not finite numbers")
+    if len(subkey_bytes) + len(value_bytes) + len(signature) > MAX_ENTRY_BYTES:
+        raise RecordError(f"entry exceeds {MAX_ENTRY_BYTES} bytes")
+    now = time.time() if now is None else now
+    if expiration <= now:
+        raise RecordError(f"entry expired {now - expiration:.1f}s ago")
+    if timestamp > now + CLOCK_SKEW or expiration > now + MAX_TTL + CLOCK_SKEW or expiration < timestamp:
+        raise RecordError("entry times are in the future or inconsistent")
+    try:
+        peer_id = ID(subkey_bytes)
+        public_key = peer_id.extract_public_key()
+    except Exception as exc:  # malformed multihash or key protobuf
+        raise RecordError(f"subkey is not a peer id: {exc}") from exc
+    if public_key is None:
+        raise RecordError("subkey is not an Ed25519 peer id with an inlined key")
+    try:
+        valid = public_key.verify(
+            _signed_payload(key, subkey_bytes, value_bytes, timestamp, expiration), signature)
+    except Exception:
+        valid = False
+    if not valid:
+        raise RecordError(f"signature does not match subkey {peer_id.to_base58()}")
+    try:
+        msgpack.unpackb(value_bytes, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise RecordError(f"value is not msgpack: {exc}") from exc
+    return Entry(peer_id.to_base58(), value_bytes, float(timestamp), float(expiration), signature)
+
+
+def encode_bundle(entries: Iterable[Entry]) -> bytes:
+    return msgpack.packb([entry.to_wire() for entry in entries], use_bin_type=True)
+
+
+def _unpack_bundle(data: bytes) -> list:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise RecordError(f"record of {len(data)} bytes exceeds {MAX_BUNDLE_BYTES}")
+    try:
+        wire = msgpack.unpackb(data, raw=False, max_bin_len=MAX_ENTRY_BYTES,
+                               max_array_len=MAX_BUNDLE_BYTES // 64, max_map_len=0, max_str_len=0)
+    except Exception as exc:
+        raise RecordError(f"record is not a msgpack bundle: {exc}") from exc
+    if not isinstance(wire, list) or not wire:
+        raise RecordError("record is not a non-empty list of entries")
+    return wire
+
+
+def decode_bundle_strict(key: str, data: bytes, now: float | None = None) -> list[Entry]:
+    """Every entry must be valid: the rule for records offered to this node for storage."""
+    check_key(key)
+    return [verify_entry(key, wire, now) for wire in _unpack_bundle(data)]
+
+
+def decode_bundle_lenient(key: str, data: bytes, now: float | None = None) -> tuple[list[Entry], list[str]]:
+    """Keep the valid entries of a bundle read from the network; return the rejection reasons too."""
+    check_key(key)
+    entries, problems = [], []
+    for wire in _unpack_bundle(data):
+        try:
+            entries.append(verify_entry(key, wire, now))
+        except RecordError as exc:
+            problems.append(str(exc))
+    return entries, problems
+
+
+def merge(*groups: Iterable[Entry], now: float | None = None) -> dict[str, Entry]:
+    """Newest entry per subkey across all groups, expired entries dropped."""
+    now = time.time() if now is None else now
+    merged: dict[str, Entry] = {}
+    for group in groups:
+        for entry in group:
+            if entry.expiration <= now:
+                continue
+            current = merged.get(entry.subkey)
+            if current is None or entry.newer_than(current):
+                merged[entry.subkey] = entry
+    return merged
+
+
+def fit_bundle(entries: dict[str, Entry]) -> bytes:
+    """Encode the merged entries, dropping the soonest-expiring ones if the bundle is too large."""
+    ordered = sorted(entries.values(), key=lambda e: e.expiration, reverse=True)
+    data = encode_bundle(ordered)
+    while len(data) > MAX_BUNDLE_BYTES:
+        ordered = ordered[: len(ordered) - max(1, len(ordered) // 10)]
+        data = encode_bundle(ordered)
+    return data

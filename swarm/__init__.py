@@ -1,0 +1,1 @@
+"""The Legion peer: host and DHT composition, lifecycle, membership, CLI."""

@@ -1,0 +1,206 @@
+"""``legion-peer``: run a peer (or a seed), inspect a swarm, make a swarm key, run the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import multiaddr
+import trio
+
+from bootstrap.join import BootstrapError, connect_bootstrap_peers
+from dht import RecordDHT
+from swarm.identity import IdentityError, load_or_create_identity
+from swarm.members import Announcement, live_members
+from swarm.network import build_host
+from swarm.peer import VERSION, ConfigError, Peer, PeerConfig
+from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
+
+log = logging.getLogger("swarm.cli")
+USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError)
+COMMANDS = ("status", "new-swarm-key", "demo")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--swarm", default="default", help="swarm name: the DHT key space the peer uses")
+    parser.add_argument("--swarm-key", type=Path, help="pre-shared key file of a private swarm")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="legion-peer",
+        description="Run a Legion peer. Other commands: legion-peer {status,new-swarm-key,demo} --help",
+    )
+    parser.add_argument("--seed", action="store_true", help="start a swarm: a stable peer others bootstrap from")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="address of any peer of the swarm, /ip4/…/tcp/…/p2p/… (repeatable)")
+    parser.add_argument("--listen", action="append", metavar="MULTIADDR",
+                        help="address to listen on (default /ip4/0.0.0.0/tcp/0)")
+    parser.add_argument("--identity", type=Path, help="Ed25519 key file, created (0600) on first run")
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between announcements")
+    parser.add_argument("--upload-mbps", type=float, help="declared upload bandwidth, Mbit/s")
+    parser.add_argument("--download-mbps", type=float, help="declared download bandwidth, Mbit/s")
+    parser.add_argument("--gpu", help="declared GPU name (default: detected)")
+    parser.add_argument("--count", type=int, default=1,
+                        help="run this many peers in this process (simulations and tests)")
+    _common(parser)
+    return parser
+
+
+def status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="legion-peer status", description="List the live peers of a swarm.")
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of peer objects")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for each network step")
+    _common(parser)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("libp2p").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
+
+
+async def _until_signal(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            nursery.cancel_scope.cancel()
+            return
+
+
+def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
+    if args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    if args.count > 1 and args.identity:
+        raise ConfigError("--identity names one peer; it cannot be used with --count > 1")
+    listen = args.listen or ["/ip4/0.0.0.0/tcp/0"]
+    if args.count > 1 and any(not a.endswith("/tcp/0") for a in listen):
+        raise ConfigError("with --count > 1 every --listen address must use port 0")
+    return [PeerConfig(listen=listen, bootstrap=list(args.bootstrap), seed=args.seed and i == 0,
+                       identity=args.identity, swarm_key=args.swarm_key, swarm=args.swarm,
+                       heartbeat=args.heartbeat, upload_mbps=args.upload_mbps,
+                       download_mbps=args.download_mbps, gpu=args.gpu)
+            for i in range(args.count)]
+
+
+async def _run_peers(configs: list[PeerConfig]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_until_signal, nursery)
+        first_addr = None
+        for config in configs:
+            if first_addr is not None:  # later peers of this process join through the first one
+                config.bootstrap = [first_addr, *config.bootstrap]
+            peer = Peer(config)
+            await nursery.start(peer.run)
+            first_addr = first_addr or str(peer.addrs[-1])
+            print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
+                  f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
+            if config.seed:
+                print("others join this swarm with:", flush=True)
+                for addr in peer.addrs:
+                    print(f"  legion-peer --bootstrap {addr}", flush=True)
+
+
+async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float) -> list[Announcement]:
+    """Join as a DHT client through ``bootstrap`` and read the swarm's live members."""
+    key_pair = load_or_create_identity(None)
+    host = build_host(key_pair, psk=psk, dial_timeout=timeout)
+    dht = RecordDHT(host, key_pair, server=False, timeout=timeout)
+    async with host.run([]), dht.running():
+        for peer_id in await connect_bootstrap_peers(host, bootstrap, timeout):
+            await dht.add_peer(peer_id)
+        return await live_members(dht, swarm)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_table(members: list[Announcement], now: float | None = None) -> str:
+    rows = [("PEER ID", "ROLE", "VERSION", "UPTIME", "CPU", "RAM", "GPU", "UP/DOWN Mbit/s", "ADDRESS")]
+    for m in members:
+        info = m.as_json(now)
+        bandwidth = "-" if m.bandwidth_source == "unknown" else (
+            f"{m.upload_mbps or '?'}/{m.download_mbps or '?'} ({m.bandwidth_source})")
+        rows.append((m.peer_id, m.role, m.version, _duration(info["uptime_seconds"]), str(m.cpu_cores),
+                     f"{m.ram_bytes / 2**30:.1f} GiB", m.gpu or "none", bandwidth,
+                     m.addrs[0] if m.addrs else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + [f"{len(members)} live peer(s)"])
+
+
+def _status(argv: list[str]) -> int:
+    args = status_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    members = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout)
+    if args.json:
+        print(json.dumps([m.as_json() for m in members], indent=2))
+    else:
+        print(format_table(members))
+    return 0
+
+
+def _new_swarm_key(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="legion-peer new-swarm-key",
+                                     description="Write a new pre-shared key file for a private swarm.")
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        write_swarm_key(args.path)
+    except FileExistsError:
+        raise ConfigError(f"{args.path} exists; not overwriting a swarm key") from None
+    print(f"wrote {args.path}; give it to every peer of the private swarm with --swarm-key")
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    trio.run(_run_peers, _peer_configs(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else "run"
+    try:
+        if command == "status":
+            return _status(argv[1:])
+        if command == "new-swarm-key":
+            return _new_swarm_key(argv[1:])
+        if command == "demo":
+            from swarm.demo import main as demo_main
+            return demo_main(argv[1:])
+        return _run(argv)
+    except (*USER_ERRORS, BaseExceptionGroup) as exc:
+        errors = _leaves(exc)
+        if not all(isinstance(e, USER_ERRORS) for e in errors):
+            raise
+        for error in errors:
+            print(f"legion-peer: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The swarm's member list: one DHT key, one signed entry per live peer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dht import RecordDHT
+
+log = logging.getLogger(__name__)
+
+ROLES = ("seed", "peer")
+
+
+def members_key(swarm: str) -> str:
+    return f"/legion/{swarm}/members"
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a peer says about itself. The peer id is the entry's signed subkey, not a field."""
+
+    addrs: list[str]
+    role: str
+    version: str
+    started_at: float
+    cpu_cores: int
+    ram_bytes: int
+    gpu: str | None
+    upload_mbps: float | None
+    download_mbps: float | None
+    bandwidth_source: str = "unknown"
+    peer_id: str = field(default="", compare=False)
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        del value["peer_id"]
+        return value
+
+    @classmethod
+    def from_value(cls, peer_id: str, value: Any) -> "Announcement":
+        """Parse a DHT value; raises ``ValueError`` for anything malformed."""
+        if not isinstance(value, dict):
+            raise ValueError("announcement is not a map")
+        try:
+            ann = cls(peer_id=peer_id, **{k: value[k] for k in cls.__dataclass_fields__ if k != "peer_id"})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"announcement lacks a field: {exc}") from exc
+        checks = [
+            isinstance(ann.addrs, list) and all(isinstance(a, str) for a in ann.addrs),
+            ann.role in ROLES,
+            isinstance(ann.version, str),
+            isinstance(ann.started_at, (int, float)),
+            isinstance(ann.cpu_cores, int) and isinstance(ann.ram_bytes, int),
+            ann.gpu is None or isinstance(ann.gpu, str),
+            all(b is None or isinstance(b, (int, float)) for b in (ann.upload_mbps, ann.download_mbps)),
+            isinstance(ann.bandwidth_source, str),
+        ]
+        if not all(checks):
+            raise ValueError("announcement has a field of the wrong type")
+        return ann
+
+    def as_json(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        return {"peer_id": self.peer_id, **self.to_value(), "uptime_seconds": round(max(0.0, now - self.started_at), 1)}
+
+
+async def live_members(dht: RecordDHT, swarm: str) -> list[Announcement]:
+    """Unexpired announcements of the swarm's peers, seeds first, malformed ones dropped and logged."""
+    members = []
+    for peer_id, entry in (await dht.get(members_key(swarm))).items():
+        try:
+            members.append(Announcement.from_value(peer_id, entry.value))
+        except ValueError as exc:
+            log.warning("ignoring announcement of %s: %s", peer_id, exc)
+    return sorted(members, key=lambda a: (a.role != "seed", a.started_at, a.peer_id))

@@ -1,0 +1,127 @@
+"""A Legion peer: host, DHT node, joining, and the heartbeat that keeps its announcement alive."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import multiaddr
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+
+from bootstrap.join import connect_bootstrap_peers
+from dht import RecordDHT
+from swarm import resources
+from swarm.identity import load_or_create_identity
+from swarm.members import Announcement, members_key
+from swarm.network import build_host, dialable_addrs
+from swarm.swarm_key import read_swarm_key
+
+log = logging.getLogger(__name__)
+
+VERSION = package_version("legion")
+
+
+class ConfigError(ValueError):
+    """A peer configuration that cannot work."""
+
+
+@dataclass
+class PeerConfig:
+    """Everything a peer needs to start. Heartbeat and ttl are seconds; an announcement expires
+    ``ttl_heartbeats`` heartbeats after its last refresh."""
+
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    seed: bool = False
+    identity: Path | None = None
+    swarm_key: Path | None = None
+    swarm: str = "default"
+    heartbeat: float = 5.0
+    ttl_heartbeats: float = 2.5
+    network_timeout: float = 5.0
+    upload_mbps: float | None = None
+    download_mbps: float | None = None
+    gpu: str | None = None
+
+    def validate(self) -> None:
+        if not self.seed and not self.bootstrap:
+            raise ConfigError("a peer needs --bootstrap MULTIADDR to join a swarm, or --seed to start one")
+        if not 0.2 <= self.heartbeat <= 10:
+            raise ConfigError(f"heartbeat {self.heartbeat}s must lie in [0.2, 10] seconds")
+        if not 1 < self.ttl_heartbeats <= 3:
+            raise ConfigError("announcements must expire within (1, 3] heartbeats")
+        if not self.swarm.replace("-", "").replace("_", "").isalnum() or len(self.swarm) > 64:
+            raise ConfigError(f"swarm name {self.swarm!r} must be 1-64 letters, digits, - or _")
+        for rate in (self.upload_mbps, self.download_mbps):
+            if rate is not None and not 0 < rate < 1e6:
+                raise ConfigError(f"bandwidth {rate} Mbit/s is not plausible")
+        for addr in self.listen:
+            try:
+                multiaddr.Multiaddr(addr)
+            except Exception as exc:
+                raise ConfigError(f"--listen {addr!r} is not a multiaddr: {exc}") from exc
+
+
+class Peer:
+    """Run with ``await nursery.start(peer.run)``: returns once the peer has joined and announced
+    itself; cancel the nursery to stop it (the announcement is withdrawn on the way out)."""
+
+    def __init__(self, config: PeerConfig, key_pair: KeyPair | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.key_pair = key_pair or load_or_create_identity(config.identity)
+        psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
+        self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout)
+        self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
+        self.started_at = time.time()
+        self.addrs: list[multiaddr.Multiaddr] = []
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    @property
+    def ttl(self) -> float:
+        return self.config.heartbeat * self.config.ttl_heartbeats
+
+    def announcement(self) -> Announcement:
+        declared = self.config.upload_mbps is not None or self.config.download_mbps is not None
+        return Announcement(
+            addrs=[str(a) for a in self.addrs], role="seed" if self.config.seed else "peer",
+            version=VERSION, started_at=self.started_at, cpu_cores=resources.cpu_cores(),
+            ram_bytes=resources.ram_bytes(), gpu=self.config.gpu or resources.gpu_name(),
+            upload_mbps=self.config.upload_mbps, download_mbps=self.config.download_mbps,
+            bandwidth_source="declared" if declared else "unknown")
+
+    async def run(self, *, task_status: trio.TaskStatus["Peer"] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
+        async with self.host.run(listen), self.dht.running():
+            self.addrs = dialable_addrs(self.host)
+            if self.config.bootstrap:
+                reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
+                                                        self.config.network_timeout)
+                for peer_id in reached:
+                    await self.dht.add_peer(peer_id)
+                await self.dht.refresh()
+            value = self.announcement().to_value()
+            key = members_key(self.config.swarm)
+            await self.dht.store(key, value, self.ttl)
+            log.info("peer %s announced in swarm %r (%d in routing table)", self.peer_id,
+                     self.config.swarm, self.dht.routing_table_size())
+            task_status.started(self)
+            next_beat = trio.current_time()
+            try:
+                while True:
+                    next_beat += self.config.heartbeat
+                    await trio.sleep_until(next_beat)
+                    with trio.move_on_after(self.config.heartbeat):
+                        await self.dht.store(key, value, self.ttl)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    await self.dht.withdraw(key, self.ttl)
+                    log.info("peer %s withdrew its announcement", self.peer_id)
