@@ -26,15 +26,19 @@ class RecordDHT:
     """A Kademlia node (server or client mode) that speaks the standard ``/ipfs/kad/1.0.0`` protocol
     and stores Legion bundles with the merging store and the Legion validator.
 
-    ``timeout`` bounds every network step: a lookup, and each single peer's get or put.
+    ``timeout`` bounds every network step: a lookup, and each single peer's get or put. The closest
+    peers of a key are looked up at most every ``lookup_ttl`` seconds (a peer that fails a request
+    is dropped from the cached set), so a heartbeat costs one round of requests, not a lookup too.
     """
 
     def __init__(self, host: IHost, key_pair: KeyPair, *, server: bool = True, timeout: float = 5.0,
-                 replication: int = BUCKET_SIZE) -> None:
+                 replication: int = BUCKET_SIZE, lookup_ttl: float = 30.0) -> None:
         self.host = host
         self.key_pair = key_pair
         self.timeout = timeout
         self.replication = replication
+        self.lookup_ttl = lookup_ttl
+        self._lookups: dict[bytes, tuple[float, list[ID]]] = {}
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
         self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
@@ -64,6 +68,8 @@ class RecordDHT:
             with trio.move_on_after(self.timeout):
                 if await self.kad.value_store._store_at_peer(peer, key_bytes, bundle, record=record):
                     accepted += 1
+                    return
+            self._forget(key_bytes, peer)
 
         peers = await self._closest_peers(key_bytes)
         async with trio.open_nursery() as nursery:
@@ -86,9 +92,13 @@ class RecordDHT:
 
         async def get_from(peer: ID) -> None:
             with trio.move_on_after(self.timeout):
-                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
+                result = await self.kad.value_store._get_from_peer(
+                    peer, key_bytes, return_record=True, return_closer_peers=True)
+                record, _closer = result
                 if record is not None:
                     groups.append(self._decode(key, record.value, peer.to_base58()))
+                return
+            self._forget(key_bytes, peer)
 
         peers = await self._closest_peers(key_bytes)
         async with trio.open_nursery() as nursery:
@@ -108,6 +118,9 @@ class RecordDHT:
         return entries
 
     async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
+        cached = self._lookups.get(key_bytes)
+        if cached and trio.current_time() < cached[0]:
+            return cached[1]
         me = self.host.get_id()
         peers: list[ID] | None = None
         with trio.move_on_after(self.timeout):
@@ -115,9 +128,13 @@ class RecordDHT:
         if peers is None:
             log.debug("closest-peer lookup timed out; using the routing table")
             peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
-        return [p for p in peers if p != me][: self.replication]
+        peers = [p for p in peers if p != me][: self.replication]
+        # A short answer may just mean a young routing table: look again sooner.
+        ttl = self.lookup_ttl if len(peers) >= self.replication else min(self.lookup_ttl, 5.0)
+        self._lookups[key_bytes] = (trio.current_time() + ttl, peers)
+        return peers
 
-    async def refresh(self) -> None:
-        """Look up this node's own id, the Kademlia way to fill a fresh routing table."""
-        with trio.move_on_after(self.timeout):
-            await self.kad.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+    def _forget(self, key_bytes: bytes, peer: ID) -> None:
+        cached = self._lookups.get(key_bytes)
+        if cached and peer in cached[1]:
+            self._lookups[key_bytes] = (cached[0], [p for p in cached[1] if p != peer])

@@ -90,6 +90,16 @@ def sign_entry(key: str, key_pair: KeyPair, value: Any, ttl: float, now: float |
     return entry
 
 
+class ExpiredEntry(RecordError):
+    """An entry past its expiration: routine, as entries expire in transit."""
+
+
+# Entries already verified, keyed by their complete wire content: every read and every merge
+# re-decodes the same bundles, and a signature check costs far more than this lookup.
+_verified: dict[tuple, Entry] = {}
+_VERIFIED_MAX = 4096
+
+
 def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
     """Check one wire entry completely (shape, size, signature, expiry) and return it."""
     if not (isinstance(wire, list) and len(wire) == 5):
@@ -104,9 +114,21 @@ def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
         raise RecordError(f"entry exceeds {MAX_ENTRY_BYTES} bytes")
     now = time.time() if now is None else now
     if expiration <= now:
-        raise RecordError(f"entry expired {now - expiration:.1f}s ago")
+        raise ExpiredEntry(f"entry expired {now - expiration:.1f}s ago")
     if timestamp > now + CLOCK_SKEW or expiration > now + MAX_TTL + CLOCK_SKEW or expiration < timestamp:
         raise RecordError("entry times are in the future or inconsistent")
+    cache_key = (key, subkey_bytes, value_bytes, timestamp, expiration, signature)
+    entry = _verified.get(cache_key)
+    if entry is None:
+        entry = _verify_signed_entry(key, subkey_bytes, value_bytes, timestamp, expiration, signature)
+        if len(_verified) >= _VERIFIED_MAX:
+            _verified.clear()
+        _verified[cache_key] = entry
+    return entry
+
+
+def _verify_signed_entry(key: str, subkey_bytes: bytes, value_bytes: bytes, timestamp: float,
+                         expiration: float, signature: bytes) -> Entry:
     try:
         peer_id = ID(subkey_bytes)
         public_key = peer_id.extract_public_key()
@@ -152,12 +174,15 @@ def decode_bundle_strict(key: str, data: bytes, now: float | None = None) -> lis
 
 
 def decode_bundle_lenient(key: str, data: bytes, now: float | None = None) -> tuple[list[Entry], list[str]]:
-    """Keep the valid entries of a bundle read from the network; return the rejection reasons too."""
+    """Keep the valid entries of a bundle read from the network; return the reasons for rejecting
+    the others (expired entries are dropped without a reason: they are routine)."""
     check_key(key)
     entries, problems = [], []
     for wire in _unpack_bundle(data):
         try:
             entries.append(verify_entry(key, wire, now))
+        except ExpiredEntry:
+            continue
         except RecordError as exc:
             problems.append(str(exc))
     return entries, problems

@@ -26,17 +26,18 @@ class LegionValidator(Validator):
             raise
 
     def select(self, key: str, values: list[bytes]) -> int:
+        """The last candidate holding an entry fresher than all the others hold, else 0.
+
+        For a PUT the DHT asks ``select(key, [stored, offered])``: the offer is taken whenever it
+        brings anything new, and the merging store then keeps the union of both."""
         decoded = []
         for value in values:
             try:
                 decoded.append(merge(decode_bundle_lenient(key, value)[0]))
             except RecordError:
                 decoded.append({})
-        best, best_score = 0, None
-        for index, entries in enumerate(decoded):
+        for index in reversed(range(len(decoded))):
             others = merge(*(d.values() for i, d in enumerate(decoded) if i != index))
-            fresher = sum(1 for sub, e in entries.items() if sub not in others or e.newer_than(others[sub]))
-            score = (fresher, len(entries))
-            if best_score is None or score > best_score:
-                best, best_score = index, score
-        return best
+            if any(sub not in others or e.newer_than(others[sub]) for sub, e in decoded[index].items()):
+                return index
+        return 0

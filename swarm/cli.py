@@ -70,10 +70,17 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
 
 
-async def _until_signal(nursery: trio.Nursery) -> None:
+async def _stop_on_signal(peers: list[Peer], nursery: trio.Nursery, grace: float = 5.0) -> None:
+    """On SIGINT/SIGTERM ask every peer to leave gracefully, then end the process's nursery; peers
+    still busy after ``grace`` seconds are cancelled."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            for peer in peers:
+                peer.stop()
+            with trio.move_on_after(grace):
+                for peer in peers:
+                    await peer.stopped.wait()
             nursery.cancel_scope.cancel()
             return
 
@@ -93,22 +100,29 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
             for i in range(args.count)]
 
 
+async def _start_peer(nursery: trio.Nursery, config: PeerConfig, peers: list[Peer]) -> Peer:
+    peer = Peer(config)
+    peers.append(peer)
+    await nursery.start(peer.run)
+    print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
+          f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
+    if config.seed:
+        print("others join this swarm with:", flush=True)
+        for addr in peer.addrs:
+            print(f"  legion-peer --bootstrap {addr}", flush=True)
+    return peer
+
+
 async def _run_peers(configs: list[PeerConfig]) -> None:
+    """Run the peers until a signal; the first starts alone, the others join through it at once."""
+    peers: list[Peer] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_until_signal, nursery)
-        first_addr = None
-        for config in configs:
-            if first_addr is not None:  # later peers of this process join through the first one
-                config.bootstrap = [first_addr, *config.bootstrap]
-            peer = Peer(config)
-            await nursery.start(peer.run)
-            first_addr = first_addr or str(peer.addrs[-1])
-            print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
-                  f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
-            if config.seed:
-                print("others join this swarm with:", flush=True)
-                for addr in peer.addrs:
-                    print(f"  legion-peer --bootstrap {addr}", flush=True)
+        nursery.start_soon(_stop_on_signal, peers, nursery)
+        first = await _start_peer(nursery, configs[0], peers)
+        async with trio.open_nursery() as starting:
+            for config in configs[1:]:
+                config.bootstrap = [str(first.addrs[-1]), *config.bootstrap]
+                starting.start_soon(_start_peer, nursery, config, peers)
 
 
 async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float) -> list[Announcement]:

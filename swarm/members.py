@@ -44,8 +44,9 @@ class Announcement:
         """Parse a DHT value; raises ``ValueError`` for anything malformed."""
         if not isinstance(value, dict):
             raise ValueError("announcement is not a map")
+        fields = [name for name in cls.__dataclass_fields__ if name != "peer_id"]
         try:
-            ann = cls(peer_id=peer_id, **{k: value[k] for k in cls.__dataclass_fields__ if k != "peer_id"})
+            ann = cls(peer_id=peer_id, **{name: value[name] for name in fields})
         except (KeyError, TypeError) as exc:
             raise ValueError(f"announcement lacks a field: {exc}") from exc
         checks = [

@@ -68,8 +68,8 @@ class PeerConfig:
 
 
 class Peer:
-    """Run with ``await nursery.start(peer.run)``: returns once the peer has joined and announced
-    itself; cancel the nursery to stop it (the announcement is withdrawn on the way out)."""
+    """Run with ``await nursery.start(peer.run)``, which returns once the peer has joined and
+    announced itself; ``stop()`` makes ``run`` withdraw the announcement and return."""
 
     def __init__(self, config: PeerConfig, key_pair: KeyPair | None = None) -> None:
         config.validate()
@@ -80,6 +80,8 @@ class Peer:
         self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
         self.started_at = time.time()
         self.addrs: list[multiaddr.Multiaddr] = []
+        self._stopping = trio.Event()
+        self.stopped = trio.Event()
 
     @property
     def peer_id(self) -> ID:
@@ -99,15 +101,20 @@ class Peer:
             bandwidth_source="declared" if declared else "unknown")
 
     async def run(self, *, task_status: trio.TaskStatus["Peer"] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(self, task_status: trio.TaskStatus["Peer"]) -> None:
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
         async with self.host.run(listen), self.dht.running():
             self.addrs = dialable_addrs(self.host)
             if self.config.bootstrap:
                 reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
                                                         self.config.network_timeout)
-                for peer_id in reached:
+                for peer_id in reached:  # the first store's lookup then fills the routing table
                     await self.dht.add_peer(peer_id)
-                await self.dht.refresh()
             value = self.announcement().to_value()
             key = members_key(self.config.swarm)
             await self.dht.store(key, value, self.ttl)
@@ -115,13 +122,18 @@ class Peer:
                      self.config.swarm, self.dht.routing_table_size())
             task_status.started(self)
             next_beat = trio.current_time()
-            try:
-                while True:
-                    next_beat += self.config.heartbeat
-                    await trio.sleep_until(next_beat)
+            while not self._stopping.is_set():
+                next_beat += self.config.heartbeat
+                with trio.move_on_at(next_beat):
+                    await self._stopping.wait()
+                if not self._stopping.is_set():
                     with trio.move_on_after(self.config.heartbeat):
                         await self.dht.store(key, value, self.ttl)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                    await self.dht.withdraw(key, self.ttl)
-                    log.info("peer %s withdrew its announcement", self.peer_id)
+            with trio.move_on_after(2.0):
+                await self.dht.withdraw(key, self.ttl)
+                log.info("peer %s withdrew its announcement", self.peer_id)
+
+    def stop(self) -> None:
+        """Leave gracefully: withdraw the announcement, then return from ``run``. (Cancelling
+        ``run`` instead stops at once and leaves the announcement to expire.)"""
+        self._stopping.set()

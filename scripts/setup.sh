@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv and installs Legion into it (editable, with test extras). Re-runs are cheap: the
+# install is skipped while setup.cfg is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=$(command -v python3.11 || command -v python3)
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+stamp=.venv/.legion-installed
+want=$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import swarm, dht, bootstrap, libp2p, trio, pytest_trio" 
+    echo "$want" > "$stamp"
+fi

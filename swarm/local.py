@@ -1,0 +1,106 @@
+"""Peer processes on this machine: the local demo, the tests and the benchmarks start swarms here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
+
+
+class PeerProcessError(RuntimeError):
+    """A peer process exited or stayed silent before it was ready."""
+
+
+def peer_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "swarm.cli", *args]
+
+
+@dataclass
+class PeerProcess:
+    """One ``legion-peer`` process running ``count`` peers; ``addrs`` holds each peer's loopback address."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    peer_ids: list[str] = field(default_factory=list)
+    addrs: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """``kill -9``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL if the process is not gone within ``timeout``; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def start_peer_process(args: list[str], count: int = 1, *, log_dir: Path | None = None,
+                       timeout: float = 60.0, env: dict[str, str] | None = None) -> PeerProcess:
+    """Start ``legion-peer ARGS --count COUNT`` and wait until every peer in it printed its address."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="legion-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(tempfile.mkstemp(prefix="peer-", suffix=".log", dir=log_dir)[1])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(peer_command(*args, "--count", str(count)), stdout=subprocess.PIPE,
+                                stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    process = PeerProcess(proc, log_path)
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        buffer = b""
+        while len(process.peer_ids) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                process.kill()
+                raise PeerProcessError(f"peer process not ready within {timeout:g}s:\n{process.log_tail()}")
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                proc.wait()
+                raise PeerProcessError(f"peer process exited with {proc.returncode}:\n{process.log_tail()}")
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                match = _READY.match(line.decode(errors="replace"))
+                if match:
+                    process.peer_ids.append(match.group(2))
+                    addrs = match.group(3).split()
+                    process.addrs.append(next((a for a in addrs if "/ip4/127." in a), addrs[0]))
+    return process
+
+
+def status_json(bootstrap: str, *extra: str, timeout: float = 60.0) -> list[dict]:
+    """Run ``legion-peer status --json`` as its own process and return the peer objects."""
+    done = subprocess.run(peer_command("status", "--bootstrap", bootstrap, "--json", "--quiet", *extra),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise PeerProcessError(f"status exited with {done.returncode}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
