@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -10,7 +11,8 @@ import trio
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.abc import INetStream
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
@@ -42,6 +44,22 @@ class RecordDHT:
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
         self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
+        if server:
+            host.set_stream_handler(PROTOCOL_ID, self._handle_inbound)
+
+    async def _handle_inbound(self, stream: INetStream) -> None:
+        """py-libp2p's Kademlia handler reads without a deadline while holding one of only 12
+        handler slots, so a peer that opens streams and stays silent could starve the DHT. Each
+        inbound stream gets ``2 × timeout`` in all, and no error escapes to the host."""
+        with trio.move_on_after(2 * self.timeout) as scope:
+            try:
+                await self.kad.handle_stream(stream)
+            except Exception as exc:
+                log.debug("DHT stream from %s failed: %s", stream.muxed_conn.peer_id, exc)
+        if scope.cancelled_caught:
+            log.info("reset a DHT stream from %s that outlived its deadline", stream.muxed_conn.peer_id)
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["RecordDHT"]:

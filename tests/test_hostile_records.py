@@ -1,6 +1,7 @@
 """Bad records sent over the real Kademlia protocol to a real peer process are dropped, and the
 peer keeps serving. Also: a record outlives its writer until it expires."""
 
+import contextlib
 import time
 
 import msgpack
@@ -80,3 +81,26 @@ def test_an_entry_outlives_a_killed_writer_and_is_withdrawn_by_a_stopped_one(see
     assert killed.peer_ids[0] in listed, "a killed peer's entry must live on at the seed until it expires"
     assert stopped.peer_ids[0] not in listed, "a peer that shut down cleanly withdraws its entry"
     assert "Traceback" not in stopped.log_tail(200)
+
+
+async def test_silent_dht_streams_are_cut_and_the_peer_keeps_serving(seed):
+    kp = create_new_key_pair()
+    host = build_host(kp)
+    target = info_from_p2p_addr(multiaddr.Multiaddr(seed.addrs[0]))
+    async with host.run([]):
+        await host.connect(target)
+        # Fill all of py-libp2p's Kademlia handler slots (12) with streams that never speak; once
+        # they are full the seed refuses further Kademlia streams.
+        silent = []
+        for _ in range(14):
+            with contextlib.suppress(Exception):
+                silent.append(await host.new_stream(target.peer_id, [KAD_PROTOCOL]))
+        assert len(silent) >= 12
+        with trio.fail_after(20):
+            for stream in silent:
+                with contextlib.suppress(Exception):
+                    assert await stream.read(1) == b""  # closed or reset by the seed
+    # The slots are free again: the seed answers DHT reads.
+    listed = await trio.to_thread.run_sync(status_json, seed.addrs[0])
+    assert [p["peer_id"] for p in listed] == seed.peer_ids
+    assert "reset a DHT stream" in seed.log_tail(200)
