@@ -33,6 +33,9 @@ class PeerProcess:
     log_path: Path
     peer_ids: list[str] = field(default_factory=list)
     addrs: list[str] = field(default_factory=list)
+    ready_lines: list[str] = field(default_factory=list)
+    pending_lines: list[str] = field(default_factory=list)
+    pending: bytes = b""
 
     @property
     def pid(self) -> int:
@@ -43,6 +46,12 @@ class PeerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def output_lines(self, timeout: float) -> list[str]:
+        """Wait for the process to exit; every stdout line after the ready lines."""
+        rest, _ = self.proc.communicate(timeout=timeout)
+        text = (self.pending + rest).decode(errors="replace")
+        return self.pending_lines + [line for line in text.splitlines() if line]
 
     def kill(self) -> None:
         """``kill -9``."""
@@ -59,41 +68,54 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stdout.close()
+        if not self.proc.stdout.closed:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
 def start_peer_process(args: list[str], count: int = 1, *, log_dir: Path | None = None,
                        timeout: float = 60.0, env: dict[str, str] | None = None) -> PeerProcess:
     """Start ``legion-peer ARGS --count COUNT`` and wait until every peer in it printed its address."""
+    process = start_process(peer_command(*args, "--count", str(count)), _READY, count,
+                            log_dir=log_dir, timeout=timeout, env=env)
+    for line in process.ready_lines:
+        match = _READY.match(line)
+        process.peer_ids.append(match.group(2))
+        addrs = match.group(3).split()
+        process.addrs.append(next((a for a in addrs if "/ip4/127." in a), addrs[0]))
+    return process
+
+
+def start_process(command: list[str], ready: re.Pattern, count: int = 1, *, log_dir: Path | None = None,
+                  timeout: float = 60.0, env: dict[str, str] | None = None) -> PeerProcess:
+    """Start ``command`` (stderr to a log file) and wait for ``count`` stdout lines matching ``ready``."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="legion-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(tempfile.mkstemp(prefix="peer-", suffix=".log", dir=log_dir)[1])
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(peer_command(*args, "--count", str(count)), stdout=subprocess.PIPE,
-                                stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
     process = PeerProcess(proc, log_path)
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
-        buffer = b""
-        while len(process.peer_ids) < count:
+        while len(process.ready_lines) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not selector.select(remaining):
                 process.kill()
-                raise PeerProcessError(f"peer process not ready within {timeout:g}s:\n{process.log_tail()}")
+                raise PeerProcessError(f"process not ready within {timeout:g}s:\n{process.log_tail()}")
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 proc.wait()
-                raise PeerProcessError(f"peer process exited with {proc.returncode}:\n{process.log_tail()}")
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
+                raise PeerProcessError(f"process exited with {proc.returncode}:\n{process.log_tail()}")
+            process.pending += chunk
+            *lines, process.pending = process.pending.split(b"\n")
             for line in lines:
-                match = _READY.match(line.decode(errors="replace"))
-                if match:
-                    process.peer_ids.append(match.group(2))
-                    addrs = match.group(3).split()
-                    process.addrs.append(next((a for a in addrs if "/ip4/127." in a), addrs[0]))
+                text = line.decode(errors="replace")
+                if ready.match(text) and len(process.ready_lines) < count:
+                    process.ready_lines.append(text)
+                else:
+                    process.pending_lines.append(text)
     return process
 
 

@@ -1,0 +1,483 @@
+"""Butterfly all-reduce of one flat float32 vector among an agreed group, over libp2p streams.
+
+Reduce-scatter: member i streams part j of its vector (encoded, in chunks) to owner j. All-gather:
+owner j averages what arrived complete and valid, and answers every sender on the same stream with
+the encoded average and the exact set of contributors it used. A member that misses a part (its
+owner died while answering) asks the other members for it (repair).
+
+Outcome, the same on every survivor of crash faults: success when every part is present and all
+owners report the same contributor set; otherwise the round fails everywhere. Survivors hold the
+same parts (a part that reached any survivor reaches all through repair), so they decide alike.
+A member that is killed or hung mid-round costs the others at most the round's deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import numpy as np
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+
+from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
+from averaging.wire import FrameError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/legion/allreduce/1.0.0"
+REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
+CHUNK_VALUES = 1 << 20  # values per streamed chunk, a multiple of BLOCK
+MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
+REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
+assert CHUNK_VALUES % BLOCK == 0
+
+
+class SpecError(ValueError):
+    """A group description that cannot be right."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What every member of a group agrees on before the all-reduce starts."""
+
+    group_id: str
+    members: tuple[str, ...]
+    addrs: tuple[tuple[str, ...], ...]
+    bounds: tuple[int, ...]
+    codec: str
+
+    @property
+    def total(self) -> int:
+        return self.bounds[-1]
+
+    def part(self, index: int) -> tuple[int, int]:
+        return self.bounds[index], self.bounds[index + 1]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"group": self.group_id, "members": list(self.members),
+                "addrs": [list(a) for a in self.addrs], "bounds": list(self.bounds), "codec": self.codec}
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> "GroupSpec":
+        try:
+            spec = cls(str(wire["group"]), tuple(wire["members"]), tuple(tuple(a) for a in wire["addrs"]),
+                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError(f"malformed group spec: {exc}") from exc
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        n = len(self.members)
+        if not 1 <= n <= 256 or len(self.addrs) != n or len(self.bounds) != n + 1 or len(set(self.members)) != n:
+            raise SpecError("group spec sizes disagree")
+        if self.bounds[0] != 0 or any(b > c for b, c in zip(self.bounds, self.bounds[1:])) or self.total > 2**31:
+            raise SpecError("group spec bounds are not an increasing split")
+        get_codec(self.codec)
+
+
+@dataclass
+class RoundStats:
+    group_id: str
+    members: list[str]
+    outcome: str = "pending"
+    reason: str = ""
+    contributors: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class RoundFailed(Exception):
+    """The round ended without an average every survivor agrees on; retry."""
+
+    def __init__(self, reason: str, stats: RoundStats) -> None:
+        super().__init__(reason)
+        self.stats = stats
+
+
+@dataclass
+class _Part:
+    """A finished part as every member receives it: the owner's encoded average and contributors."""
+
+    contributors: tuple[int, ...]
+    chunks: list[bytes]
+
+
+def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
+    return [(s, min(s + CHUNK_VALUES, end)) for s in range(start, end, CHUNK_VALUES)] or [(start, start)]
+
+
+class _OwnerState:
+    """Owner side of one round: accumulates complete contributions to this member's part."""
+
+    def __init__(self, size: int, members: int, max_norm_ratio: float) -> None:
+        self.sum = np.zeros(size, np.float32)
+        self.pending = set(range(members))
+        self.norms: dict[int, float] = {}
+        self.weights: dict[int, float] = {}
+        self.encoded: dict[int, list[bytes]] = {}
+        self.failed: dict[int, str] = {}
+        self.max_norm_ratio = max_norm_ratio
+        self.resolved = trio.Event()
+        self.result: _Part | None = None
+        self.finalized = trio.Event()
+        self.lock = trio.Lock()
+
+    def resolve(self, sender: int, reason: str | None = None) -> None:
+        if reason is not None:
+            self.failed[sender] = reason
+        self.pending.discard(sender)
+        if not self.pending:
+            self.resolved.set()
+
+    def add(self, sender: int, weight: float, values: np.ndarray) -> None:
+        self.norms[sender] = float(np.linalg.norm(values))
+        self.weights[sender] = weight
+        self.sum += values * np.float32(weight)
+
+    def outliers(self) -> list[int]:
+        """Contributors whose norm is absurd next to the median of the others (needs 3 or more)."""
+        if len(self.norms) < 3:
+            return []
+        out = []
+        for sender, norm in self.norms.items():
+            others = [n for s, n in self.norms.items() if s != sender]
+            if norm > self.max_norm_ratio * max(float(np.median(others)), 1e-12):
+                out.append(sender)
+        return out
+
+
+class RoundState:
+    """Everything one member holds for one round; also serves its owner streams and repairs."""
+
+    def __init__(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float,
+                 send_residual: np.ndarray | None, result_residual: np.ndarray | None,
+                 max_norm_ratio: float) -> None:
+        self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
+        self.codec: Codec = get_codec(spec.codec)
+        self.send_residual, self.result_residual = send_residual, result_residual
+        start, end = spec.part(me)
+        self.owner = _OwnerState(end - start, len(spec.members), max_norm_ratio)
+        self.output = np.empty(spec.total, np.float32)
+        self.parts: dict[int, _Part] = {}
+        self.part_arrived = {j: trio.Event() for j in range(len(spec.members))}
+        self.stats = RoundStats(spec.group_id, list(spec.members))
+        self.deadline = math.inf
+        self.done = False
+
+
+def _check_weight(weight: Any) -> float:
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or not 0 < weight < 1e12:
+        raise FrameError(f"weight {weight!r} is not a positive finite number")
+    return float(weight)
+
+
+class AllReduce:
+    """Runs butterfly rounds on a host; ``register_handlers`` once, then ``run(...)`` per round."""
+
+    def __init__(self, host: IHost, *, max_norm_ratio: float = 100.0, wait_for_round: float = 10.0) -> None:
+        self.host = host
+        self.max_norm_ratio = max_norm_ratio
+        self.wait_for_round = wait_for_round
+        self._rounds: dict[str, RoundState] = {}
+        self._round_started: dict[str, trio.Event] = {}
+        self._expiries: dict[str, float] = {}
+
+    def register_handlers(self) -> None:
+        self.host.set_stream_handler(PROTOCOL, self._guarded(self._serve_contribution))
+        self.host.set_stream_handler(REPAIR_PROTOCOL, self._guarded(self._serve_repair))
+
+    def _guarded(self, handler):
+        """Every handler: bounded in time, errors logged, never escaping to the host."""
+
+        async def guarded(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id
+            try:
+                with trio.move_on_after(600):
+                    await handler(stream, peer)
+            except (FrameError, CodecError, SpecError) as exc:
+                log.warning("dropped bad all-reduce stream from %s: %s", peer, exc)
+            except Exception as exc:
+                log.info("all-reduce stream from %s ended: %s: %s", peer, type(exc).__name__, exc)
+            finally:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await stream.close()
+
+        return guarded
+
+    async def _round_for(self, group_id: Any) -> RoundState | None:
+        """The local round ``group_id``, waiting briefly: a sender may start a moment before us."""
+        if not isinstance(group_id, str) or len(group_id) > 128:
+            raise FrameError("bad group id")
+        if group_id not in self._rounds:
+            event = self._round_started.setdefault(group_id, trio.Event())
+            with trio.move_on_after(self.wait_for_round):
+                await event.wait()
+            if group_id not in self._rounds:
+                self._round_started.pop(group_id, None)
+                return None
+        return self._rounds[group_id]
+
+    # ---- owner side ---------------------------------------------------------------------------
+
+    async def _serve_contribution(self, stream: INetStream, peer: ID) -> None:
+        with trio.fail_after(self.wait_for_round):
+            header, _ = await read_frame(stream, 0)
+        state = await self._round_for(header.get("group"))
+        if state is None:
+            raise FrameError(f"contribution for unknown group {header.get('group')!r}")
+        spec, owner = state.spec, state.owner
+        sender = spec.members.index(peer.to_base58()) if peer.to_base58() in spec.members else -1
+        if sender < 0 or sender == state.me or header.get("part") != state.me:
+            raise FrameError(f"{peer} is not a member sending our part of {spec.group_id}")
+        start, end = spec.part(state.me)
+        ranges = _chunk_ranges(start, end)
+        try:
+            weight = _check_weight(header.get("weight"))
+            if header.get("chunks") != len(ranges):
+                raise FrameError("wrong chunk count")
+            chunks = []
+            for index, (a, b) in enumerate(ranges):
+                chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+                if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
+                    raise FrameError(f"chunk {index} has the wrong index or size")
+                state.stats.bytes_received += len(payload)
+                chunks.append(payload)
+            values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
+            async with owner.lock:
+                if owner.finalized.is_set():
+                    raise FrameError("contribution arrived after the part was finalized")
+                await trio.to_thread.run_sync(owner.add, sender, weight, values)
+            owner.encoded[sender] = chunks
+            owner.resolve(sender)
+        except (FrameError, CodecError) as exc:
+            owner.resolve(sender, str(exc))
+            raise
+        except BaseException as exc:
+            owner.resolve(sender, type(exc).__name__)
+            raise
+        with trio.move_on_at(state.deadline):
+            await owner.finalized.wait()
+            await self._send_part(stream, state, owner.result)
+
+    @staticmethod
+    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]]) -> np.ndarray:
+        return np.concatenate([codec.decode(c, b - a) for c, (a, b) in zip(chunks, ranges)])
+
+    async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
+        sent = await write_frame(
+            stream, {"t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)})
+        state.stats.bytes_sent += sent
+        for index, chunk in enumerate(part.chunks):
+            sent = await write_frame(stream, {"c": index}, chunk)
+            state.stats.bytes_sent += sent
+
+    async def _finalize_owner(self, state: RoundState, reduce_deadline: float) -> None:
+        owner, spec = state.owner, state.spec
+        start, end = spec.part(state.me)
+        own = state.flat[start:end]
+        async with owner.lock:
+            await trio.to_thread.run_sync(owner.add, state.me, state.weight, own)
+        owner.resolve(state.me)
+        with trio.move_on_at(reduce_deadline):
+            await owner.resolved.wait()
+        for sender in list(owner.pending):
+            owner.resolve(sender, "no complete contribution before the deadline")
+        async with owner.lock:
+            excluded = owner.outliers()
+            for sender in excluded:
+                log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
+                            spec.group_id, owner.norms[sender])
+                values = own if sender == state.me else self._decode_part(
+                    state.codec, owner.encoded[sender], _chunk_ranges(start, end))
+                owner.sum -= values * np.float32(owner.weights.pop(sender))
+            contributors = tuple(sorted(owner.weights))
+            total_weight = sum(owner.weights.values())
+            average = owner.sum / np.float32(total_weight)
+            residual = None if state.result_residual is None else state.result_residual[start:end]
+            chunks = await trio.to_thread.run_sync(self._encode_chunks, state.codec, average, residual)
+            state.output[start:end] = self._decode_part(state.codec, chunks, _chunk_ranges(start, end))
+        owner.encoded.clear()
+        for sender, reason in owner.failed.items():
+            log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
+        owner.result = _Part(contributors, chunks)
+        state.parts[state.me] = owner.result
+        state.part_arrived[state.me].set()
+        owner.finalized.set()
+
+    @staticmethod
+    def _encode_chunks(codec: Codec, values: np.ndarray, residual: np.ndarray | None) -> list[bytes]:
+        out = []
+        for a in range(0, max(len(values), 1), CHUNK_VALUES):
+            b = min(a + CHUNK_VALUES, len(values))
+            out.append(encode_with_feedback(codec, values[a:b], None if residual is None else residual[a:b]))
+        return out
+
+    # ---- member side --------------------------------------------------------------------------
+
+    async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
+        spec = state.spec
+        start, end = spec.part(owner)
+        ranges = _chunk_ranges(start, end)
+        peer = ID.from_base58(spec.members[owner])
+        with trio.move_on_at(deadline):
+            try:
+                stream = await self.host.new_stream(peer, [PROTOCOL])
+            except Exception as exc:
+                log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
+                return
+            try:
+                sent = await write_frame(
+                    stream, {"group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)})
+                state.stats.bytes_sent += sent
+                for index, (a, b) in enumerate(ranges):
+                    residual = None if state.send_residual is None else state.send_residual[a:b]
+                    payload = await trio.to_thread.run_sync(
+                        encode_with_feedback, state.codec, state.flat[a:b], residual)
+                    sent = await write_frame(stream, {"c": index}, payload)
+                    state.stats.bytes_sent += sent
+                await self._receive_part(stream, state, owner)
+            except (FrameError, CodecError) as exc:
+                log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)
+            finally:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await stream.close()
+
+    async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
+        spec = state.spec
+        start, end = spec.part(owner)
+        ranges = _chunk_ranges(start, end)
+        header, _ = await read_frame(stream, 0)
+        contributors = header.get("contributors")
+        if header.get("t") != "result" or header.get("chunks") != len(ranges) or not isinstance(contributors, list) \
+                or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
+            raise FrameError("malformed result header")
+        chunks = []
+        for index, (a, b) in enumerate(ranges):
+            chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+            if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
+                raise FrameError(f"result chunk {index} has the wrong index or size")
+            state.stats.bytes_received += len(payload)
+            chunks.append(payload)
+        values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
+        if owner not in state.parts:
+            state.output[start:end] = values
+            state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
+            state.part_arrived[owner].set()
+
+    async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
+        """Ask the other members for a part until one has it or every one says it never came."""
+        spec = state.spec
+        with trio.move_on_at(deadline):
+            while owner not in state.parts:
+                never = 0
+                for member in range(len(spec.members)):
+                    if member in (state.me, owner) or owner in state.parts:
+                        continue
+                    with trio.move_on_after(5):
+                        try:
+                            stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
+                            await write_frame(stream, {"group": spec.group_id, "part": owner})
+                            answer, _ = await read_frame(stream, 0)
+                            if answer.get("t") == "result-follows":
+                                await self._receive_part(stream, state, owner)
+                            elif answer.get("t") == "never":
+                                never += 1
+                            await stream.close()
+                        except Exception as exc:  # FrameError included
+                            log.debug("repair of part %d from member %d failed: %s", owner, member, exc)
+                if owner in state.parts or never == len(spec.members) - 2:
+                    return
+                await trio.sleep(0.2)
+
+    async def _serve_repair(self, stream: INetStream, peer: ID) -> None:
+        with trio.fail_after(10):
+            request, _ = await read_frame(stream, 0)
+        state = self._rounds.get(request.get("group"))
+        part = request.get("part")
+        if state is None or peer.to_base58() not in state.spec.members or not isinstance(part, int):
+            await write_frame(stream, {"t": "unknown"})
+            return
+        if part in state.parts:
+            await write_frame(stream, {"t": "result-follows"})
+            await self._send_part(stream, state, state.parts[part])
+        else:
+            await write_frame(stream, {"t": "never" if state.done else "not-yet"})
+
+    async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
+                  send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
+                  expected_seconds: float = 5.0) -> tuple[np.ndarray, RoundStats]:
+        """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
+
+        ``deadline`` (trio clock) bounds the whole round. Owners stop waiting for contributions
+        after ``2 × expected_seconds`` (the bandwidth estimate of the transfer), capped so that
+        there is time left for the all-gather."""
+        spec.validate()
+        weight = _check_weight(weight)
+        if flat.dtype != np.float32 or flat.shape != (spec.total,):
+            raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
+        state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio)
+        state.deadline = deadline
+        self._rounds[spec.group_id] = state
+        self._round_started.pop(spec.group_id, trio.Event()).set()
+        for member, addrs in zip(spec.members, spec.addrs):
+            if member != spec.members[me] and addrs:
+                self._add_addrs(member, addrs)
+        started = trio.current_time()
+        now = trio.current_time()
+        reduce_deadline = min(now + 2 * expected_seconds + 1, now + (deadline - now) * 0.6)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._finalize_owner, state, reduce_deadline)
+                for owner in range(len(spec.members)):
+                    if owner != me:
+                        nursery.start_soon(self._exchange_with_owner, state, owner, deadline)
+            state.stats.phase_seconds["exchange"] = trio.current_time() - started
+            missing = [j for j in range(len(spec.members)) if j not in state.parts]
+            if missing:
+                async with trio.open_nursery() as nursery:
+                    for owner in missing:
+                        nursery.start_soon(self._repair, state, owner, deadline)
+                state.stats.phase_seconds["repair"] = trio.current_time() - started - state.stats.phase_seconds["exchange"]
+            return self._conclude(state), state.stats
+        finally:
+            state.done = True
+            state.flat = None  # the caller's vector is not kept beyond the round
+            self._expire_later(spec.group_id)
+
+    def _conclude(self, state: RoundState) -> np.ndarray:
+        spec, stats = state.spec, state.stats
+        missing = [j for j in range(len(spec.members)) if j not in state.parts]
+        sets = {state.parts[j].contributors for j in state.parts}
+        if missing:
+            stats.outcome, stats.reason = "failed", f"parts of owners {missing} never arrived"
+        elif len(sets) != 1:
+            stats.outcome, stats.reason = "failed", "owners averaged over different contributor sets"
+        else:
+            stats.outcome = "ok"
+            stats.contributors = [spec.members[i] for i in sets.pop()]
+            return state.output
+        raise RoundFailed(stats.reason, stats)
+
+    def _add_addrs(self, member: str, addrs: tuple[str, ...]) -> None:
+        try:
+            self.host.get_peerstore().add_addrs(ID.from_base58(member), [multiaddr.Multiaddr(a) for a in addrs], 600)
+        except Exception as exc:
+            log.debug("ignoring addresses of %s: %s", member, exc)
+
+    def _expire_later(self, group_id: str) -> None:
+        """Keep a finished round for repair requests for a while, then forget it."""
+        now = time.monotonic()
+        self._expiries[group_id] = now + REPAIR_GRACE
+        for gid, when in list(self._expiries.items()):
+            if when < now:
+                self._rounds.pop(gid, None)
+                del self._expiries[gid]

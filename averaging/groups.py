@@ -1,0 +1,91 @@
+"""Latency-aware group formation: the same candidates give every peer the same groups.
+
+Peers place themselves with Vivaldi network coordinates (2-D plus a height for the access link),
+learned from measured round trips and published with their matchmaking entry, so the distance
+between two candidates estimates their RTT without anyone measuring all pairs. Groups are grown
+around seeds taken in an order salted by the round, so membership rotates from round to round
+(Moshpit-style), and every ``mix_every``-th round ignores latency so that regional groups still
+mix globally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Coordinates:
+    """A Vivaldi coordinate (milliseconds): position ``x, y`` and access-link height ``h``."""
+
+    x: float = 0.0
+    y: float = 0.0
+    h: float = 0.1
+    error: float = 1.0
+
+    def distance(self, other: "Coordinates") -> float:
+        return math.hypot(self.x - other.x, self.y - other.y) + self.h + other.h
+
+    def update(self, other: "Coordinates", rtt_ms: float, ce: float = 0.25, cc: float = 0.25) -> None:
+        """One Vivaldi step towards agreeing with a measured round trip to ``other``."""
+        if not (rtt_ms > 0 and math.isfinite(rtt_ms)):
+            return
+        predicted = self.distance(other)
+        weight = self.error / max(self.error + other.error, 1e-9)
+        sample_error = abs(predicted - rtt_ms) / rtt_ms
+        self.error = min(1.0, sample_error * ce * weight + self.error * (1 - ce * weight))
+        step = cc * weight * (rtt_ms - predicted)
+        dx, dy = self.x - other.x, self.y - other.y
+        norm = math.hypot(dx, dy)
+        if norm < 1e-9:  # same spot: push apart in a random direction
+            angle = random.uniform(0, 2 * math.pi)
+            dx, dy, norm = math.cos(angle), math.sin(angle), 1.0
+        self.x += step * dx / norm
+        self.y += step * dy / norm
+        self.h = max(0.1, self.h + step * 0.1)
+
+    def to_wire(self) -> list[float]:
+        return [round(self.x, 3), round(self.y, 3), round(self.h, 3)]
+
+    @classmethod
+    def from_wire(cls, wire: object) -> "Coordinates":
+        if isinstance(wire, list) and len(wire) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                             and abs(v) < 1e6 for v in wire):
+            return cls(float(wire[0]), float(wire[1]), max(0.0, float(wire[2])))
+        return cls()
+
+
+def _salted(salt: str, peer: str) -> bytes:
+    return hashlib.sha256(f"{salt}/{peer}".encode()).digest()
+
+
+def form_groups(peers: list[str], distance: Callable[[str, str], float], target: int, min_size: int,
+                salt: str, mix: bool = False) -> list[list[str]]:
+    """Split ``peers`` into groups of ``target`` (the last ones may hold up to ``target + min_size - 1``).
+
+    Deterministic in its inputs. Seeds are taken in salted-hash order; each seed takes the nearest
+    unassigned peers (``distance``; ignored when ``mix``). Leftovers too few for a group of
+    ``min_size`` join their nearest groups."""
+    if target < 1 or min_size < 1:
+        raise ValueError("group sizes must be positive")
+    order = sorted(set(peers), key=lambda p: _salted(salt, p))
+    unassigned = list(order)
+    groups: list[list[str]] = []
+    while len(unassigned) >= min(min_size, len(order)) and unassigned:
+        seed = unassigned.pop(0)
+        if mix:
+            near = unassigned[: target - 1]
+        else:
+            near = sorted(unassigned, key=lambda p: (distance(seed, p), _salted(salt, p)))[: target - 1]
+        for p in near:
+            unassigned.remove(p)
+        groups.append([seed, *near])
+        if len(unassigned) < min_size:
+            break
+    for p in unassigned:
+        nearest = min(groups, key=lambda g: (0 if mix else min(distance(p, q) for q in g), len(g)))
+        nearest.append(p)
+    return [sorted(g) for g in groups]

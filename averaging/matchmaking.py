@@ -1,0 +1,224 @@
+"""Finding a group through the DHT, without a server.
+
+Peers that want to average under a key declare themselves in one DHT key (an entry each, with
+addresses, upload bandwidth, Vivaldi coordinates and what they average), and read it until the
+target group size is reached or the time budget ends. Every peer then computes the same
+latency-aware split (``groups.form_groups``); the smallest peer id of each group leads it: it
+invites the members over a direct stream, and those that accept (a peer accepts one invitation per
+round) receive the final ``GroupSpec`` with bounds proportional to their bandwidth. Differing DHT
+views only cost a retry: a member never starts without the leader's ``begin``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+
+from averaging.allreduce import GroupSpec, SpecError
+from averaging.groups import Coordinates, form_groups
+from averaging.partition import partition_bounds
+from averaging.wire import FrameError, read_frame, write_frame
+from dht import RecordDHT
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "/legion/matchmaking/1.0.0"
+PING_PROTOCOL = "/legion/ping/1.0.0"
+
+
+class MatchmakingFailed(Exception):
+    """No group could be formed before the deadline."""
+
+
+@dataclass
+class _Seeking:
+    key: str
+    total: int
+    codec: str
+    committed: bool = False
+    spec: GroupSpec | None = None
+    found: trio.Event = field(default_factory=trio.Event)
+
+
+class Matchmaker:
+    def __init__(self, host: IHost, dht: RecordDHT, swarm: str, *, target_size: int = 8, min_size: int = 2,
+                 budget: float = 5.0, mix_every: int = 4, upload_mbps: float | None = None) -> None:
+        self.host, self.dht, self.swarm = host, dht, swarm
+        self.target_size, self.min_size, self.budget, self.mix_every = target_size, min_size, budget, mix_every
+        self.upload_mbps = upload_mbps
+        self.coords = Coordinates()
+        self._rtt_ms: dict[str, float] = {}
+        self._seeking: _Seeking | None = None
+        self._rounds = 0
+
+    def register_handlers(self) -> None:
+        self.host.set_stream_handler(PROTOCOL, self._serve_invitation)
+        self.host.set_stream_handler(PING_PROTOCOL, self._serve_ping)
+
+    @property
+    def me(self) -> str:
+        return self.host.get_id().to_base58()
+
+    def _key(self, group_key: str) -> str:
+        return f"/legion/{self.swarm}/mm/{group_key}"
+
+    async def find_group(self, group_key: str, total: int, codec: str, deadline: float) -> GroupSpec:
+        """Declare, wait for candidates, then lead or follow; retries until ``deadline``."""
+        key = self._key(group_key)
+        seeking = self._seeking = _Seeking(key, total, codec)
+        self._rounds += 1
+        try:
+            with trio.move_on_at(deadline):
+                while True:
+                    spec = await self._attempt(seeking, deadline)
+                    if spec is not None:
+                        return spec
+                    seeking.committed = False
+            raise MatchmakingFailed(f"no group for {group_key!r} before the deadline")
+        finally:
+            self._seeking = None
+            with trio.move_on_after(2):
+                await self.dht.withdraw(key, self.budget + 10)
+
+    async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
+        declaration = {"addrs": [str(a) for a in self.host.get_addrs()], "total": seeking.total,
+                       "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps}
+        await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
+        started = trio.current_time()
+        while True:
+            if seeking.found.is_set():
+                return seeking.spec
+            candidates = await self._candidates(seeking)
+            waited = trio.current_time() - started
+            if len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
+                break
+            await self._ping_some(candidates)
+            with trio.move_on_after(0.3):
+                await seeking.found.wait()
+        names = sorted(candidates)
+        salt = f"{seeking.key}/{min(int(e['t']) for e in candidates.values()) // 60}/{len(names)}"
+        mix = self.mix_every > 0 and int(hashlib.sha256(salt.encode()).hexdigest(), 16) % self.mix_every == 0
+        coords = {p: Coordinates.from_wire(e["coords"]) for p, e in candidates.items()}
+        coords[self.me] = self.coords
+        groups = form_groups(names, lambda a, b: coords[a].distance(coords[b]),
+                             self.target_size, self.min_size, salt, mix)
+        mine = next(g for g in groups if self.me in g)
+        if mine[0] == self.me and not seeking.committed:
+            return await self._lead(seeking, mine, candidates, deadline)
+        with trio.move_on_after(min(5.0, max(0.0, deadline - trio.current_time()))):
+            await seeking.found.wait()
+        return seeking.spec
+
+    async def _candidates(self, seeking: _Seeking) -> dict[str, dict]:
+        entries = await self.dht.get(seeking.key)
+        out = {}
+        for peer, entry in entries.items():
+            value = entry.value
+            if isinstance(value, dict) and value.get("total") == seeking.total and value.get("codec") == seeking.codec \
+                    and isinstance(value.get("addrs"), list):
+                out[peer] = {**value, "t": entry.timestamp}
+        return out
+
+    async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],
+                    deadline: float) -> GroupSpec | None:
+        seeking.committed = True
+        accepted: dict[str, INetStream] = {}
+
+        async def invite(member: str) -> None:
+            with trio.move_on_after(3):
+                stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
+                try:
+                    await write_frame(stream, {"t": "invite", "key": seeking.key, "leader": self.me})
+                    answer, _ = await read_frame(stream, 0)
+                    if answer.get("t") == "accept":
+                        accepted[member] = stream
+                        return
+                except Exception as exc:
+                    log.debug("invitation to %s failed: %s", member, exc)
+                await stream.close()
+
+        async with trio.open_nursery() as nursery:
+            for member in group:
+                if member != self.me:
+                    nursery.start_soon(invite, member)
+        members = sorted([self.me, *accepted])
+        spec = None
+        if len(members) >= self.min_size:
+            bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
+            group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
+            spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
+                             tuple(partition_bounds(seeking.total, bandwidths)), seeking.codec)
+        async with trio.open_nursery() as nursery:
+            for stream in accepted.values():
+                nursery.start_soon(self._finish_invitation, stream, spec)
+        return spec
+
+    @staticmethod
+    async def _finish_invitation(stream: INetStream, spec: GroupSpec | None) -> None:
+        with trio.move_on_after(3), contextlib.suppress(Exception):
+            await write_frame(stream, {"t": "begin", "spec": spec.to_wire()} if spec else {"t": "cancel"})
+            await stream.close()
+
+    async def _serve_invitation(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        try:
+            with trio.fail_after(10):
+                invitation, _ = await read_frame(stream, 0)
+                seeking = self._seeking
+                if seeking is None or seeking.committed or invitation.get("key") != seeking.key \
+                        or invitation.get("leader") != peer:
+                    await write_frame(stream, {"t": "reject"})
+                    return
+                seeking.committed = True
+                await write_frame(stream, {"t": "accept"})
+                decision, _ = await read_frame(stream, 0)
+            if decision.get("t") == "begin":
+                spec = GroupSpec.from_wire(decision.get("spec"))
+                if self.me in spec.members and spec.members[0] == peer:
+                    seeking.spec = spec
+                    seeking.found.set()
+                    return
+            seeking.committed = False
+        except (FrameError, SpecError, trio.TooSlowError) as exc:
+            log.info("invitation from %s dropped: %s", peer, exc)
+            if self._seeking is not None and not self._seeking.found.is_set():
+                self._seeking.committed = False
+        except Exception as exc:
+            log.info("invitation stream from %s ended: %s", peer, exc)
+        finally:
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _ping_some(self, candidates: dict[str, dict], limit: int = 4) -> None:
+        """Measure RTT to a few candidates not measured yet; each sample moves our coordinates."""
+        targets = [p for p in candidates if p != self.me and p not in self._rtt_ms][:limit]
+
+        async def ping(peer: str) -> None:
+            with trio.move_on_after(2):
+                try:
+                    stream = await self.host.new_stream(ID.from_base58(peer), [PING_PROTOCOL])
+                    began = trio.current_time()
+                    await write_frame(stream, {"t": "ping"})
+                    await read_frame(stream, 0)
+                    rtt = (trio.current_time() - began) * 1000
+                    await stream.close()
+                except Exception:
+                    return
+                self._rtt_ms[peer] = rtt
+                self.coords.update(Coordinates.from_wire(candidates[peer].get("coords")), rtt)
+
+        async with trio.open_nursery() as nursery:
+            for peer in targets:
+                nursery.start_soon(ping, peer)
+
+    async def _serve_ping(self, stream: INetStream) -> None:
+        with trio.move_on_after(5), contextlib.suppress(Exception):
+            await read_frame(stream, 0)
+            await write_frame(stream, {"t": "pong"})
+            await stream.close()

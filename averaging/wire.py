@@ -1,0 +1,70 @@
+"""Length-framed, checksummed messages on libp2p streams.
+
+A frame is ``[u32 header length][u32 payload length][u32 crc32 of header+payload][header][payload]``
+where the header is a msgpack map and the payload raw bytes. Both lengths are checked against caps
+before anything is read, so nothing a remote peer sends can make a reader allocate without bound,
+and a sender that dies mid-frame (which a reader sees as a clean EOF) is always detected.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import msgpack
+from libp2p.abc import INetStream
+
+MAX_HEADER = 64 * 1024
+_PREFIX = struct.Struct("!III")
+
+
+class FrameError(Exception):
+    """A frame that is truncated, oversized, corrupt or malformed."""
+
+
+async def read_exactly(stream: INetStream, size: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < size:
+        try:
+            chunk = await stream.read(size - len(buffer))
+        except Exception as exc:  # EOF, reset: the peer is gone mid-frame
+            raise FrameError(f"stream ended after {len(buffer)} of {size} bytes: {type(exc).__name__}") from exc
+        if not chunk:
+            raise FrameError(f"stream ended after {len(buffer)} of {size} bytes")
+        buffer += chunk
+    return bytes(buffer)
+
+
+async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes = b"") -> int:
+    """Send one frame; returns the bytes written."""
+    head = msgpack.packb(header, use_bin_type=True)
+    if len(head) > MAX_HEADER:
+        raise FrameError(f"header of {len(head)} bytes exceeds {MAX_HEADER}")
+    checksum = zlib.crc32(payload, zlib.crc32(head))
+    data = _PREFIX.pack(len(head), len(payload), checksum) + head
+    # One write for small frames; large payloads go separately to avoid copying them.
+    if len(payload) <= 65536:
+        await stream.write(data + payload)
+    else:
+        await stream.write(data)
+        await stream.write(payload)
+    return len(data) + len(payload)
+
+
+async def read_frame(stream: INetStream, max_payload: int) -> tuple[dict[str, Any], bytes]:
+    """Read one frame, checking sizes before reading and the checksum after."""
+    head_len, payload_len, checksum = _PREFIX.unpack(await read_exactly(stream, _PREFIX.size))
+    if head_len > MAX_HEADER or payload_len > max_payload:
+        raise FrameError(f"frame of {head_len}+{payload_len} bytes exceeds {MAX_HEADER}+{max_payload}")
+    head = await read_exactly(stream, head_len)
+    payload = await read_exactly(stream, payload_len) if payload_len else b""
+    if zlib.crc32(payload, zlib.crc32(head)) != checksum:
+        raise FrameError("frame checksum mismatch")
+    try:
+        header = msgpack.unpackb(head, raw=False, max_bin_len=MAX_HEADER, max_str_len=MAX_HEADER)
+    except Exception as exc:
+        raise FrameError(f"frame header is not msgpack: {exc}") from exc
+    if not isinstance(header, dict):
+        raise FrameError("frame header is not a map")
+    return header, payload

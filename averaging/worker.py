@@ -1,0 +1,76 @@
+"""A peer process that averages synthetic vectors, for the tests and ``bench/allreduce.py``.
+
+    python -m averaging.worker --bootstrap MADDR --size N --codec C --rounds R --seed S --out DIR
+
+Each round averages ``standard_normal(N)`` drawn from ``--seed`` (weight ``--weight``) and writes
+the result to ``DIR/<peer id>-<round>.npy``; one JSON line per round goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import trio
+
+from averaging.allreduce import RoundFailed
+from averaging.averager import Averager
+from averaging.matchmaking import MatchmakingFailed
+from swarm.cli import setup_logging
+from swarm.peer import Peer, PeerConfig
+
+
+async def run(args: argparse.Namespace) -> None:
+    peer = Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap, heartbeat=2.0,
+                           upload_mbps=args.upload_mbps))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        averager = Averager(peer, target_group_size=args.group_size, min_group_size=args.min_group_size,
+                            matchmaking_budget=args.budget)
+        print(json.dumps({"ready": peer.peer_id.to_base58()}), flush=True)
+        vector = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(args.size).astype(np.float32))
+        for round_ in range(args.rounds):
+            began = trio.current_time()
+            try:
+                result = await averager.all_reduce([vector], weight=args.weight, codec=args.codec, timeout=args.timeout)
+            except (RoundFailed, MatchmakingFailed) as exc:
+                stats = getattr(exc, "stats", None)
+                print(json.dumps({"round": round_, "outcome": "failed", "reason": str(exc),
+                                  "seconds": trio.current_time() - began,
+                                  "members": stats.members if stats else []}), flush=True)
+                continue
+            stats = result.stats
+            np.save(Path(args.out) / f"{peer.peer_id.to_base58()}-{round_}.npy", result.tensors[0].numpy())
+            print(json.dumps({"round": round_, "outcome": stats.outcome, "members": stats.members,
+                              "contributors": stats.contributors, "bytes_sent": stats.bytes_sent,
+                              "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
+                              "seconds": trio.current_time() - began}), flush=True)
+        peer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bootstrap", action="append", required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--codec", default="none")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--min-group-size", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--upload-mbps", type=float)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    setup_logging(0, args.quiet)
+    trio.run(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
