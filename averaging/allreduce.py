@@ -171,7 +171,8 @@ class RoundState:
         self.part_arrived = {j: trio.Event() for j in range(len(spec.members))}
         self.stats = RoundStats(spec.group_id, list(spec.members))
         self.deadline = math.inf
-        self.done = False
+        self.exchanged = False  # the direct exchange with every owner is over: a part still
+        #                         missing now can only come through repair
 
 
 def _check_weight(weight: Any) -> float:
@@ -284,24 +285,34 @@ class AllReduce:
         owner, spec = state.owner, state.spec
         start, end = spec.part(state.me)
         own = state.flat[start:end]
-        async with owner.lock:
-            await trio.to_thread.run_sync(owner.add, state.me, state.weight, own)
-        owner.resolve(state.me)
+        if np.isfinite(own).all():
+            async with owner.lock:
+                await trio.to_thread.run_sync(owner.add, state.me, state.weight, own)
+            owner.resolve(state.me)
+        else:  # our own update is garbage too: average the others' (who reject it as well)
+            log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
+            owner.resolve(state.me, "own contribution is not finite")
         with trio.move_on_at(reduce_deadline):
             await owner.resolved.wait()
         for sender in list(owner.pending):
             owner.resolve(sender, "no complete contribution before the deadline")
         async with owner.lock:
             excluded = owner.outliers()
-            for sender in excluded:
-                log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
-                            spec.group_id, owner.norms[sender])
-                values = own if sender == state.me else self._decode_part(
-                    state.codec, owner.encoded[sender], _chunk_ranges(start, end))
-                owner.sum -= values * np.float32(owner.weights.pop(sender))
+            if excluded:
+                # Sum the others again rather than subtract: next to an absurd value, float32
+                # subtraction would leave its rounding error in the average.
+                for sender in excluded:
+                    log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
+                                spec.group_id, owner.norms[sender])
+                    owner.weights.pop(sender)
+                owner.sum[:] = 0
+                for sender, weight in owner.weights.items():
+                    values = own if sender == state.me else self._decode_part(
+                        state.codec, owner.encoded[sender], _chunk_ranges(start, end))
+                    owner.sum += values * np.float32(weight)
             contributors = tuple(sorted(owner.weights))
             total_weight = sum(owner.weights.values())
-            average = owner.sum / np.float32(total_weight)
+            average = owner.sum / np.float32(total_weight) if total_weight else owner.sum
             residual = None if state.result_residual is None else state.result_residual[start:end]
             chunks = await trio.to_thread.run_sync(self._encode_chunks, state.codec, average, residual)
             state.output[start:end] = self._decode_part(state.codec, chunks, _chunk_ranges(start, end))
@@ -410,7 +421,7 @@ class AllReduce:
             await write_frame(stream, {"t": "result-follows"})
             await self._send_part(stream, state, state.parts[part])
         else:
-            await write_frame(stream, {"t": "never" if state.done else "not-yet"})
+            await write_frame(stream, {"t": "never" if state.exchanged else "not-yet"})
 
     async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
                   send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
@@ -418,8 +429,9 @@ class AllReduce:
         """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
 
         ``deadline`` (trio clock) bounds the whole round. Owners stop waiting for contributions
-        after ``2 × expected_seconds`` (the bandwidth estimate of the transfer), capped so that
-        there is time left for the all-gather."""
+        ``2 × expected_seconds + 1`` after the start (``expected_seconds`` is the bandwidth
+        estimate of the transfer), members stop waiting for owners' answers the same margin
+        later, and repairs of missing parts may use the rest of the time."""
         spec.validate()
         weight = _check_weight(weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
@@ -434,13 +446,15 @@ class AllReduce:
         started = trio.current_time()
         now = trio.current_time()
         reduce_deadline = min(now + 2 * expected_seconds + 1, now + (deadline - now) * 0.6)
+        gather_deadline = min(deadline, reduce_deadline + 2 * expected_seconds + 2)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._finalize_owner, state, reduce_deadline)
                 for owner in range(len(spec.members)):
                     if owner != me:
-                        nursery.start_soon(self._exchange_with_owner, state, owner, deadline)
+                        nursery.start_soon(self._exchange_with_owner, state, owner, gather_deadline)
             state.stats.phase_seconds["exchange"] = trio.current_time() - started
+            state.exchanged = True
             missing = [j for j in range(len(spec.members)) if j not in state.parts]
             if missing:
                 async with trio.open_nursery() as nursery:
@@ -449,7 +463,7 @@ class AllReduce:
                 state.stats.phase_seconds["repair"] = trio.current_time() - started - state.stats.phase_seconds["exchange"]
             return self._conclude(state), state.stats
         finally:
-            state.done = True
+            state.exchanged = True
             state.flat = None  # the caller's vector is not kept beyond the round
             self._expire_later(spec.group_id)
 

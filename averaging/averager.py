@@ -49,6 +49,7 @@ class Averager:
             lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
         spec = await self.matchmaker.find_group(group_key, len(flat), codec, deadline)
         me = spec.members.index(self.matchmaker.me)
+        log.info("round %s starts: %d members, %d values, codec %s", spec.group_id, len(spec.members), len(flat), codec)
         send_residual = result_residual = None
         if get_codec(codec).lossy:
             layout = (tuple(tuple(t.shape) for t in tensors), codec)

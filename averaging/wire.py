@@ -43,12 +43,15 @@ async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes
         raise FrameError(f"header of {len(head)} bytes exceeds {MAX_HEADER}")
     checksum = zlib.crc32(payload, zlib.crc32(head))
     data = _PREFIX.pack(len(head), len(payload), checksum) + head
-    # One write for small frames; large payloads go separately to avoid copying them.
-    if len(payload) <= 65536:
-        await stream.write(data + payload)
-    else:
-        await stream.write(data)
-        await stream.write(payload)
+    try:
+        # One write for small frames; large payloads go separately to avoid copying them.
+        if len(payload) <= 65536:
+            await stream.write(data + payload)
+        else:
+            await stream.write(data)
+            await stream.write(payload)
+    except Exception as exc:  # reset, closed, connection lost: the peer is gone
+        raise FrameError(f"stream broke while writing: {type(exc).__name__}: {exc}") from exc
     return len(data) + len(payload)
 
 

@@ -33,19 +33,25 @@ async def run(args: argparse.Namespace) -> None:
                             matchmaking_budget=args.budget)
         print(json.dumps({"ready": peer.peer_id.to_base58()}), flush=True)
         vector = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(args.size).astype(np.float32))
+        if args.poison == "nan":
+            vector[::1000] = float("nan")
+        elif args.poison == "huge":
+            vector *= 1e6
+        codecs = args.codec.split(",")
         for round_ in range(args.rounds):
+            codec = codecs[round_ % len(codecs)]
             began = trio.current_time()
             try:
-                result = await averager.all_reduce([vector], weight=args.weight, codec=args.codec, timeout=args.timeout)
+                result = await averager.all_reduce([vector], weight=args.weight, codec=codec, timeout=args.timeout)
             except (RoundFailed, MatchmakingFailed) as exc:
                 stats = getattr(exc, "stats", None)
-                print(json.dumps({"round": round_, "outcome": "failed", "reason": str(exc),
+                print(json.dumps({"round": round_, "codec": codec, "outcome": "failed", "reason": str(exc),
                                   "seconds": trio.current_time() - began,
                                   "members": stats.members if stats else []}), flush=True)
                 continue
             stats = result.stats
             np.save(Path(args.out) / f"{peer.peer_id.to_base58()}-{round_}.npy", result.tensors[0].numpy())
-            print(json.dumps({"round": round_, "outcome": stats.outcome, "members": stats.members,
+            print(json.dumps({"round": round_, "codec": codec, "outcome": stats.outcome, "members": stats.members,
                               "contributors": stats.contributors, "bytes_sent": stats.bytes_sent,
                               "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
                               "seconds": trio.current_time() - began}), flush=True)
@@ -56,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bootstrap", action="append", required=True)
     parser.add_argument("--size", type=int, required=True)
-    parser.add_argument("--codec", default="none")
+    parser.add_argument("--codec", default="none", help="a codec, or several separated by commas: one per round")
+    parser.add_argument("--poison", choices=["nan", "huge"], help="contribute garbage (tests)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight", type=float, default=1.0)

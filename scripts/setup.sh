@@ -10,8 +10,11 @@ fi
 stamp=.venv/.legion-installed
 want=$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 \
+        | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import swarm, dht, bootstrap, libp2p, trio, pytest_trio" 
+    .venv/bin/python -c "import swarm, dht, bootstrap, averaging.averager, libp2p, trio, torch, pytest_trio"
     echo "$want" > "$stamp"
 fi

@@ -1,5 +1,9 @@
 """Real averaging worker processes on 127.0.0.1: exactness per codec, weights, faults."""
 
+import json
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -26,3 +30,124 @@ def test_four_processes_agree_on_the_exact_weighted_mean(seed, spawned, tmp_path
         assert report["outcome"] == "ok" and report["contributors"] == first["contributors"]
         result = np.load(tmp_path / f"{peer_id}-0.npy")
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
+# Relative L2 error of one round against the exact mean, per codec (error feedback starts empty).
+CODEC_BOUNDS = {"none": 1e-6, "fp16": 2e-3, "bf16": 1.5e-2, "int8": 2e-2, "int4": 0.3, "sign1": 1.0, "topk": 1.1}
+
+
+def test_every_codec_gives_the_mean_within_its_error_bound(seed, spawned, tmp_path):
+    size, codecs = 200_000, list(CODEC_BOUNDS)
+    workers = start_workers(spawned, seed.addrs[0], tmp_path, 3, size=size, codec=",".join(codecs),
+                            rounds=len(codecs))
+    reports = results(workers, timeout=240)
+    expected = exact_mean(workers, size, [1.0] * 3, list(reports))
+    for round_, codec in enumerate(codecs):
+        outputs = []
+        for peer_id, rounds in reports.items():
+            assert rounds[round_]["codec"] == codec and rounds[round_]["outcome"] == "ok", rounds[round_]
+            assert sorted(rounds[round_]["contributors"]) == sorted(reports)
+            outputs.append(np.load(tmp_path / f"{peer_id}-{round_}.npy"))
+        for output in outputs[1:]:
+            np.testing.assert_array_equal(output, outputs[0])  # every member holds the same bytes
+        error = np.linalg.norm(outputs[0] - expected) / np.linalg.norm(expected)
+        assert error <= CODEC_BOUNDS[codec], f"{codec}: relative error {error:.4f}"
+
+
+def _wait_for_round_start(process, timeout=60):
+    deadline = time.monotonic() + timeout
+    while "starts:" not in process.log_tail(50):
+        assert time.monotonic() < deadline, "the round never started"
+        time.sleep(0.05)
+
+
+def _assert_consistent(reports, survivors, tmp_path):
+    """Every survivor reports the same outcome; on success, the same contributors and bytes."""
+    outcomes = {reports[w.peer_ids[0]][0]["outcome"] for w in survivors}
+    assert len(outcomes) == 1, {w.peer_ids[0]: reports[w.peer_ids[0]] for w in survivors}
+    if outcomes == {"ok"}:
+        contributor_sets = {tuple(sorted(reports[w.peer_ids[0]][0]["contributors"])) for w in survivors}
+        assert len(contributor_sets) == 1
+        arrays = [np.load(tmp_path / f"{w.peer_ids[0]}-0.npy") for w in survivors]
+        for array in arrays[1:]:
+            np.testing.assert_array_equal(array, arrays[0])
+    return outcomes.pop()
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_member_killed_or_hung_mid_round_leaves_survivors_consistent(seed, spawned, tmp_path, fault):
+    size = 4_000_000  # 16 MB: the round lasts long enough to be interrupted
+    workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, extra=["--timeout", "40"])
+    victim, survivors = workers[-1], workers[:-1]
+    _wait_for_round_start(victim)
+    time.sleep(0.3)
+    victim.proc.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    reports = {w.peer_ids[0]: [json.loads(line) for line in w.output_lines(timeout=90)] for w in survivors}
+    outcome = _assert_consistent(reports, survivors, tmp_path)
+    for peer_id, [report] in reports.items():
+        assert report["seconds"] < 40, f"{peer_id} took {report['seconds']:.1f}s"
+        assert "Traceback" not in next(w for w in survivors if w.peer_ids[0] == peer_id).log_tail(200)
+    if outcome == "ok":  # the victim's contribution was complete everywhere before it died
+        assert victim.peer_ids[0] in reports[survivors[0].peer_ids[0]][0]["contributors"]
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+def test_a_member_sending_garbage_is_excluded_and_the_rest_average(seed, spawned, tmp_path, poison):
+    size = 100_000
+    workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, group_size=5)
+    poisoner = start_workers(spawned, seed.addrs[0], tmp_path, 1, size=size, group_size=5,
+                             extra=["--poison", poison])[0]
+    poisoner.seed = 99
+    reports = results([*workers, poisoner])
+    honest = [w.peer_ids[0] for w in workers]
+    for peer_id in honest:
+        [report] = reports[peer_id]
+        assert report["outcome"] == "ok" and sorted(report["contributors"]) == sorted(honest), report
+        expected = exact_mean(workers, size, [1.0] * 4, honest)
+        np.testing.assert_allclose(np.load(tmp_path / f"{peer_id}-0.npy"), expected, atol=1e-5)
+    assert poisoner.peer_ids[0] not in reports[honest[0]][0]["contributors"]
+
+
+async def test_malformed_and_oversized_payloads_do_not_disturb_a_round(seed, spawned, tmp_path):
+    import struct
+
+    import multiaddr
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    from averaging.allreduce import PROTOCOL
+    from averaging.wire import write_frame
+    from swarm.local import status_json
+    from swarm.network import build_host
+
+    size = 100_000
+    workers = await trio.to_thread.run_sync(
+        lambda: start_workers(spawned, seed.addrs[0], tmp_path, 3, size=size,
+                              extra=["--group-size", "4", "--min-group-size", "3", "--budget", "8"]))
+    target = workers[0].peer_ids[0]
+    listed = await trio.to_thread.run_sync(status_json, seed.addrs[0])
+    addr = next(p["addrs"][-1] for p in listed if p["peer_id"] == target)
+    host = build_host(create_new_key_pair())
+    async with host.run([]):
+        host.get_peerstore().add_addrs(ID.from_base58(target), [multiaddr.Multiaddr(addr)], 60)
+        attacks = [
+            struct.pack("!III", 10, 1 << 30, 0),                   # a 1 GiB payload announced
+            struct.pack("!III", 1 << 20, 0, 0),                    # a 1 MiB header announced
+            b"\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00hello",  # bad checksum
+            b"garbage" * 1000,
+        ]
+        for attack in attacks:
+            stream = await host.new_stream(ID.from_base58(target), [PROTOCOL])
+            await stream.write(attack)
+            await stream.close()
+        stream = await host.new_stream(ID.from_base58(target), [PROTOCOL])
+        await write_frame(stream, {"group": "no-such-group", "part": 0, "weight": 1.0, "chunks": 1})
+        await stream.close()
+    reports = await trio.to_thread.run_sync(results, workers)
+    expected = exact_mean(workers, size, [1.0] * 3, list(reports))
+    for peer_id, [report] in reports.items():
+        assert report["outcome"] == "ok", report
+        np.testing.assert_allclose(np.load(tmp_path / f"{peer_id}-0.npy"), expected, atol=1e-5)
+    assert "Traceback" not in workers[0].log_tail(300)
+    assert "dropped bad all-reduce stream" in workers[0].log_tail(300)
