@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/allreduce/1.0.0"
 REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
-CHUNK_VALUES = 1 << 20  # values per streamed chunk, a multiple of BLOCK
+CHUNK_VALUES = 1 << 18  # values per streamed chunk (1 MiB as float32), a multiple of BLOCK
 MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
+KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
 assert CHUNK_VALUES % BLOCK == 0
 
 
@@ -129,6 +130,7 @@ class _OwnerState:
         self.resolved = trio.Event()
         self.result: _Part | None = None
         self.finalized = trio.Event()
+        self.serving: dict[int, int] = {}  # contribution streams still open, per sender
         self.lock = trio.Lock()
 
     def resolve(self, sender: int, reason: str | None = None) -> None:
@@ -171,6 +173,7 @@ class RoundState:
         self.part_arrived = {j: trio.Event() for j in range(len(spec.members))}
         self.stats = RoundStats(spec.group_id, list(spec.members))
         self.deadline = math.inf
+        self.chunk_timeout = 30.0  # longest wait for one chunk to move, from the bandwidth estimate
         self.exchanged = False  # the direct exchange with every owner is over: a part still
         #                         missing now can only come through repair
 
@@ -239,6 +242,16 @@ class AllReduce:
         sender = spec.members.index(peer.to_base58()) if peer.to_base58() in spec.members else -1
         if sender < 0 or sender == state.me or header.get("part") != state.me:
             raise FrameError(f"{peer} is not a member sending our part of {spec.group_id}")
+        owner.serving[sender] = owner.serving.get(sender, 0) + 1
+        try:
+            await self._take_contribution(stream, state, sender, header)
+        finally:
+            owner.serving[sender] -= 1
+            if not owner.serving[sender]:
+                del owner.serving[sender]
+
+    async def _take_contribution(self, stream: INetStream, state: RoundState, sender: int, header: dict) -> None:
+        spec, owner = state.spec, state.owner
         start, end = spec.part(state.me)
         ranges = _chunk_ranges(start, end)
         try:
@@ -247,7 +260,10 @@ class AllReduce:
                 raise FrameError("wrong chunk count")
             chunks = []
             for index, (a, b) in enumerate(ranges):
-                chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+                with trio.move_on_after(state.chunk_timeout) as stall:
+                    chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+                if stall.cancelled_caught:
+                    raise FrameError(f"chunk {index} stalled for {state.chunk_timeout:.1f}s")
                 if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
                     raise FrameError(f"chunk {index} has the wrong index or size")
                 state.stats.bytes_received += len(payload)
@@ -266,7 +282,10 @@ class AllReduce:
             owner.resolve(sender, type(exc).__name__)
             raise
         with trio.move_on_at(state.deadline):
-            await owner.finalized.wait()
+            while not owner.finalized.is_set():  # keepalives: a silent owner is a hung owner
+                await write_frame(stream, {"t": "wait"})
+                with trio.move_on_after(KEEPALIVE):
+                    await owner.finalized.wait()
             await self._send_part(stream, state, owner.result)
 
     @staticmethod
@@ -281,7 +300,7 @@ class AllReduce:
             sent = await write_frame(stream, {"c": index}, chunk)
             state.stats.bytes_sent += sent
 
-    async def _finalize_owner(self, state: RoundState, reduce_deadline: float) -> None:
+    async def _finalize_owner(self, state: RoundState) -> None:
         owner, spec = state.owner, state.spec
         start, end = spec.part(state.me)
         own = state.flat[start:end]
@@ -292,7 +311,7 @@ class AllReduce:
         else:  # our own update is garbage too: average the others' (who reject it as well)
             log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
             owner.resolve(state.me, "own contribution is not finite")
-        with trio.move_on_at(reduce_deadline):
+        with trio.move_on_at(state.deadline):  # each contribution ends by completing, failing or stalling
             await owner.resolved.wait()
         for sender in list(owner.pending):
             owner.resolve(sender, "no complete contribution before the deadline")
@@ -353,7 +372,10 @@ class AllReduce:
                     residual = None if state.send_residual is None else state.send_residual[a:b]
                     payload = await trio.to_thread.run_sync(
                         encode_with_feedback, state.codec, state.flat[a:b], residual)
-                    sent = await write_frame(stream, {"c": index}, payload)
+                    with trio.move_on_after(state.chunk_timeout) as stall:
+                        sent = await write_frame(stream, {"c": index}, payload)
+                    if stall.cancelled_caught:
+                        raise FrameError(f"sending chunk {index} stalled for {state.chunk_timeout:.1f}s")
                     state.stats.bytes_sent += sent
                 await self._receive_part(stream, state, owner)
             except (FrameError, CodecError) as exc:
@@ -366,14 +388,22 @@ class AllReduce:
         spec = state.spec
         start, end = spec.part(owner)
         ranges = _chunk_ranges(start, end)
-        header, _ = await read_frame(stream, 0)
+        header = {"t": "wait"}
+        while header.get("t") == "wait":
+            with trio.move_on_after(3 * KEEPALIVE) as silent:
+                header, _ = await read_frame(stream, 0)
+            if silent.cancelled_caught:
+                raise FrameError(f"owner {owner} silent for {3 * KEEPALIVE:g}s")
         contributors = header.get("contributors")
         if header.get("t") != "result" or header.get("chunks") != len(ranges) or not isinstance(contributors, list) \
                 or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
             raise FrameError("malformed result header")
         chunks = []
         for index, (a, b) in enumerate(ranges):
-            chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+            with trio.move_on_after(state.chunk_timeout) as stall:
+                chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+            if stall.cancelled_caught:
+                raise FrameError(f"result chunk {index} stalled for {state.chunk_timeout:.1f}s")
             if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
                 raise FrameError(f"result chunk {index} has the wrong index or size")
             state.stats.bytes_received += len(payload)
@@ -389,23 +419,31 @@ class AllReduce:
         spec = state.spec
         with trio.move_on_at(deadline):
             while owner not in state.parts:
-                never = 0
+                # Members that cannot have the part: those whose exchange ended without it, and
+                # those we cannot reach (dead, so not survivors whose view must match ours).
+                without = 0
                 for member in range(len(spec.members)):
                     if member in (state.me, owner) or owner in state.parts:
                         continue
+                    answer = {}
                     with trio.move_on_after(5):
                         try:
                             stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
+                        except Exception as exc:
+                            log.debug("repair: member %d unreachable: %s", member, exc)
+                            without += 1
+                            continue
+                        try:
                             await write_frame(stream, {"group": spec.group_id, "part": owner})
                             answer, _ = await read_frame(stream, 0)
                             if answer.get("t") == "result-follows":
                                 await self._receive_part(stream, state, owner)
-                            elif answer.get("t") == "never":
-                                never += 1
                             await stream.close()
-                        except Exception as exc:  # FrameError included
+                        except FrameError as exc:
                             log.debug("repair of part %d from member %d failed: %s", owner, member, exc)
-                if owner in state.parts or never == len(spec.members) - 2:
+                    if answer.get("t") in ("never", "unknown"):
+                        without += 1
+                if owner in state.parts or without == len(spec.members) - 2:
                     return
                 await trio.sleep(0.2)
 
@@ -425,13 +463,13 @@ class AllReduce:
 
     async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
                   send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
-                  expected_seconds: float = 5.0) -> tuple[np.ndarray, RoundStats]:
+                  bandwidth: float = 12.5e6) -> tuple[np.ndarray, RoundStats]:
         """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
 
-        ``deadline`` (trio clock) bounds the whole round. Owners stop waiting for contributions
-        ``2 × expected_seconds + 1`` after the start (``expected_seconds`` is the bandwidth
-        estimate of the transfer), members stop waiting for owners' answers the same margin
-        later, and repairs of missing parts may use the rest of the time."""
+        ``deadline`` (trio clock) bounds the whole round. Within it nothing waits on a fixed
+        schedule: a transfer fails when it stalls (a chunk that does not move within a time
+        sized from ``bandwidth``, bytes/s), and an owner still collecting sends keepalives, so a
+        dead or hung member is noticed in seconds whatever the link speed."""
         spec.validate()
         weight = _check_weight(weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
@@ -444,15 +482,19 @@ class AllReduce:
             if member != spec.members[me] and addrs:
                 self._add_addrs(member, addrs)
         started = trio.current_time()
-        now = trio.current_time()
-        reduce_deadline = min(now + 2 * expected_seconds + 1, now + (deadline - now) * 0.6)
-        gather_deadline = min(deadline, reduce_deadline + 2 * expected_seconds + 2)
+        # A chunk shares the link with the other members' streams both ways: allow 8x its share.
+        state.chunk_timeout = 3 + 8 * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._finalize_owner, state, reduce_deadline)
+                nursery.start_soon(self._finalize_owner, state)
                 for owner in range(len(spec.members)):
                     if owner != me:
-                        nursery.start_soon(self._exchange_with_owner, state, owner, gather_deadline)
+                        nursery.start_soon(self._exchange_with_owner, state, owner, deadline)
+            # Our answers as an owner are on their way too (bounded): then the statistics are
+            # complete, and returning cannot cut a member short of our part.
+            with trio.move_on_at(deadline):
+                while state.owner.serving:
+                    await trio.sleep(0.01)
             state.stats.phase_seconds["exchange"] = trio.current_time() - started
             state.exchanged = True
             missing = [j for j in range(len(spec.members)) if j not in state.parts]

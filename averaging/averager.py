@@ -37,7 +37,8 @@ class Averager:
                                      upload_mbps=peer.config.upload_mbps)
         self.allreduce.register_handlers()
         self.matchmaker.register_handlers()
-        self.bandwidth = 50e6  # bytes/s, replaced by what rounds measure
+        # bytes/s: sizes the stall timeouts; a declared upload rate, else 100 Mbit/s, then measured
+        self.bandwidth = (peer.config.upload_mbps or 100) * 125_000
         self._residuals: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
@@ -56,10 +57,9 @@ class Averager:
             if layout not in self._residuals:
                 self._residuals[layout] = (np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32))
             send_residual, result_residual = self._residuals[layout]
-        wire_bytes = 2 * get_codec(codec).encoded_size(len(flat))
         averaged, stats = await self.allreduce.run(
             spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
-            result_residual=result_residual, expected_seconds=wire_bytes / self.bandwidth)
+            result_residual=result_residual, bandwidth=self.bandwidth)
         seconds = stats.phase_seconds.get("exchange", 0)
         if seconds > 0 and stats.bytes_sent > 1e6:
             self.bandwidth = max(1e5, stats.bytes_sent / seconds)

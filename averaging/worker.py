@@ -25,7 +25,7 @@ from swarm.peer import Peer, PeerConfig
 
 
 async def run(args: argparse.Namespace) -> None:
-    peer = Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap, heartbeat=2.0,
+    peer = Peer(PeerConfig(listen=[args.listen], bootstrap=args.bootstrap, heartbeat=2.0,
                            upload_mbps=args.upload_mbps))
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
@@ -50,7 +50,8 @@ async def run(args: argparse.Namespace) -> None:
                                   "members": stats.members if stats else []}), flush=True)
                 continue
             stats = result.stats
-            np.save(Path(args.out) / f"{peer.peer_id.to_base58()}-{round_}.npy", result.tensors[0].numpy())
+            if args.save == "all" or (args.save == "first" and round_ == 0):
+                np.save(Path(args.out) / f"{peer.peer_id.to_base58()}-{round_}.npy", result.tensors[0].numpy())
             print(json.dumps({"round": round_, "codec": codec, "outcome": stats.outcome, "members": stats.members,
                               "contributors": stats.contributors, "bytes_sent": stats.bytes_sent,
                               "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
@@ -61,6 +62,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bootstrap", action="append", required=True)
+    parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--codec", default="none", help="a codec, or several separated by commas: one per round")
     parser.add_argument("--poison", choices=["nan", "huge"], help="contribute garbage (tests)")
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--upload-mbps", type=float)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save", choices=["all", "first", "none"], default="all", help="rounds whose result is saved")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     setup_logging(0, args.quiet)
