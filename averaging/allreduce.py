@@ -106,12 +106,10 @@ class RoundFailed(Exception):
 
 @dataclass
 class _Part:
-    """A finished part as every member receives it: the owner's encoded average, the contributors
-    it was averaged over, and whether every chunk had the same contributors."""
+    """A finished part as every member receives it: the owner's encoded average and contributors."""
 
     contributors: tuple[int, ...]
     chunks: list[bytes]
-    consistent: bool = True
 
 
 def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
@@ -119,44 +117,44 @@ def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
 
 
 class _OwnerState:
-    """Owner side of one round. Chunk ``c`` of the part is averaged as soon as every sender still
-    live has delivered its chunk ``c``, so the answer streams back while later chunks arrive."""
+    """Owner side of one round: accumulates complete contributions to this member's part."""
 
-    def __init__(self, ranges: list[tuple[int, int]], members: int, max_norm_ratio: float) -> None:
-        self.ranges = ranges
-        self.live = set(range(members))  # senders not failed or excluded
-        self.arrived: list[dict[int, np.ndarray]] = [{} for _ in ranges]  # decoded, until averaged
+    def __init__(self, size: int, members: int, max_norm_ratio: float) -> None:
+        self.sum = np.zeros(size, np.float32)
+        self.pending = set(range(members))
+        self.norms: dict[int, float] = {}
         self.weights: dict[int, float] = {}
+        self.encoded: dict[int, list[bytes]] = {}
         self.failed: dict[int, str] = {}
-        self.progress: dict[int, float] = {}  # trio time of each sender's last chunk
-        self.results: list[bytes | None] = [None] * len(ranges)
-        self.chunk_contributors: list[frozenset[int]] = []
         self.max_norm_ratio = max_norm_ratio
+        self.resolved = trio.Event()
         self.result: _Part | None = None
         self.finalized = trio.Event()
         self.serving: dict[int, int] = {}  # contribution streams still open, per sender
-        self._changed = trio.Event()
+        self.lock = trio.Lock()
 
-    def changed(self) -> trio.Event:
-        return self._changed
-
-    def pulse(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def fail(self, sender: int, reason: str) -> None:
-        if sender in self.live:
-            self.live.discard(sender)
+    def resolve(self, sender: int, reason: str | None = None) -> None:
+        if reason is not None:
             self.failed[sender] = reason
-            self.pulse()
+        self.pending.discard(sender)
+        if not self.pending:
+            self.resolved.set()
 
-    def outliers(self, chunk: int) -> list[int]:
-        """Senders whose chunk norm is absurd next to the median of the others' (needs 3 or more)."""
-        norms = {s: float(np.linalg.norm(v)) for s, v in self.arrived[chunk].items() if s in self.live}
-        if len(norms) < 3:
+    def add(self, sender: int, weight: float, values: np.ndarray) -> None:
+        self.norms[sender] = float(np.linalg.norm(values))
+        self.weights[sender] = weight
+        self.sum += values * np.float32(weight)
+
+    def outliers(self) -> list[int]:
+        """Contributors whose norm is absurd next to the median of the others (needs 3 or more)."""
+        if len(self.norms) < 3:
             return []
-        return [s for s, n in norms.items()
-                if n > self.max_norm_ratio * max(float(np.median([m for t, m in norms.items() if t != s])), 1e-12)]
+        out = []
+        for sender, norm in self.norms.items():
+            others = [n for s, n in self.norms.items() if s != sender]
+            if norm > self.max_norm_ratio * max(float(np.median(others)), 1e-12):
+                out.append(sender)
+        return out
 
 
 class RoundState:
@@ -168,9 +166,11 @@ class RoundState:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
-        self.owner = _OwnerState(_chunk_ranges(*spec.part(me)), len(spec.members), max_norm_ratio)
+        start, end = spec.part(me)
+        self.owner = _OwnerState(end - start, len(spec.members), max_norm_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
+        self.part_arrived = {j: trio.Event() for j in range(len(spec.members))}
         self.stats = RoundStats(spec.group_id, list(spec.members))
         self.deadline = math.inf
         self.chunk_timeout = 30.0  # longest wait for one chunk to move, from the bandwidth estimate
@@ -182,26 +182,6 @@ def _check_weight(weight: Any) -> float:
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or not 0 < weight < 1e12:
         raise FrameError(f"weight {weight!r} is not a positive finite number")
     return float(weight)
-
-
-async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: int, what: str) -> bytes:
-    """One ``{"c": index}`` frame of the right size, within the round's stall timeout."""
-    with trio.move_on_after(state.chunk_timeout) as stall:
-        header, payload = await read_frame(stream, MAX_PAYLOAD)
-    if stall.cancelled_caught:
-        raise FrameError(f"{what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
-    if header.get("c") != index or len(payload) != state.codec.encoded_size(size):
-        raise FrameError(f"{what} chunk {index} has the wrong index or size")
-    state.stats.bytes_received += len(payload)
-    return payload
-
-
-async def _write_chunk(stream: INetStream, state: RoundState, index: int, payload: bytes, what: str) -> None:
-    with trio.move_on_after(state.chunk_timeout) as stall:
-        sent = await write_frame(stream, {"c": index}, payload)
-    if stall.cancelled_caught:
-        raise FrameError(f"sending {what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
-    state.stats.bytes_sent += sent  # not `+= await`: that reads the counter before awaiting
 
 
 class AllReduce:
@@ -260,119 +240,123 @@ class AllReduce:
             raise FrameError(f"contribution for unknown group {header.get('group')!r}")
         spec, owner = state.spec, state.owner
         sender = spec.members.index(peer.to_base58()) if peer.to_base58() in spec.members else -1
-        if sender < 0 or sender == state.me or header.get("part") != state.me or sender in owner.serving:
+        if sender < 0 or sender == state.me or header.get("part") != state.me:
             raise FrameError(f"{peer} is not a member sending our part of {spec.group_id}")
-        owner.serving[sender] = 1
+        owner.serving[sender] = owner.serving.get(sender, 0) + 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._take_contribution, stream, state, sender, header)
-                nursery.start_soon(self._answer, stream, state)
+            await self._take_contribution(stream, state, sender, header)
         finally:
-            del owner.serving[sender]
+            owner.serving[sender] -= 1
+            if not owner.serving[sender]:
+                del owner.serving[sender]
 
     async def _take_contribution(self, stream: INetStream, state: RoundState, sender: int, header: dict) -> None:
-        owner = state.owner
+        spec, owner = state.spec, state.owner
+        start, end = spec.part(state.me)
+        ranges = _chunk_ranges(start, end)
         try:
-            owner.weights[sender] = _check_weight(header.get("weight"))
-            if header.get("chunks") != len(owner.ranges):
+            weight = _check_weight(header.get("weight"))
+            if header.get("chunks") != len(ranges):
                 raise FrameError("wrong chunk count")
-            for index, (a, b) in enumerate(owner.ranges):
-                payload = await _read_chunk(stream, state, index, b - a, "contribution")
-                values = await trio.to_thread.run_sync(state.codec.decode, payload, b - a)
-                if sender not in owner.live or owner.results[index] is not None:
-                    continue  # excluded, or too late for this chunk: read on, so the answer still flows
-                owner.arrived[index][sender] = values
-                owner.progress[sender] = trio.current_time()
-                owner.pulse()
-        except BaseException as exc:
-            owner.fail(sender, str(exc) or type(exc).__name__)
+            chunks = []
+            for index, (a, b) in enumerate(ranges):
+                with trio.move_on_after(state.chunk_timeout) as stall:
+                    chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+                if stall.cancelled_caught:
+                    raise FrameError(f"chunk {index} stalled for {state.chunk_timeout:.1f}s")
+                if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
+                    raise FrameError(f"chunk {index} has the wrong index or size")
+                state.stats.bytes_received += len(payload)
+                chunks.append(payload)
+            values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
+            async with owner.lock:
+                if owner.finalized.is_set():
+                    raise FrameError("contribution arrived after the part was finalized")
+                await trio.to_thread.run_sync(owner.add, sender, weight, values)
+            owner.encoded[sender] = chunks
+            owner.resolve(sender)
+        except (FrameError, CodecError) as exc:
+            owner.resolve(sender, str(exc))
             raise
-
-    async def _answer(self, stream: INetStream, state: RoundState) -> None:
-        """Stream the averaged chunks back as they are ready, keepalives in between (a silent
-        owner is a hung owner), then the contributors."""
-        owner = state.owner
+        except BaseException as exc:
+            owner.resolve(sender, type(exc).__name__)
+            raise
         with trio.move_on_at(state.deadline):
-            for index in range(len(owner.ranges)):
-                while owner.results[index] is None and not owner.finalized.is_set():
-                    await write_frame(stream, {"t": "wait"})
-                    with trio.move_on_after(KEEPALIVE):
-                        await owner.changed().wait()
-                if owner.results[index] is None:
-                    return  # finalized without this chunk: the part is void
-                await _write_chunk(stream, state, index, owner.results[index], "result")
-            await owner.finalized.wait()
-            part = owner.result
-            sent = await write_frame(stream, {"t": "done", "contributors": list(part.contributors),
-                                              "consistent": part.consistent})
+            while not owner.finalized.is_set():  # keepalives: a silent owner is a hung owner
+                await write_frame(stream, {"t": "wait"})
+                with trio.move_on_after(KEEPALIVE):
+                    await owner.finalized.wait()
+            await self._send_part(stream, state, owner.result)
+
+    @staticmethod
+    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]]) -> np.ndarray:
+        return np.concatenate([codec.decode(c, b - a) for c, (a, b) in zip(chunks, ranges)])
+
+    async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
+        sent = await write_frame(
+            stream, {"t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)})
+        state.stats.bytes_sent += sent
+        for index, chunk in enumerate(part.chunks):
+            sent = await write_frame(stream, {"c": index}, chunk)
             state.stats.bytes_sent += sent
 
     async def _finalize_owner(self, state: RoundState) -> None:
-        """Average the part chunk by chunk, in order, as contributions arrive."""
         owner, spec = state.owner, state.spec
-        start = owner.ranges[0][0]
-        if np.isfinite(state.flat[start:owner.ranges[-1][1]]).all():
-            owner.weights[state.me] = state.weight
+        start, end = spec.part(state.me)
+        own = state.flat[start:end]
+        if np.isfinite(own).all():
+            async with owner.lock:
+                await trio.to_thread.run_sync(owner.add, state.me, state.weight, own)
+            owner.resolve(state.me)
         else:  # our own update is garbage too: average the others' (who reject it as well)
             log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
-            owner.fail(state.me, "own contribution is not finite")
-        round_start = trio.current_time()
-        with trio.move_on_at(state.deadline):
-            for index, (a, b) in enumerate(owner.ranges):
-                if state.me in owner.live:
-                    owner.arrived[index][state.me] = state.flat[a:b]
-                while True:
-                    changed = owner.changed()
-                    waiting = [s for s in owner.live if s not in owner.arrived[index]]
-                    if not waiting:
-                        break
-                    now = trio.current_time()
-                    for s in waiting:  # stalled or never came
-                        if now - owner.progress.get(s, round_start) > state.chunk_timeout:
-                            owner.fail(s, f"no chunk {index} within {state.chunk_timeout:.1f}s")
-                    with trio.move_on_after(0.25):
-                        await changed.wait()
-                for s in owner.outliers(index):
-                    log.warning("excluding %s from %s: its update's norm is absurd", spec.members[s], spec.group_id)
-                    owner.fail(s, "absurd update norm")
-                contributors = frozenset(s for s in owner.arrived[index] if s in owner.live)
-                residual = None if state.result_residual is None else state.result_residual[a:b]
-                payload, decoded = await trio.to_thread.run_sync(
-                    self._average_chunk, state.codec, owner, index, contributors, residual)
-                state.output[a:b] = decoded
-                owner.chunk_contributors.append(contributors)
-                owner.arrived[index] = {}
-                owner.results[index] = payload
-                owner.pulse()
-        complete = len(owner.chunk_contributors) == len(owner.ranges)
-        consistent = complete and len(set(owner.chunk_contributors)) == 1
+            owner.resolve(state.me, "own contribution is not finite")
+        with trio.move_on_at(state.deadline):  # each contribution ends by completing, failing or stalling
+            await owner.resolved.wait()
+        for sender in list(owner.pending):
+            owner.resolve(sender, "no complete contribution before the deadline")
+        async with owner.lock:
+            excluded = owner.outliers()
+            if excluded:
+                # Sum the others again rather than subtract: next to an absurd value, float32
+                # subtraction would leave its rounding error in the average.
+                for sender in excluded:
+                    log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
+                                spec.group_id, owner.norms[sender])
+                    owner.weights.pop(sender)
+                owner.sum[:] = 0
+                for sender, weight in owner.weights.items():
+                    values = own if sender == state.me else self._decode_part(
+                        state.codec, owner.encoded[sender], _chunk_ranges(start, end))
+                    owner.sum += values * np.float32(weight)
+            contributors = tuple(sorted(owner.weights))
+            total_weight = sum(owner.weights.values())
+            average = owner.sum / np.float32(total_weight) if total_weight else owner.sum
+            residual = None if state.result_residual is None else state.result_residual[start:end]
+            chunks = await trio.to_thread.run_sync(self._encode_chunks, state.codec, average, residual)
+            state.output[start:end] = self._decode_part(state.codec, chunks, _chunk_ranges(start, end))
+        owner.encoded.clear()
         for sender, reason in owner.failed.items():
             log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
-        if complete:
-            owner.result = _Part(tuple(sorted(owner.chunk_contributors[0])) if consistent else (),
-                                 list(owner.results), consistent)
-            state.parts[state.me] = owner.result
+        owner.result = _Part(contributors, chunks)
+        state.parts[state.me] = owner.result
+        state.part_arrived[state.me].set()
         owner.finalized.set()
-        owner.pulse()
 
     @staticmethod
-    def _average_chunk(codec: Codec, owner: _OwnerState, index: int, contributors: frozenset[int],
-                       residual: np.ndarray | None) -> tuple[bytes, np.ndarray]:
-        a, b = owner.ranges[index]
-        total = np.zeros(b - a, np.float32)
-        weight = 0.0
-        for sender in contributors:
-            total += owner.arrived[index][sender] * np.float32(owner.weights[sender])
-            weight += owner.weights[sender]
-        average = total / np.float32(weight) if weight else total
-        payload = encode_with_feedback(codec, average, residual)
-        return payload, codec.decode(payload, b - a)
+    def _encode_chunks(codec: Codec, values: np.ndarray, residual: np.ndarray | None) -> list[bytes]:
+        out = []
+        for a in range(0, max(len(values), 1), CHUNK_VALUES):
+            b = min(a + CHUNK_VALUES, len(values))
+            out.append(encode_with_feedback(codec, values[a:b], None if residual is None else residual[a:b]))
+        return out
 
     # ---- member side --------------------------------------------------------------------------
 
     async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
         spec = state.spec
-        ranges = _chunk_ranges(*spec.part(owner))
+        start, end = spec.part(owner)
+        ranges = _chunk_ranges(start, end)
         peer = ID.from_base58(spec.members[owner])
         with trio.move_on_at(deadline):
             try:
@@ -384,60 +368,51 @@ class AllReduce:
                 sent = await write_frame(
                     stream, {"group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)})
                 state.stats.bytes_sent += sent
-                async with trio.open_nursery() as nursery:  # send and receive at once: the answer streams back early
-                    nursery.start_soon(self._send_contribution, stream, state, ranges)
-                    await self._receive_part(stream, state, owner)
-            except* (FrameError, CodecError) as group:  # bare, or from the send/receive nursery
-                log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, group.exceptions[0])
+                for index, (a, b) in enumerate(ranges):
+                    residual = None if state.send_residual is None else state.send_residual[a:b]
+                    payload = await trio.to_thread.run_sync(
+                        encode_with_feedback, state.codec, state.flat[a:b], residual)
+                    with trio.move_on_after(state.chunk_timeout) as stall:
+                        sent = await write_frame(stream, {"c": index}, payload)
+                    if stall.cancelled_caught:
+                        raise FrameError(f"sending chunk {index} stalled for {state.chunk_timeout:.1f}s")
+                    state.stats.bytes_sent += sent
+                await self._receive_part(stream, state, owner)
+            except (FrameError, CodecError) as exc:
+                log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)
             finally:
                 with trio.move_on_after(1), contextlib.suppress(Exception):
                     await stream.close()
 
-    async def _send_contribution(self, stream: INetStream, state: RoundState, ranges: list[tuple[int, int]]) -> None:
-        for index, (a, b) in enumerate(ranges):
-            residual = None if state.send_residual is None else state.send_residual[a:b]
-            payload = await trio.to_thread.run_sync(encode_with_feedback, state.codec, state.flat[a:b], residual)
-            await _write_chunk(stream, state, index, payload, "contribution")
-
     async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
-        """Read an owner's answer: keepalives, the averaged chunks in order, then the contributors."""
         spec = state.spec
-        ranges = _chunk_ranges(*spec.part(owner))
-        chunks: list[bytes] = []
-        decoded: list[np.ndarray] = []
-        while True:
-            with trio.move_on_after(max(3 * KEEPALIVE, state.chunk_timeout)) as silent:
-                header, payload = await read_frame(stream, MAX_PAYLOAD)
+        start, end = spec.part(owner)
+        ranges = _chunk_ranges(start, end)
+        header = {"t": "wait"}
+        while header.get("t") == "wait":
+            with trio.move_on_after(3 * KEEPALIVE) as silent:
+                header, _ = await read_frame(stream, 0)
             if silent.cancelled_caught:
-                raise FrameError(f"owner {owner} went silent")
-            kind = header.get("t")
-            if kind == "wait":
-                continue
-            if kind == "done":
-                break
-            index = len(chunks)
-            if index >= len(ranges) or header.get("c") != index:
-                raise FrameError(f"result chunk {header.get('c')!r} out of order")
-            a, b = ranges[index]
-            if len(payload) != state.codec.encoded_size(b - a):
-                raise FrameError(f"result chunk {index} has the wrong size")
-            state.stats.bytes_received += len(payload)
-            decoded.append(await trio.to_thread.run_sync(state.codec.decode, payload, b - a))
-            chunks.append(payload)
+                raise FrameError(f"owner {owner} silent for {3 * KEEPALIVE:g}s")
         contributors = header.get("contributors")
-        if len(chunks) != len(ranges) or not isinstance(contributors, list) or not isinstance(header.get("consistent"), bool) \
+        if header.get("t") != "result" or header.get("chunks") != len(ranges) or not isinstance(contributors, list) \
                 or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
-            raise FrameError("malformed or incomplete result")
+            raise FrameError("malformed result header")
+        chunks = []
+        for index, (a, b) in enumerate(ranges):
+            with trio.move_on_after(state.chunk_timeout) as stall:
+                chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
+            if stall.cancelled_caught:
+                raise FrameError(f"result chunk {index} stalled for {state.chunk_timeout:.1f}s")
+            if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
+                raise FrameError(f"result chunk {index} has the wrong index or size")
+            state.stats.bytes_received += len(payload)
+            chunks.append(payload)
+        values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
         if owner not in state.parts:
-            start, end = spec.part(owner)
-            state.output[start:end] = np.concatenate(decoded) if decoded else state.output[start:end]
-            state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks, header["consistent"])
-
-    async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
-        """A whole finished part, as repair sends it: chunks, then the contributors."""
-        for index, chunk in enumerate(part.chunks):
-            await _write_chunk(stream, state, index, chunk, "repaired")
-        await write_frame(stream, {"t": "done", "contributors": list(part.contributors), "consistent": part.consistent})
+            state.output[start:end] = values
+            state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
+            state.part_arrived[owner].set()
 
     async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
         """Ask the other members for a part until one has it or every one says it never came."""
@@ -501,14 +476,14 @@ class AllReduce:
             raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
         state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio)
         state.deadline = deadline
-        # A chunk shares the link with the other members' streams both ways: allow 8x its share.
-        state.chunk_timeout = 3 + 8 * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
         self._rounds[spec.group_id] = state
         self._round_started.pop(spec.group_id, trio.Event()).set()
         for member, addrs in zip(spec.members, spec.addrs):
             if member != spec.members[me] and addrs:
                 self._add_addrs(member, addrs)
         started = trio.current_time()
+        # A chunk shares the link with the other members' streams both ways: allow 8x its share.
+        state.chunk_timeout = 3 + 8 * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._finalize_owner, state)
@@ -540,8 +515,6 @@ class AllReduce:
         sets = {state.parts[j].contributors for j in state.parts}
         if missing:
             stats.outcome, stats.reason = "failed", f"parts of owners {missing} never arrived"
-        elif not all(part.consistent for part in state.parts.values()):
-            stats.outcome, stats.reason = "failed", "a member dropped out in the middle of a part"
         elif len(sets) != 1:
             stats.outcome, stats.reason = "failed", "owners averaged over different contributor sets"
         else:

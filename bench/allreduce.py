@@ -60,7 +60,7 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
                        "--size", str(values), "--codec", args.codec, "--rounds", str(args.rounds),
                        "--seed", str(i), "--group-size", str(args.peers), "--min-group-size",
                        str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs), "--save", "first",
-                       "--budget", "10", "--timeout", str(args.timeout), "--quiet"]
+                       "--budget", "10", "--timeout", str(args.timeout), *([] if args.verbose else ["--quiet"])]
             process = start_process(command, READY, log_dir=logs, timeout=120)
             process.peer_ids.append(READY.match(process.ready_lines[0]).group(1))
             return process
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--netlab", type=float, metavar="MBIT",
                         help="run peer i in netlab namespace peer<i> whose links are shaped to MBIT "
                              "(set up first: netlab.sh up N+1 --rate MBIT --delay MS --peer N:delay=0,rate=0)")
+    parser.add_argument("--verbose", action="store_true", help="peers log at INFO (logs in the temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     values = int(args.size_mb * 1e6 / 4)
