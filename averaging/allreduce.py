@@ -131,6 +131,7 @@ class _OwnerState:
         self.result: _Part | None = None
         self.finalized = trio.Event()
         self.serving: dict[int, int] = {}  # contribution streams still open, per sender
+        self.progress: dict[int, float] = {}  # trio time of each sender's last chunk
         self.lock = trio.Lock()
 
     def resolve(self, sender: int, reason: str | None = None) -> None:
@@ -170,12 +171,23 @@ class RoundState:
         self.owner = _OwnerState(end - start, len(spec.members), max_norm_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
-        self.part_arrived = {j: trio.Event() for j in range(len(spec.members))}
         self.stats = RoundStats(spec.group_id, list(spec.members))
         self.deadline = math.inf
         self.chunk_timeout = 30.0  # longest wait for one chunk to move, from the bandwidth estimate
         self.exchanged = False  # the direct exchange with every owner is over: a part still
         #                         missing now can only come through repair
+
+
+async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: int, what: str) -> bytes:
+    """One ``{"c": index}`` frame holding ``size`` encoded values, within the stall timeout."""
+    with trio.move_on_after(state.chunk_timeout) as stall:
+        header, payload = await read_frame(stream, MAX_PAYLOAD)
+    if stall.cancelled_caught:
+        raise FrameError(f"{what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
+    if header.get("c") != index or len(payload) != state.codec.encoded_size(size):
+        raise FrameError(f"{what} chunk {index} has the wrong index or size")
+    state.stats.bytes_received += len(payload)
+    return payload
 
 
 def _check_weight(weight: Any) -> float:
@@ -260,14 +272,8 @@ class AllReduce:
                 raise FrameError("wrong chunk count")
             chunks = []
             for index, (a, b) in enumerate(ranges):
-                with trio.move_on_after(state.chunk_timeout) as stall:
-                    chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
-                if stall.cancelled_caught:
-                    raise FrameError(f"chunk {index} stalled for {state.chunk_timeout:.1f}s")
-                if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
-                    raise FrameError(f"chunk {index} has the wrong index or size")
-                state.stats.bytes_received += len(payload)
-                chunks.append(payload)
+                chunks.append(await _read_chunk(stream, state, index, b - a, "contribution"))
+                owner.progress[sender] = trio.current_time()
             values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
             async with owner.lock:
                 if owner.finalized.is_set():
@@ -311,8 +317,15 @@ class AllReduce:
         else:  # our own update is garbage too: average the others' (who reject it as well)
             log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
             owner.resolve(state.me, "own contribution is not finite")
+        started = trio.current_time()
         with trio.move_on_at(state.deadline):  # each contribution ends by completing, failing or stalling
-            await owner.resolved.wait()
+            while not owner.resolved.is_set():
+                with trio.move_on_after(0.5):
+                    await owner.resolved.wait()
+                now = trio.current_time()
+                for sender in list(owner.pending):  # also those that never opened a stream
+                    if now - owner.progress.get(sender, started) > state.chunk_timeout + self.wait_for_round:
+                        owner.resolve(sender, f"no progress for {state.chunk_timeout + self.wait_for_round:.0f}s")
         for sender in list(owner.pending):
             owner.resolve(sender, "no complete contribution before the deadline")
         async with owner.lock:
@@ -340,7 +353,6 @@ class AllReduce:
             log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
         owner.result = _Part(contributors, chunks)
         state.parts[state.me] = owner.result
-        state.part_arrived[state.me].set()
         owner.finalized.set()
 
     @staticmethod
@@ -355,16 +367,12 @@ class AllReduce:
 
     async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
         spec = state.spec
-        start, end = spec.part(owner)
-        ranges = _chunk_ranges(start, end)
+        ranges = _chunk_ranges(*spec.part(owner))
         peer = ID.from_base58(spec.members[owner])
+        stream = None
         with trio.move_on_at(deadline):
             try:
                 stream = await self.host.new_stream(peer, [PROTOCOL])
-            except Exception as exc:
-                log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
-                return
-            try:
                 sent = await write_frame(
                     stream, {"group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)})
                 state.stats.bytes_sent += sent
@@ -380,9 +388,12 @@ class AllReduce:
                 await self._receive_part(stream, state, owner)
             except (FrameError, CodecError) as exc:
                 log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)
+            except Exception as exc:  # new_stream: the owner is unreachable
+                log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
             finally:
-                with trio.move_on_after(1), contextlib.suppress(Exception):
-                    await stream.close()
+                if stream is not None:
+                    with trio.move_on_after(1), contextlib.suppress(Exception):
+                        await stream.close()
 
     async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
         spec = state.spec
@@ -398,21 +409,11 @@ class AllReduce:
         if header.get("t") != "result" or header.get("chunks") != len(ranges) or not isinstance(contributors, list) \
                 or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
             raise FrameError("malformed result header")
-        chunks = []
-        for index, (a, b) in enumerate(ranges):
-            with trio.move_on_after(state.chunk_timeout) as stall:
-                chunk_header, payload = await read_frame(stream, MAX_PAYLOAD)
-            if stall.cancelled_caught:
-                raise FrameError(f"result chunk {index} stalled for {state.chunk_timeout:.1f}s")
-            if chunk_header.get("c") != index or len(payload) != state.codec.encoded_size(b - a):
-                raise FrameError(f"result chunk {index} has the wrong index or size")
-            state.stats.bytes_received += len(payload)
-            chunks.append(payload)
+        chunks = [await _read_chunk(stream, state, index, b - a, "result") for index, (a, b) in enumerate(ranges)]
         values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
         if owner not in state.parts:
             state.output[start:end] = values
             state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
-            state.part_arrived[owner].set()
 
     async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
         """Ask the other members for a part until one has it or every one says it never came."""
@@ -487,9 +488,8 @@ class AllReduce:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._finalize_owner, state)
-                for owner in range(len(spec.members)):
-                    if owner != me:
-                        nursery.start_soon(self._exchange_with_owner, state, owner, deadline)
+                for step in range(1, len(spec.members)):  # rotated: members do not all start at owner 0
+                    nursery.start_soon(self._exchange_with_owner, state, (me + step) % len(spec.members), deadline)
             # Our answers as an owner are on their way too (bounded): then the statistics are
             # complete, and returning cannot cut a member short of our part.
             with trio.move_on_at(deadline):

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from averaging.codecs import get_codec  # noqa: E402
+from report import print_result  # noqa: E402
 from swarm.local import PeerProcess, peer_command, start_process  # noqa: E402
 
 READY = re.compile(r'^\{"ready": "(\S+)"\}$')
@@ -60,7 +62,8 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
                        "--size", str(values), "--codec", args.codec, "--rounds", str(args.rounds),
                        "--seed", str(i), "--group-size", str(args.peers), "--min-group-size",
                        str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs), "--save", "first",
-                       "--budget", "10", "--timeout", str(args.timeout), *([] if args.verbose else ["--quiet"])]
+                       "--budget", "10", "--timeout", str(args.timeout),
+                       *([] if args.verbose or args.kill_after else ["--quiet"])]  # the kill waits for an INFO line
             process = start_process(command, READY, log_dir=logs, timeout=120)
             process.peer_ids.append(READY.match(process.ready_lines[0]).group(1))
             return process
@@ -164,11 +167,7 @@ def main() -> None:
         if args.vs_hivemind:
             result.update(run_hivemind(args, values, logs))
             result["ratio"] = round(result["seconds"] / result["hivemind_seconds"], 3)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for name, value in result.items():
-            print(f"{name:>28}: {value}")
+    print_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,19 @@ latency of puts and gets. Memory per peer is RSS and PSS from /proc.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from swarm.cli import setup_logging  # noqa: E402
+from report import print_result  # noqa: E402
 from swarm.local import PeerProcess, start_peer_process, status_json  # noqa: E402
 from swarm.members import live_members  # noqa: E402
 from swarm.peer import Peer, PeerConfig  # noqa: E402
@@ -125,11 +125,7 @@ def main() -> None:
     finally:
         for process in processes:
             process.kill()
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for name, value in result.items():
-            print(f"{name:>28}: {value}")
+    print_result(result, args.json)
 
 
 if __name__ == "__main__":

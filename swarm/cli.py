@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-import multiaddr
 import trio
 
 from bootstrap.join import BootstrapError, connect_bootstrap_peers
@@ -17,7 +16,7 @@ from dht import RecordDHT
 from swarm.identity import IdentityError, load_or_create_identity
 from swarm.members import Announcement, live_members
 from swarm.network import build_host
-from swarm.peer import VERSION, ConfigError, Peer, PeerConfig
+from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
 
 log = logging.getLogger("swarm.cli")
