@@ -127,7 +127,8 @@ class Peer:
                 with trio.move_on_at(next_beat):
                     await self._stopping.wait()
                 if not self._stopping.is_set():
-                    with trio.move_on_after(self.config.heartbeat):
+                    # A slow refresh still counts while the previous entry lives (ttl - heartbeat).
+                    with trio.move_on_after(self.ttl - self.config.heartbeat):
                         await self.dht.store(key, value, self.ttl)
             with trio.move_on_after(2.0):
                 await self.dht.withdraw(key, self.ttl)
