@@ -190,6 +190,16 @@ async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: i
     return payload
 
 
+async def _write_chunk(stream: INetStream, state: RoundState, index: int, payload: bytes, what: str) -> None:
+    """One ``{"c": index}`` frame, within the stall timeout: a peer that stops reading (hung,
+    SIGSTOP) must not hold us past it."""
+    with trio.move_on_after(state.chunk_timeout) as stall:
+        sent = await write_frame(stream, {"c": index}, payload)
+    if stall.cancelled_caught:
+        raise FrameError(f"sending {what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
+    state.stats.bytes_sent += sent  # not `+= await`: that reads the counter before awaiting
+
+
 def _check_weight(weight: Any) -> float:
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or not 0 < weight < 1e12:
         raise FrameError(f"weight {weight!r} is not a positive finite number")
@@ -303,8 +313,7 @@ class AllReduce:
             stream, {"t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)})
         state.stats.bytes_sent += sent
         for index, chunk in enumerate(part.chunks):
-            sent = await write_frame(stream, {"c": index}, chunk)
-            state.stats.bytes_sent += sent
+            await _write_chunk(stream, state, index, chunk, "result")
 
     async def _finalize_owner(self, state: RoundState) -> None:
         owner, spec = state.owner, state.spec
@@ -380,11 +389,7 @@ class AllReduce:
                     residual = None if state.send_residual is None else state.send_residual[a:b]
                     payload = await trio.to_thread.run_sync(
                         encode_with_feedback, state.codec, state.flat[a:b], residual)
-                    with trio.move_on_after(state.chunk_timeout) as stall:
-                        sent = await write_frame(stream, {"c": index}, payload)
-                    if stall.cancelled_caught:
-                        raise FrameError(f"sending chunk {index} stalled for {state.chunk_timeout:.1f}s")
-                    state.stats.bytes_sent += sent
+                    await _write_chunk(stream, state, index, payload, "contribution")
                 await self._receive_part(stream, state, owner)
             except (FrameError, CodecError) as exc:
                 log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)

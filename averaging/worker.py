@@ -57,6 +57,9 @@ async def run(args: argparse.Namespace) -> None:
                               "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
                               "seconds": trio.current_time() - began}), flush=True)
         peer.stop()
+        with trio.move_on_after(5):  # leaving can hang on a connection to a hung (SIGSTOPped) peer
+            await peer.stopped.wait()
+        nursery.cancel_scope.cancel()
 
 
 def main() -> None:
