@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # for report.py; last, or bench/dht.py would shadow the dht package
 
 from swarm.cli import setup_logging  # noqa: E402
 from report import print_result  # noqa: E402
