@@ -67,9 +67,10 @@ class Averager:
 
     @staticmethod
     def _unflatten(flat: np.ndarray, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views into ``flat`` (a fresh buffer each round, written by nobody afterwards)."""
         out, offset = [], 0
         for t in like:
             n = t.numel()
-            out.append(torch.from_numpy(flat[offset:offset + n].copy()).reshape(t.shape).to(t.dtype).to(t.device))
+            out.append(torch.from_numpy(flat[offset:offset + n]).reshape(t.shape).to(t.dtype).to(t.device))
             offset += n
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,20 @@ from averaging.allreduce import RoundFailed
 from averaging.averager import Averager
 from averaging.matchmaking import MatchmakingFailed
 from swarm.cli import setup_logging
+from swarm.local import PeerProcess, start_process
 from swarm.peer import Peer, PeerConfig
+
+READY = re.compile(r'^\{"ready": "(\S+)"\}$')
+
+
+def start_worker(args: list[str], *, prefix: tuple[str, ...] | list[str] = (), log_dir: Path,
+                 timeout: float = 120.0) -> PeerProcess:
+    """Start ``python -m averaging.worker ARGS`` (after ``prefix``, e.g. a netlab namespace) and wait
+    until it has joined; its peer id is in ``peer_ids``."""
+    process = start_process([*prefix, sys.executable, "-m", "averaging.worker", *args], READY,
+                            log_dir=log_dir, timeout=timeout)
+    process.peer_ids.append(READY.match(process.ready_lines[0]).group(1))
+    return process
 
 
 async def run(args: argparse.Namespace) -> None:

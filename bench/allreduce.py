@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # for report.py; last, or bench/dht.py would shadow the dht package
 
 from averaging.codecs import get_codec  # noqa: E402
+from averaging.worker import start_worker  # noqa: E402
 from report import print_result  # noqa: E402
 from swarm.local import PeerProcess, peer_command, start_process  # noqa: E402
-
-READY = re.compile(r'^\{"ready": "(\S+)"\}$')
 
 
 NETLAB = Path(__file__).resolve().parents[2] / "shared" / "tools" / "netlab" / "netlab.sh"
@@ -58,15 +57,13 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
 
         def start(i: int) -> PeerProcess:
             prefix, listen = in_namespace(args, i)
-            command = [*prefix, sys.executable, "-m", "averaging.worker", "--bootstrap", seed_addr, "--listen", listen,
-                       "--size", str(values), "--codec", args.codec, "--rounds", str(args.rounds),
-                       "--seed", str(i), "--group-size", str(args.peers), "--min-group-size",
-                       str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs), "--save", "first",
-                       "--budget", "10", "--timeout", str(args.timeout),
-                       *([] if args.verbose or args.kill_after else ["--quiet"])]  # the kill waits for an INFO line
-            process = start_process(command, READY, log_dir=logs, timeout=120)
-            process.peer_ids.append(READY.match(process.ready_lines[0]).group(1))
-            return process
+            return start_worker(
+                ["--bootstrap", seed_addr, "--listen", listen, "--size", str(values), "--codec", args.codec,
+                 "--rounds", str(args.rounds), "--seed", str(i), "--group-size", str(args.peers),
+                 "--min-group-size", str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs),
+                 "--save", "first", "--budget", "10", "--timeout", str(args.timeout),
+                 *([] if args.verbose or args.kill_after else ["--quiet"])],  # the kill waits for an INFO line
+                prefix=prefix, log_dir=logs)
 
         with ThreadPoolExecutor(args.peers) as pool:
             workers = list(pool.map(start, range(args.peers)))

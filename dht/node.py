@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
-from libp2p.abc import INetStream
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
@@ -110,9 +109,7 @@ class RecordDHT:
 
         async def get_from(peer: ID) -> None:
             with trio.move_on_after(self.timeout):
-                result = await self.kad.value_store._get_from_peer(
-                    peer, key_bytes, return_record=True, return_closer_peers=True)
-                record, _closer = result
+                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
                 if record is not None:
                     groups.append(self._decode(key, record.value, peer.to_base58()))
                 return

@@ -1,15 +1,11 @@
 """Averaging worker processes for the tests."""
 
 import json
-import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from swarm.local import start_process
-
-READY = re.compile(r'^\{"ready": "(\S+)"\}$')
+from averaging.worker import start_worker
 
 
 def start_workers(spawned, seed_addr, out_dir, count, *, size, codec="none", rounds=1, weights=None,
@@ -18,12 +14,10 @@ def start_workers(spawned, seed_addr, out_dir, count, *, size, codec="none", rou
     weights = weights or [1.0] * count
 
     def start(i):
-        command = [sys.executable, "-m", "averaging.worker", "--bootstrap", seed_addr, "--size", str(size),
-                   "--codec", codec, "--rounds", str(rounds), "--seed", str(i), "--weight", str(weights[i]),
-                   "--group-size", str(group_size or count), "--min-group-size", str(group_size or count),
-                   "--out", str(out_dir), "--budget", "4", *extra]
-        process = start_process(command, READY, log_dir=out_dir / "logs")
-        process.peer_ids.append(READY.match(process.ready_lines[0]).group(1))
+        process = start_worker(["--bootstrap", seed_addr, "--size", str(size), "--codec", codec,
+                                "--rounds", str(rounds), "--seed", str(i), "--weight", str(weights[i]),
+                                "--group-size", str(group_size or count), "--min-group-size", str(group_size or count),
+                                "--out", str(out_dir), "--budget", "4", *extra], log_dir=out_dir / "logs")
         process.seed = i
         return process
 
