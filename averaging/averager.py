@@ -42,13 +42,16 @@ class Averager:
         self._residuals: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
-                         timeout: float = 120.0, group_key: str = "default") -> AveragingResult:
+                         timeout: float = 120.0, group_key: str = "default",
+                         matchmaking_timeout: float | None = None) -> AveragingResult:
         """The weighted mean of ``tensors`` over the group's contributors, or ``RoundFailed`` /
-        ``MatchmakingFailed`` (then nothing was changed and the caller may retry)."""
+        ``MatchmakingFailed`` (then nothing was changed and the caller may retry). Finding the
+        group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``)."""
         deadline = trio.current_time() + timeout
         flat = await trio.to_thread.run_sync(
             lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
-        spec = await self.matchmaker.find_group(group_key, len(flat), codec, deadline)
+        spec = await self.matchmaker.find_group(
+            group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)))
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s", spec.group_id, len(spec.members), len(flat), codec)
         send_residual = result_residual = None

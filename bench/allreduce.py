@@ -50,7 +50,7 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
     processes: list[PeerProcess] = []
     try:
         prefix, listen = in_namespace(args, args.peers)
-        seed = start_process([*prefix, *peer_command("--seed", "--listen", listen, "--quiet")],
+        seed = start_process([*prefix, *peer_command("--seed", "--no-train", "--listen", listen, "--quiet")],
                              re.compile(r"^seed (\S+) listening on (\S+)"), log_dir=logs)
         seed_addr = seed.ready_lines[0].split()[-1]
         processes.append(seed)

@@ -81,7 +81,7 @@ def main() -> None:
     setup_logging(0, quiet=True)
 
     logs = Path(tempfile.mkdtemp(prefix="legion-bench-dht-"))
-    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", str(args.heartbeat), "--quiet"]
+    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", str(args.heartbeat), "--no-train", "--quiet"]
     processes: list[PeerProcess] = []
     try:
         seed = start_peer_process(["--seed", *common], log_dir=logs)

@@ -7,8 +7,10 @@ import json
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import trio
 
 from bootstrap.join import BootstrapError, connect_bootstrap_peers
@@ -16,12 +18,25 @@ from dht import RecordDHT
 from swarm.identity import IdentityError, load_or_create_identity
 from swarm.members import Announcement, live_members
 from swarm.network import build_host
+from optim.data import DataError
 from swarm.peer import ConfigError, Peer, PeerConfig
+from swarm.run_config import RunConfig, RunConfigError, load_run_file
+from swarm.trainer import Trainer
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
 
 log = logging.getLogger("swarm.cli")
-USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError)
+USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError, RunConfigError, DataError)
 COMMANDS = ("status", "new-swarm-key", "demo")
+RUN_OPTIONS = [
+    ("model", str, "model size: tiny, mini, small, medium, gpt2"),
+    ("algorithm", str, "diloco (default), sync or onebit-adam"),
+    ("codec", str, "codec of the averaged values: none, fp16, bf16, int8, int4, sign1, topk[:ratio]"),
+    ("inner_steps", int, "DiLoCo: local steps per round (H)"),
+    ("batch_size", int, "sequences per local step"),
+    ("inner_lr", float, "learning rate of the inner AdamW (and of 1-bit Adam)"),
+    ("outer_lr", float, "DiLoCo: outer Nesterov learning rate"),
+    ("rounds", int, "stop after this swarm round (0: train until stopped)"),
+]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +63,22 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", help="declared GPU name (default: detected)")
     parser.add_argument("--count", type=int, default=1,
                         help="run this many peers in this process (simulations and tests)")
+    train = parser.add_argument_group(
+        "training", "A seed, or any peer given --run or a run option, publishes that run; other peers "
+                    "train the run the swarm publishes (waiting for one if there is none yet).")
+    train.add_argument("--run", type=Path, metavar="CONFIG.toml", help="run configuration (keys: see README)")
+    for name, kind, text in RUN_OPTIONS:
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    train.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
+                       help="DiLoCo: wait for each round's averaging instead of overlapping it")
+    train.add_argument("--data", help="text file, directory of text, or directory with nanoGPT train.bin/val.bin "
+                                      "(default: the run's data, else the Python standard library's sources)")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--out", type=Path, help="directory for metrics.jsonl and the final model.pt")
+    train.add_argument("--wait-peers", type=int, default=1, metavar="N",
+                       help="start training once N peers (this one included) have joined the run")
+    train.add_argument("--no-train", action="store_true", help="only take part in the DHT and averaging")
     _common(parser)
     return parser
 
@@ -69,19 +100,53 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
 
 
-async def _stop_on_signal(peers: list[Peer], nursery: trio.Nursery, grace: float = 5.0) -> None:
-    """On SIGINT/SIGTERM ask every peer to leave gracefully, then end the process's nursery; peers
-    still busy after ``grace`` seconds are cancelled."""
+async def _stop_on_signal(peers: list[Peer], trainers: list[Trainer], nursery: trio.Nursery,
+                          grace: float = 5.0) -> None:
+    """On SIGINT/SIGTERM stop training, ask every peer to leave gracefully, then end the process's
+    nursery; whatever is still busy after ``grace`` seconds is cancelled."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s, shutting down", signal.Signals(signum).name)
-            for peer in peers:
-                peer.stop()
             with trio.move_on_after(grace):
+                for trainer in trainers:
+                    trainer.stop()
+                for trainer in trainers:
+                    await trainer.finished.wait()
+                for peer in peers:
+                    peer.stop()
                 for peer in peers:
                     await peer.stopped.wait()
             nursery.cancel_scope.cancel()
             return
+
+
+@dataclass
+class TrainingOptions:
+    run: RunConfig | None  # None: train the run the swarm publishes
+    data: str | None
+    device: str
+    out: Path | None
+    rounds: int
+    threads: int | None
+    wait_peers: int
+
+
+def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
+    if args.no_train:
+        return None
+    overrides = {name: getattr(args, name) for name, _, _ in RUN_OPTIONS}
+    overrides["overlap"] = args.overlap
+    run = None
+    if args.run or args.seed or any(v is not None for v in overrides.values()):
+        run = (load_run_file(args.run) if args.run else RunConfig()).with_overrides(**overrides)
+    if args.data and not Path(args.data).exists():
+        raise DataError(f"--data {args.data}: no such file or directory")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.wait_peers < 1:
+        raise ConfigError("--wait-peers must be at least 1")
+    return TrainingOptions(run, args.data, device, args.out, args.rounds or 0, args.threads, args.wait_peers)
 
 
 def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
@@ -99,29 +164,48 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
             for i in range(args.count)]
 
 
-async def _start_peer(nursery: trio.Nursery, config: PeerConfig, peers: list[Peer]) -> Peer:
+async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index: int, peers: list[Peer],
+                    trainers: list[Trainer], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run one peer; with ``training`` it trains, then leaves when its run is done."""
     peer = Peer(config)
     peers.append(peer)
-    await nursery.start(peer.run)
-    print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
-          f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
-    if config.seed:
-        print("others join this swarm with:", flush=True)
-        for addr in peer.addrs:
-            print(f"  legion-peer --bootstrap {addr}", flush=True)
-    return peer
-
-
-async def _run_peers(configs: list[PeerConfig]) -> None:
-    """Run the peers until a signal; the first starts alone, the others join through it at once."""
-    peers: list[Peer] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, peers, nursery)
-        first = await _start_peer(nursery, configs[0], peers)
-        async with trio.open_nursery() as starting:
-            for config in configs[1:]:
+        await nursery.start(peer.run)
+        print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
+              f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
+        if config.seed:
+            print("others join this swarm with:", flush=True)
+            for addr in peer.addrs:
+                print(f"  legion-peer --bootstrap {addr}", flush=True)
+        task_status.started(peer)
+        if training is None:
+            return
+        out = training.out / f"peer-{index}" if training.out and index else training.out
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(peer, training.run, data=training.data, device=training.device, out=out,
+                          rounds=training.rounds, wait_peers=training.wait_peers)
+        trainers.append(trainer)
+        summary = await trainer.run()
+        print("done " + json.dumps({"peer_id": str(peer.peer_id), **summary}), flush=True)
+        peer.stop()
+
+
+async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None) -> None:
+    """Run the peers until a signal or until their training is done; the first starts alone, the
+    others join through it at once."""
+    peers: list[Peer] = []
+    trainers: list[Trainer] = []
+    if training and training.threads:
+        torch.set_num_threads(training.threads)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, peers, trainers, nursery)
+        async with trio.open_nursery() as running:
+            first = await running.start(_run_peer, configs[0], training, 0, peers, trainers)
+            for index, config in enumerate(configs[1:], 1):
                 config.bootstrap = [str(first.addrs[-1]), *config.bootstrap]
-                starting.start_soon(_start_peer, nursery, config, peers)
+                running.start_soon(_run_peer, config, training, index, peers, trainers)
+        nursery.cancel_scope.cancel()
 
 
 async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float) -> list[Announcement]:
@@ -184,7 +268,7 @@ def _new_swarm_key(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    trio.run(_run_peers, _peer_configs(args))
+    trio.run(_run_peers, _peer_configs(args), _training_options(args))
     return 0
 
 

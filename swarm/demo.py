@@ -1,68 +1,143 @@
-"""``legion-peer demo``: a local swarm on 127.0.0.1 showing discovery, status and failure detection."""
+"""``legion-peer demo``: a local swarm on 127.0.0.1 (a seed and peers, one process each) trains a
+small GPT on the Python standard library's sources, with a live view, then a summary, a loss plot
+and a text sample from the trained model."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from swarm.cli import format_table
-from swarm.local import PeerProcess, start_peer_process, status_json
-from swarm.members import Announcement
+import torch
+
+from optim.data import decode, encode
+from optim.model import GPT
+from swarm.local import PeerProcess, PeerProcessError, start_training_swarm, training_summary
+from swarm.run_config import RunConfig
+
+PROMPT = "def "
 
 
-def _live_line(text: str) -> None:
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def _status_lines(outs: list[Path], started: float) -> list[str]:
+    lines = [f"  {'peer':<6}{'round':>6}{'step':>6}{'loss':>8}{'val':>7}{'tok/s':>8}{'up MB':>8}{'down MB':>9}{'group':>6}"]
+    for i, out in enumerate(outs):
+        rows = _read_metrics(out / "metrics.jsonl")
+        last = next((r for r in reversed(rows) if r["event"] in ("round", "done")), None)
+        if last is None:
+            lines.append(f"  {i:<6}{'starting':>6}")
+            continue
+        done = last["event"] == "done"
+        lines.append(f"  {i:<6}{last['round']:>6}{last['steps' if done else 'step']:>6}"
+                     f"{last.get('loss', float('nan')) if not done else float('nan'):>8.3f}"
+                     f"{last['val_loss']:>7.3f}{last.get('tokens_per_second', 0):>8.0f}"
+                     f"{last['bytes_sent'] / 1e6:>8.2f}{last['bytes_received'] / 1e6:>9.2f}"
+                     f"{last.get('group_size', 0) if not done else 0:>6}{'  done' if done else ''}")
+    lines.append(f"  {time.monotonic() - started:.0f}s elapsed")
+    return lines
+
+
+def _show(lines: list[str], previous: int) -> int:
     if sys.stdout.isatty():
-        print(f"\r\033[K{text}", end="", flush=True)
+        if previous:
+            print(f"\033[{previous}F\033[J", end="")
+        print("\n".join(lines), flush=True)
+        return len(lines)
+    print(" | ".join(line.strip() for line in lines[1:]), flush=True)
+    return 0
 
 
-def _wait_for_count(bootstrap: str, want: int, timeout: float, what: str) -> tuple[list[dict], float]:
-    started = time.monotonic()
-    while True:
-        listed = status_json(bootstrap)
-        elapsed = time.monotonic() - started
-        _live_line(f"  {what}: {len(listed)} live peers, want {want}  ({elapsed:4.1f}s)")
-        if len(listed) == want or elapsed > timeout:
-            _live_line("")
-            return listed, elapsed
-        time.sleep(0.3)
+def _plot(outs: list[Path], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, out in enumerate(outs):
+        rows = [r for r in _read_metrics(out / "metrics.jsonl") if r["event"] == "round"]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], alpha=0.5, label=f"peer {i} train loss")
+    rows = [r for r in _read_metrics(outs[0] / "metrics.jsonl") if r["event"] in ("round", "done")]
+    ax.plot([r.get("step", r.get("steps")) for r in rows], [r["val_loss"] for r in rows], "k-", lw=2,
+            label="validation loss (swarm weights, peer 0)")
+    ax.set_xlabel("local step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    ax.set_title("Legion local swarm: DiLoCo on the Python standard library")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _sample(out: Path, config: RunConfig, tokens: int) -> str:
+    torch.manual_seed(0)
+    model = GPT(config.model_config())
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model.eval()
+    prompt = torch.from_numpy(encode(PROMPT).astype("int64"))[None, :]
+    return decode(model.generate(prompt, tokens, generator=torch.Generator().manual_seed(0))[0].tolist())
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="legion-peer demo", description=__doc__)
-    parser.add_argument("--processes", type=int, default=3, help="peer processes besides the seed")
-    parser.add_argument("--peers-per-process", type=int, default=3)
-    parser.add_argument("--heartbeat", type=float, default=2.0)
-    parser.add_argument("--logs", type=Path, help="directory for the peers' logs (default: a temp dir)")
+    parser.add_argument("--peers", type=int, default=4, help="peer processes, the seed included")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--inner-steps", type=int, default=25)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--out", type=Path, help="directory for logs, metrics, models and the plot")
     args = parser.parse_args(argv)
-    logs = args.logs or Path(tempfile.mkdtemp(prefix="legion-demo-"))
-    beat = ["--heartbeat", str(args.heartbeat), "--listen", "/ip4/127.0.0.1/tcp/0"]
+    out = args.out or Path(tempfile.mkdtemp(prefix="legion-demo-"))
+    outs = [out / f"peer{i}" for i in range(args.peers)]
+    config = RunConfig(model=args.model, rounds=args.rounds, inner_steps=args.inner_steps).validate()
     processes: list[PeerProcess] = []
+    print(f"Legion demo: {args.peers} peers on 127.0.0.1 train a {args.model} GPT with DiLoCo "
+          f"({args.rounds} rounds of {args.inner_steps} local steps, int8 pseudo-gradients). Output in {out}")
     try:
-        print(f"Legion local swarm demo (peer logs in {logs})")
-        seed = start_peer_process(["--seed", *beat], log_dir=logs)
-        processes.append(seed)
-        print(f"1. seed up: {seed.addrs[0]}")
-        for _ in range(args.processes):
-            processes.append(start_peer_process(["--bootstrap", seed.addrs[0], *beat],
-                                                args.peers_per_process, log_dir=logs))
-        total = 1 + args.processes * args.peers_per_process
-        print(f"2. started {total - 1} more peers in {args.processes} processes; waiting for the DHT to list them")
-        listed, took = _wait_for_count(seed.addrs[0], total, 30, "discovery")
-        print(f"   all {len(listed)} peers visible after {took:.1f}s:\n")
-        print(format_table([Announcement.from_value(p["peer_id"], p) for p in listed]))
-        victim = processes[-1]
-        victim.kill()
-        print(f"\n3. kill -9 of one process ({len(victim.peer_ids)} peers); heartbeat {args.heartbeat:g}s")
-        ask = processes[1].addrs[0]
-        listed, took = _wait_for_count(ask, total - len(victim.peer_ids), 6 * args.heartbeat, "failure detection")
-        print(f"   another peer's view drops them after {took:.1f}s ({took / args.heartbeat:.1f} heartbeats): "
-              f"{len(listed)} live peers")
-        codes = [p.terminate() for p in processes[:-1]]
-        print(f"4. SIGTERM to the rest: exit codes {codes}")
-        return 0 if all(code == 0 for code in codes) else 1
+        processes = start_training_swarm(args.peers, ["--model", args.model, "--rounds", str(args.rounds),
+                                                      "--inner-steps", str(args.inner_steps)], out, extra=["--quiet"])
+        print(f"seed {processes[0].addrs[0]}")
+        started, shown, last_print = time.monotonic(), 0, 0.0
+        while any(p.proc.poll() is None for p in processes):
+            now = time.monotonic()
+            if sys.stdout.isatty() or now - last_print >= 15:
+                shown, last_print = _show(_status_lines(outs, started), shown), now
+            time.sleep(1)
+        _show(_status_lines(outs, started), shown)
+        try:
+            summaries = [training_summary(process, 30) for process in processes]
+        except PeerProcessError as exc:
+            print(f"a peer failed: {exc}")
+            return 1
+        plot = out / "loss.png"
+        _plot(outs, plot)
+        first = summaries[0]
+        print("\nSummary")
+        print(f"  validation loss: {first['initial_val_loss']:.3f} before, "
+              f"{min(s['val_loss'] for s in summaries):.3f}-{max(s['val_loss'] for s in summaries):.3f} after "
+              f"(nats per byte; ln 256 = 5.545 is a uniform guess)")
+        print(f"  last train loss: {_last_loss(outs):.3f}")
+        print(f"  {first['round']} rounds in {max(s['seconds'] for s in summaries):.0f}s; per peer: "
+              f"{sum(s['steps'] for s in summaries) / len(summaries):.0f} local steps, "
+              f"{sum(s['samples_per_second'] for s in summaries) / len(summaries):.1f} samples/s, "
+              f"{sum(s['bytes_sent'] for s in summaries) / len(summaries) / 1e6:.2f} MB sent, "
+              f"{sum(s['wait_fraction'] for s in summaries) / len(summaries):.1%} of the time waiting on the network")
+        print(f"  rounds averaged with others: {[s['rounds_averaged'] for s in summaries]} of {first['round']}")
+        print(f"  loss curve: {plot}")
+        print(f"  sample from the trained model (prompt {PROMPT!r}):\n")
+        print("    " + _sample(outs[0], config, 200).replace("\n", "\n    "))
+        return 0
     finally:
         for process in processes:
             process.kill()
+
+
+def _last_loss(outs: list[Path]) -> float:
+    losses = [r["loss"] for out in outs for r in _read_metrics(out / "metrics.jsonl")[-3:] if r["event"] == "round"]
+    return sum(losses) / max(1, len(losses))

@@ -126,3 +126,30 @@ def status_json(bootstrap: str, *extra: str, timeout: float = 60.0) -> list[dict
     if done.returncode != 0:
         raise PeerProcessError(f"status exited with {done.returncode}: {done.stderr.strip()}")
     return json.loads(done.stdout)
+
+
+def start_training_swarm(peers: int, run_args: list[str], out: Path, *, heartbeat: float = 2.0,
+                         extra: list[str] | None = None) -> list[PeerProcess]:
+    """A seed publishing the run ``run_args`` and ``peers - 1`` peers joining it, one process each,
+    single-threaded torch, all starting together; peer i writes to ``out/peer{i}``."""
+    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", str(heartbeat), "--threads", "1",
+              "--wait-peers", str(peers), *(extra or [])]
+    processes = [start_peer_process(["--seed", *run_args, "--out", str(out / "peer0"), *common], log_dir=out / "logs")]
+    try:
+        for i in range(1, peers):
+            processes.append(start_peer_process(["--bootstrap", processes[0].addrs[0], "--out", str(out / f"peer{i}"),
+                                                 *common], log_dir=out / "logs"))
+    except PeerProcessError:
+        for process in processes:
+            process.kill()
+        raise
+    return processes
+
+
+def training_summary(process: PeerProcess, timeout: float) -> dict:
+    """Wait for a training peer to finish; its ``done`` summary."""
+    lines = process.output_lines(timeout)
+    done = [json.loads(line[5:]) for line in lines if line.startswith("done ")]
+    if process.proc.returncode != 0 or not done:
+        raise PeerProcessError(f"training peer exited with {process.proc.returncode}:\n{process.log_tail()}")
+    return done[0]

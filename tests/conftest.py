@@ -7,11 +7,12 @@ HEARTBEAT = 2.0  # seconds; announcements expire after 2.5 heartbeats
 
 @pytest.fixture
 def spawn(tmp_path):
-    """Start peer processes that are all stopped (SIGKILL if need be) when the test ends."""
+    """Start peer processes that are all stopped (SIGKILL if need be) when the test ends. They only
+    take part in the DHT (``--no-train``) unless ``train=True``."""
     started = []
 
-    def start(args, count=1, **kwargs):
-        process = start_peer_process(["--heartbeat", str(HEARTBEAT), *args], count,
+    def start(args, count=1, train=False, **kwargs):
+        process = start_peer_process(["--heartbeat", str(HEARTBEAT), *([] if train else ["--no-train"]), *args], count,
                                      log_dir=tmp_path / "logs", **kwargs)
         started.append(process)
         return process

@@ -1,0 +1,106 @@
+"""Convergence benchmark: the same data and the same total number of samples trained three ways.
+
+    python bench/convergence.py --peers 4 [--quick] [--data PATH] [--json]
+
+(a) baseline: one process, the combined batch (peers x batch) for S steps;
+(b) Legion synchronous: N peer processes averaging fp32 gradients every step, S steps;
+(c) Legion DiLoCo: N peer processes, int8 pseudo-gradients every H steps, S steps.
+Validation loss is measured on the same fixed held-out batches in all three. bytes_ratio is the
+bytes a synchronous fp32 peer sends over the bytes a DiLoCo peer sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from optim.data import load_corpus  # noqa: E402
+from optim.model import GPT  # noqa: E402
+from report import print_result  # noqa: E402
+from swarm.local import start_training_swarm, training_summary  # noqa: E402
+from swarm.run_config import RunConfig  # noqa: E402
+from swarm.trainer import evaluate  # noqa: E402
+
+
+def baseline(config: RunConfig, peers: int, steps: int, data: str | None) -> dict:
+    """The single-process reference: AdamW on batches of peers x batch_size."""
+    torch.set_num_threads(2)
+    corpus = load_corpus(data)
+    torch.manual_seed(config.seed)
+    model = GPT(config.model_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    block, batch = config.model_config().block_size, config.batch_size * peers
+    began = time.monotonic()
+    for step in range(steps):
+        x, y = corpus.batch("train", batch, block, f"baseline/{step}".encode())
+        model(x, y)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.monotonic() - began
+    return {"val_loss": evaluate(model, corpus, config.eval_batches, config.batch_size),
+            "bytes_sent_per_peer": 0, "seconds": round(seconds, 1),
+            "samples_per_second": round(steps * batch / seconds, 1)}
+
+
+def swarm(peers: int, run_args: list[str], data: str | None, timeout: float) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="legion-convergence-"))
+    extra = ["--quiet"] + (["--data", data] if data else [])
+    processes = start_training_swarm(peers, run_args, out, extra=extra)
+    try:
+        summaries = [training_summary(p, timeout) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return {"val_loss": statistics.mean(s["val_loss"] for s in summaries),
+            "val_loss_spread": max(s["val_loss"] for s in summaries) - min(s["val_loss"] for s in summaries),
+            "bytes_sent_per_peer": round(statistics.mean(s["bytes_sent"] for s in summaries)),
+            "seconds": round(max(s["seconds"] for s in summaries), 1),
+            "samples_per_second_per_peer": round(statistics.mean(s["samples_per_second"] for s in summaries), 1),
+            "wait_fraction": round(statistics.mean(s["wait_fraction"] for s in summaries), 3),
+            "rounds_averaged": [s["rounds_averaged"] for s in summaries]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=600, help="local steps per peer (S)")
+    parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--data")
+    parser.add_argument("--quick", action="store_true", help="S=200, H=25: a few minutes")
+    parser.add_argument("--codec", default="int8", help="DiLoCo codec")
+    parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    steps, inner = (200, 25) if args.quick else (args.steps, args.inner_steps)
+    rounds = math.ceil(steps / inner)
+    config = RunConfig(model=args.model).validate()
+    result: dict = {"peers": args.peers, "steps": steps, "inner_steps": inner, "model": args.model}
+    result["baseline"] = baseline(config, args.peers, steps, args.data)
+    if not args.skip_sync:
+        result["sync"] = swarm(args.peers, ["--model", args.model, "--algorithm", "sync", "--codec", "none",
+                                            "--rounds", str(steps)], args.data, timeout=30 * steps)
+    result["diloco"] = swarm(args.peers, ["--model", args.model, "--algorithm", "diloco", "--codec", args.codec,
+                                          "--inner-steps", str(inner), "--rounds", str(rounds)],
+                             args.data, timeout=60 * rounds + 600)
+    base = result["baseline"]["val_loss"]
+    result["diloco_vs_baseline"] = round(result["diloco"]["val_loss"] / base, 4)
+    if "sync" in result:
+        result["sync_vs_baseline"] = round(result["sync"]["val_loss"] / base, 4)
+        result["bytes_ratio"] = round(result["sync"]["bytes_sent_per_peer"] / max(1, result["diloco"]["bytes_sent_per_peer"]), 1)
+    print_result(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""DiLoCo: H local steps of an inner optimizer, then the pseudo-gradient (round-start weights minus
+local weights) is averaged with a compressing codec and applied by an outer Nesterov SGD.
+
+With ``overlap`` (the default) the averaging of round r runs while the peer trains round r+1, and
+its outer update is applied one round late: the peer never waits for the network unless a round's
+averaging takes longer than a whole round of local steps. Meanwhile the peer trains from an eager
+estimate: the swarm weights with the outer step applied to its own pseudo-gradient in place of
+the group's mean (alone, that is exactly the next swarm weights). The swarm weights themselves
+only ever take averaged updates, so they stay identical on every peer of a group."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import torch
+import trio
+
+from optim.base import Reduced, Reducer, SwarmOptimizer, assign_flat, check_state, flatten, \
+    load_optimizer_tensors, optimizer_tensors
+
+log = logging.getLogger(__name__)
+
+
+class OuterNesterov:
+    """SGD with Nesterov momentum on a flat vector (torch's convention: buf = mu*buf + g; step g + mu*buf)."""
+
+    def __init__(self, size: int, lr: float, momentum: float) -> None:
+        self.lr, self.momentum = lr, momentum
+        self.buffer = torch.zeros(size)
+
+    def step(self, weights: torch.Tensor, gradient: torch.Tensor) -> None:
+        self.buffer.mul_(self.momentum).add_(gradient)
+        weights.sub_(self.lr * (gradient + self.momentum * self.buffer))
+
+    def preview(self, weights: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """The weights ``step`` would give, without changing any state."""
+        buffer = self.buffer * self.momentum + gradient
+        return weights - self.lr * (gradient + self.momentum * buffer)
+
+
+class DiLoCo(SwarmOptimizer):
+    algorithm = "diloco"
+
+    def __init__(self, params: Iterable[torch.Tensor], inner: torch.optim.Optimizer, reducer: Reducer, *,
+                 inner_steps: int = 50, outer_lr: float = 0.7, outer_momentum: float = 0.9, codec: str = "int8",
+                 overlap: bool = True, nursery: trio.Nursery | None = None) -> None:
+        super().__init__(params, reducer)
+        if inner_steps < 1:
+            raise ValueError("inner_steps must be at least 1")
+        if overlap and nursery is None:
+            raise ValueError("overlap needs a trio nursery to average in the background")
+        self.inner, self.inner_steps, self.codec = inner, inner_steps, codec
+        self.overlap, self.nursery = overlap, nursery
+        self.global_weights = flatten(self.params)  # the last swarm-agreed weights
+        self.round_start = self.global_weights.clone()
+        self.outer = OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
+        self.local_steps = 0
+        self.samples = 0
+        self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None, own delta])
+        # After adopting a peer's state mid-run the swarm's pending round is not ours: at the next
+        # round end we take the swarm's result for it from a peer (``fetch_state(round)``) instead.
+        self._adopt_next = False
+        self.fetch_state: Callable[[int], tuple[int, dict[str, torch.Tensor]] | None] | None = None
+        self.take_snapshot()
+
+    def step(self, samples: int) -> bool:
+        self.inner.step()
+        self.local_steps += 1
+        self.samples += samples
+        if self.local_steps % self.inner_steps:
+            return False
+        self._end_round()
+        return True
+
+    def _end_round(self) -> None:
+        delta = self.round_start - flatten(self.params)
+        weight, self.samples = self.samples, 0
+        if not self.overlap:
+            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"), delta)
+        else:
+            if self._adopt_next and self._pending is None and self.fetch_state is not None:
+                fetched = self.fetch_state(self.round + 1)
+                if fetched is not None:
+                    self._load(*fetched)
+            self._adopt_next = False
+            self._apply_pending()
+            done, slot = trio.Event(), [None, delta]
+            self._pending = (done, slot)
+            trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
+                                      delta, weight, f"diloco-{self.round}", done, slot)
+        self.round_start = (self.outer.preview(self.global_weights, delta) if self.overlap
+                            else self.global_weights.clone())
+        assign_flat(self.params, self.round_start)
+
+    async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str,
+                                     done: trio.Event, slot: list) -> None:
+        try:
+            slot[0] = await self.reducer([delta], weight, self.codec, key)
+        finally:
+            done.set()
+
+    def _apply_pending(self) -> None:
+        if self._pending is None:
+            return
+        done, slot = self._pending
+        self._pending = None
+        began = time.monotonic()
+        trio.from_thread.run(done.wait)
+        self.stats.wait_seconds += time.monotonic() - began
+        self.stats.record(slot[0])
+        self._apply(slot[0], slot[1])
+
+    def _apply(self, reduced: Reduced | None, own_delta: torch.Tensor) -> None:
+        """Outer step with the group's mean pseudo-gradient, or with this peer's own when no group
+        averaged (then the peer is out of sync and its trainer fetches the swarm's state)."""
+        gradient = reduced.tensors[0] if reduced is not None else own_delta
+        self.out_of_sync |= reduced is None
+        self.outer.step(self.global_weights, gradient.float())
+        self.round += 1
+        self.take_snapshot()
+
+    @property
+    def rounds_begun(self) -> int:
+        return self.round + (self._pending is not None)
+
+    def finish(self) -> None:
+        self._apply_pending()
+        assign_flat(self.params, self.global_weights)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.global_weights.clone(), "outer_momentum": self.outer.buffer.clone(),
+                **optimizer_tensors(self.inner, "inner")}
+
+    def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
+        """Adopt a peer's state (the training thread, between steps); work in flight is dropped."""
+        self._pending = None
+        self._load(round_, state)
+        assign_flat(self.params, self.global_weights)
+        self.round_start = self.global_weights.clone()
+        self.samples = 0
+        self._adopt_next = self.overlap
+
+    def _load(self, round_: int, state: dict[str, torch.Tensor]) -> None:
+        size = torch.Size([len(self.global_weights)])
+        check_state(state, {"weights": size, "outer_momentum": size})
+        self.global_weights = state["weights"].float().clone()
+        self.outer.buffer = state["outer_momentum"].float().clone()
+        load_optimizer_tensors(self.inner, "inner", state)
+        self.round = round_
+        self.out_of_sync = False
+        self.take_snapshot()

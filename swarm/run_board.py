@@ -1,0 +1,83 @@
+"""The run board: one DHT key where every training peer publishes its run's configuration and its
+progress (round, loss, throughput, traffic). Peers read it to learn what to train, how many peers
+to expect in a round, which round the swarm is in, and whom to fetch the state from."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from dht import RecordDHT
+from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_key(swarm: str) -> str:
+    return f"/legion/{swarm}/run"
+
+
+@dataclass
+class Progress:
+    run_id: str
+    protocol: int
+    config: dict
+    round: int = 0
+    step: int = 0
+    samples: int = 0
+    loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_second: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    group_size: int = 1
+    training: bool = False  # False while joining or catching up
+    peer_id: str = field(default="", compare=False)
+
+    def to_value(self) -> dict:
+        value = asdict(self)
+        del value["peer_id"]
+        return value
+
+    @classmethod
+    def from_value(cls, peer_id: str, value) -> "Progress":
+        if not isinstance(value, dict):
+            raise ValueError("progress is not a map")
+        try:
+            progress = cls(**value, peer_id=peer_id)
+        except TypeError as exc:
+            raise ValueError(f"progress has unexpected fields: {exc}") from exc
+        if not (isinstance(progress.run_id, str) and isinstance(progress.config, dict)
+                and isinstance(progress.round, int) and isinstance(progress.protocol, int)):
+            raise ValueError("progress has a field of the wrong type")
+        return progress
+
+
+async def read_board(dht: RecordDHT, swarm: str) -> list[Progress]:
+    board = []
+    for peer_id, entry in (await dht.get(run_key(swarm))).items():
+        try:
+            board.append(Progress.from_value(peer_id, entry.value))
+        except ValueError as exc:
+            log.warning("ignoring run board entry of %s: %s", peer_id, exc)
+    return board
+
+
+def choose_run(board: list[Progress]) -> RunConfig:
+    """The configuration most peers train (ties: the smaller run id), with a clear error when
+    there is none or this peer cannot take part."""
+    if not board:
+        raise RunConfigError("no peer of this swarm publishes a training run yet; start one with --run or --seed")
+    compatible = [p for p in board if p.protocol == PROTOCOL]
+    if not compatible:
+        protocols = sorted({p.protocol for p in board})
+        raise RunConfigError(f"this swarm trains with run protocol {protocols}; this peer (protocol {PROTOCOL}) "
+                             "cannot join it: upgrade or downgrade legion to a matching version")
+    counts = Counter(p.run_id for p in compatible)
+    run_id = min(counts, key=lambda r: (-counts[r], r))
+    progress = next(p for p in compatible if p.run_id == run_id)
+    config = RunConfig.from_dict(progress.config, f"the run published by {progress.peer_id}")
+    if config.run_id != run_id:
+        raise RunConfigError(f"the run published by {progress.peer_id} does not match its id")
+    return config

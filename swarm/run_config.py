@@ -1,0 +1,124 @@
+"""A training run's configuration: what model, data, algorithm and hyperparameters a swarm trains.
+
+It is given to the first peer (``--run CONFIG.toml`` or flags) and published in the DHT with every
+training peer's progress, so a peer started with only ``--bootstrap`` learns what to train."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import msgpack
+
+from averaging.codecs import CodecError, get_codec
+from optim.model import SIZES, GPTConfig
+
+PROTOCOL = 1  # bumped whenever peers of different versions could not train together
+ALGORITHMS = ("diloco", "sync", "onebit-adam")
+DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
+
+
+class RunConfigError(ValueError):
+    """A run configuration that is invalid or incompatible with this peer."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    model: str = "tiny"
+    n_layer: int = 0  # 0: the named size's value
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 0
+    vocab_size: int = 256
+    data: str = ""  # empty: the Python standard library corpus
+    algorithm: str = "diloco"
+    batch_size: int = 16
+    inner_steps: int = 50
+    inner_lr: float = 2e-3
+    weight_decay: float = 0.1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = ""  # empty: the algorithm's default (DEFAULT_CODECS)
+    overlap: bool = True
+    warmup_steps: int = 50
+    rounds: int = 0  # 0: train until stopped
+    seed: int = 0
+    eval_batches: int = 8
+    group_size: int = 16
+    round_timeout: float = 60.0
+
+    def model_config(self) -> GPTConfig:
+        base = SIZES[self.model]
+        return GPTConfig(n_layer=self.n_layer or base.n_layer, n_head=self.n_head or base.n_head,
+                         n_embd=self.n_embd or base.n_embd, block_size=self.block_size or base.block_size,
+                         vocab_size=self.vocab_size)
+
+    def validate(self) -> "RunConfig":
+        if self.model not in SIZES:
+            raise RunConfigError(f"model {self.model!r} is not one of {', '.join(SIZES)}")
+        if self.algorithm not in ALGORITHMS:
+            raise RunConfigError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        try:
+            self.model_config().validate()
+            get_codec(self.averaging_codec)
+        except (ValueError, CodecError) as exc:
+            raise RunConfigError(str(exc)) from exc
+        positive = {"batch_size": self.batch_size, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+                    "outer_lr": self.outer_lr, "eval_batches": self.eval_batches, "round_timeout": self.round_timeout}
+        for name, value in positive.items():
+            if not value > 0:
+                raise RunConfigError(f"{name} must be positive, not {value}")
+        if not 0 <= self.outer_momentum < 1 or self.weight_decay < 0 or self.rounds < 0 or self.warmup_steps < 0:
+            raise RunConfigError("outer_momentum must lie in [0, 1); weight_decay, rounds, warmup_steps >= 0")
+        if not 2 <= self.group_size <= 64:
+            raise RunConfigError("group_size must lie in [2, 64]")
+        if not self.name.replace("-", "").replace("_", "").isalnum() or len(self.name) > 64:
+            raise RunConfigError(f"run name {self.name!r} must be 1-64 letters, digits, - or _")
+        return self
+
+    @property
+    def averaging_codec(self) -> str:
+        return self.codec or DEFAULT_CODECS[self.algorithm]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise RunConfigError(f"{source}: a run configuration is a table of keys")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise RunConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        typed = {}
+        for key, value in values.items():
+            want = type(getattr(cls(), key))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not want:
+                raise RunConfigError(f"{source}: {key} = {value!r} should be a {want.__name__}")
+            typed[key] = value
+        return cls(**typed).validate()
+
+    @property
+    def run_id(self) -> str:
+        """Names the run: peers only average with peers of the same run id."""
+        packed = msgpack.packb([PROTOCOL, sorted(self.to_dict().items())], use_bin_type=True)
+        return hashlib.sha256(packed).hexdigest()[:16]
+
+    def with_overrides(self, **values) -> "RunConfig":
+        return replace(self, **{k: v for k, v in values.items() if v is not None}).validate()
+
+
+def load_run_file(path: Path) -> RunConfig:
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise RunConfigError(f"--run {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RunConfigError(f"--run {path}: not valid TOML: {exc}") from exc
+    return RunConfig.from_dict(values, str(path))

@@ -1,0 +1,324 @@
+"""Training in a swarm: the composition of a peer, the run board, the data, the model, a swarm
+optimizer and the state server. The torch loop runs in a worker thread; everything networked runs
+on the trio side."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import trio
+
+from averaging.allreduce import RoundFailed
+from averaging.averager import Averager
+from averaging.matchmaking import MatchmakingFailed
+from bootstrap.state_transfer import PROTOCOL as STATE_PROTOCOL, StateTransferError, fetch_state, serve_state
+from optim.base import Reduced, SwarmOptimizer
+from optim.data import Corpus, load_corpus
+from optim.diloco import DiLoCo
+from optim.model import GPT
+from optim.onebit_adam import OneBitAdam
+from optim.synchronous import SyncOptimizer
+from swarm.peer import Peer
+from swarm.run_board import Progress, choose_run, read_board, run_key
+from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
+
+log = logging.getLogger(__name__)
+
+EVAL_EVERY_STEPS = 50
+
+
+class SwarmReducer:
+    """Averages through an ``Averager`` with the peers of the same run, in groups keyed by round.
+    Alone in the run it returns the tensors unchanged; when others train but no group averaged, None."""
+
+    def __init__(self, averager: Averager, run_id: str, expected_peers: Callable[[], int], *,
+                 max_group: int, timeout: float) -> None:
+        self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
+        self.max_group, self.timeout = max_group, timeout
+
+    async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> Reduced | None:
+        expected = self.expected_peers()
+        if expected < 2:
+            return Reduced(tensors, 1)
+        self.averager.matchmaker.target_size = min(self.max_group, expected)
+        try:
+            result = await self.averager.all_reduce(
+                tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
+                matchmaking_timeout=2 * self.averager.matchmaker.budget)
+        except MatchmakingFailed as exc:
+            log.info("round %s: %s", key, exc)
+            return None
+        except RoundFailed as exc:
+            log.warning("round %s failed: %s", key, exc)
+            return None
+        stats = result.stats
+        return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
+
+
+def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery) -> SwarmOptimizer:
+    def adamw() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay,
+                                 betas=(0.9, 0.95))
+
+    if config.algorithm == "diloco":
+        return DiLoCo(model.parameters(), adamw(), reducer, inner_steps=config.inner_steps,
+                      outer_lr=config.outer_lr, outer_momentum=config.outer_momentum, codec=config.averaging_codec,
+                      overlap=config.overlap, nursery=nursery)
+    if config.algorithm == "sync":
+        return SyncOptimizer(model.parameters(), adamw(), reducer, codec=config.averaging_codec)
+    return OneBitAdam(model.parameters(), reducer, lr=config.inner_lr, weight_decay=config.weight_decay,
+                      betas=(0.9, 0.95), warmup_steps=config.warmup_steps, codec=config.averaging_codec)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus: Corpus, batches: int, batch_size: int) -> float:
+    """Mean loss on fixed validation batches: the same on every peer, so comparable."""
+    model.eval()
+    block = model.config.block_size
+    losses = [model(*corpus.batch("val", batch_size, block, f"val/{i}".encode()))[1].item() for i in range(batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+class Trainer:
+    """Trains ``config`` (or, if None, the run the swarm publishes) with ``peer`` until ``rounds``
+    rounds are done (0: the run's own limit, else until ``stop()``)."""
+
+    def __init__(self, peer: Peer, config: RunConfig | None = None, *, data: str | None = None,
+                 device: str = "cpu", out: Path | None = None, rounds: int = 0, wait_peers: int = 1,
+                 max_state_bytes: int = 4 << 30) -> None:
+        self.peer, self.config, self.data, self.device, self.out = peer, config, data, device, out
+        self.rounds_override, self.wait_peers, self.max_state_bytes = rounds, wait_peers, max_state_bytes
+        self.board: list[Progress] = []
+        self.progress: Progress | None = None
+        self.optimizer: SwarmOptimizer | None = None
+        self.summary: dict = {}
+        self._stop = threading.Event()
+        self.finished = trio.Event()
+
+    @property
+    def me(self) -> str:
+        return self.peer.peer_id.to_base58()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> dict:
+        try:
+            return await self._run()
+        finally:
+            self.finished.set()
+
+    async def _run(self) -> dict:
+        config = self.config or await self._find_run()
+        self.config = config
+        corpus = await trio.to_thread.run_sync(load_corpus, self.data or config.data or None)
+        corpus.check(config.model_config().block_size, config.vocab_size)
+        torch.manual_seed(config.seed)  # every peer starts from the same weights
+        model = GPT(config.model_config()).to(self.device)
+        self.progress = Progress(config.run_id, PROTOCOL, config.to_dict())
+        log.info("training run %s: %s GPT (%.2fM parameters), %s, corpus %s (%d tokens)", config.run_id,
+                 config.model, model.num_params() / 1e6, config.algorithm, corpus.description, len(corpus.train))
+        # How long a round waits for expected peers that do not show: DiLoCo rounds are long and
+        # overlap training; synchronous steps are short and block it.
+        budget = 10.0 if config.algorithm == "diloco" else 3.0
+        averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget)
+        reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
+                               timeout=config.round_timeout)
+        async with trio.open_nursery() as nursery:
+            optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery)
+            self.peer.host.set_stream_handler(STATE_PROTOCOL, self._serve_state)
+            nursery.start_soon(self._publish_progress)
+            await self._refresh_board()
+            await self._wait_for_peers(training=False)
+            if self._best_donor(min_round=1):
+                await self._catch_up(optimizer)
+            if isinstance(optimizer, DiLoCo):
+                optimizer.fetch_state = lambda r: trio.from_thread.run(self._fetch_from_swarm, r)
+            # Start only once the others can see this peer training, and it them: a peer that
+            # thinks it is alone would take its first rounds alone and fall out of sync.
+            self.progress.training = True
+            await self._publish_once()
+            await self._wait_for_peers(training=True)
+            summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
+            self.summary = summary
+            await self._publish_once()
+            nursery.cancel_scope.cancel()
+        return summary
+
+    async def _find_run(self) -> RunConfig:
+        """Wait until some peer publishes a run; a peer that cannot take part gets a clear error."""
+        waited = 0.0
+        while True:
+            board = await read_board(self.peer.dht, self.peer.config.swarm)
+            if board:
+                return choose_run(board)
+            if waited == 0.0:
+                log.info("no training run published in swarm %r yet; waiting for one", self.peer.config.swarm)
+            await trio.sleep(self.peer.config.heartbeat)
+            waited += self.peer.config.heartbeat
+
+    # ----- the run board
+    async def _wait_for_peers(self, training: bool) -> None:
+        """Wait until ``wait_peers`` peers (this one included) have joined the run (and, with
+        ``training``, are training it)."""
+        seen = 0
+        while True:
+            joined = {p.peer_id for p in self.board if p.run_id == self.config.run_id
+                      and (p.training or not training)} | {self.me}
+            if len(joined) >= self.wait_peers or self._stop.is_set():
+                return
+            if len(joined) != seen:
+                seen = len(joined)
+                log.info("%d of %d peers joined run %s; waiting", seen, self.wait_peers, self.config.run_id)
+            await trio.sleep(0.5)
+            await self._refresh_board()
+
+    def _expected_peers(self) -> int:
+        """Peers expected in a round: all that train the run. Rounds can be faster than the board
+        refreshes, so a board round says little about where a peer is now; one that is really
+        behind costs a matchmaking budget, then catches up from a peer's state."""
+        return 1 + len({p.peer_id for p in self.board if p.run_id == self.config.run_id and p.training
+                        and p.peer_id != self.me})
+
+    def _best_donor(self, min_round: int) -> str | None:
+        ahead = [p for p in self.board if p.run_id == self.config.run_id and p.peer_id != self.me
+                 and p.training and p.round >= min_round]
+        return min(ahead, key=lambda p: (-p.round, p.peer_id)).peer_id if ahead else None
+
+    async def _refresh_board(self) -> None:
+        with trio.move_on_after(self.peer.config.network_timeout):
+            self.board = await read_board(self.peer.dht, self.peer.config.swarm)
+
+    async def _publish_once(self) -> None:
+        with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
+            await self.peer.dht.store(run_key(self.peer.config.swarm), self.progress.to_value(), self.peer.ttl)
+
+    async def _publish_progress(self) -> None:
+        while True:
+            await self._publish_once()
+            await self._refresh_board()
+            await trio.sleep(self.peer.config.heartbeat)
+
+    # ----- state transfer
+    def _snapshot(self):
+        if self.optimizer is None or self.optimizer.snapshot is None:
+            return None
+        round_, tensors = self.optimizer.snapshot
+        return self.config.run_id, round_, tensors
+
+    async def _serve_state(self, stream) -> None:
+        await serve_state(stream, self._snapshot)
+
+    async def _fetch_from_swarm(self, min_round: int) -> tuple[int, dict] | None:
+        """The newest state of the most advanced peer if it is at ``min_round`` or later, else None.
+        The board lags the peers by up to a heartbeat, so a donor a round short is asked again."""
+        with trio.move_on_after(2 * self.peer.config.heartbeat):
+            while True:
+                await self._refresh_board()
+                donor = self._best_donor(0)
+                if donor is None:
+                    return None
+                try:
+                    round_, state = await fetch_state(self.peer.host, donor, self.config.run_id,
+                                                      max_bytes=self.max_state_bytes)
+                except StateTransferError as exc:
+                    log.warning("state fetch failed: %s", exc)
+                    await trio.sleep(0.5)
+                    continue
+                if round_ >= min_round:
+                    log.info("fetched round %d state from %s", round_, donor)
+                    return round_, state
+                await trio.sleep(0.5)
+        return None
+
+    async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
+        fetched = await self._fetch_from_swarm(optimizer.round + 1)
+        if fetched is not None:
+            await trio.to_thread.run_sync(optimizer.load_state, *fetched)
+
+    # ----- the training thread
+    def _train(self, model: GPT, corpus: Corpus, optimizer: SwarmOptimizer) -> dict:
+        config, progress = self.config, self.progress
+        rounds = self.rounds_override or config.rounds
+        block, batch = config.model_config().block_size, config.batch_size
+        metrics = (self.out / "metrics.jsonl").open("a") if self.out else None
+        initial = val_loss = evaluate(model, corpus, config.eval_batches, batch)
+        started, steps, last_eval, tokens_window, window_start = time.monotonic(), 0, 0, 0, time.monotonic()
+        progress.val_loss = val_loss
+        self._record(metrics, {"event": "start", "val_loss": val_loss, "round": optimizer.round})
+        try:
+            while not self._stop.is_set() and (not rounds or optimizer.rounds_begun < rounds):
+                x, y = corpus.batch("train", batch, block, f"{self.me}/{steps}".encode())
+                _, loss = model(x.to(self.device), y.to(self.device))
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
+                loss.backward()
+                ended = optimizer.step(batch)
+                optimizer.zero_grad()
+                steps += 1
+                tokens_window += batch * block
+                progress.step, progress.samples, progress.loss = steps, progress.samples + batch, loss.item()
+                if not ended:
+                    continue
+                now = time.monotonic()
+                progress.tokens_per_second = tokens_window / max(1e-9, now - window_start)
+                tokens_window, window_start = 0, now
+                if optimizer.out_of_sync or self._behind(optimizer):
+                    progress.training = False
+                    fetched = trio.from_thread.run(self._fetch_from_swarm, optimizer.round)
+                    if fetched is not None:
+                        optimizer.load_state(*fetched)
+                    optimizer.out_of_sync = False  # in sync now, or nobody to sync with
+                    progress.training = True
+                if steps - last_eval >= EVAL_EVERY_STEPS:
+                    progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
+                self._update_traffic(optimizer)
+                self._record(metrics, {"event": "round", "round": optimizer.round, "step": steps,
+                                       "loss": progress.loss, "val_loss": progress.val_loss,
+                                       "tokens_per_second": progress.tokens_per_second,
+                                       "bytes_sent": progress.bytes_sent, "bytes_received": progress.bytes_received,
+                                       "group_size": progress.group_size, "wait_seconds": optimizer.stats.wait_seconds})
+            optimizer.finish()
+            val_loss = evaluate(model, corpus, config.eval_batches, batch)
+            progress.val_loss = val_loss
+            self._update_traffic(optimizer)
+            elapsed = time.monotonic() - started
+            summary = {"event": "done", "run_id": config.run_id, "round": optimizer.round, "steps": steps,
+                       "initial_val_loss": initial, "val_loss": val_loss, "seconds": elapsed,
+                       "samples_per_second": steps * batch / elapsed, "bytes_sent": progress.bytes_sent,
+                       "bytes_received": progress.bytes_received,
+                       "wait_fraction": optimizer.stats.wait_seconds / elapsed,
+                       "rounds_averaged": optimizer.stats.rounds_averaged,
+                       "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed}
+            self._record(metrics, summary)
+            if self.out:
+                torch.save(model.state_dict(), self.out / "model.pt")
+            return summary
+        finally:
+            progress.training = False
+            if metrics:
+                metrics.close()
+
+    def _behind(self, optimizer: SwarmOptimizer) -> bool:
+        ahead = [p.round for p in self.board if p.run_id == self.config.run_id and p.training and p.peer_id != self.me]
+        return bool(ahead) and max(ahead) - optimizer.round >= 2
+
+    def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
+        stats = optimizer.stats
+        self.progress.round = optimizer.round
+        self.progress.bytes_sent, self.progress.bytes_received = stats.bytes_sent, stats.bytes_received
+        self.progress.group_size = stats.last_group_size
+
+    @staticmethod
+    def _record(metrics, event: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps({"time": time.time(), **event}) + "\n")
+            metrics.flush()

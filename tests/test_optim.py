@@ -1,0 +1,109 @@
+"""The training algorithms in one process, with reducers that stand in for a group of peers."""
+
+import pytest
+import torch
+import trio
+
+from optim.base import Reduced
+from optim.diloco import DiLoCo
+from optim.model import GPT, GPTConfig
+from optim.onebit_adam import OneBitAdam
+
+CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+
+
+async def alone(tensors, weight, codec, key):
+    return Reduced([t.clone() for t in tensors], 1)
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 32, (4, 9), generator=g) for _ in range(n)]
+
+
+def train(optimizer, model, data):
+    for tokens in data:
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        optimizer.step(len(tokens))
+        optimizer.zero_grad()
+    optimizer.finish()
+
+
+def model_and_inner():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+async def test_diloco_overlapped_alone_equals_diloco_waiting_alone():
+    """Alone, the eager estimate is exactly the next swarm weights, so overlap changes nothing."""
+    data = batches(20)
+    results = []
+    async with trio.open_nursery() as nursery:
+        for overlap in (False, True):
+            model, inner = model_and_inner()
+            opt = DiLoCo(model.parameters(), inner, alone, inner_steps=5, overlap=overlap, nursery=nursery)
+            await trio.to_thread.run_sync(train, opt, model, data)
+            assert opt.round == 4
+            results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    model, _ = model_and_inner()
+    assert not torch.allclose(results[0], torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+async def test_diloco_applies_the_group_mean_and_flags_a_failed_round():
+    calls = []
+
+    async def half_of_it(tensors, weight, codec, key):
+        calls.append((key, codec, weight))
+        if key == "diloco-1":
+            return None  # others train, but no group averaged this round
+        return Reduced([t * 0.5 for t in tensors], 2)
+
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, half_of_it, inner_steps=3, overlap=False, nursery=nursery,
+                     codec="int8")
+        start = opt.global_weights.clone()
+        await trio.to_thread.run_sync(train, opt, model, batches(3))
+        # one outer Nesterov step on the group's mean (half this peer's pseudo-gradient)
+        delta = start - opt.global_weights
+        assert opt.round == 1 and not opt.out_of_sync
+        await trio.to_thread.run_sync(train, opt, model, batches(3))
+        assert opt.out_of_sync and opt.stats.rounds_failed == 1
+    assert [c[0] for c in calls] == ["diloco-0", "diloco-1"] and calls[0][1:] == ("int8", 12)
+    assert delta.abs().sum() > 0
+
+
+async def test_onebit_adam_during_warmup_is_adam():
+    data = batches(6)
+    model, _ = model_and_inner()
+    opt = OneBitAdam(model.parameters(), alone, lr=1e-2, betas=(0.9, 0.99), warmup_steps=10)
+    await trio.to_thread.run_sync(train, opt, model, data)
+    reference, _ = model_and_inner()
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for tokens in data:
+        reference(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        adam.step()
+        adam.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-4)  # Adam amplifies float noise on zero-gradient key biases
+
+
+async def test_onebit_adam_after_warmup_sends_the_momentum_with_the_sign_codec():
+    seen = []
+
+    async def record(tensors, weight, codec, key):
+        seen.append(codec)
+        return Reduced([t.clone() for t in tensors], 2)
+
+    model, _ = model_and_inner()
+    opt = OneBitAdam(model.parameters(), record, warmup_steps=2)
+    await trio.to_thread.run_sync(train, opt, model, batches(4))
+    assert seen == ["none", "none", "sign1", "sign1"]
+
+
+def test_diloco_overlap_needs_a_nursery():
+    model, inner = model_and_inner()
+    with pytest.raises(ValueError, match="nursery"):
+        DiLoCo(model.parameters(), inner, alone, overlap=True)

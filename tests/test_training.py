@@ -1,0 +1,109 @@
+"""A swarm trains a GPT together: real peer processes on 127.0.0.1, real torch training."""
+
+import json
+import subprocess
+import time
+
+from swarm.local import peer_command, start_training_swarm, training_summary
+
+RUN = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8"]
+
+
+def metrics(out, peer):
+    path = out / f"peer{peer}" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_round(out, peer, round_, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r.get("round", -1) >= round_ and r["event"] == "round" for r in metrics(out, peer)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"peer {peer} did not reach round {round_}")
+
+
+def test_three_peers_train_together_and_end_with_the_same_lower_loss(tmp_path):
+    processes = start_training_swarm(3, [*RUN, "--rounds", "4"], tmp_path)
+    try:
+        summaries = [training_summary(p, 240) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for s in summaries:
+        assert s["round"] == 4
+        assert s["val_loss"] < s["initial_val_loss"] - 1.0  # 5.4 (uniform-ish) down to about 3
+        assert s["rounds_averaged"] >= 3 and s["bytes_sent"] > 0
+    # the swarm weights are identical on every peer: identical validation loss
+    assert max(s["val_loss"] for s in summaries) - min(s["val_loss"] for s in summaries) < 1e-6
+    # int8 pseudo-gradients: about 1 byte per parameter per round (0.83M parameters), not 4
+    assert max(s["bytes_sent"] for s in summaries) < 4 * 1.3e6
+
+
+def test_a_killed_peer_does_not_stop_the_others(tmp_path):
+    processes = start_training_swarm(3, [*RUN, "--rounds", "8"], tmp_path)
+    try:
+        wait_for_round(tmp_path, 2, 2)
+        processes[2].kill()
+        summaries = [training_summary(p, 300) for p in processes[:2]]
+    finally:
+        for p in processes:
+            p.kill()
+    for s in summaries:
+        assert s["round"] == 8 and s["val_loss"] < s["initial_val_loss"] - 1.0
+    assert abs(summaries[0]["val_loss"] - summaries[1]["val_loss"]) < 1e-6
+    assert min(s["rounds_averaged"] for s in summaries) >= 5
+
+
+def test_a_late_joiner_fetches_the_state_catches_up_and_contributes(tmp_path, spawn):
+    # rounds of 30 steps (a few seconds): long next to a state transfer, as real rounds are
+    processes = start_training_swarm(2, ["--model", "tiny", "--inner-steps", "30", "--batch-size", "8",
+                                         "--rounds", "16"], tmp_path)
+    try:
+        wait_for_round(tmp_path, 0, 3)
+        late = spawn(["--bootstrap", processes[0].addrs[0], "--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
+                      "--out", str(tmp_path / "peer2")], train=True)
+        joined = training_summary(late, 300)
+        summaries = [training_summary(p, 120) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    first = metrics(tmp_path, 2)[0]
+    assert first["event"] == "start" and first["round"] >= 3  # started from the swarm's state, not round 0
+    assert first["val_loss"] < summaries[0]["initial_val_loss"] - 1.0
+    assert joined["round"] == 16 and joined["rounds_averaged"] >= 2
+    assert abs(joined["val_loss"] - summaries[0]["val_loss"]) < 1e-6
+    groups = [r["group_size"] for r in metrics(tmp_path, 0) if r["event"] == "round"]
+    assert 3 in groups  # the joiner took part in averaging rounds
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run(peer_command(*args), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_bad_data_and_run_configurations_are_clear_errors(tmp_path):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    empty_file = tmp_path / "empty.txt"
+    empty_file.write_text("")
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("model = \n")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('model = "tiny"\nlearning_rate = 1.0\n')
+    cases = [
+        (["--data", str(tmp_path / "missing")], "no such file or directory"),
+        (["--data", str(empty_dir)], "holds no files"),
+        (["--data", str(empty_file)], "no text found"),
+        (["--run", str(bad_toml)], "not valid TOML"),
+        (["--run", str(unknown)], "unknown key(s) learning_rate"),
+        (["--run", str(tmp_path / "none.toml")], "No such file"),
+        (["--model", "huge"], "model 'huge' is not one of"),
+        (["--algorithm", "adam"], "algorithm 'adam'"),
+        (["--codec", "zip"], "codec"),
+        (["--inner-steps", "0"], "inner_steps must be positive"),
+    ]
+    for args, message in cases:
+        done = run_cli("--seed", "--listen", "/ip4/127.0.0.1/tcp/0", *args)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
