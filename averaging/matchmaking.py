@@ -132,7 +132,11 @@ class Matchmaker:
 
         async def invite(member: str) -> None:
             with trio.move_on_after(3):
-                stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
+                try:
+                    stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
+                except Exception as exc:  # gone, unreachable: libp2p raises many kinds
+                    log.debug("cannot invite %s: %s", member, exc)
+                    return
                 try:
                     await write_frame(stream, {"t": "invite", "key": seeking.key, "leader": self.me})
                     answer, _ = await read_frame(stream, 0)
@@ -141,7 +145,8 @@ class Matchmaker:
                         return
                 except Exception as exc:
                     log.debug("invitation to %s failed: %s", member, exc)
-                await stream.close()
+                with contextlib.suppress(Exception):
+                    await stream.close()
 
         async with trio.open_nursery() as nursery:
             for member in group:

@@ -144,6 +144,12 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
     if args.threads is not None and args.threads < 1:
         raise ConfigError("--threads must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r}: {exc}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU torch can use")
     if args.wait_peers < 1:
         raise ConfigError("--wait-peers must be at least 1")
     return TrainingOptions(run, args.data, device, args.out, args.rounds or 0, args.threads, args.wait_peers)

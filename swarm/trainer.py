@@ -4,6 +4,7 @@ on the trio side."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,51 +16,22 @@ from typing import Callable
 import torch
 import trio
 
-from averaging.allreduce import RoundFailed
 from averaging.averager import Averager
-from averaging.matchmaking import MatchmakingFailed
 from bootstrap.state_transfer import PROTOCOL as STATE_PROTOCOL, StateTransferError, fetch_state, serve_state
-from optim.base import Reduced, SwarmOptimizer
+from optim.base import SwarmOptimizer
 from optim.data import Corpus, load_corpus
 from optim.diloco import DiLoCo
 from optim.model import GPT
 from optim.onebit_adam import OneBitAdam
 from optim.synchronous import SyncOptimizer
 from swarm.peer import Peer
+from swarm.reducer import SwarmReducer
 from swarm.run_board import Progress, choose_run, read_board, run_key
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
 
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
-
-
-class SwarmReducer:
-    """Averages through an ``Averager`` with the peers of the same run, in groups keyed by round.
-    Alone in the run it returns the tensors unchanged; when others train but no group averaged, None."""
-
-    def __init__(self, averager: Averager, run_id: str, expected_peers: Callable[[], int], *,
-                 max_group: int, timeout: float) -> None:
-        self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
-        self.max_group, self.timeout = max_group, timeout
-
-    async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> Reduced | None:
-        expected = self.expected_peers()
-        if expected < 2:
-            return Reduced(tensors, 1)
-        self.averager.matchmaker.target_size = min(self.max_group, expected)
-        try:
-            result = await self.averager.all_reduce(
-                tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
-                matchmaking_timeout=2 * self.averager.matchmaker.budget)
-        except MatchmakingFailed as exc:
-            log.info("round %s: %s", key, exc)
-            return None
-        except RoundFailed as exc:
-            log.warning("round %s failed: %s", key, exc)
-            return None
-        stats = result.stats
-        return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
 
 
 def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery) -> SwarmOptimizer:
@@ -81,8 +53,11 @@ def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nurser
 def evaluate(model: GPT, corpus: Corpus, batches: int, batch_size: int) -> float:
     """Mean loss on fixed validation batches: the same on every peer, so comparable."""
     model.eval()
-    block = model.config.block_size
-    losses = [model(*corpus.batch("val", batch_size, block, f"val/{i}".encode()))[1].item() for i in range(batches)]
+    block, device = model.config.block_size, next(model.parameters()).device
+    losses = []
+    for i in range(batches):
+        x, y = corpus.batch("val", batch_size, block, f"val/{i}".encode())
+        losses.append(model(x.to(device), y.to(device))[1].item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -250,6 +225,9 @@ class Trainer:
         rounds = self.rounds_override or config.rounds
         block, batch = config.model_config().block_size, config.batch_size
         metrics = (self.out / "metrics.jsonl").open("a") if self.out else None
+        # mixed precision on GPUs; CPUs train in float32
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") \
+            else contextlib.nullcontext()
         initial = val_loss = evaluate(model, corpus, config.eval_batches, batch)
         started, steps, last_eval, tokens_window, window_start = time.monotonic(), 0, 0, 0, time.monotonic()
         progress.val_loss = val_loss
@@ -257,7 +235,8 @@ class Trainer:
         try:
             while not self._stop.is_set() and (not rounds or optimizer.rounds_begun < rounds):
                 x, y = corpus.batch("train", batch, block, f"{self.me}/{steps}".encode())
-                _, loss = model(x.to(self.device), y.to(self.device))
+                with autocast:
+                    _, loss = model(x.to(self.device), y.to(self.device))
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
                 loss.backward()

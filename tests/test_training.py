@@ -4,6 +4,8 @@ import json
 import subprocess
 import time
 
+import torch
+
 from swarm.local import peer_command, start_training_swarm, training_summary
 
 RUN = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8"]
@@ -102,6 +104,7 @@ def test_bad_data_and_run_configurations_are_clear_errors(tmp_path):
         (["--algorithm", "adam"], "algorithm 'adam'"),
         (["--codec", "zip"], "codec"),
         (["--inner-steps", "0"], "inner_steps must be positive"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     ]
     for args, message in cases:
         done = run_cli("--seed", "--listen", "/ip4/127.0.0.1/tcp/0", *args)

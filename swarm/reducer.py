@@ -1,0 +1,43 @@
+"""The reducer a swarm optimizer averages through: an ``Averager`` with round-keyed groups."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from averaging.allreduce import RoundFailed
+from averaging.averager import Averager
+from averaging.matchmaking import MatchmakingFailed
+from optim.base import Reduced
+
+log = logging.getLogger(__name__)
+
+
+class SwarmReducer:
+    """Averages through an ``Averager`` with the peers of the same run, in groups keyed by round.
+    Alone in the run it returns the tensors unchanged; when others train but no group averaged, None."""
+
+    def __init__(self, averager: Averager, run_id: str, expected_peers: Callable[[], int], *,
+                 max_group: int = 16, timeout: float = 60.0) -> None:
+        self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
+        self.max_group, self.timeout = max_group, timeout
+
+    async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> Reduced | None:
+        expected = self.expected_peers()
+        if expected < 2:
+            return Reduced(tensors, 1)
+        self.averager.matchmaker.target_size = min(self.max_group, expected)
+        try:
+            result = await self.averager.all_reduce(
+                tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
+                matchmaking_timeout=2 * self.averager.matchmaker.budget)
+        except MatchmakingFailed as exc:
+            log.info("round %s: %s", key, exc)
+            return None
+        except RoundFailed as exc:
+            log.warning("round %s failed: %s", key, exc)
+            return None
+        stats = result.stats
+        return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
