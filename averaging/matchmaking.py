@@ -44,6 +44,7 @@ class _Seeking:
     committed: bool = False
     spec: GroupSpec | None = None
     found: trio.Event = field(default_factory=trio.Event)
+    suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
 
 
 class Matchmaker:
@@ -113,12 +114,19 @@ class Matchmaker:
             return await self._lead(seeking, mine, candidates, deadline)
         with trio.move_on_after(min(5.0, max(0.0, deadline - trio.current_time()))):
             await seeking.found.wait()
+        if not seeking.found.is_set():
+            # A killed peer's declaration outlives it; were it the leader, every retry would wait
+            # for it again. Followers leave it out alike, so they agree on the next split.
+            log.info("leader %s of %s never invited; leaving it out", mine[0], seeking.key)
+            seeking.suspects.add(mine[0])
         return seeking.spec
 
     async def _candidates(self, seeking: _Seeking) -> dict[str, dict]:
         entries = await self.dht.get(seeking.key)
         out = {}
         for peer, entry in entries.items():
+            if peer in seeking.suspects:
+                continue
             value = entry.value
             if isinstance(value, dict) and value.get("total") == seeking.total and value.get("codec") == seeking.codec \
                     and isinstance(value.get("addrs"), list):
