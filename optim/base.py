@@ -50,6 +50,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Replace a torch optimizer's per-parameter state; ``check_optimizer_tensors`` first."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.state.clear()
     for key, value in state.items():
@@ -58,6 +59,22 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str, state:
         index, name = key[len(prefix) + 1:].split(".", 1)
         p = params[int(index)]
         optimizer.state.setdefault(p, {})[name] = value.to(p.device) if name != "step" else value.float()
+
+
+def check_optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Every ``prefix.<index>.<name>`` tensor names a parameter and has its shape (or is a scalar)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in state.items():
+        if not key.startswith(prefix + "."):
+            continue
+        index, _, name = key[len(prefix) + 1:].partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not name:
+            raise StateError(f"state {key} names no parameter")
+        if value.dim() != 0 and value.shape != params[int(index)].shape:
+            raise StateError(f"state {key} has shape {tuple(value.shape)}, its parameter "
+                             f"{tuple(params[int(index)].shape)}")
+        if not torch.isfinite(value.float()).all():
+            raise StateError(f"state {key} holds NaN or inf")
 
 
 class StateError(ValueError):

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import torch
 import trio
 
-from optim.base import Reduced, Reducer, SwarmOptimizer, assign_flat, check_state, flatten, \
-    load_optimizer_tensors, optimizer_tensors
+from optim.base import Reduced, Reducer, StateError, SwarmOptimizer, assign_flat, check_optimizer_tensors, \
+    check_state, flatten, load_optimizer_tensors, optimizer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,10 @@ class DiLoCo(SwarmOptimizer):
             if self._adopt_next and self._pending is None and self.fetch_state is not None:
                 fetched = self.fetch_state(self.round + 1)
                 if fetched is not None:
-                    self._load(*fetched)
+                    try:
+                        self._load(*fetched)
+                    except StateError as exc:
+                        log.warning("ignoring a peer's state: %s", exc)
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None, delta]
@@ -134,9 +137,10 @@ class DiLoCo(SwarmOptimizer):
                 **optimizer_tensors(self.inner, "inner")}
 
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
-        """Adopt a peer's state (the training thread, between steps); work in flight is dropped."""
-        self._pending = None
+        """Adopt a peer's state (the training thread, between steps); work in flight is dropped.
+        A state that does not fit raises ``StateError`` and changes nothing."""
         self._load(round_, state)
+        self._pending = None
         assign_flat(self.params, self.global_weights)
         self.round_start = self.global_weights.clone()
         self.samples = 0
@@ -145,6 +149,7 @@ class DiLoCo(SwarmOptimizer):
     def _load(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         size = torch.Size([len(self.global_weights)])
         check_state(state, {"weights": size, "outer_momentum": size})
+        check_optimizer_tensors(self.inner, "inner", state)
         self.global_weights = state["weights"].float().clone()
         self.outer.buffer = state["outer_momentum"].float().clone()
         load_optimizer_tensors(self.inner, "inner", state)

@@ -7,8 +7,8 @@ from typing import Iterable
 
 import torch
 
-from optim.base import Reducer, SwarmOptimizer, assign_flat, check_state, flatten, load_optimizer_tensors, \
-    optimizer_tensors
+from optim.base import Reducer, SwarmOptimizer, assign_flat, check_optimizer_tensors, check_state, flatten, \
+    load_optimizer_tensors, optimizer_tensors
 
 
 class SyncOptimizer(SwarmOptimizer):
@@ -38,6 +38,7 @@ class SyncOptimizer(SwarmOptimizer):
 
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         check_state(state, {"weights": torch.Size([sum(p.numel() for p in self.params)])})
+        check_optimizer_tensors(self.inner, "inner", state)
         assign_flat(self.params, state["weights"])
         load_optimizer_tensors(self.inner, "inner", state)
         self.round = round_

@@ -36,6 +36,7 @@ class RunConfig:
     data: str = ""  # empty: the Python standard library corpus
     algorithm: str = "diloco"
     batch_size: int = 16
+    accumulate: int = 1  # micro-batches of batch_size per local step
     inner_steps: int = 50
     inner_lr: float = 2e-3
     weight_decay: float = 0.1
@@ -66,7 +67,7 @@ class RunConfig:
             get_codec(self.averaging_codec)
         except (ValueError, CodecError) as exc:
             raise RunConfigError(str(exc)) from exc
-        positive = {"batch_size": self.batch_size, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+        positive = {"batch_size": self.batch_size, "accumulate": self.accumulate, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                     "outer_lr": self.outer_lr, "eval_batches": self.eval_batches, "round_timeout": self.round_timeout}
         for name, value in positive.items():
             if not value > 0:

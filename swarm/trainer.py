@@ -18,7 +18,7 @@ import trio
 
 from averaging.averager import Averager
 from bootstrap.state_transfer import PROTOCOL as STATE_PROTOCOL, StateTransferError, fetch_state, serve_state
-from optim.base import SwarmOptimizer
+from optim.base import StateError, SwarmOptimizer
 from optim.data import Corpus, load_corpus
 from optim.diloco import DiLoCo
 from optim.model import GPT
@@ -217,7 +217,14 @@ class Trainer:
     async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
         fetched = await self._fetch_from_swarm(optimizer.round + 1)
         if fetched is not None:
-            await trio.to_thread.run_sync(optimizer.load_state, *fetched)
+            await trio.to_thread.run_sync(self._adopt, optimizer, fetched)
+
+    @staticmethod
+    def _adopt(optimizer: SwarmOptimizer, fetched: tuple[int, dict]) -> None:
+        try:
+            optimizer.load_state(*fetched)
+        except StateError as exc:  # a donor with another model, or a hostile one
+            log.warning("ignoring a peer's state: %s", exc)
 
     # ----- the training thread
     def _train(self, model: GPT, corpus: Corpus, optimizer: SwarmOptimizer) -> dict:
@@ -234,17 +241,21 @@ class Trainer:
         self._record(metrics, {"event": "start", "val_loss": val_loss, "round": optimizer.round})
         try:
             while not self._stop.is_set() and (not rounds or optimizer.rounds_begun < rounds):
-                x, y = corpus.batch("train", batch, block, f"{self.me}/{steps}".encode())
-                with autocast:
-                    _, loss = model(x.to(self.device), y.to(self.device))
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
-                loss.backward()
-                ended = optimizer.step(batch)
+                loss_sum = 0.0
+                for micro in range(config.accumulate):  # gradients of the whole local batch
+                    x, y = corpus.batch("train", batch, block, f"{self.me}/{steps}/{micro}".encode())
+                    with autocast:
+                        _, loss = model(x.to(self.device), y.to(self.device))
+                    if not math.isfinite(loss.item()):
+                        raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
+                    (loss / config.accumulate).backward()
+                    loss_sum += loss.item()
+                ended = optimizer.step(batch * config.accumulate)
                 optimizer.zero_grad()
                 steps += 1
-                tokens_window += batch * block
-                progress.step, progress.samples, progress.loss = steps, progress.samples + batch, loss.item()
+                tokens_window += batch * block * config.accumulate
+                progress.step, progress.loss = steps, loss_sum / config.accumulate
+                progress.samples += batch * config.accumulate
                 if not ended:
                     continue
                 now = time.monotonic()
@@ -254,7 +265,7 @@ class Trainer:
                     progress.training = False
                     fetched = trio.from_thread.run(self._fetch_from_swarm, optimizer.round)
                     if fetched is not None:
-                        optimizer.load_state(*fetched)
+                        self._adopt(optimizer, fetched)
                     optimizer.out_of_sync = False  # in sync now, or nobody to sync with
                     progress.training = True
                 if steps - last_eval >= EVAL_EVERY_STEPS:
@@ -272,7 +283,7 @@ class Trainer:
             elapsed = time.monotonic() - started
             summary = {"event": "done", "run_id": config.run_id, "round": optimizer.round, "steps": steps,
                        "initial_val_loss": initial, "val_loss": val_loss, "seconds": elapsed,
-                       "samples_per_second": steps * batch / elapsed, "bytes_sent": progress.bytes_sent,
+                       "samples_per_second": steps * batch * config.accumulate / elapsed, "bytes_sent": progress.bytes_sent,
                        "bytes_received": progress.bytes_received,
                        "wait_fraction": optimizer.stats.wait_seconds / elapsed,
                        "rounds_averaged": optimizer.stats.rounds_averaged,

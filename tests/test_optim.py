@@ -4,7 +4,7 @@ import pytest
 import torch
 import trio
 
-from optim.base import Reduced
+from optim.base import Reduced, StateError
 from optim.diloco import DiLoCo
 from optim.model import GPT, GPTConfig
 from optim.onebit_adam import OneBitAdam
@@ -107,3 +107,27 @@ def test_diloco_overlap_needs_a_nursery():
     model, inner = model_and_inner()
     with pytest.raises(ValueError, match="nursery"):
         DiLoCo(model.parameters(), inner, alone, overlap=True)
+
+
+async def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, alone, inner_steps=2, nursery=nursery)
+        await trio.to_thread.run_sync(train, opt, model, batches(4))
+        good = opt.state_tensors()
+        before = {k: v.clone() for k, v in good.items()}
+        wrong_inner = next(k for k in good if k.startswith("inner.") and good[k].dim() > 0)
+        bad_states = [
+            {**good, "weights": good["weights"][:-1]},
+            {**good, "outer_momentum": torch.full_like(good["outer_momentum"], float("nan"))},
+            {**good, wrong_inner: torch.zeros(3)},
+            {**good, "inner.999.exp_avg": torch.zeros(3)},
+            {k: v for k, v in good.items() if k != "outer_momentum"},
+        ]
+        for bad in bad_states:
+            with pytest.raises(StateError):
+                opt.load_state(9, bad)
+            assert opt.round == 2
+            assert all(torch.equal(v, opt.state_tensors()[k]) for k, v in before.items())
+        opt.load_state(9, good)
+        assert opt.round == 9
