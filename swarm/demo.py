@@ -47,13 +47,11 @@ def _status_lines(outs: list[Path], started: float) -> list[str]:
 
 
 def _show(lines: list[str], previous: int) -> int:
-    if sys.stdout.isatty():
-        if previous:
-            print(f"\033[{previous}F\033[J", end="")
-        print("\n".join(lines), flush=True)
-        return len(lines)
-    print(" | ".join(line.strip() for line in lines[1:]), flush=True)
-    return 0
+    """On a terminal, redraw the table in place; otherwise print it anew (every 15 s)."""
+    if sys.stdout.isatty() and previous:
+        print(f"\033[{previous}F\033[J", end="")
+    print("\n".join(lines), flush=True)
+    return len(lines) if sys.stdout.isatty() else 0
 
 
 def _plot(outs: list[Path], path: Path) -> None:
@@ -65,9 +63,13 @@ def _plot(outs: list[Path], path: Path) -> None:
     for i, out in enumerate(outs):
         rows = [r for r in _read_metrics(out / "metrics.jsonl") if r["event"] == "round"]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], alpha=0.5, label=f"peer {i} train loss")
-    rows = [r for r in _read_metrics(outs[0] / "metrics.jsonl") if r["event"] in ("round", "done")]
-    ax.plot([r.get("step", r.get("steps")) for r in rows], [r["val_loss"] for r in rows], "k-", lw=2,
-            label="validation loss (swarm weights, peer 0)")
+    evaluations = {0: None}  # step -> validation loss, at the steps where it was measured
+    for r in _read_metrics(outs[0] / "metrics.jsonl"):
+        step = {"start": 0, "round": r.get("val_step"), "done": r.get("steps")}.get(r["event"])
+        if step is not None:
+            evaluations[step] = r["val_loss"]
+    points = sorted((step, loss) for step, loss in evaluations.items() if loss is not None)
+    ax.plot([p[0] for p in points], [p[1] for p in points], "ko-", lw=2, label="validation loss (peer 0)")
     ax.set_xlabel("local step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     ax.set_title("Legion local swarm: DiLoCo on the Python standard library")
@@ -88,8 +90,8 @@ def _sample(out: Path, config: RunConfig, tokens: int) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="legion-peer demo", description=__doc__)
     parser.add_argument("--peers", type=int, default=4, help="peer processes, the seed included")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--inner-steps", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--inner-steps", type=int, default=30)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--out", type=Path, help="directory for logs, metrics, models and the plot")
     args = parser.parse_args(argv)

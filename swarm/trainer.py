@@ -272,7 +272,7 @@ class Trainer:
                     progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
                 self._update_traffic(optimizer)
                 self._record(metrics, {"event": "round", "round": optimizer.round, "step": steps,
-                                       "loss": progress.loss, "val_loss": progress.val_loss,
+                                       "loss": progress.loss, "val_loss": progress.val_loss, "val_step": last_eval,
                                        "tokens_per_second": progress.tokens_per_second,
                                        "bytes_sent": progress.bytes_sent, "bytes_received": progress.bytes_received,
                                        "group_size": progress.group_size, "wait_seconds": optimizer.stats.wait_seconds})
