@@ -36,12 +36,13 @@ def _status_lines(outs: list[Path], started: float) -> list[str]:
         if last is None:
             lines.append(f"  {i:<6}{'starting':>6}")
             continue
-        done = last["event"] == "done"
-        lines.append(f"  {i:<6}{last['round']:>6}{last['steps' if done else 'step']:>6}"
-                     f"{last.get('loss', float('nan')) if not done else float('nan'):>8.3f}"
-                     f"{last['val_loss']:>7.3f}{last.get('tokens_per_second', 0):>8.0f}"
-                     f"{last['bytes_sent'] / 1e6:>8.2f}{last['bytes_received'] / 1e6:>9.2f}"
-                     f"{last.get('group_size', 0) if not done else 0:>6}{'  done' if done else ''}")
+        if last["event"] == "done":
+            lines.append(f"  {i:<6}{last['round']:>6}{last['steps']:>6}{'-':>8}{last['val_loss']:>7.3f}{'-':>8}"
+                         f"{last['bytes_sent'] / 1e6:>8.2f}{last['bytes_received'] / 1e6:>9.2f}{'-':>6}  done")
+            continue
+        lines.append(f"  {i:<6}{last['round']:>6}{last['step']:>6}{last['loss']:>8.3f}{last['val_loss']:>7.3f}"
+                     f"{last['tokens_per_second']:>8.0f}{last['bytes_sent'] / 1e6:>8.2f}"
+                     f"{last['bytes_received'] / 1e6:>9.2f}{last['group_size']:>6}")
     lines.append(f"  {time.monotonic() - started:.0f}s elapsed")
     return lines
 
