@@ -44,7 +44,7 @@ class DiLoCo(SwarmOptimizer):
     algorithm = "diloco"
 
     def __init__(self, params: Iterable[torch.Tensor], inner: torch.optim.Optimizer, reducer: Reducer, *,
-                 inner_steps: int = 50, outer_lr: float = 0.7, outer_momentum: float = 0.9, codec: str = "int8",
+                 inner_steps: int = 50, outer_lr: float = 1.0, outer_momentum: float = 0.0, codec: str = "int8",
                  overlap: bool = True, nursery: trio.Nursery | None = None) -> None:
         super().__init__(params, reducer)
         if inner_steps < 1:
