@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -19,6 +19,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
 from dht.store import MergingValueStore
 from dht.validator import LegionValidator
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,17 @@ class RecordDHT:
             for peer in peers:
                 nursery.start_soon(get_from, peer)
         return {sub: e for sub, e in merge(*groups).items() if not e.withdrawn}
+
+    async def get_parsed(self, key: str, parse: Callable[[str, Any], T], what: str) -> list[T]:
+        """Every live entry under ``key`` as ``parse(subkey, value)``; a value that ``parse``
+        rejects with ``ValueError`` is dropped and logged as an ignored ``what``."""
+        parsed = []
+        for subkey, entry in (await self.get(key)).items():
+            try:
+                parsed.append(parse(subkey, entry.value))
+            except ValueError as exc:
+                log.warning("ignoring %s of %s: %s", what, subkey, exc)
+        return parsed
 
     @staticmethod
     def _decode(key: str, data: bytes, source: str) -> list[Entry]:

@@ -7,10 +7,12 @@ worker thread (``trio.to_thread.run_sync``); they reach the network on the trio 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 import torch
+import trio
 
 # (tensors, weight, codec, round key) -> the weighted mean over a group (group_size 1 and the
 # tensors themselves when the peer trains alone), or None when others train but no group averaged
@@ -131,17 +133,24 @@ class SwarmOptimizer:
         self.snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
         self.out_of_sync = False  # set when an update was applied without the group
 
+    def _wait_on_network(self, async_fn: Callable[..., Awaitable], *args):
+        """From the training thread: run ``async_fn`` on the trio side and wait for it; the time
+        counts as waiting on the network."""
+        began = time.monotonic()
+        try:
+            return trio.from_thread.run(async_fn, *args)
+        finally:
+            self.stats.wait_seconds += time.monotonic() - began
+
+    def _received(self, reduced: "Reduced | None") -> "Reduced | None":
+        """Account a round's result; without a group the update that follows is out of sync."""
+        self.stats.record(reduced)
+        self.out_of_sync |= reduced is None
+        return reduced
+
     def _reduce_blocking(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> "Reduced | None":
         """From the training thread: average on the trio side and wait for the answer."""
-        import time
-
-        import trio
-
-        began = time.monotonic()
-        reduced = trio.from_thread.run(self.reducer, tensors, weight, codec, key)
-        self.stats.wait_seconds += time.monotonic() - began
-        self.stats.record(reduced)
-        return reduced
+        return self._received(self._wait_on_network(self.reducer, tensors, weight, codec, key))
 
     def step(self, samples: int) -> bool:
         """One local step after ``backward()``; returns True when the step ended a swarm round."""
@@ -164,6 +173,12 @@ class SwarmOptimizer:
 
     def take_snapshot(self) -> None:
         self.snapshot = (self.round, self.state_tensors())
+
+    def _now_at(self, round_: int) -> None:
+        """After adopting a peer's state of ``round_``: in sync with the swarm again."""
+        self.round = round_
+        self.out_of_sync = False
+        self.take_snapshot()
 
     def finish(self) -> None:
         """Wait for averaging still in flight (training is over)."""

@@ -11,7 +11,6 @@ only ever take averaged updates, so they stay identical on every peer of a group
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Iterable
 
 import torch
@@ -109,17 +108,13 @@ class DiLoCo(SwarmOptimizer):
             return
         done, slot = self._pending
         self._pending = None
-        began = time.monotonic()
-        trio.from_thread.run(done.wait)
-        self.stats.wait_seconds += time.monotonic() - began
-        self.stats.record(slot[0])
-        self._apply(slot[0], slot[1])
+        self._wait_on_network(done.wait)
+        self._apply(self._received(slot[0]), slot[1])
 
     def _apply(self, reduced: Reduced | None, own_delta: torch.Tensor) -> None:
         """Outer step with the group's mean pseudo-gradient, or with this peer's own when no group
         averaged (then the peer is out of sync and its trainer fetches the swarm's state)."""
         gradient = reduced.tensors[0] if reduced is not None else own_delta
-        self.out_of_sync |= reduced is None
         self.outer.step(self.global_weights, gradient.float())
         self.round += 1
         self.take_snapshot()
@@ -153,6 +148,4 @@ class DiLoCo(SwarmOptimizer):
         self.global_weights = state["weights"].float().clone()
         self.outer.buffer = state["outer_momentum"].float().clone()
         load_optimizer_tensors(self.inner, "inner", state)
-        self.round = round_
-        self.out_of_sync = False
-        self.take_snapshot()
+        self._now_at(round_)

@@ -33,7 +33,6 @@ class OneBitAdam(SwarmOptimizer):
         t = self.round + 1
         if self.round < self.warmup_steps:
             reduced = self._reduce_blocking([grad], samples, "none", f"onebit-{self.round}")
-            self.out_of_sync |= reduced is None
             if reduced is not None:
                 grad = reduced.tensors[0]
             self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -42,7 +41,6 @@ class OneBitAdam(SwarmOptimizer):
         else:  # frozen variance; the momentum itself is what travels, one bit per value
             local = self.exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
             reduced = self._reduce_blocking([local], samples, self.codec, f"onebit-{self.round}")
-            self.out_of_sync |= reduced is None
             self.exp_avg = reduced.tensors[0].float() if reduced is not None else local
             bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** min(t, self.warmup_steps)
         weights = flatten(self.params)
@@ -63,6 +61,4 @@ class OneBitAdam(SwarmOptimizer):
         check_state(state, {"weights": size, "exp_avg": size, "exp_avg_sq": size})
         assign_flat(self.params, state["weights"])
         self.exp_avg, self.exp_avg_sq = state["exp_avg"].float().clone(), state["exp_avg_sq"].float().clone()
-        self.round = round_
-        self.out_of_sync = False
-        self.take_snapshot()
+        self._now_at(round_)

@@ -23,7 +23,6 @@ class SyncOptimizer(SwarmOptimizer):
     def step(self, samples: int) -> bool:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         reduced = self._reduce_blocking(grads, samples, self.codec, f"sync-{self.round}")
-        self.out_of_sync |= reduced is None
         if reduced is not None:
             with torch.no_grad():
                 for p, g in zip(self.params, reduced.tensors):
@@ -41,6 +40,4 @@ class SyncOptimizer(SwarmOptimizer):
         check_optimizer_tensors(self.inner, "inner", state)
         assign_flat(self.params, state["weights"])
         load_optimizer_tensors(self.inner, "inner", state)
-        self.round = round_
-        self.out_of_sync = False
-        self.take_snapshot()
+        self._now_at(round_)

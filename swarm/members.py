@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dht import RecordDHT
-
-log = logging.getLogger(__name__)
 
 ROLES = ("seed", "peer")
 
@@ -70,10 +67,5 @@ class Announcement:
 
 async def live_members(dht: RecordDHT, swarm: str) -> list[Announcement]:
     """Unexpired announcements of the swarm's peers, seeds first, malformed ones dropped and logged."""
-    members = []
-    for peer_id, entry in (await dht.get(members_key(swarm))).items():
-        try:
-            members.append(Announcement.from_value(peer_id, entry.value))
-        except ValueError as exc:
-            log.warning("ignoring announcement of %s: %s", peer_id, exc)
+    members = await dht.get_parsed(members_key(swarm), Announcement.from_value, "announcement")
     return sorted(members, key=lambda a: (a.role != "seed", a.started_at, a.peer_id))

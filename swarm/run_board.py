@@ -4,14 +4,11 @@ to expect in a round, which round the swarm is in, and whom to fetch the state f
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from dht import RecordDHT
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
-
-log = logging.getLogger(__name__)
 
 
 def run_key(swarm: str) -> str:
@@ -55,13 +52,7 @@ class Progress:
 
 
 async def read_board(dht: RecordDHT, swarm: str) -> list[Progress]:
-    board = []
-    for peer_id, entry in (await dht.get(run_key(swarm))).items():
-        try:
-            board.append(Progress.from_value(peer_id, entry.value))
-        except ValueError as exc:
-            log.warning("ignoring run board entry of %s: %s", peer_id, exc)
-    return board
+    return await dht.get_parsed(run_key(swarm), Progress.from_value, "run board entry")
 
 
 def choose_run(board: list[Progress]) -> RunConfig:

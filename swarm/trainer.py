@@ -11,7 +11,6 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import trio
@@ -27,7 +26,7 @@ from optim.synchronous import SyncOptimizer
 from swarm.peer import Peer
 from swarm.reducer import SwarmReducer
 from swarm.run_board import Progress, choose_run, read_board, run_key
-from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
+from swarm.run_config import PROTOCOL, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,6 @@ class Trainer:
         self.board: list[Progress] = []
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
-        self.summary: dict = {}
         self._stop = threading.Event()
         self.finished = trio.Event()
 
@@ -123,7 +121,6 @@ class Trainer:
             await self._publish_once()
             await self._wait_for_peers(training=True)
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
-            self.summary = summary
             await self._publish_once()
             nursery.cancel_scope.cancel()
         return summary
@@ -156,16 +153,18 @@ class Trainer:
             await trio.sleep(0.5)
             await self._refresh_board()
 
+    def _others_training(self) -> list[Progress]:
+        """The board's entries of the other peers training this run."""
+        return [p for p in self.board if p.run_id == self.config.run_id and p.training and p.peer_id != self.me]
+
     def _expected_peers(self) -> int:
         """Peers expected in a round: all that train the run. Rounds can be faster than the board
         refreshes, so a board round says little about where a peer is now; one that is really
         behind costs a matchmaking budget, then catches up from a peer's state."""
-        return 1 + len({p.peer_id for p in self.board if p.run_id == self.config.run_id and p.training
-                        and p.peer_id != self.me})
+        return 1 + len({p.peer_id for p in self._others_training()})
 
     def _best_donor(self, min_round: int) -> str | None:
-        ahead = [p for p in self.board if p.run_id == self.config.run_id and p.peer_id != self.me
-                 and p.training and p.round >= min_round]
+        ahead = [p for p in self._others_training() if p.round >= min_round]
         return min(ahead, key=lambda p: (-p.round, p.peer_id)).peer_id if ahead else None
 
     async def _refresh_board(self) -> None:
@@ -231,6 +230,7 @@ class Trainer:
         config, progress = self.config, self.progress
         rounds = self.rounds_override or config.rounds
         block, batch = config.model_config().block_size, config.batch_size
+        samples_per_step = batch * config.accumulate
         metrics = (self.out / "metrics.jsonl").open("a") if self.out else None
         # mixed precision on GPUs; CPUs train in float32
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") \
@@ -246,16 +246,17 @@ class Trainer:
                     x, y = corpus.batch("train", batch, block, f"{self.me}/{steps}/{micro}".encode())
                     with autocast:
                         _, loss = model(x.to(self.device), y.to(self.device))
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(f"training loss is {loss.item()} at step {steps}")
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"training loss is {value} at step {steps}")
                     (loss / config.accumulate).backward()
-                    loss_sum += loss.item()
-                ended = optimizer.step(batch * config.accumulate)
+                    loss_sum += value
+                ended = optimizer.step(samples_per_step)
                 optimizer.zero_grad()
                 steps += 1
-                tokens_window += batch * block * config.accumulate
+                tokens_window += samples_per_step * block
                 progress.step, progress.loss = steps, loss_sum / config.accumulate
-                progress.samples += batch * config.accumulate
+                progress.samples += samples_per_step
                 if not ended:
                     continue
                 now = time.monotonic()
@@ -283,7 +284,7 @@ class Trainer:
             elapsed = time.monotonic() - started
             summary = {"event": "done", "run_id": config.run_id, "round": optimizer.round, "steps": steps,
                        "initial_val_loss": initial, "val_loss": val_loss, "seconds": elapsed,
-                       "samples_per_second": steps * batch * config.accumulate / elapsed, "bytes_sent": progress.bytes_sent,
+                       "samples_per_second": steps * samples_per_step / elapsed, "bytes_sent": progress.bytes_sent,
                        "bytes_received": progress.bytes_received,
                        "wait_fraction": optimizer.stats.wait_seconds / elapsed,
                        "rounds_averaged": optimizer.stats.rounds_averaged,
@@ -298,7 +299,7 @@ class Trainer:
                 metrics.close()
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
-        ahead = [p.round for p in self.board if p.run_id == self.config.run_id and p.training and p.peer_id != self.me]
+        ahead = [p.round for p in self._others_training()]
         return bool(ahead) and max(ahead) - optimizer.round >= 2
 
     def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
