@@ -10,9 +10,12 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 VAL_EVERY = 20  # one file in 20 (by hash of its path) is held out for validation
 MAX_FILE_BYTES = 4 << 20
@@ -46,8 +49,10 @@ class Corpus:
             raise DataError(f"{self.description}: tokens up to {self.vocab_size - 1} do not fit the "
                             f"model's vocabulary of {vocab_size}")
 
-    def batch(self, split: str, batch_size: int, block_size: int, seed: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, batch_size: int, block_size: int, seed: bytes) -> tuple["torch.Tensor", "torch.Tensor"]:
         """``batch_size`` random windows; the same ``seed`` always gives the same batch."""
+        import torch  # here, so that loading a corpus (and the CLI's start-up) does not import torch
+
         tokens = self.train if split == "train" else self.val
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
         starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)

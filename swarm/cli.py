@@ -9,20 +9,22 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import trio
 
 from bootstrap.join import BootstrapError, connect_bootstrap_peers
 from dht import RecordDHT
+from optim.data import DataError
 from swarm.identity import IdentityError, load_or_create_identity
 from swarm.members import Announcement, live_members
 from swarm.network import build_host
-from optim.data import DataError
 from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
-from swarm.trainer import Trainer
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
+
+if TYPE_CHECKING:
+    from swarm.trainer import Trainer
 
 log = logging.getLogger("swarm.cli")
 USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError, RunConfigError, DataError)
@@ -143,6 +145,8 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
         raise DataError(f"--data {args.data}: no such file or directory")
     if args.threads is not None and args.threads < 1:
         raise ConfigError("--threads must be at least 1")
+    import torch  # the training stack loads only for peers that train
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -189,6 +193,8 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
         out = training.out / f"peer-{index}" if training.out and index else training.out
         if out:
             out.mkdir(parents=True, exist_ok=True)
+        from swarm.trainer import Trainer
+
         trainer = Trainer(peer, training.run, data=training.data, device=training.device, out=out,
                           rounds=training.rounds, wait_peers=training.wait_peers)
         trainers.append(trainer)
@@ -203,6 +209,8 @@ async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None
     peers: list[Peer] = []
     trainers: list[Trainer] = []
     if training and training.threads:
+        import torch
+
         torch.set_num_threads(training.threads)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, peers, trainers, nursery)

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 
 from averaging.codecs import CodecError, get_codec
-from optim.model import SIZES, GPTConfig
+from optim.model_config import SIZES, GPTConfig
 
 PROTOCOL = 1  # bumped whenever peers of different versions could not train together
 ALGORITHMS = ("diloco", "sync", "onebit-adam")

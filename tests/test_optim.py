@@ -6,7 +6,8 @@ import trio
 
 from optim.base import Reduced, StateError
 from optim.diloco import DiLoCo
-from optim.model import GPT, GPTConfig
+from optim.model import GPT
+from optim.model_config import GPTConfig
 from optim.onebit_adam import OneBitAdam
 
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
