@@ -1,0 +1,177 @@
+"""Checkpoints as signed manifests and content-addressed chunks: the store, the chunk protocol and
+swarm downloads between real libp2p hosts in this process."""
+
+import msgpack
+import pytest
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from averaging.wire import read_frame, write_frame
+from bootstrap.checkpoint_swarm import CheckpointSwarm
+from bootstrap.chunk_protocol import PROTOCOL
+from bootstrap.chunk_store import ChunkError, ChunkStore
+from bootstrap.manifest import ManifestError, build_manifest, open_envelope
+from bootstrap.rate_limit import RateLimiter
+from bootstrap.swarm_download import DownloadError
+from swarm.peer import Peer, PeerConfig
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+KEY = create_new_key_pair()
+
+
+def state(scale: float = 1.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {"weights": torch.randn(600_000, generator=generator),
+            "outer_momentum": torch.randn(300_000, generator=generator) * scale,
+            "inner.0.exp_avg": torch.randn(1000, 7, generator=generator), "inner.0.step": torch.tensor(12.0),
+            "inner.1.mask": torch.ones(5, dtype=torch.bfloat16), "inner.2.count": torch.arange(3), "inner.3": torch.zeros(0)}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape and torch.equal(a[name], b[name])
+
+
+def test_a_saved_version_loads_bit_identical_and_unchanged_segments_share_chunks(tmp_path):
+    store = ChunkStore(tmp_path, keep=2)
+    first = store.save(state(), "run", 1, KEY, meta={"model": "tiny"})
+    assert_equal(store.load(first), state())
+    assert first.manifest.meta == {"model": "tiny"} and first.signer == ID.from_pubkey(KEY.public_key).to_base58()
+    second = store.save(state(scale=2.0), "run", 2, KEY)
+    ids1, ids2 = set(first.manifest.unique_chunks()), set(second.manifest.unique_chunks())
+    weights_chunks = {c.id for c in first.manifest.chunks[:3]}  # 2.4 MB of weights: chunks 0-2
+    assert weights_chunks <= ids1 & ids2  # the weights did not change: their chunks are shared
+    assert ids2 - ids1  # the momentum did
+    # A restarted peer finds both versions on disk, newest first
+    again = ChunkStore(tmp_path, keep=2)
+    assert [s.manifest.round for s in again.complete("run")] == [2, 1]
+
+
+def test_pruning_keeps_the_newest_versions_and_their_chunks_only(tmp_path):
+    store = ChunkStore(tmp_path, keep=2)
+    versions = [store.save(state(scale=float(r)), "run", r, KEY) for r in range(1, 5)]
+    assert [s.manifest.round for s in store.complete("run")] == [4, 3]
+    on_disk = {p.name for p in store.chunk_dir.iterdir()}
+    wanted = {c.hex() for s in versions[2:] for c in s.manifest.unique_chunks()}
+    assert on_disk == wanted
+
+
+def test_a_chunk_damaged_on_disk_is_detected_and_dropped(tmp_path):
+    store = ChunkStore(tmp_path)
+    signed = store.save(state(), "run", 1, KEY)
+    ref = signed.manifest.chunks[0]
+    path = store.chunk_dir / ref.id.hex()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChunkError):
+        store.load(signed)
+    assert not store.has(ref.id) and not path.exists()
+    assert store.missing(signed) == [ref]
+
+
+def test_forged_or_malformed_manifests_are_rejected():
+    manifest = build_manifest(state(), "run", 3, lambda cid, raw: len(raw) + 20)
+    envelope = manifest.sign(KEY)
+    assert open_envelope(envelope, max_bytes=1 << 30, expected_id=manifest.id).manifest == manifest
+    body, signer, signature = msgpack.unpackb(envelope)
+    tampered = msgpack.packb([body.replace(b"run", b"nur", 1), signer, signature])
+    with pytest.raises(ManifestError, match="signature"):
+        open_envelope(tampered, max_bytes=1 << 30)
+    with pytest.raises(ManifestError, match="hash"):
+        open_envelope(envelope, max_bytes=1 << 30, expected_id=b"\0" * 32)
+    other = create_new_key_pair()
+    resigned = msgpack.packb([body, signer, other.private_key.sign(b"legion-manifest-v1" + body)])
+    with pytest.raises(ManifestError, match="signature"):
+        open_envelope(resigned, max_bytes=1 << 30)
+    with pytest.raises(ManifestError, match="larger than"):
+        open_envelope(envelope, max_bytes=1 << 20)
+    fields = msgpack.unpackb(body)
+    for bad in ([*fields[:5], fields[5][:-1], fields[6]],  # a chunk missing
+                [*fields[:4], [["w", "float32", [-3]]], [], None],
+                [*fields[:4], [["w", "complex64", [3]]], [], None],
+                [2, *fields[1:]]):
+        body_bad = msgpack.packb(bad, use_bin_type=True)
+        with pytest.raises(ManifestError):
+            open_envelope(msgpack.packb([body_bad, signer, KEY.private_key.sign(b"legion-manifest-v1" + body_bad)]),
+                          max_bytes=1 << 30)
+    with pytest.raises(ManifestError):
+        open_envelope(b"\x93\x01\x02", max_bytes=1 << 30)
+
+
+async def test_a_rate_limit_holds():
+    limiter = RateLimiter(2e6)
+    began = trio.current_time()
+    for _ in range(64):
+        await limiter.consume(16 * 1024)
+    rate = limiter.total / (trio.current_time() - began)
+    assert 1.8e6 < rate <= 2.1e6
+
+
+async def start_peers(nursery, count: int) -> list[Peer]:
+    seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
+    others = [await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
+              for _ in range(count - 1)]
+    return [seed, *others]
+
+
+async def test_a_version_held_in_parts_by_several_peers_is_assembled_from_all(tmp_path):
+    """Two peers each hold half the chunks (partial holders serve too); a third fetches from both."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        stores = [ChunkStore(tmp_path / f"p{i}") for i in range(3)]
+        swarms = [CheckpointSwarm(p.host, p.dht, "default", s) for p, s in zip(peers, stores)]
+        for cs in swarms:
+            cs.serve()
+        signed = stores[0].save(state(), "run", 5, peers[0].key_pair)
+        refs = list(signed.manifest.unique_chunks().values())
+        for ref in refs[1::2]:  # peer 1 holds the odd chunks, peer 0 only the even ones
+            stores[1].put_stored(ref, stores[0].read_stored(ref.id, ref.stored))
+            stores[0].discard(ref.id)
+        stores[1].add_manifest(signed)
+        for cs in swarms[:2]:
+            await cs.advertise(10)
+        holders = await swarms[2].holders("run")
+        assert {h.peer_id for h in holders} == {peers[0].peer_id.to_base58(), peers[1].peer_id.to_base58()}
+        fetched = await swarms[2].fetch_manifest(peers[1].peer_id.to_base58(), manifest_id=signed.id)
+        assert fetched.id == signed.id
+        stats = await swarms[2].download(fetched, [h.peer_id for h in holders], timeout=60)
+        assert len(stats.per_peer) == 2 and stats.duplicate_bytes == 0 and stats.bad_chunks == 0
+        assert_equal(stores[2].load(fetched), state())
+        # Asked again, nothing moves: every chunk is held
+        again = await swarms[2].download(fetched, [h.peer_id for h in holders], timeout=60)
+        assert again.bytes_received == 0 and again.reused_bytes == again.size_bytes
+        nursery.cancel_scope.cancel()
+
+
+async def test_hostile_chunk_servers_cost_a_download_nothing_but_time(tmp_path):
+    """A peer that answers with a forged manifest, garbage chunks or out-of-order replies is
+    refused or dropped; with no honest source left the download reports what is missing."""
+    async def hostile(stream):
+        while True:
+            request, _ = await read_frame(stream, 1 << 22)
+            if request["t"] in ("manifest", "latest"):
+                forged = build_manifest({"w": torch.zeros(10)}, "run", 99, lambda c, r: len(r) + 20).sign(KEY)
+                await write_frame(stream, {"t": "manifest"}, forged)
+            elif request["t"] == "have":
+                await write_frame(stream, {"t": "have", "n": 10_000}, b"\xff" * 1250)
+            else:
+                await write_frame(stream, {"t": "chunk", "id": b"\1" * 32}, b"garbage")
+
+    async with trio.open_nursery() as nursery:
+        honest, liar, joiner = await start_peers(nursery, 3)
+        store = ChunkStore(tmp_path / "honest")
+        signed = store.save(state(), "run", 5, honest.key_pair)
+        CheckpointSwarm(honest.host, honest.dht, "default", store).serve()
+        liar.host.set_stream_handler(PROTOCOL, hostile)
+        cs = CheckpointSwarm(joiner.host, joiner.dht, "default", ChunkStore(tmp_path / "joiner"), stall_timeout=3)
+        assert await cs.fetch_manifest(liar.peer_id.to_base58(), manifest_id=signed.id) is None
+        with pytest.raises(DownloadError, match="missing"):
+            await cs.download(signed, [liar.peer_id.to_base58()], timeout=5)
+        stats = await cs.download(signed, [liar.peer_id.to_base58(), honest.peer_id.to_base58()], timeout=60)
+        assert set(stats.per_peer) == {honest.peer_id.to_base58()}
+        assert_equal(cs.store.load(signed), state())
+        nursery.cancel_scope.cancel()
