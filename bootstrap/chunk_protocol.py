@@ -35,6 +35,7 @@ PROTOCOL = "/legion/chunks/1.0.0"
 MAX_QUEUE = 32
 MAX_HAVE_IDS = 1 << 16
 MAX_STORED = max_stored_size(MAX_CHUNK_SIZE)
+LEASE_SECONDS = 600.0  # a version whose manifest a peer fetched here stays that long for its download
 
 # run id -> the newest manifest of that run to offer (e.g. made on demand from a trainer's state)
 LatestSource = Callable[[str], Awaitable["SignedManifest | None"]]
@@ -116,6 +117,7 @@ class ChunkServer:
             if signed is None:
                 await write_frame(stream, {"t": "none"})
             else:
+                self.store.lease(signed.id, LEASE_SECONDS)
                 await write_frame(stream, {"t": "manifest"}, signed.envelope)
         else:
             raise ProtocolError(f"unknown request {kind!r:.40}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ChunkStore:
         self._lock = threading.RLock()  # a save or a prune at a time
         self._held = {bytes.fromhex(p.name) for p in self.chunk_dir.iterdir() if len(p.name) == 64}
         self._manifests: dict[bytes, SignedManifest] = {}
+        self._leases: dict[bytes, float] = {}  # manifest id -> until when pruning spares it
 
     # ----- chunks
     def has(self, cid: bytes) -> bool:
@@ -136,6 +138,10 @@ class ChunkStore:
         self._manifests[mid] = signed
         return signed
 
+    def lease(self, mid: bytes, seconds: float) -> None:
+        """Spare version ``mid`` from pruning for ``seconds``: a peer is downloading it from here."""
+        self._leases[mid] = max(self._leases.get(mid, 0.0), time.monotonic() + seconds)
+
     def manifests(self, run_id: str | None = None) -> list[SignedManifest]:
         """Manifests on disk (of ``run_id``), newest round first."""
         found = []
@@ -168,8 +174,11 @@ class ChunkStore:
 
     def prune(self) -> None:
         """Keep the ``keep`` newest complete versions of each run (and incomplete ones newer than
-        those: downloads under way); drop chunks no kept manifest names."""
+        those: downloads under way) and leased ones; drop chunks no kept manifest names."""
         with self._lock:
+            now = time.monotonic()
+            for mid in [mid for mid, until in list(self._leases.items()) if until <= now]:
+                self._leases.pop(mid, None)
             by_run: dict[str, list[SignedManifest]] = {}
             for signed in self.manifests():
                 by_run.setdefault(signed.manifest.run_id, []).append(signed)
@@ -177,7 +186,7 @@ class ChunkStore:
             for versions in by_run.values():
                 complete = 0
                 for signed in versions:  # newest first
-                    if complete >= self.keep:
+                    if complete >= self.keep and signed.id not in self._leases:
                         (self.manifest_dir / signed.id.hex()).unlink(missing_ok=True)
                         self._manifests.pop(signed.id, None)
                         continue

@@ -1,7 +1,8 @@
 """Upload and download rate limits (volunteers share home connections).
 
 A limiter is a token bucket shared by every stream of one direction of a peer: each read or write
-of at most ``SLICE`` bytes takes its bytes from the bucket, and waits while the bucket is in debt.
+of at most one slice (about 50 ms of the rate, 16 KiB to 1 MiB) takes its bytes from the bucket, and
+waits while the bucket is in debt. Larger slices at higher rates keep the per-write cost down.
 Reads are limited after they happen; TCP's and yamux's flow control then slow the sender down.
 """
 
@@ -10,16 +11,18 @@ from __future__ import annotations
 import trio
 from libp2p.abc import INetStream
 
-SLICE = 64 * 1024
+MIN_SLICE, MAX_SLICE = 16 * 1024, 1 << 20
 
 
 class RateLimiter:
-    """``bytes_per_second=None`` means unlimited. The bucket holds at most ``burst`` bytes."""
+    """``bytes_per_second=None`` means unlimited. The bucket holds at most one slice."""
 
-    def __init__(self, bytes_per_second: float | None, burst: int = SLICE) -> None:
+    def __init__(self, bytes_per_second: float | None) -> None:
         if bytes_per_second is not None and bytes_per_second <= 0:
             raise ValueError("a rate limit must be positive")
-        self.rate, self.burst = bytes_per_second, burst
+        self.rate = bytes_per_second
+        self.slice = MAX_SLICE if self.rate is None else int(min(MAX_SLICE, max(MIN_SLICE, self.rate * 0.05)))
+        self.burst = self.slice
         self._tokens = 0.0
         self._updated: float | None = None
         self.total = 0  # bytes that went through
@@ -50,7 +53,7 @@ class ThrottledStream:
         self.last_read = trio.current_time()
 
     async def read(self, n: int = -1) -> bytes:
-        cap = SLICE if self.download.rate is not None else 1 << 20
+        cap = self.download.slice
         data = await self.stream.read(min(n, cap) if n and n > 0 else cap)
         self.last_read = trio.current_time()
         await self.download.consume(len(data))
@@ -61,9 +64,9 @@ class ThrottledStream:
             await self.upload.consume(len(data))
             await self.stream.write(data)
             return
-        view = memoryview(data)
-        for start in range(0, len(view), SLICE):
-            piece = view[start:start + SLICE]
+        view, size = memoryview(data), self.upload.slice
+        for start in range(0, len(view), size):
+            piece = view[start:start + size]
             await self.upload.consume(len(piece))
             await self.stream.write(bytes(piece))
 

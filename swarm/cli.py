@@ -80,6 +80,13 @@ def run_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="directory for metrics.jsonl and the final model.pt")
     train.add_argument("--wait-peers", type=int, default=1, metavar="N",
                        help="start training once N peers (this one included) have joined the run")
+    train.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                       help="where this peer keeps its checkpoints (default: OUT/checkpoints with --out, else a "
+                            "temporary directory); a restarted peer resumes from it and fetches only what changed")
+    train.add_argument("--keep-checkpoints", type=int, default=2, metavar="N", help="versions kept on disk")
+    train.add_argument("--max-upload", type=float, metavar="MBIT", help="cap on this peer's checkpoint uploads, Mbit/s")
+    train.add_argument("--max-download", type=float, metavar="MBIT",
+                       help="cap on this peer's checkpoint downloads, Mbit/s")
     train.add_argument("--no-train", action="store_true", help="only take part in the DHT and averaging")
     _common(parser)
     return parser
@@ -131,6 +138,10 @@ class TrainingOptions:
     rounds: int
     threads: int | None
     wait_peers: int
+    checkpoint_dir: Path | None
+    keep_checkpoints: int
+    max_upload: float | None
+    max_download: float | None
 
 
 def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
@@ -156,7 +167,13 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
         raise ConfigError(f"--device {device}: this machine has no CUDA GPU torch can use")
     if args.wait_peers < 1:
         raise ConfigError("--wait-peers must be at least 1")
-    return TrainingOptions(run, args.data, device, args.out, args.rounds or 0, args.threads, args.wait_peers)
+    if args.keep_checkpoints < 1:
+        raise ConfigError("--keep-checkpoints must be at least 1")
+    for flag, rate in (("--max-upload", args.max_upload), ("--max-download", args.max_download)):
+        if rate is not None and not 0 < rate < 1e6:
+            raise ConfigError(f"{flag} {rate} Mbit/s is not a usable rate")
+    return TrainingOptions(run, args.data, device, args.out, args.rounds or 0, args.threads, args.wait_peers,
+                           args.checkpoint_dir, args.keep_checkpoints, args.max_upload, args.max_download)
 
 
 def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
@@ -193,10 +210,14 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
         out = training.out / f"peer-{index}" if training.out and index else training.out
         if out:
             out.mkdir(parents=True, exist_ok=True)
+        checkpoints = training.checkpoint_dir / f"peer-{index}" if training.checkpoint_dir and index \
+            else training.checkpoint_dir
         from swarm.trainer import Trainer
 
         trainer = Trainer(peer, training.run, data=training.data, device=training.device, out=out,
-                          rounds=training.rounds, wait_peers=training.wait_peers)
+                          rounds=training.rounds, wait_peers=training.wait_peers, checkpoint_dir=checkpoints,
+                          keep_checkpoints=training.keep_checkpoints, max_upload_mbit=training.max_upload,
+                          max_download_mbit=training.max_download)
         trainers.append(trainer)
         summary = await trainer.run()
         print("done " + json.dumps({"peer_id": str(peer.peer_id), **summary}), flush=True)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ import torch
 import trio
 
 from averaging.averager import Averager
-from bootstrap.state_transfer import PROTOCOL as STATE_PROTOCOL, StateTransferError, fetch_state, serve_state
+from bootstrap.checkpoint_swarm import CheckpointSwarm
+from bootstrap.chunk_store import ChunkError, ChunkStore
+from bootstrap.manifest import SignedManifest
+from bootstrap.swarm_download import DownloadError
 from optim.base import StateError, SwarmOptimizer
 from optim.data import Corpus, load_corpus
 from optim.diloco import DiLoCo
@@ -31,6 +35,7 @@ from swarm.run_config import PROTOCOL, RunConfig
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
+CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 
 
 def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery) -> SwarmOptimizer:
@@ -67,9 +72,24 @@ class Trainer:
 
     def __init__(self, peer: Peer, config: RunConfig | None = None, *, data: str | None = None,
                  device: str = "cpu", out: Path | None = None, rounds: int = 0, wait_peers: int = 1,
+                 checkpoint_dir: Path | None = None, keep_checkpoints: int = 2,
+                 max_upload_mbit: float | None = None, max_download_mbit: float | None = None,
                  max_state_bytes: int = 4 << 30) -> None:
         self.peer, self.config, self.data, self.device, self.out = peer, config, data, device, out
         self.rounds_override, self.wait_peers, self.max_state_bytes = rounds, wait_peers, max_state_bytes
+        if checkpoint_dir is None and out is not None:
+            checkpoint_dir = out / "checkpoints"
+        self._temporary = None if checkpoint_dir else tempfile.TemporaryDirectory(prefix="legion-checkpoints-")
+        if self._temporary:
+            log.info("checkpoints go to a temporary directory; --checkpoint-dir (or --out) keeps them for a restart")
+        self.store = ChunkStore(checkpoint_dir or Path(self._temporary.name), keep=keep_checkpoints)
+        self.checkpoints = CheckpointSwarm(peer.host, peer.dht, peer.config.swarm, self.store,
+                                           max_upload_mbit=max_upload_mbit, max_download_mbit=max_download_mbit,
+                                           latest=self._latest_checkpoint, max_state_bytes=max_state_bytes)
+        self._checkpoint: SignedManifest | None = None
+        self._checkpoint_lock = trio.Lock()
+        self._checkpointed_at = 0.0
+        self._metrics_lock = threading.Lock()
         self.board: list[Progress] = []
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -88,6 +108,8 @@ class Trainer:
             return await self._run()
         finally:
             self.finished.set()
+            if self._temporary:
+                self._temporary.cleanup()
 
     async def _run(self) -> dict:
         config = self.config or await self._find_run()
@@ -107,11 +129,13 @@ class Trainer:
                                timeout=config.round_timeout)
         async with trio.open_nursery() as nursery:
             optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery)
-            self.peer.host.set_stream_handler(STATE_PROTOCOL, self._serve_state)
+            self.checkpoints.serve()
+            nursery.start_soon(self.checkpoints.advertise_forever, self.peer.config.heartbeat, self.peer.ttl)
             nursery.start_soon(self._publish_progress)
+            await self._resume_from_disk(optimizer)
             await self._refresh_board()
             await self._wait_for_peers(training=False)
-            if self._best_donor(min_round=1):
+            if self._best_donor(min_round=optimizer.round + 1):
                 await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = lambda r: trio.from_thread.run(self._fetch_from_swarm, r)
@@ -122,6 +146,7 @@ class Trainer:
             await self._wait_for_peers(training=True)
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
             await self._publish_once()
+            await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
             nursery.cancel_scope.cancel()
         return summary
 
@@ -179,39 +204,69 @@ class Trainer:
         while True:
             await self._publish_once()
             await self._refresh_board()
+            if time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS:
+                await self._latest_checkpoint(self.config.run_id)
             await trio.sleep(self.peer.config.heartbeat)
 
-    # ----- state transfer
-    def _snapshot(self):
-        if self.optimizer is None or self.optimizer.snapshot is None:
+    # ----- checkpoints
+    async def _latest_checkpoint(self, run_id: str) -> SignedManifest | None:
+        """This peer's newest state as a version on disk, made from the optimizer's snapshot when
+        the last one is older: what peers fetching the run's state are offered."""
+        if self.config is None or run_id != self.config.run_id or self.optimizer is None:
             return None
-        round_, tensors = self.optimizer.snapshot
-        return self.config.run_id, round_, tensors
+        async with self._checkpoint_lock:
+            snapshot = self.optimizer.snapshot
+            if snapshot is not None and (self._checkpoint is None or self._checkpoint.manifest.round < snapshot[0]):
+                round_, tensors = snapshot
+                self._checkpoint = await trio.to_thread.run_sync(
+                    lambda: self.store.save(tensors, run_id, round_, self.peer.key_pair,
+                                            meta={"config": self.config.to_dict()}))
+                self._checkpointed_at = time.monotonic()
+        return self._checkpoint
 
-    async def _serve_state(self, stream) -> None:
-        await serve_state(stream, self._snapshot)
+    async def _resume_from_disk(self, optimizer: SwarmOptimizer) -> None:
+        """A restarted peer starts from its newest complete version of the run on disk."""
+        for signed in self.store.complete(self.config.run_id):
+            try:
+                tensors = await trio.to_thread.run_sync(self.store.load, signed)
+                await trio.to_thread.run_sync(optimizer.load_state, signed.manifest.round, tensors)
+            except (ChunkError, StateError) as exc:
+                log.warning("cannot resume from round %d on disk: %s", signed.manifest.round, exc)
+                continue
+            self._checkpoint = signed
+            log.info("resumed run %s from round %d on disk", self.config.run_id, signed.manifest.round)
+            self._record({"event": "state", "source": "disk", "round": signed.manifest.round})
+            return
 
     async def _fetch_from_swarm(self, min_round: int) -> tuple[int, dict] | None:
         """The newest state of the most advanced peer if it is at ``min_round`` or later, else None.
-        The board lags the peers by up to a heartbeat, so a donor a round short is asked again."""
+        Its chunks come from every peer holding them; those held already stay. The board lags the
+        peers by up to a heartbeat, so a donor a round short is asked again."""
+        signed = None
         with trio.move_on_after(2 * self.peer.config.heartbeat):
-            while True:
+            while signed is None:
                 await self._refresh_board()
                 donor = self._best_donor(0)
                 if donor is None:
                     return None
-                try:
-                    round_, state = await fetch_state(self.peer.host, donor, self.config.run_id,
-                                                      max_bytes=self.max_state_bytes)
-                except StateTransferError as exc:
-                    log.warning("state fetch failed: %s", exc)
+                offered = await self.checkpoints.fetch_manifest(donor, run_id=self.config.run_id)
+                if offered is not None and offered.manifest.round >= min_round:
+                    signed = offered
+                else:
                     await trio.sleep(0.5)
-                    continue
-                if round_ >= min_round:
-                    log.info("fetched round %d state from %s", round_, donor)
-                    return round_, state
-                await trio.sleep(0.5)
-        return None
+        if signed is None:
+            return None
+        sources = [donor, *(p.peer_id for p in self._others_training() if p.peer_id != donor)]
+        try:
+            stats = await self.checkpoints.download(signed, sources, timeout=self.config.round_timeout * 10)
+            tensors = await trio.to_thread.run_sync(self.store.load, signed)
+        except (DownloadError, ChunkError) as exc:
+            log.warning("fetching round %d from the swarm failed: %s", signed.manifest.round, exc)
+            return None
+        self._record({"event": "state", "source": "swarm", "round": signed.manifest.round,
+                            "size_bytes": stats.size_bytes, "reused_bytes": stats.reused_bytes,
+                            "bytes_received": stats.bytes_received, "peers": len(stats.per_peer)})
+        return signed.manifest.round, tensors
 
     async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
         fetched = await self._fetch_from_swarm(optimizer.round + 1)
@@ -231,14 +286,13 @@ class Trainer:
         rounds = self.rounds_override or config.rounds
         block, batch = config.model_config().block_size, config.batch_size
         samples_per_step = batch * config.accumulate
-        metrics = (self.out / "metrics.jsonl").open("a") if self.out else None
         # mixed precision on GPUs; CPUs train in float32
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") \
             else contextlib.nullcontext()
         initial = val_loss = evaluate(model, corpus, config.eval_batches, batch)
         started, steps, last_eval, tokens_window, window_start = time.monotonic(), 0, 0, 0, time.monotonic()
         progress.val_loss = val_loss
-        self._record(metrics, {"event": "start", "val_loss": val_loss, "round": optimizer.round})
+        self._record({"event": "start", "val_loss": val_loss, "round": optimizer.round})
         try:
             while not self._stop.is_set() and (not rounds or optimizer.rounds_begun < rounds):
                 loss_sum = 0.0
@@ -272,7 +326,7 @@ class Trainer:
                 if steps - last_eval >= EVAL_EVERY_STEPS:
                     progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
                 self._update_traffic(optimizer)
-                self._record(metrics, {"event": "round", "round": optimizer.round, "step": steps,
+                self._record({"event": "round", "round": optimizer.round, "step": steps,
                                        "loss": progress.loss, "val_loss": progress.val_loss, "val_step": last_eval,
                                        "tokens_per_second": progress.tokens_per_second,
                                        "bytes_sent": progress.bytes_sent, "bytes_received": progress.bytes_received,
@@ -289,14 +343,12 @@ class Trainer:
                        "wait_fraction": optimizer.stats.wait_seconds / elapsed,
                        "rounds_averaged": optimizer.stats.rounds_averaged,
                        "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed}
-            self._record(metrics, summary)
+            self._record(summary)
             if self.out:
                 torch.save(model.state_dict(), self.out / "model.pt")
             return summary
         finally:
             progress.training = False
-            if metrics:
-                metrics.close()
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
         ahead = [p.round for p in self._others_training()]
@@ -308,8 +360,8 @@ class Trainer:
         self.progress.bytes_sent, self.progress.bytes_received = stats.bytes_sent, stats.bytes_received
         self.progress.group_size = stats.last_group_size
 
-    @staticmethod
-    def _record(metrics, event: dict) -> None:
-        if metrics:
-            metrics.write(json.dumps({"time": time.time(), **event}) + "\n")
-            metrics.flush()
+    def _record(self, event: dict) -> None:
+        """A line of ``metrics.jsonl`` (from the training thread or the trio side)."""
+        if self.out:
+            with self._metrics_lock, (self.out / "metrics.jsonl").open("a") as metrics:
+                metrics.write(json.dumps({"time": time.time(), **event}) + "\n")

@@ -50,13 +50,17 @@ def test_a_saved_version_loads_bit_identical_and_unchanged_segments_share_chunks
     assert [s.manifest.round for s in again.complete("run")] == [2, 1]
 
 
-def test_pruning_keeps_the_newest_versions_and_their_chunks_only(tmp_path):
+def test_pruning_keeps_the_newest_versions_their_chunks_and_leased_versions_only(tmp_path):
     store = ChunkStore(tmp_path, keep=2)
     versions = [store.save(state(scale=float(r)), "run", r, KEY) for r in range(1, 5)]
     assert [s.manifest.round for s in store.complete("run")] == [4, 3]
     on_disk = {p.name for p in store.chunk_dir.iterdir()}
     wanted = {c.hex() for s in versions[2:] for c in s.manifest.unique_chunks()}
     assert on_disk == wanted
+    store.lease(versions[3].id, 600)  # a peer is downloading round 4 from here
+    for r in range(5, 7):
+        store.save(state(scale=float(r)), "run", r, KEY)
+    assert [s.manifest.round for s in store.complete("run")] == [6, 5, 4]
 
 
 def test_a_chunk_damaged_on_disk_is_detected_and_dropped(tmp_path):
