@@ -2,10 +2,13 @@
 
     python bench/join.py --seeders 4 --size-mb 100 [--seeder-upload MBIT] [--joiner-download MBIT]
                          [--repeat 3] [--vs-hivemind --hivemind-python /path/to/python] [--json]
+    python bench/join.py --seeders 4 --size-mb 20 --seeder-upload 20 --netlab   # on emulated links
 
 Every seeder holds the same synthetic state (weights and momentum, float32, as
 ``swarm.state_node`` makes it) and caps its upload at ``--seeder-upload`` with its own rate limit
-(``--max-upload``). The joiner finds them through the DHT and downloads the chunks from all at
+(``--max-upload``), or with --netlab runs seeder i in netlab namespace peer<i> whose uplink is
+shaped to that rate (set up first: ``netlab.sh up K+1 --uprate MBIT --delay MS --peer K:delay=0,rate=0``;
+the joiner runs unshaped in peer<K>). The joiner finds them through the DHT and downloads the chunks from all at
 once. ``seconds`` is the median download time (the manifest fetched; chunks until the last is
 verified and on disk); throughput counts the bytes on the wire (zstd chunks). ``efficiency`` is
 throughput / min(joiner download, K x seeder upload) when a cap is set. With --vs-hivemind, K
@@ -35,25 +38,34 @@ FETCHED = re.compile(r'^\{"(fetched|error)": .*\}$')
 HIVEMIND_READY = re.compile(r'^\{"initial_peers": .*\}$')
 
 
-def state_node(*args: str) -> list[str]:
-    return [sys.executable, "-m", "swarm.state_node", "--quiet", *args]
+NETLAB = Path(__file__).resolve().parents[2] / "shared" / "tools" / "netlab" / "netlab.sh"
+
+
+def state_node(args: argparse.Namespace, index: int, *rest: str) -> list[str]:
+    """The command of state node ``index`` (seeders 0..K-1, the joiner K): in netlab namespace
+    peer<index> with --netlab, else on loopback."""
+    if not args.netlab:
+        return [sys.executable, "-m", "swarm.state_node", "--quiet", *rest]
+    return ["bash", str(NETLAB), "exec", str(index), sys.executable, "-m", "swarm.state_node", "--quiet",
+            "--listen", f"/ip4/10.77.1.{index + 1}/tcp/0", *rest]
 
 
 def start_seeders(args: argparse.Namespace, work: Path) -> tuple[list[PeerProcess], str, str]:
     """K seeder processes; returns them, the first one's address and the state's digest."""
-    cap = ["--max-upload", str(args.seeder_upload)] if args.seeder_upload else []
+    cap = ["--max-upload", str(args.seeder_upload)] if args.seeder_upload and not args.netlab else []
     common = ["--make-state", str(args.size_mb), *cap]
-    first = start_process(state_node("--seed", "--dir", str(work / "seeder-0"), *common), READY,
+    first = start_process(state_node(args, 0, "--seed", "--dir", str(work / "seeder-0"), *common), READY,
                           log_dir=work / "logs", timeout=120)
     ready = json.loads(first.ready_lines[0])
-    others = [start_process(state_node("--bootstrap", ready["addr"], "--dir", str(work / f"seeder-{i}"), *common),
-                            READY, log_dir=work / "logs", timeout=120) for i in range(1, args.seeders)]
+    others = [start_process(state_node(args, i, "--bootstrap", ready["addr"], "--dir", str(work / f"seeder-{i}"),
+                                       *common), READY, log_dir=work / "logs", timeout=120)
+              for i in range(1, args.seeders)]
     return [first, *others], ready["addr"], ready["digest"]
 
 
 def join_once(args: argparse.Namespace, work: Path, addr: str, attempt: int) -> dict:
     cap = ["--max-download", str(args.joiner_download)] if args.joiner_download else []
-    joiner = start_process(state_node("--bootstrap", addr, "--dir", str(work / f"joiner-{attempt}"), "--fetch",
+    joiner = start_process(state_node(args, args.seeders, "--bootstrap", addr, "--dir", str(work / f"joiner-{attempt}"), "--fetch",
                                       "--exit-after-fetch", *cap), READY, log_dir=work / "logs", timeout=120)
     try:
         lines = [json.loads(line) for line in joiner.output_lines(timeout=args.timeout) if FETCHED.match(line)]
@@ -118,6 +130,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=100.0)
     parser.add_argument("--seeder-upload", type=float, metavar="MBIT", help="each seeder's upload cap")
     parser.add_argument("--joiner-download", type=float, metavar="MBIT", help="the joiner's download cap")
+    parser.add_argument("--netlab", action="store_true",
+                        help="seeders' uploads shaped by netlab links (--seeder-upload is then the link rate)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--vs-hivemind", action="store_true")
@@ -127,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="legion-bench-join-"))
     result = {"seeders": args.seeders, "size_mb": args.size_mb, "seeder_upload_mbit": args.seeder_upload,
-              "joiner_download_mbit": args.joiner_download}
+              "joiner_download_mbit": args.joiner_download, "limited_by": "netlab" if args.netlab else "rate limits"}
     try:
         result.update(run_legion(args, work))
         if args.vs_hivemind:
