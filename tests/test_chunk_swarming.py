@@ -50,12 +50,13 @@ def test_a_state_from_several_seeders_is_identical_even_with_a_corrupt_seeder(no
     assert stats["per_peer"].get(first["ready"], 0) > 0 and stats["per_peer"].get(second["ready"], 0) > 0
 
 
-def test_a_seeder_killed_mid_transfer_costs_only_its_chunks_in_flight(node):
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_seeder_killed_or_hung_mid_transfer_costs_only_its_chunks_in_flight(node, fault):
     seed, first = node("s0", "--seed", "--make-state", "24", "--max-upload", "40")
     victim, second = node("s1", "--bootstrap", first["addr"], "--make-state", "24", "--max-upload", "40")
-    joiner, _ = node("j", "--bootstrap", first["addr"], "--fetch", "--exit-after-fetch")
+    joiner, _ = node("j", "--bootstrap", first["addr"], "--fetch", "--exit-after-fetch", "--stall-timeout", "2")
     time.sleep(1.5)
-    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.send_signal(fault)  # a hung seeder (SIGSTOP) is found out by the joiner's stall timeout
     result = fetched(joiner)
     assert result["digest"] == first["digest"]
     stats = result["fetched"]
