@@ -107,7 +107,8 @@ class SwarmDownload:
 
     async def run(self, sources: list[str], *, find_sources: Callable[[], Awaitable[list[str]]] | None = None,
                   rediscover_every: float = 3.0, timeout: float = 3600.0) -> DownloadStats:
-        """Download from ``sources`` (and from peers ``find_sources`` names later) until complete."""
+        """Download from ``sources`` (and from peers ``find_sources`` names later) until complete;
+        gives up when no source is left for twice the stall timeout."""
         began = time.monotonic()
         self.store.add_manifest(self.signed)  # from now on this peer serves what it has of it
         if not self.pending:
@@ -117,9 +118,15 @@ class SwarmDownload:
                 async with trio.open_nursery() as nursery:
                     for peer in sources:
                         self._start(nursery, peer)
+                    idle_since = None
                     while not self.finished.is_set():
-                        if not self._running and find_sources is None:
-                            break
+                        if not self._running:
+                            # every source failed or left, and the DHT names no new one: give up
+                            idle_since = trio.current_time() if idle_since is None else idle_since
+                            if find_sources is None or trio.current_time() - idle_since > 2 * self.stall_timeout:
+                                break
+                        else:
+                            idle_since = None
                         with trio.move_on_after(rediscover_every):
                             while self._running and not self.finished.is_set():
                                 await self._changed.wait()
@@ -142,11 +149,11 @@ class SwarmDownload:
         if peer in self.tried or peer == self.host.get_id().to_base58():
             return
         self.tried.add(peer)
+        self._running += 1  # counted from now, so the loop in run() never sees it missing
         nursery.start_soon(self._use_source, peer)
 
     # ----- one source
     async def _use_source(self, peer: str) -> None:
-        self._running += 1
         try:
             await self._download_from(peer)
         finally:

@@ -11,7 +11,7 @@ only ever take averaged updates, so they stay identical on every peer of a group
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import torch
 import trio
@@ -39,12 +39,20 @@ class OuterNesterov:
         return weights - self.lr * (gradient + self.momentum * buffer)
 
 
+# (round, swarm weights, mean pseudo-gradient) -> the swarm weights after the outer step, or None
+OuterStep = Callable[[int, torch.Tensor, torch.Tensor], Awaitable["torch.Tensor | None"]]
+
+
 class DiLoCo(SwarmOptimizer):
+    """``sharded_outer``, if given, replaces the local outer optimizer: an async step that holds the
+    momentum elsewhere (``shards.outer.ShardedOuter``); this peer then keeps no outer state."""
+
     algorithm = "diloco"
 
     def __init__(self, params: Iterable[torch.Tensor], inner: torch.optim.Optimizer, reducer: Reducer, *,
                  inner_steps: int = 50, outer_lr: float = 1.0, outer_momentum: float = 0.0, codec: str = "int8",
-                 overlap: bool = True, nursery: trio.Nursery | None = None) -> None:
+                 overlap: bool = True, nursery: trio.Nursery | None = None,
+                 sharded_outer: OuterStep | None = None) -> None:
         super().__init__(params, reducer)
         if inner_steps < 1:
             raise ValueError("inner_steps must be at least 1")
@@ -54,7 +62,8 @@ class DiLoCo(SwarmOptimizer):
         self.overlap, self.nursery = overlap, nursery
         self.global_weights = flatten(self.params)  # the last swarm-agreed weights
         self.round_start = self.global_weights.clone()
-        self.outer = OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
+        self.sharded_outer, self.outer_lr = sharded_outer, outer_lr
+        self.outer = None if sharded_outer else OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
         self.local_steps = 0
         self.samples = 0
         self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None, own delta])
@@ -92,9 +101,15 @@ class DiLoCo(SwarmOptimizer):
             self._pending = (done, slot)
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
                                       delta, weight, f"diloco-{self.round}", done, slot)
-        self.round_start = (self.outer.preview(self.global_weights, delta) if self.overlap
-                            else self.global_weights.clone())
+        self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
+
+    def _estimate(self, delta: torch.Tensor) -> torch.Tensor:
+        """The eager estimate: the outer step with this peer's own pseudo-gradient (without the
+        momentum term when the momentum is sharded: this peer does not hold it)."""
+        if self.outer is None:
+            return self.global_weights - self.outer_lr * delta
+        return self.outer.preview(self.global_weights, delta)
 
     async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str,
                                      done: trio.Event, slot: list) -> None:
@@ -114,8 +129,16 @@ class DiLoCo(SwarmOptimizer):
     def _apply(self, reduced: Reduced | None, own_delta: torch.Tensor) -> None:
         """Outer step with the group's mean pseudo-gradient, or with this peer's own when no group
         averaged (then the peer is out of sync and its trainer fetches the swarm's state)."""
-        gradient = reduced.tensors[0] if reduced is not None else own_delta
-        self.outer.step(self.global_weights, gradient.float())
+        if self.outer is None:  # sharded: only an averaged round can be stepped alike everywhere
+            stepped = None if reduced is None else self._wait_on_network(
+                self.sharded_outer, self.round, self.global_weights, reduced.tensors[0].float())
+            if stepped is None:
+                self.out_of_sync = True  # the trainer fetches the swarm's weights
+            else:
+                self.global_weights = stepped
+        else:
+            gradient = reduced.tensors[0] if reduced is not None else own_delta
+            self.outer.step(self.global_weights, gradient.float())
         self.round += 1
         self.take_snapshot()
 
@@ -128,8 +151,8 @@ class DiLoCo(SwarmOptimizer):
         assign_flat(self.params, self.global_weights)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"weights": self.global_weights.clone(), "outer_momentum": self.outer.buffer.clone(),
-                **optimizer_tensors(self.inner, "inner")}
+        outer = {} if self.outer is None else {"outer_momentum": self.outer.buffer.clone()}
+        return {"weights": self.global_weights.clone(), **outer, **optimizer_tensors(self.inner, "inner")}
 
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         """Adopt a peer's state (the training thread, between steps); work in flight is dropped.
@@ -143,9 +166,10 @@ class DiLoCo(SwarmOptimizer):
 
     def _load(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         size = torch.Size([len(self.global_weights)])
-        check_state(state, {"weights": size, "outer_momentum": size})
+        check_state(state, {"weights": size, **({} if self.outer is None else {"outer_momentum": size})})
         check_optimizer_tensors(self.inner, "inner", state)
         self.global_weights = state["weights"].float().clone()
-        self.outer.buffer = state["outer_momentum"].float().clone()
+        if self.outer is not None:
+            self.outer.buffer = state["outer_momentum"].float().clone()
         load_optimizer_tensors(self.inner, "inner", state)
         self._now_at(round_)

@@ -25,6 +25,11 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_params(self) -> int:
+        """Trainable parameters of ``optim.model.GPT`` with this shape (tied embeddings)."""
+        e = self.n_embd
+        return self.n_layer * (12 * e * e + 13 * e) + (self.vocab_size + self.block_size) * e + 2 * e
+
 
 # Parameter counts are for the byte-level vocabulary (256); "gpt2" with vocab_size=50257 is GPT-2 small (124M).
 SIZES: dict[str, GPTConfig] = {

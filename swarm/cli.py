@@ -21,6 +21,7 @@ from swarm.members import Announcement, live_members
 from swarm.network import build_host
 from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
+from swarm.shard_ownership import fetch_shard_status, format_shard_table
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ RUN_OPTIONS = [
     ("batch_size", int, "sequences per local step"),
     ("inner_lr", float, "learning rate of the inner AdamW (and of 1-bit Adam)"),
     ("outer_lr", float, "DiLoCo: outer Nesterov learning rate"),
+    ("outer_momentum", float, "DiLoCo: outer Nesterov momentum"),
     ("rounds", int, "stop after this swarm round (0: train until stopped)"),
 ]
 
@@ -73,6 +75,8 @@ def run_parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
     train.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
                        help="DiLoCo: wait for each round's averaging instead of overlapping it")
+    train.add_argument("--sharded", dest="sharded", action="store_const", const=True,
+                       help="DiLoCo: the outer momentum lives only with each shard's owners (ZeRO-style)")
     train.add_argument("--data", help="text file, directory of text, or directory with nanoGPT train.bin/val.bin "
                                       "(default: the run's data, else the Python standard library's sources)")
     train.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
@@ -96,6 +100,8 @@ def status_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="legion-peer status", description="List the live peers of a swarm.")
     parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR")
     parser.add_argument("--json", action="store_true", help="print a JSON list of peer objects")
+    parser.add_argument("--shards", action="store_true",
+                        help="show shard ownership of the swarm's runs instead (owners, replicas, lease age)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for each network step")
     _common(parser)
     return parser
@@ -149,6 +155,7 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions | None:
         return None
     overrides = {name: getattr(args, name) for name, _, _ in RUN_OPTIONS}
     overrides["overlap"] = args.overlap
+    overrides["sharded"] = args.sharded
     run = None
     if args.run or args.seed or any(v is not None for v in overrides.values()):
         run = (load_run_file(args.run) if args.run else RunConfig()).with_overrides(**overrides)
@@ -243,14 +250,17 @@ async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None
         nursery.cancel_scope.cancel()
 
 
-async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float) -> list[Announcement]:
-    """Join as a DHT client through ``bootstrap`` and read the swarm's live members."""
+async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False):
+    """Join as a DHT client through ``bootstrap`` and read the swarm's live members (with
+    ``shards``: the shard ownership of its runs)."""
     key_pair = load_or_create_identity(None)
     host = build_host(key_pair, psk=psk, dial_timeout=timeout)
     dht = RecordDHT(host, key_pair, server=False, timeout=timeout)
     async with host.run([]), dht.running():
         for peer_id in await connect_bootstrap_peers(host, bootstrap, timeout):
             await dht.add_peer(peer_id)
+        if shards:
+            return await fetch_shard_status(dht, swarm)
         return await live_members(dht, swarm)
 
 
@@ -279,6 +289,10 @@ def _status(argv: list[str]) -> int:
     args = status_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    if args.shards:
+        runs = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout, True)
+        print(json.dumps(runs, indent=2) if args.json else format_shard_table(runs))
+        return 0
     members = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout)
     if args.json:
         print(json.dumps([m.as_json() for m in members], indent=2))

@@ -15,6 +15,17 @@ def ram_bytes() -> int:
         return 0
 
 
+def available_memory() -> int:
+    """Bytes of memory available for new allocations (MemAvailable), or total RAM if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return ram_bytes()
+
+
 def gpu_name() -> str | None:
     """The first NVIDIA GPU's name, found without importing torch (which costs ~300 MB per peer)."""
     for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):

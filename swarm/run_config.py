@@ -50,6 +50,9 @@ class RunConfig:
     eval_batches: int = 8
     group_size: int = 16
     round_timeout: float = 60.0
+    sharded: bool = False  # DiLoCo: the outer momentum held only by each shard's owners
+    shards: int = 16  # the flattened parameters split into this many shards for ownership
+    replicas: int = 2  # owners per shard
 
     def model_config(self) -> GPTConfig:
         base = SIZES[self.model]
@@ -74,6 +77,12 @@ class RunConfig:
                 raise RunConfigError(f"{name} must be positive, not {value}")
         if not 0 <= self.outer_momentum < 1 or self.weight_decay < 0 or self.rounds < 0 or self.warmup_steps < 0:
             raise RunConfigError("outer_momentum must lie in [0, 1); weight_decay, rounds, warmup_steps >= 0")
+        if self.sharded and self.algorithm != "diloco":
+            raise RunConfigError("sharded runs are DiLoCo runs (the outer optimizer's state is what is sharded)")
+        if not 1 <= self.shards <= 4096 or not 1 <= self.replicas <= 8:
+            raise RunConfigError("shards must lie in [1, 4096] and replicas in [1, 8]")
+        if self.shards > self.model_config().num_params():
+            raise RunConfigError(f"{self.shards} shards for {self.model_config().num_params()} parameters")
         if not 2 <= self.group_size <= 64:
             raise RunConfigError("group_size must lie in [2, 64]")
         if not self.name.replace("-", "").replace("_", "").isalnum() or len(self.name) > 64:

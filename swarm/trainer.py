@@ -29,7 +29,11 @@ from optim.onebit_adam import OneBitAdam
 from optim.synchronous import SyncOptimizer
 from swarm.peer import Peer
 from swarm.reducer import SwarmReducer
+from shards.assignment import Assignment
+from shards.outer import ShardedOuter
+from swarm import resources
 from swarm.run_board import Progress, choose_run, read_board, run_key
+from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 from swarm.run_config import PROTOCOL, RunConfig
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,8 @@ EVAL_EVERY_STEPS = 50
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 
 
-def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery) -> SwarmOptimizer:
+def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery,
+                    sharded_outer: ShardedOuter | None = None) -> SwarmOptimizer:
     def adamw() -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=config.inner_lr, weight_decay=config.weight_decay,
                                  betas=(0.9, 0.95))
@@ -46,7 +51,8 @@ def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nurser
     if config.algorithm == "diloco":
         return DiLoCo(model.parameters(), adamw(), reducer, inner_steps=config.inner_steps,
                       outer_lr=config.outer_lr, outer_momentum=config.outer_momentum, codec=config.averaging_codec,
-                      overlap=config.overlap, nursery=nursery)
+                      overlap=config.overlap, nursery=nursery,
+                      sharded_outer=sharded_outer.step if sharded_outer else None)
     if config.algorithm == "sync":
         return SyncOptimizer(model.parameters(), adamw(), reducer, codec=config.averaging_codec)
     return OneBitAdam(model.parameters(), reducer, lr=config.inner_lr, weight_decay=config.weight_decay,
@@ -90,6 +96,8 @@ class Trainer:
         self._checkpoint_lock = trio.Lock()
         self._checkpointed_at = 0.0
         self._metrics_lock = threading.Lock()
+        self.sharded: ShardedOuter | None = None
+        self.assignment: Assignment | None = None
         self.board: list[Progress] = []
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -127,8 +135,10 @@ class Trainer:
         averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget)
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
+        if config.sharded:
+            self.sharded = self._sharded_outer(config)
         async with trio.open_nursery() as nursery:
-            optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery)
+            optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery, self.sharded)
             self.checkpoints.serve()
             nursery.start_soon(self.checkpoints.advertise_forever, self.peer.config.heartbeat, self.peer.ttl)
             nursery.start_soon(self._publish_progress)
@@ -204,9 +214,33 @@ class Trainer:
         while True:
             await self._publish_once()
             await self._refresh_board()
+            if self.sharded:
+                await self._renew_bid()
             if time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS:
                 await self._latest_checkpoint(self.config.run_id)
             await trio.sleep(self.peer.config.heartbeat)
+
+    # ----- shard ownership
+    def _bid(self):
+        return own_bid(self.me, self.peer.started_at, self.peer.config.upload_mbps, resources.available_memory())
+
+    def _sharded_outer(self, config: RunConfig) -> ShardedOuter:
+        layout, self.assignment = run_assignment(config, [self._bid()])  # alone until the bids are read
+        outer = ShardedOuter(self.peer.host, layout, lr=config.outer_lr, momentum=config.outer_momentum,
+                             run_id=config.run_id, assignment=lambda: self.assignment,
+                             peers=lambda: sorted({p.peer_id for p in self._others_training()}),
+                             timeout=min(10.0, config.round_timeout / 4))
+        outer.register()
+        return outer
+
+    async def _renew_bid(self) -> None:
+        """Renew this peer's lease on its shards and take the owners the bids give now."""
+        before = self.assignment.shards_of(self.me)
+        self.assignment = await bid_and_assign(self.peer.dht, self.peer.config.swarm, self.config, self._bid(),
+                                               self.peer.ttl)
+        now = self.assignment.shards_of(self.me)
+        if now != before:
+            log.info("owns shards %s of %d (%d replicas)", now, len(self.assignment.owners), self.config.replicas)
 
     # ----- checkpoints
     async def _latest_checkpoint(self, run_id: str) -> SignedManifest | None:
@@ -342,13 +376,24 @@ class Trainer:
                        "bytes_received": progress.bytes_received,
                        "wait_fraction": optimizer.stats.wait_seconds / elapsed,
                        "rounds_averaged": optimizer.stats.rounds_averaged,
-                       "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed}
+                       "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed,
+                       **self._outer_summary(optimizer)}
             self._record(summary)
             if self.out:
                 torch.save(model.state_dict(), self.out / "model.pt")
             return summary
         finally:
             progress.training = False
+
+    def _outer_summary(self, optimizer: SwarmOptimizer) -> dict:
+        """What this peer holds of the outer optimizer's state (DiLoCo)."""
+        if self.sharded:
+            stats = self.sharded.stats
+            return {"outer_state_bytes": self.sharded.state_bytes, "shards_owned": self.assignment.shards_of(self.me),
+                    "momentum_handovers": stats.momentum_handovers, "momentum_lost": stats.momentum_lost,
+                    "shard_bytes_fetched": stats.bytes_fetched}
+        outer = getattr(optimizer, "outer", None)
+        return {"outer_state_bytes": outer.buffer.numel() * 4} if outer is not None else {}
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
         ahead = [p.round for p in self._others_training()]

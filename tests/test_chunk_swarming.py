@@ -50,7 +50,7 @@ def test_a_state_from_several_seeders_is_identical_even_with_a_corrupt_seeder(no
     assert stats["per_peer"].get(first["ready"], 0) > 0 and stats["per_peer"].get(second["ready"], 0) > 0
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_a_seeder_killed_or_hung_mid_transfer_costs_only_its_chunks_in_flight(node, fault):
     seed, first = node("s0", "--seed", "--make-state", "24", "--max-upload", "40")
     victim, second = node("s1", "--bootstrap", first["addr"], "--make-state", "24", "--max-upload", "40")

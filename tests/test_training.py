@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from swarm.local import peer_command, start_training_swarm, training_summary
+from swarm.local import peer_command, start_training_swarm, status_json, training_summary
 
 RUN = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8"]
 
@@ -91,6 +91,34 @@ def test_a_late_joiner_fetches_the_state_catches_up_and_contributes(tmp_path, sp
     assert 3 in groups  # the joiner took part in averaging rounds
 
 
+def test_sharded_momentum_survives_a_killed_owner_and_status_shows_the_owners(tmp_path):
+    """Three peers hold the outer momentum in 16 shards, two replicas each; one is killed: the
+    others take over its shards from the surviving replicas, lose no momentum and end identical."""
+    processes = start_training_swarm(3, [*RUN, "--rounds", "14", "--sharded", "--outer-momentum", "0.5"], tmp_path)
+    try:
+        wait_for_round(tmp_path, 2, 2)
+        runs = status_json(processes[0].addrs[0], "--shards")
+        assert len(runs) == 1 and len(runs[0]["shards"]) == 16
+        live = {p.peer_ids[0] for p in processes}
+        assert all(len(s["owners"]) == 2 and {o["peer_id"] for o in s["owners"]} <= live for s in runs[0]["shards"])
+        processes[2].kill()
+        killed = time.monotonic()
+        lease = 2.5 * 2.0  # heartbeats of 2 s
+        while processes[2].peer_ids[0] in {o["peer_id"] for s in status_json(processes[0].addrs[0], "--shards")[0]
+                                            ["shards"] for o in s["owners"]}:
+            assert time.monotonic() - killed < 2 * lease + 5  # two leases, and a status process's start-up
+        summaries = [training_summary(p, 300) for p in processes[:2]]
+    finally:
+        for p in processes:
+            p.kill()
+    assert all(s["round"] == 14 and s["val_loss"] < s["initial_val_loss"] - 1.0 for s in summaries)
+    assert abs(summaries[0]["val_loss"] - summaries[1]["val_loss"]) < 1e-6
+    assert all(s["momentum_lost"] == 0 for s in summaries)
+    assert sum(s["momentum_handovers"] for s in summaries) > 0  # the killed peer's shards moved
+    # with two peers left, each holds the whole momentum: 16 shards of the 0.83M-parameter model
+    assert all(s["outer_state_bytes"] == 4 * 834_304 for s in summaries)
+
+
 def run_cli(*args, timeout=120):
     return subprocess.run(peer_command(*args), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -116,6 +144,7 @@ def test_bad_data_and_run_configurations_are_clear_errors(tmp_path):
         (["--algorithm", "adam"], "algorithm 'adam'"),
         (["--codec", "zip"], "codec"),
         (["--inner-steps", "0"], "inner_steps must be positive"),
+        (["--algorithm", "sync", "--sharded"], "sharded runs are DiLoCo runs"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     ]
     for args, message in cases:

@@ -1,0 +1,69 @@
+"""Shard ownership in a swarm: a training peer's bid and its view of the owners, and
+``legion-peer status --shards``."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from dht import RecordDHT
+from shards.assignment import Assignment, assign
+from shards.bids import DEFAULT_UPLOAD_MBIT, Bid, bids_key, read_bids
+from shards.layout import ShardLayout
+from swarm.run_board import read_board
+from swarm.run_config import RunConfig
+
+STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
+
+
+def run_assignment(config: RunConfig, bids: list[Bid]) -> tuple[ShardLayout, Assignment]:
+    layout = ShardLayout(config.model_config().num_params(), config.shards)
+    return layout, assign(bids, layout, config.replicas, state_bytes_per_value=STATE_BYTES_PER_VALUE,
+                          salt=config.run_id)
+
+
+async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid, ttl: float) -> Assignment:
+    """Renew this peer's bid (its lease) and return the owners every peer computes from the bids."""
+    with trio.move_on_after(ttl / 2):
+        await dht.store(bids_key(swarm, config.run_id), bid.to_value(), ttl)
+    bids = [b for b in await read_bids(dht, swarm, config.run_id) if b.peer_id != bid.peer_id] + [bid]
+    return run_assignment(config, bids)[1]
+
+
+def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_memory: int) -> Bid:
+    return Bid(peer_id, free_memory, upload_mbit or DEFAULT_UPLOAD_MBIT, started_at, time.time())
+
+
+async def fetch_shard_status(dht: RecordDHT, swarm: str) -> list[dict]:
+    """For every run the board shows: its shards, their owners and each owner's lease age."""
+    runs: dict[str, RunConfig] = {}
+    for progress in await read_board(dht, swarm):
+        if progress.run_id in runs:
+            continue
+        try:
+            runs[progress.run_id] = RunConfig.from_dict(progress.config, "run board").validate()
+        except ValueError:
+            continue  # a peer of another version; `status` lists it anyway
+    now = time.time()
+    out = []
+    for run_id, config in runs.items():
+        bids = await read_bids(dht, swarm, run_id)
+        layout, assignment = run_assignment(config, bids)
+        renewed = {bid.peer_id: bid.renewed for bid in bids}
+        out.append({"run_id": run_id, "replicas": config.replicas, "shards": [
+            {"shard": shard, "values": layout.size(shard),
+             "owners": [{"peer_id": p, "lease_age_seconds": round(now - renewed[p], 1)} for p in owners]}
+            for shard, owners in enumerate(assignment.owners)]})
+    return out
+
+
+def format_shard_table(runs: list[dict]) -> str:
+    lines = []
+    for run in runs:
+        lines.append(f"run {run['run_id']}: {len(run['shards'])} shards, {run['replicas']} replicas each")
+        for shard in run["shards"]:
+            owners = ", ".join(f"{o['peer_id']} ({o['lease_age_seconds']:.0f}s)" for o in shard["owners"]) or "none"
+            short = "" if len(shard["owners"]) >= run["replicas"] else "  UNDER-REPLICATED"
+            lines.append(f"  shard {shard['shard']:>3}  {shard['values']:>10} values  {owners}{short}")
+    return "\n".join(lines) if lines else "no training run in this swarm"

@@ -1,0 +1,169 @@
+"""Shard ownership: the layout, bids in signed DHT entries, and the assignment every peer computes."""
+
+import random
+import time
+
+import msgpack
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from dht.records import decode_bundle_lenient, sign_entry
+from shards.assignment import assign
+from shards.bids import Bid, bids_key, parse_bid, read_bids
+from shards.layout import ShardLayout
+from swarm.peer import Peer, PeerConfig
+
+NOW = time.time()
+LAYOUT = ShardLayout(total=1_000_003, count=16)
+STATE = 4  # bytes of optimizer state per parameter (one float32 momentum)
+
+
+def bid(peer: str, upload: float = 10.0, memory: int = 1 << 30, hours: float = 1.0) -> Bid:
+    return Bid(peer, memory, upload, NOW - hours * 3600, NOW)
+
+
+def test_the_layout_covers_every_value_once():
+    covered = [LAYOUT.bounds(s) for s in range(LAYOUT.count)]
+    assert covered[0][0] == 0 and covered[-1][1] == LAYOUT.total
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    assert max(LAYOUT.size(s) for s in range(16)) - min(LAYOUT.size(s) for s in range(16)) <= 1
+    with pytest.raises(ValueError):
+        ShardLayout(total=3, count=4)
+
+
+def test_every_peer_computes_the_same_assignment_from_the_same_bids():
+    bids = [bid(f"peer{i}", upload=5 + 7 * i) for i in range(7)]
+    reference = assign(bids, LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    for _ in range(5):
+        shuffled = random.sample(bids, len(bids))
+        assert assign(shuffled, LAYOUT, 2, state_bytes_per_value=STATE, salt="run") == reference
+    assert all(len(set(owners)) == 2 for owners in reference.owners)  # two distinct replicas each
+    counts = {b.peer_id: len(reference.shards_of(b.peer_id)) for b in bids}
+    assert sum(counts.values()) == 32
+    # quotas proportional to capacity: the strongest peer owns more than the weakest, and not everything
+    assert counts["peer6"] > counts["peer0"] and counts["peer6"] <= 32 * (5 + 42) / sum(5 + 7 * i for i in range(7)) + 1
+
+
+def test_a_departed_owner_loses_its_shards_and_the_rest_mostly_stay():
+    bids = [bid(f"peer{i}") for i in range(8)]
+    before = assign(bids, LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    after = assign(bids[:-1], LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    assert not after.shards_of("peer7") and not after.under_replicated(2)
+    kept = sum(len(set(a) & set(b)) for a, b in zip(before.owners, after.owners))
+    lost = len(before.shards_of("peer7"))
+    assert kept >= 32 - lost - 6  # few ownerships move beyond the departed peer's own (balance moves some)
+
+
+def test_memory_bounds_how_many_shards_a_peer_owns():
+    per_shard = LAYOUT.size(0) * STATE + 4
+    bids = [bid("big", upload=1000, memory=per_shard * 3), *(bid(f"p{i}") for i in range(4))]
+    result = assign(bids, LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    assert len(result.shards_of("big")) == 3  # its bandwidth would win many; its memory holds 3
+    assert assign([], LAYOUT, 2, state_bytes_per_value=STATE, salt="run").under_replicated(2) == list(range(16))
+    alone = assign([bid("solo")], LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    assert all(owners == ("solo",) for owners in alone.owners)
+
+
+@pytest.mark.parametrize("value", [
+    {"mem": -1, "up": 10.0, "since": NOW - 10, "at": NOW},
+    {"mem": 1 << 60, "up": 10.0, "since": NOW - 10, "at": NOW},
+    {"mem": 1 << 30, "up": float("inf"), "since": NOW - 10, "at": NOW},
+    {"mem": 1 << 30, "up": 1e9, "since": NOW - 10, "at": NOW},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW + 3600, "at": NOW + 3600},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW, "at": NOW - 10},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10},
+    "everything",
+])
+def test_absurd_or_malformed_bids_are_rejected(value):
+    with pytest.raises(ValueError):
+        parse_bid("p", value, now=NOW)
+
+
+def test_a_forged_bid_does_not_verify():
+    key = bids_key("default", "run")
+    honest, forger = create_new_key_pair(), create_new_key_pair()
+    entry = sign_entry(key, honest, bid("x").to_value(), ttl=10)
+    forged = sign_entry(key, forger, bid("x", upload=1e4).to_value(), ttl=10)
+    stolen = [entry.to_wire()[0], *forged.to_wire()[1:]]  # the forger's bid under the honest peer's id
+    entries, problems = decode_bundle_lenient(key, msgpack.packb([entry.to_wire(), stolen], use_bin_type=True))
+    assert [e.subkey for e in entries] == [entry.subkey] and len(problems) == 1
+
+
+async def test_bids_published_by_peers_are_read_back_by_another():
+    async with trio.open_nursery() as nursery:
+        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
+        other = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[str(seed.addrs[0])],
+                                                    heartbeat=1)).run)
+        key = bids_key("default", "run")
+        await seed.dht.store(key, bid("ignored").to_value(), 10)
+        await other.dht.store(key, {"mem": -5, "up": 1.0, "since": NOW, "at": NOW}, 10)  # absurd: dropped
+        got = await read_bids(other.dht, "default", "run")
+        assert [b.peer_id for b in got] == [seed.peer_id.to_base58()]  # the id is the signer's, not the value's
+        nursery.cancel_scope.cancel()
+
+
+async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_owner_leaving():
+    """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
+    bit for bit, each holds only its shards' momentum, and when one leaves its replicas carry on
+    with no momentum lost."""
+    from optim.diloco import OuterNesterov
+    from shards.outer import ShardedOuter
+
+    layout = ShardLayout(total=12_000, count=6)
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(layout.total, generator=generator)
+    gradients = [torch.randn(layout.total, generator=generator) for _ in range(7)]
+    reference, expected = OuterNesterov(layout.total, 0.7, 0.9), []
+    w = weights.clone()
+    for g in gradients:
+        reference.step(w, g)
+        expected.append(w.clone())
+
+    async with trio.open_nursery() as nursery:
+        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
+        peers = [seed] + [await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"],
+                                                               bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
+                          for _ in range(2)]
+        ids = [p.peer_id.to_base58() for p in peers]
+        live = list(ids)
+        view = {"now": assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")}
+        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view["now"],
+                               peers=lambda: live, timeout=3) for p in peers]
+        for outer in outers:
+            outer.register()
+        current = [weights.clone() for _ in outers]
+        for round_, g in enumerate(gradients):
+            if round_ == 4:  # peer 2 leaves; the others see the new assignment
+                peers[2].stop()
+                live.remove(ids[2])
+                view["now"] = assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")
+            active = [i for i, p in enumerate(ids) if p in live]
+            results = {}
+
+            async def step(i):
+                results[i] = await outers[i].step(round_, current[i], g)
+
+            async with trio.open_nursery() as steps:
+                for i in active:
+                    steps.start_soon(step, i)
+            for i in active:
+                assert results[i] is not None and torch.equal(results[i], expected[round_]), (round_, i)
+                current[i] = results[i]
+            if round_ == 3:  # two replicas per shard over three peers: each holds about 2/3 of the momentum
+                assert sum(o.state_bytes for o in outers) == 2 * 4 * layout.total
+                assert max(o.state_bytes for o in outers) <= 4 * layout.size(0) * 5
+        survivors = outers[:2]
+        assert all(o.stats.momentum_lost == 0 for o in survivors)
+        assert sum(o.stats.momentum_handovers for o in survivors) > 0  # shards the leaver owned moved
+        assert all(o.state_bytes == 4 * layout.total for o in survivors)  # two peers, two replicas: all
+        nursery.cancel_scope.cancel()
+
+
+def test_the_layout_counts_the_models_parameters_without_torch():
+    from optim.model import GPT
+    from optim.model_config import SIZES
+
+    for name in ("tiny", "mini"):
+        assert GPT(SIZES[name]).num_params() == SIZES[name].num_params()
