@@ -75,8 +75,10 @@ class ShardedOuter:
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of momentum held for the newest round of each shard this peer keeps."""
-        return sum(max(rounds.items())[1].numel() * 4 for rounds in self.history.values() if rounds)
+        """Bytes of momentum of the shards this peer stepped in its newest round (what it owns;
+        momentum kept for a handover after it stopped owning a shard ages out in two rounds)."""
+        newest = max((max(rounds) for rounds in self.history.values() if rounds), default=None)
+        return sum(rounds[newest].numel() * 4 for rounds in self.history.values() if newest in rounds)
 
     # ----- one round
     async def step(self, round_: int, weights: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor | None:

@@ -228,10 +228,16 @@ class Trainer:
         layout, self.assignment = run_assignment(config, [self._bid()])  # alone until the bids are read
         outer = ShardedOuter(self.peer.host, layout, lr=config.outer_lr, momentum=config.outer_momentum,
                              run_id=config.run_id, assignment=lambda: self.assignment,
-                             peers=lambda: sorted({p.peer_id for p in self._others_training()}),
+                             peers=self._shard_candidates,
                              timeout=min(10.0, config.round_timeout / 4))
         outer.register()
         return outer
+
+    def _shard_candidates(self) -> list[str]:
+        """Peers that may hold a shard's momentum or new slice: those the board shows training, and
+        every connected peer (the board lags; an averaging group's members are all connected)."""
+        connected = {peer_id.to_base58() for peer_id in self.peer.host.get_connected_peers()}
+        return sorted(connected | {p.peer_id for p in self._others_training()})
 
     async def _renew_bid(self) -> None:
         """Renew this peer's lease on its shards and take the owners the bids give now."""
