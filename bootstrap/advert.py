@@ -29,10 +29,6 @@ class Holding:
     held: int  # chunks held
     total: int  # chunks in the version
 
-    @property
-    def complete(self) -> bool:
-        return self.held >= self.total
-
     def to_item(self) -> list:
         return [self.run_id, self.manifest_id, self.round, self.held, self.total]
 

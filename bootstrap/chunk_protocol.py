@@ -52,8 +52,6 @@ class ChunkServer:
                  latest: LatestSource | None = None, idle_timeout: float = 60.0) -> None:
         self.store, self.upload, self.download = store, upload, download
         self.latest, self.idle_timeout = latest, idle_timeout
-        self.bytes_served = 0
-        self.chunks_served = 0
 
     async def handle(self, raw: INetStream) -> None:
         stream = ThrottledStream(raw, self.upload, self.download)
@@ -104,8 +102,6 @@ class ChunkServer:
                 await write_frame(stream, {"t": "missing", "id": cid})
                 return
             await write_frame(stream, {"t": "chunk", "id": cid}, data)
-            self.bytes_served += len(data)
-            self.chunks_served += 1
         elif kind == "have":
             if len(payload) % ID_BYTES:
                 raise ProtocolError("have request is not a list of 32-byte ids")
@@ -164,14 +160,25 @@ async def ask_manifest(stream: ThrottledStream, *, max_bytes: int, run_id: str |
     return signed
 
 
+async def send_have(stream: ThrottledStream, ids: list[bytes]) -> None:
+    """Ask which of ``ids`` (at most ``MAX_HAVE_IDS``) the peer holds; ``parse_have`` reads the answer."""
+    if len(ids) > MAX_HAVE_IDS:
+        raise ValueError(f"at most {MAX_HAVE_IDS} ids per have request")
+    await write_frame(stream, {"t": "have"}, b"".join(ids))
+
+
+def parse_have(reply: dict, bits: bytes, count: int) -> list[bool]:
+    """The answer to a have request of ``count`` ids; raises ``ProtocolError`` if malformed."""
+    if reply.get("t") != "have" or reply.get("n") != count or len(bits) != (count + 7) // 8:
+        raise ProtocolError("malformed have reply")
+    return np.unpackbits(np.frombuffer(bits, dtype=np.uint8))[:count].astype(bool).tolist()
+
+
 async def ask_have(stream: ThrottledStream, ids: list[bytes]) -> list[bool]:
     """Which of ``ids`` the peer holds."""
     held: list[bool] = []
     for start in range(0, len(ids), MAX_HAVE_IDS):
         batch = ids[start:start + MAX_HAVE_IDS]
-        await write_frame(stream, {"t": "have"}, b"".join(batch))
-        reply, bits = await read_frame(stream, MAX_HAVE_IDS // 8)
-        if reply.get("t") != "have" or reply.get("n") != len(batch) or len(bits) != (len(batch) + 7) // 8:
-            raise ProtocolError("malformed have reply")
-        held += np.unpackbits(np.frombuffer(bits, dtype=np.uint8))[:len(batch)].astype(bool).tolist()
+        await send_have(stream, batch)
+        held += parse_have(*await read_frame(stream, MAX_HAVE_IDS // 8), len(batch))
     return held

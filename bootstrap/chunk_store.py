@@ -76,7 +76,7 @@ class ChunkStore:
         if cid in self._held:
             try:
                 return path.stat().st_size
-            except FileNotFoundError:  # pruned by another local peer: write it again
+            except FileNotFoundError:  # deleted behind the store's back: write it again
                 self._held.discard(cid)
         stored = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
         self._write(path, stored)

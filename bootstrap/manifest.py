@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Iterator
 
 import msgpack
@@ -85,17 +86,9 @@ class Manifest:
                               [[t.name, t.dtype, list(t.shape)] for t in self.tensors],
                               [[c.id, c.size, c.stored] for c in self.chunks], self.meta], use_bin_type=True)
 
-    @property
+    @cached_property
     def id(self) -> bytes:
         return hashlib.sha256(self.body()).digest()
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(c.stored for c in self.chunks)
 
     def unique_chunks(self) -> dict[bytes, ChunkRef]:
         return {c.id: c for c in self.chunks}
@@ -143,9 +136,8 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def iter_raw_chunks(tensors: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """The raw chunks of ``tensors`` in manifest order."""
-    specs = tuple(TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items())
+def _raw_chunks(tensors: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...], chunk_size: int) -> Iterator[bytes]:
+    """The raw chunks of ``tensors`` (described by ``specs``) in manifest order."""
     for group, _ in segment_sizes(specs):
         buffer = bytearray()
         for spec in group:
@@ -170,7 +162,7 @@ def build_manifest(tensors: dict[str, torch.Tensor], run_id: str, round_: int,
             raise ManifestError(f"tensor {name}: dtype {tensor.dtype} cannot be checkpointed")
     specs = tuple(TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items())
     chunks = []
-    for raw in iter_raw_chunks(tensors, chunk_size):
+    for raw in _raw_chunks(tensors, specs, chunk_size):
         cid = chunk_id(raw)
         chunks.append(ChunkRef(cid, len(raw), put(cid, raw)))
     return Manifest(run_id, round_, specs, tuple(chunks), chunk_size, meta)

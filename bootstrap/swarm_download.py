@@ -27,7 +27,8 @@ import trio
 from libp2p.abc import IHost
 
 from averaging.wire import FrameError, read_frame, write_frame
-from bootstrap.chunk_protocol import MAX_STORED, ProtocolError, ask_have, open_chunk_stream
+from bootstrap.chunk_protocol import MAX_HAVE_IDS, MAX_STORED, ProtocolError, ask_have, open_chunk_stream, \
+    parse_have, send_have
 from bootstrap.chunk_store import ChunkError, ChunkStore
 from bootstrap.manifest import ChunkRef, SignedManifest
 from bootstrap.rate_limit import RateLimiter, ThrottledStream
@@ -238,10 +239,10 @@ class SwarmDownload:
             now = time.monotonic()
             if not source.expect and now - source.last_ask >= REASK_SECONDS and self.pending - source.has:
                 # Idle here: ask again what it holds (a peer that is downloading too gains chunks).
-                ids = list(self.pending - source.has)
+                ids = list(self.pending - source.has)[:MAX_HAVE_IDS]
                 source.last_ask = now
                 source.expect.append(("have", ids))
-                await write_frame(stream, {"t": "have"}, b"".join(ids))
+                await send_have(stream, ids)
             with trio.move_on_after(REASK_SECONDS):
                 await changed.wait()
 
@@ -296,10 +297,7 @@ class SwarmDownload:
                 raise ProtocolError("reply to nothing asked")
             kind, asked = source.expect.pop(0)
             if kind == "have":
-                if reply.get("t") != "have" or len(payload) != (len(asked) + 7) // 8:
-                    raise ProtocolError("malformed have reply")
-                bits = [bool(payload[i // 8] >> (7 - i % 8) & 1) for i in range(len(asked))]
-                self._learn(source, asked, bits)
+                self._learn(source, asked, parse_have(reply, payload, len(asked)))
                 self._notify()
                 continue
             if reply.get("id") != asked:

@@ -22,8 +22,17 @@ from optim.base import Reduced, Reducer, StateError, SwarmOptimizer, assign_flat
 log = logging.getLogger(__name__)
 
 
+def nesterov_step(weights: torch.Tensor, gradient: torch.Tensor, buffer: torch.Tensor, lr: float,
+                  momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outer SGD with Nesterov momentum, torch's convention (buf = mu*buf + g; step g + mu*buf):
+    the new weights and the new buffer, the arguments unchanged. ``OuterNesterov.step`` gives the
+    same values in place, and sharded owners (``shards.outer``) call this on their slices."""
+    buffer = buffer * momentum + gradient
+    return weights - lr * (gradient + momentum * buffer), buffer
+
+
 class OuterNesterov:
-    """SGD with Nesterov momentum on a flat vector (torch's convention: buf = mu*buf + g; step g + mu*buf)."""
+    """SGD with Nesterov momentum on a flat vector (``nesterov_step``, in place)."""
 
     def __init__(self, size: int, lr: float, momentum: float) -> None:
         self.lr, self.momentum = lr, momentum
@@ -35,8 +44,7 @@ class OuterNesterov:
 
     def preview(self, weights: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         """The weights ``step`` would give, without changing any state."""
-        buffer = self.buffer * self.momentum + gradient
-        return weights - self.lr * (gradient + self.momentum * buffer)
+        return nesterov_step(weights, gradient, self.buffer, self.lr, self.momentum)[0]
 
 
 # (round, swarm weights, mean pseudo-gradient) -> the swarm weights after the outer step, or None

@@ -29,6 +29,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from averaging.wire import FrameError, read_frame, write_frame
+from optim.diloco import nesterov_step
 from shards.assignment import Assignment
 from shards.layout import ShardLayout
 
@@ -40,12 +41,9 @@ KEEP_ROUNDS = 2
 
 @dataclass
 class ShardStats:
-    shards_stepped: int = 0
-    shards_fetched: int = 0
     bytes_fetched: int = 0
     momentum_handovers: int = 0  # momentum received from another peer
     momentum_lost: int = 0  # shards whose momentum nobody held: restarted from zero
-    failed_rounds: int = 0
 
 
 def _fingerprint(values: torch.Tensor) -> bytes:
@@ -101,7 +99,6 @@ class ShardedOuter:
             event.set()
             self._forget_before(round_ - KEEP_ROUNDS + 1)
         if len(slices) < self.layout.count:
-            self.stats.failed_rounds += 1
             log.warning("round %d: %d of %d shards could not be had", round_, self.layout.count - len(slices),
                         self.layout.count)
             return None
@@ -113,13 +110,11 @@ class ShardedOuter:
 
     def _apply(self, round_: int, shard: int, weights: torch.Tensor, gradient: torch.Tensor,
                momentum: torch.Tensor) -> torch.Tensor:
-        """The outer Nesterov step on one shard, as ``optim.diloco.OuterNesterov`` does it."""
+        """The outer Nesterov step on one shard, the unsharded optimizer's formula on its slice."""
         g = self._slice(shard, gradient)
-        buffer = momentum * self.momentum + g
-        new = self._slice(shard, weights) - self.lr * (g + self.momentum * buffer)
+        new, buffer = nesterov_step(self._slice(shard, weights), g, momentum, self.lr, self.momentum)
         self.history.setdefault(shard, {})[round_ + 1] = buffer
         self.outputs[(round_, shard)] = (_fingerprint(g), new)
-        self.stats.shards_stepped += 1
         return new
 
     async def _own(self, round_: int, shard: int, weights: torch.Tensor, gradient: torch.Tensor,
@@ -152,7 +147,6 @@ class ShardedOuter:
             reply = await self._request(peer, request, self.layout.size(shard))
             if reply is not None:
                 slices[shard] = reply
-                self.stats.shards_fetched += 1
                 self.stats.bytes_fetched += reply.numel() * 4
                 return
         momentum = self.history.get(shard, {}).get(round_)
