@@ -231,7 +231,10 @@ def open_envelope(envelope: bytes, *, max_bytes: int, expected_id: bytes | None 
         valid = False
     if not valid:
         raise ManifestError(f"manifest signature does not match its signer {signer.to_base58()}")
-    return SignedManifest(_parse_body(body, max_bytes), signer.to_base58(), envelope)
+    manifest = _parse_body(body, max_bytes)
+    if manifest.body() != body:  # else the id asked for and the id it is stored under would differ
+        raise ManifestError("manifest body is not in canonical msgpack form")
+    return SignedManifest(manifest, signer.to_base58(), envelope)
 
 
 def assemble(manifest: Manifest, read_raw: Callable[[ChunkRef], bytes]) -> dict[str, torch.Tensor]:

@@ -104,6 +104,11 @@ def test_forged_or_malformed_manifests_are_rejected():
                           max_bytes=1 << 30)
     with pytest.raises(ManifestError):
         open_envelope(b"\x93\x01\x02", max_bytes=1 << 30)
+    # the same fields, signed, but encoded differently (a float32): its id would not be its hash
+    odd = msgpack.packb([*fields[:6], {"lr": 0.5}], use_bin_type=True, use_single_float=True)
+    with pytest.raises(ManifestError, match="canonical"):
+        open_envelope(msgpack.packb([odd, signer, KEY.private_key.sign(b"legion-manifest-v1" + odd)]),
+                      max_bytes=1 << 30)
 
 
 async def test_a_rate_limit_holds():
