@@ -61,11 +61,14 @@ class ChunkServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_requests, stream, send, cancelled)
-                async with receive:
-                    async for request, payload in receive:
-                        await self._answer(stream, request, payload, cancelled)
-        except (FrameError, ProtocolError) as exc:
-            log.info("chunk stream with %s ended: %s", peer, exc)
+                try:  # caught here, inside the nursery, so that it is not wrapped in an ExceptionGroup
+                    async with receive:
+                        async for request, payload in receive:
+                            with trio.fail_after(self.idle_timeout):  # a client that stops reading
+                                await self._answer(stream, request, payload, cancelled)
+                except (FrameError, ProtocolError, trio.TooSlowError) as exc:
+                    log.info("chunk stream with %s ended: %s", peer, exc or "answer not taken in time")
+                    nursery.cancel_scope.cancel()
         except Exception:  # an escaping exception would tear down the host
             log.exception("chunk stream with %s failed", peer)
         finally:

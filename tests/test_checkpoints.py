@@ -184,3 +184,49 @@ async def test_hostile_chunk_servers_cost_a_download_nothing_but_time(tmp_path):
         assert set(stats.per_peer) == {honest.peer_id.to_base58()}
         assert_equal(cs.store.load(signed), state())
         nursery.cancel_scope.cancel()
+
+
+async def test_a_chunk_server_survives_hostile_clients_and_cuts_silent_ones(tmp_path, caplog):
+    """Garbage, an oversized frame, a malformed request, a silent client and one that asks but
+    never reads: each of their streams ends (the silent ones within the idle timeout), no handler
+    fails, and the server keeps serving an honest download."""
+    from bootstrap.chunk_protocol import ChunkServer
+    from libp2p.peer.id import ID as PeerID
+
+    async with trio.open_nursery() as nursery:
+        seeder, client, joiner = await start_peers(nursery, 3)
+        store = ChunkStore(tmp_path / "seeder")
+        signed = store.save(state(), "run", 5, seeder.key_pair)
+        server = ChunkServer(store, RateLimiter(None), RateLimiter(None), idle_timeout=2)
+        ended = []
+
+        async def handler(stream):
+            await server.handle(stream)
+            ended.append(trio.current_time())
+
+        seeder.host.set_stream_handler(PROTOCOL, handler)
+        target = PeerID.from_base58(seeder.peer_id.to_base58())
+        began = trio.current_time()
+        hostile = [b"\xff" * 64,  # garbage: an absurd frame length
+                   (16).to_bytes(4, "big") + (1 << 30).to_bytes(4, "big") + b"\0" * 4,  # 1 GiB payload announced
+                   None, "malformed", "greedy"]
+        streams = []
+        for kind in hostile:
+            stream = await client.host.new_stream(target, [PROTOCOL])
+            streams.append(stream)
+            if isinstance(kind, bytes):
+                await stream.write(kind)
+            elif kind == "malformed":
+                await write_frame(stream, {"t": "get", "id": 7})
+            elif kind == "greedy":  # asks for every chunk, reads nothing
+                for ref in signed.manifest.chunks:
+                    await write_frame(stream, {"t": "get", "id": ref.id})
+        with trio.fail_after(20):
+            while len(ended) < len(hostile):
+                await trio.sleep(0.1)
+        assert trio.current_time() - began < 15
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        cs = CheckpointSwarm(joiner.host, joiner.dht, "default", ChunkStore(tmp_path / "joiner"))
+        await cs.download(signed, [seeder.peer_id.to_base58()], timeout=60)
+        assert_equal(cs.store.load(signed), state())
+        nursery.cancel_scope.cancel()

@@ -133,6 +133,20 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
                                peers=lambda: live, timeout=3) for p in peers]
         for outer in outers:
             outer.register()
+        # hostile requests get "none" or a closed stream, never a crash
+        from averaging.wire import FrameError, read_frame, write_frame
+        from libp2p.peer.id import ID
+        from shards.outer import PROTOCOL
+        for request in ({"t": "state", "run": "r", "round": "x", "shard": -1},
+                        {"t": "update", "run": "r", "round": 0, "shard": 99, "fp": b"?"}, {"t": 5}):
+            stream = await peers[1].host.new_stream(ID.from_base58(ids[0]), [PROTOCOL])
+            await write_frame(stream, request)
+            reply, payload = await read_frame(stream, 1 << 20)
+            assert reply == {"t": "none"} and payload == b""
+        stream = await peers[1].host.new_stream(ID.from_base58(ids[0]), [PROTOCOL])
+        await stream.write(b"\xff" * 64)  # an absurd frame length: the stream is closed
+        with pytest.raises(FrameError):
+            await read_frame(stream, 1 << 20)
         current = [weights.clone() for _ in outers]
         for round_, g in enumerate(gradients):
             if round_ == 4:  # peer 2 leaves; the others see the new assignment
