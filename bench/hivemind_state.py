@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -37,6 +38,13 @@ def main() -> None:
         averager = DecentralizedAverager(state(args.size_mb, 0), dht=dht, prefix=PREFIX, start=True,
                                          allow_state_sharing=True, declare_state_period=1.0, target_group_size=2)
         print(json.dumps({"initial_peers": [str(a) for a in dht.get_visible_maddrs()]}), flush=True)
+
+        def leave(*_) -> None:  # SIGTERM: stop hivemind's daemons too (a SIGKILL would orphan them)
+            averager.shutdown()
+            dht.shutdown()
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, leave)
         time.sleep(3600)
     else:
         expected = state(args.size_mb, 0)
