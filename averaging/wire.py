@@ -8,12 +8,16 @@ and a sender that dies mid-frame (which a reader sees as a clean EOF) is always 
 
 from __future__ import annotations
 
+import logging
 import struct
 import zlib
 from typing import Any
 
 import msgpack
+import trio
 from libp2p.abc import INetStream
+
+log = logging.getLogger(__name__)
 
 MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct("!III")
@@ -34,6 +38,31 @@ async def read_exactly(stream: INetStream, size: int) -> bytes:
             raise FrameError(f"stream ended after {len(buffer)} of {size} bytes")
         buffer += chunk
     return bytes(buffer)
+
+
+# The attributes leading from a yamux connection down to its socket in py-libp2p 0.8
+# (Yamux -> SecureSession -> Noise read-writer -> [PskConn] -> RawConnection -> TrioTCPStream).
+_LOWER_LAYER = ("secured_conn", "conn", "_conn", "stream")
+
+
+def abort_connection(stream: INetStream) -> bool:
+    """Close the TCP socket under ``stream``'s connection at once; True if one was found.
+
+    A peer that stops reading (hung, SIGSTOP) fills our send buffer, after which every write on
+    that connection blocks, py-libp2p's own cleanup writes included, and some of those run
+    shielded from cancellation (a cancelled ``new_stream`` resets its stream shielded): one hung
+    peer could then hold a task, or the process's exit, forever. Closing the socket makes every
+    such write fail at once. A live peer simply reconnects.
+    """
+    layer: Any = getattr(stream, "muxed_conn", None)
+    for _ in range(8):
+        if isinstance(layer, trio.SocketStream):
+            layer.socket.close()
+            log.info("aborted the connection to %s: it stopped reading", stream.muxed_conn.peer_id)
+            return True
+        layer = next((getattr(layer, name) for name in _LOWER_LAYER if hasattr(layer, name)), None)
+    log.warning("found no socket under a stream to abort (py-libp2p layout changed?)")
+    return False
 
 
 async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes = b"") -> int:

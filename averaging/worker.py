@@ -22,6 +22,7 @@ from averaging.allreduce import RoundFailed
 from averaging.averager import Averager
 from averaging.matchmaking import MatchmakingFailed
 from swarm.cli import setup_logging
+from swarm.exit_guard import exit_if_stuck
 from swarm.local import PeerProcess, start_process
 from swarm.peer import Peer, PeerConfig
 
@@ -71,7 +72,8 @@ async def run(args: argparse.Namespace) -> None:
                               "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
                               "seconds": trio.current_time() - began}), flush=True)
         peer.stop()
-        with trio.move_on_after(5):  # leaving can hang on a connection to a hung (SIGSTOPped) peer
+        exit_if_stuck(10.0)
+        with trio.move_on_after(5):
             await peer.stopped.wait()
         nursery.cancel_scope.cancel()
 

@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--quick", action="store_true", help="S=200, H=25: a few minutes")
     parser.add_argument("--codec", default="int8", help="DiLoCo codec")
+    parser.add_argument("--outer-lr", type=float, help="DiLoCo outer learning rate (default: the run's)")
+    parser.add_argument("--outer-momentum", type=float, help="DiLoCo outer momentum (default: the run's)")
+    parser.add_argument("--no-overlap", action="store_true", help="DiLoCo waits for each round's averaging")
     parser.add_argument("--skip-sync", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -91,9 +94,14 @@ def main() -> None:
     if not args.skip_sync:
         result["sync"] = swarm(args.peers, ["--model", args.model, "--algorithm", "sync", "--codec", "none",
                                             "--rounds", str(steps)], args.data, timeout=30 * steps)
-    result["diloco"] = swarm(args.peers, ["--model", args.model, "--algorithm", "diloco", "--codec", args.codec,
-                                          "--inner-steps", str(inner), "--rounds", str(rounds)],
-                             args.data, timeout=60 * rounds + 600)
+    diloco_args = ["--model", args.model, "--algorithm", "diloco", "--codec", args.codec,
+                   "--inner-steps", str(inner), "--rounds", str(rounds)]
+    for flag, value in (("--outer-lr", args.outer_lr), ("--outer-momentum", args.outer_momentum)):
+        if value is not None:
+            diloco_args += [flag, str(value)]
+    if args.no_overlap:
+        diloco_args.append("--no-overlap")
+    result["diloco"] = swarm(args.peers, diloco_args, args.data, timeout=60 * rounds + 600)
     base = result["baseline"]["val_loss"]
     result["diloco_vs_baseline"] = round(result["diloco"]["val_loss"] / base, 4)
     if "sync" in result:

@@ -24,7 +24,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from averaging.wire import FrameError, read_frame, write_frame
+from averaging.wire import FrameError, abort_connection, read_frame, write_frame
 from bootstrap.chunk_store import ChunkStore
 from bootstrap.manifest import ID_BYTES, MAX_CHUNK_SIZE, MAX_ENVELOPE, SignedManifest, max_stored_size, open_envelope
 from bootstrap.rate_limit import RateLimiter, ThrottledStream
@@ -66,8 +66,12 @@ class ChunkServer:
                         async for request, payload in receive:
                             with trio.fail_after(self.idle_timeout):  # a client that stops reading
                                 await self._answer(stream, request, payload, cancelled)
-                except (FrameError, ProtocolError, trio.TooSlowError) as exc:
-                    log.info("chunk stream with %s ended: %s", peer, exc or "answer not taken in time")
+                except (FrameError, ProtocolError) as exc:
+                    log.info("chunk stream with %s ended: %s", peer, exc)
+                    nursery.cancel_scope.cancel()
+                except trio.TooSlowError:
+                    log.info("chunk stream with %s ended: answer not taken in time", peer)
+                    abort_connection(raw)  # later writes to it would block too
                     nursery.cancel_scope.cancel()
         except Exception:  # an escaping exception would tear down the host
             log.exception("chunk stream with %s failed", peer)

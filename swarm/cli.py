@@ -17,6 +17,7 @@ from bootstrap.join import BootstrapError, connect_bootstrap_peers
 from dht import RecordDHT
 from optim.data import DataError
 from swarm.identity import IdentityError, load_or_create_identity
+from swarm.exit_guard import exit_if_stuck
 from swarm.members import Announcement, live_members
 from swarm.network import build_host
 from swarm.peer import ConfigError, Peer, PeerConfig
@@ -131,6 +132,7 @@ async def _stop_on_signal(peers: list[Peer], trainers: list[Trainer], nursery: t
                     peer.stop()
                 for peer in peers:
                     await peer.stopped.wait()
+            exit_if_stuck(grace)
             nursery.cancel_scope.cancel()
             return
 
@@ -229,6 +231,8 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
         summary = await trainer.run()
         print("done " + json.dumps({"peer_id": str(peer.peer_id), **summary}), flush=True)
         peer.stop()
+        if all(t.finished.is_set() for t in trainers):  # the process's work is done: it ends now
+            exit_if_stuck(15.0)
 
 
 async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None) -> None:

@@ -23,6 +23,7 @@ from bootstrap.chunk_store import ChunkStore
 from bootstrap.manifest import SignedManifest
 from bootstrap.swarm_download import DownloadError
 from swarm.cli import setup_logging
+from swarm.exit_guard import exit_if_stuck
 from swarm.peer import Peer, PeerConfig
 from swarm.progress_bar import ProgressBar
 
@@ -104,6 +105,7 @@ async def run(args: argparse.Namespace) -> None:
             tensors = await trio.to_thread.run_sync(store.load, signed)
             print(json.dumps({"fetched": stats, "digest": digest(tensors)}), flush=True)
             if args.exit_after_fetch:
+                exit_if_stuck(10.0)
                 nursery.cancel_scope.cancel()
 
 

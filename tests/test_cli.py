@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -70,11 +71,19 @@ def test_a_private_swarm_admits_only_peers_with_its_key(spawn, tmp_path):
     seed = spawn(["--seed", "--listen", "/ip4/127.0.0.1/tcp/0", *private])
     member = spawn(["--bootstrap", seed.addrs[0], *private])
 
-    for outsider in ([], ["--swarm-key", str(other_key)]):
-        done = run_cli("--bootstrap", seed.addrs[0], *outsider)
-        assert done.returncode == 2 and "could not reach any bootstrap peer" in done.stderr
+    def status_refused(outsider):
         with pytest.raises(PeerProcessError):
             status_json(seed.addrs[0], *outsider)
+
+    outsiders = ([], ["--swarm-key", str(other_key)])
+    with ThreadPoolExecutor(4) as pool:  # each waits out a dial timeout: at once, not one after another
+        joins = [pool.submit(run_cli, "--bootstrap", seed.addrs[0], *outsider) for outsider in outsiders]
+        statuses = [pool.submit(status_refused, outsider) for outsider in outsiders]
+        for future in statuses:
+            future.result()
+        for future in joins:
+            done = future.result()
+            assert done.returncode == 2 and "could not reach any bootstrap peer" in done.stderr
 
     listed = {p["peer_id"] for p in status_json(seed.addrs[0], *private)}
     assert listed == {seed.peer_ids[0], member.peer_ids[0]}

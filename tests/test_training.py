@@ -3,6 +3,7 @@
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -147,7 +148,8 @@ def test_bad_data_and_run_configurations_are_clear_errors(tmp_path):
         (["--algorithm", "sync", "--sharded"], "sharded runs are DiLoCo runs"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     ]
-    for args, message in cases:
-        done = run_cli("--seed", "--listen", "/ip4/127.0.0.1/tcp/0", *args)
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda case: run_cli("--seed", "--listen", "/ip4/127.0.0.1/tcp/0", *case[0]), cases))
+    for (args, message), done in zip(cases, runs):
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
