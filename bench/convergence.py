@@ -26,6 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 from optim.data import load_corpus  # noqa: E402
 from optim.model import GPT  # noqa: E402
+from optim.schedule import lr_factor  # noqa: E402
 from report import print_result  # noqa: E402
 from swarm.local import start_training_swarm, training_summary  # noqa: E402
 from swarm.run_config import RunConfig  # noqa: E402
@@ -43,6 +44,8 @@ def baseline(config: RunConfig, peers: int, steps: int, data: str | None) -> dic
     block, batch = config.model_config().block_size, config.batch_size * peers
     began = time.monotonic()
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.inner_lr * lr_factor(config.lr_schedule, step / steps)
         x, y = corpus.batch("train", batch, block, f"baseline/{step}".encode())
         model(x, y)[1].backward()
         optimizer.step()
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--quick", action="store_true", help="S=200, H=25: a few minutes")
     parser.add_argument("--codec", default="int8", help="DiLoCo codec")
+    parser.add_argument("--lr-schedule", default="constant", help="inner learning-rate schedule of every run")
     parser.add_argument("--outer-lr", type=float, help="DiLoCo outer learning rate (default: the run's)")
     parser.add_argument("--outer-momentum", type=float, help="DiLoCo outer momentum (default: the run's)")
     parser.add_argument("--no-overlap", action="store_true", help="DiLoCo waits for each round's averaging")
@@ -88,13 +92,14 @@ def main() -> None:
     args = parser.parse_args()
     steps, inner = (200, 25) if args.quick else (args.steps, args.inner_steps)
     rounds = math.ceil(steps / inner)
-    config = RunConfig(model=args.model).validate()
+    config = RunConfig(model=args.model, lr_schedule=args.lr_schedule, rounds=rounds).validate()
     result: dict = {"peers": args.peers, "steps": steps, "inner_steps": inner, "model": args.model}
     result["baseline"] = baseline(config, args.peers, steps, args.data)
     if not args.skip_sync:
-        result["sync"] = swarm(args.peers, ["--model", args.model, "--algorithm", "sync", "--codec", "none",
+        result["sync"] = swarm(args.peers, ["--model", args.model, "--lr-schedule", args.lr_schedule,
+                                            "--algorithm", "sync", "--codec", "none",
                                             "--rounds", str(steps)], args.data, timeout=30 * steps)
-    diloco_args = ["--model", args.model, "--algorithm", "diloco", "--codec", args.codec,
+    diloco_args = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--algorithm", "diloco", "--codec", args.codec,
                    "--inner-steps", str(inner), "--rounds", str(rounds)]
     for flag, value in (("--outer-lr", args.outer_lr), ("--outer-momentum", args.outer_momentum)):
         if value is not None:

@@ -161,6 +161,16 @@ class SwarmOptimizer:
         """Rounds whose local work is done (some may still be averaging)."""
         return self.round
 
+    @property
+    def round_progress(self) -> float:
+        """Rounds begun plus the fraction of the current round's local work done."""
+        return float(self.rounds_begun)
+
+    def set_lr(self, lr: float) -> None:
+        """The inner learning rate from the next step on (the trainer's schedule)."""
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None

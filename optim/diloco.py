@@ -154,6 +154,10 @@ class DiLoCo(SwarmOptimizer):
     def rounds_begun(self) -> int:
         return self.round + (self._pending is not None)
 
+    @property
+    def round_progress(self) -> float:
+        return self.rounds_begun + (self.local_steps % self.inner_steps) / self.inner_steps
+
     def finish(self) -> None:
         self._apply_pending()
         assign_flat(self.params, self.global_weights)

@@ -27,6 +27,9 @@ class OneBitAdam(SwarmOptimizer):
         self.exp_avg, self.exp_avg_sq = torch.zeros(size), torch.zeros(size)
         self.take_snapshot()
 
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+
     def step(self, samples: int) -> bool:
         grad = flatten(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params)
         beta1, beta2 = self.betas

@@ -38,6 +38,7 @@ RUN_OPTIONS = [
     ("inner_steps", int, "DiLoCo: local steps per round (H)"),
     ("batch_size", int, "sequences per local step"),
     ("inner_lr", float, "learning rate of the inner AdamW (and of 1-bit Adam)"),
+    ("lr_schedule", str, "inner learning rate over the run's rounds: constant, or cosine (to a tenth)"),
     ("outer_lr", float, "DiLoCo: outer Nesterov learning rate"),
     ("outer_momentum", float, "DiLoCo: outer Nesterov momentum"),
     ("rounds", int, "stop after this swarm round (0: train until stopped)"),

@@ -14,6 +14,7 @@ import msgpack
 
 from averaging.codecs import CodecError, get_codec
 from optim.model_config import SIZES, GPTConfig
+from optim.schedule import SCHEDULES
 
 PROTOCOL = 1  # bumped whenever peers of different versions could not train together
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
@@ -39,6 +40,7 @@ class RunConfig:
     accumulate: int = 1  # micro-batches of batch_size per local step
     inner_steps: int = 50
     inner_lr: float = 2e-3
+    lr_schedule: str = "constant"  # or "cosine": to a tenth of inner_lr by the last round (runs with rounds > 0)
     weight_decay: float = 0.1
     outer_lr: float = 1.0
     outer_momentum: float = 0.0  # measured better than the DiLoCo paper's 0.9 for runs of tens of rounds (README)
@@ -77,6 +79,10 @@ class RunConfig:
                 raise RunConfigError(f"{name} must be positive, not {value}")
         if not 0 <= self.outer_momentum < 1 or self.weight_decay < 0 or self.rounds < 0 or self.warmup_steps < 0:
             raise RunConfigError("outer_momentum must lie in [0, 1); weight_decay, rounds, warmup_steps >= 0")
+        if self.lr_schedule not in SCHEDULES:
+            raise RunConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.lr_schedule != "constant" and not self.rounds:
+            raise RunConfigError(f"lr_schedule {self.lr_schedule!r} needs the run's length: set rounds")
         if self.sharded and self.algorithm != "diloco":
             raise RunConfigError("sharded runs are DiLoCo runs (the outer optimizer's state is what is sharded)")
         if not 1 <= self.shards <= 4096 or not 1 <= self.replicas <= 8:

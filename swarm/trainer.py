@@ -26,6 +26,7 @@ from optim.data import Corpus, load_corpus
 from optim.diloco import DiLoCo
 from optim.model import GPT
 from optim.onebit_adam import OneBitAdam
+from optim.schedule import lr_factor
 from optim.synchronous import SyncOptimizer
 from swarm.peer import Peer
 from swarm.reducer import SwarmReducer
@@ -345,6 +346,9 @@ class Trainer:
                         raise FloatingPointError(f"training loss is {value} at step {steps}")
                     (loss / config.accumulate).backward()
                     loss_sum += value
+                if config.rounds:  # the run's length, the same for every peer
+                    optimizer.set_lr(config.inner_lr * lr_factor(config.lr_schedule,
+                                                                 optimizer.round_progress / config.rounds))
                 ended = optimizer.step(samples_per_step)
                 optimizer.zero_grad()
                 steps += 1

@@ -9,6 +9,7 @@ from optim.diloco import DiLoCo
 from optim.model import GPT
 from optim.model_config import GPTConfig
 from optim.onebit_adam import OneBitAdam
+from optim.schedule import lr_factor
 
 CONFIG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
 
@@ -132,3 +133,33 @@ async def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
             assert all(torch.equal(v, opt.state_tensors()[k]) for k, v in before.items())
         opt.load_state(9, good)
         assert opt.round == 9
+
+
+def test_the_cosine_schedule_decays_to_a_tenth_and_the_constant_one_stays():
+    factors = [lr_factor("cosine", i / 10) for i in range(11)]
+    assert factors[0] == 1.0 and abs(factors[-1] - 0.1) < 1e-12 and abs(factors[5] - 0.55) < 1e-12
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert lr_factor("cosine", 1.5) == factors[-1]  # past the end: the floor
+    assert lr_factor("constant", 0.7) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor("linear", 0.5)
+
+
+async def test_diloco_counts_its_progress_in_rounds_and_takes_a_new_learning_rate():
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, alone, inner_steps=4, overlap=True, nursery=nursery)
+        progress = []
+
+        def run():
+            for tokens in batches(6):
+                progress.append(opt.round_progress)
+                model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+                opt.step(len(tokens))
+                opt.zero_grad()
+            opt.set_lr(1e-4)
+
+        await trio.to_thread.run_sync(run)
+        assert progress == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # round 0 is averaging in the background
+        assert all(group["lr"] == 1e-4 for group in inner.param_groups)
+        await trio.to_thread.run_sync(opt.finish)

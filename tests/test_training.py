@@ -145,6 +145,7 @@ def test_bad_data_and_run_configurations_are_clear_errors(tmp_path):
         (["--algorithm", "adam"], "algorithm 'adam'"),
         (["--codec", "zip"], "codec"),
         (["--inner-steps", "0"], "inner_steps must be positive"),
+        (["--lr-schedule", "linear"], "lr_schedule 'linear' is not one of constant, cosine"),
         (["--algorithm", "sync", "--sharded"], "sharded runs are DiLoCo runs"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
     ]
