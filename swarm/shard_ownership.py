@@ -23,12 +23,21 @@ def run_assignment(config: RunConfig, bids: list[Bid]) -> tuple[ShardLayout, Ass
                           salt=config.run_id)
 
 
-async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid, ttl: float) -> Assignment:
-    """Renew this peer's bid (its lease) and return the owners every peer computes from the bids."""
+async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid, ttl: float,
+                         seen: dict[str, Bid]) -> Assignment:
+    """Renew this peer's bid (its lease) and return the owners every peer computes from the bids.
+
+    ``seen`` keeps the newest bid read from each peer until its lease (``ttl`` from its renewal)
+    runs out: a DHT read that misses some bids (a loaded node answering late) must not shrink this
+    peer's view, or it would assign itself shards the other peers give to the missing bidders."""
     with trio.move_on_after(ttl / 2):
         await dht.store(bids_key(swarm, config.run_id), bid.to_value(), ttl)
-    bids = [b for b in await read_bids(dht, swarm, config.run_id) if b.peer_id != bid.peer_id] + [bid]
-    return run_assignment(config, bids)[1]
+    for read in await read_bids(dht, swarm, config.run_id):
+        if read.peer_id != bid.peer_id and (read.peer_id not in seen or seen[read.peer_id].renewed < read.renewed):
+            seen[read.peer_id] = read
+    for peer_id in [p for p, b in seen.items() if b.renewed + ttl < bid.renewed]:
+        del seen[peer_id]
+    return run_assignment(config, [*seen.values(), bid])[1]
 
 
 def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_memory: int) -> Bid:

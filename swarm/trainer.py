@@ -31,6 +31,7 @@ from optim.synchronous import SyncOptimizer
 from swarm.peer import Peer
 from swarm.reducer import SwarmReducer
 from shards.assignment import Assignment
+from shards.bids import Bid
 from shards.outer import ShardedOuter
 from swarm import resources
 from swarm.run_board import Progress, choose_run, read_board, run_key
@@ -99,6 +100,7 @@ class Trainer:
         self._metrics_lock = threading.Lock()
         self.sharded: ShardedOuter | None = None
         self.assignment: Assignment | None = None
+        self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
         self.board: list[Progress] = []
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -244,7 +246,7 @@ class Trainer:
         """Renew this peer's lease on its shards and take the owners the bids give now."""
         before = self.assignment.shards_of(self.me)
         self.assignment = await bid_and_assign(self.peer.dht, self.peer.config.swarm, self.config, self._bid(),
-                                               self.peer.ttl)
+                                               self.peer.ttl, self._bids_seen)
         now = self.assignment.shards_of(self.me)
         if now != before:
             log.info("owns shards %s of %d (%d replicas)", now, len(self.assignment.owners), self.config.replicas)

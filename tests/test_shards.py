@@ -181,3 +181,32 @@ def test_the_layout_counts_the_models_parameters_without_torch():
 
     for name in ("tiny", "mini"):
         assert GPT(SIZES[name]).num_params() == SIZES[name].num_params()
+
+
+async def test_a_peer_keeps_the_bids_it_has_seen_until_their_leases_end():
+    """A DHT read that misses a bid (a loaded node answering late) does not shrink a peer's view of
+    the owners; the bid leaves the view once its lease has run out."""
+    from dataclasses import replace
+
+    from swarm.run_config import RunConfig
+    from swarm.shard_ownership import bid_and_assign
+
+    config = RunConfig(sharded=True).validate()
+    async with trio.open_nursery() as nursery:
+        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
+        other = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[str(seed.addrs[0])],
+                                                    heartbeat=1)).run)
+        seed_id, other_id = seed.peer_id.to_base58(), other.peer_id.to_base58()
+        key = bids_key("default", config.run_id)
+        await seed.dht.store(key, bid("ignored").to_value(), 10)
+        mine, seen = bid(other_id), {}
+        first = await bid_and_assign(other.dht, "default", config, mine, 10.0, seen)
+        assert set(seen) == {seed_id} and all(sorted(o) == sorted([seed_id, other_id]) for o in first.owners)
+        await seed.dht.withdraw(key, 10)
+        assert [b.peer_id for b in await read_bids(other.dht, "default", config.run_id)] == [other_id]
+        second = await bid_and_assign(other.dht, "default", config, mine, 10.0, seen)
+        assert second.owners == first.owners  # the read that missed the seed's bid changed nothing
+        later = replace(mine, renewed=NOW + 11)  # the seed's lease (10 s from its renewal) is over
+        third = await bid_and_assign(other.dht, "default", config, later, 10.0, seen)
+        assert seen == {} and all(tuple(o) == (other_id,) for o in third.owners)
+        nursery.cancel_scope.cancel()
