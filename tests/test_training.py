@@ -5,6 +5,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from swarm.local import peer_command, start_training_swarm, status_json, training_summary
@@ -68,6 +69,7 @@ def test_a_killed_peer_does_not_stop_the_others_and_resumes_from_disk_when_resta
     assert fetched[0]["bytes_received"] == fetched[0]["size_bytes"] - fetched[0]["reused_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_a_late_joiner_fetches_the_state_catches_up_and_contributes(tmp_path, spawn):
     # rounds of 30 steps (a few seconds): long next to a state transfer, as real rounds are
     processes = start_training_swarm(2, ["--model", "tiny", "--inner-steps", "30", "--batch-size", "8",
