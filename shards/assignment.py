@@ -35,6 +35,17 @@ def _score(salt: str, shard: int, peer_id: str, capacity: float) -> float:
     return capacity / -math.log(u)
 
 
+def _quotas(fair: dict[str, float], slots: int) -> dict[str, int]:
+    """Fair shares in whole shards summing to ``slots`` (largest remainders get the spare ones, ties
+    by peer id), at least one each. Rounding each share up on its own would let peers of nearly
+    equal capacity (4.0001 and 3.9999 shards) end with 5 and 3."""
+    quota = {p: math.floor(f) for p, f in fair.items()}
+    spare = slots - sum(quota.values())
+    for p in sorted(fair, key=lambda p: (quota[p] - fair[p], p))[:max(0, spare)]:
+        quota[p] += 1
+    return {p: max(1, q) for p, q in quota.items()}
+
+
 def assign(bids: list[Bid], layout: ShardLayout, replicas: int, *, state_bytes_per_value: int,
            salt: str) -> Assignment:
     """Owners of every shard of ``layout``; a shard holds ``state_bytes_per_value`` bytes of
@@ -54,12 +65,30 @@ def assign(bids: list[Bid], layout: ShardLayout, replicas: int, *, state_bytes_p
                     for shard in range(layout.count) for p in by_peer))
     owners: list[list[str]] = [[] for _ in range(layout.count)]
     owned = dict.fromkeys(by_peer, 0)
-    # Best scores first within each peer's fair share rounded down, then rounded up, then wherever
-    # memory allows (the greedy passes can leave a shard short when quotas run out unevenly).
-    for limit in ({p: max(1, math.floor(f)) for p, f in fair.items()}, {p: math.ceil(f) for p, f in fair.items()},
-                  room):
+    quota = {p: min(q, room[p]) for p, q in _quotas(fair, layout.count * copies).items()}
+    # Best scores first within each peer's fair share rounded to whole shards, then rounded up, then
+    # wherever memory allows (the greedy passes can leave a shard short when quotas run out unevenly).
+    for limit in (quota, {p: math.ceil(f) for p, f in fair.items()}, room):
         for _, peer, shard in pairs:
             if len(owners[shard]) < copies and peer not in owners[shard] and owned[peer] < min(limit[peer], room[peer]):
                 owners[shard].append(peer)
                 owned[peer] += 1
+        if limit is quota:
+            _fill_by_swaps(owners, owned, quota, copies)
     return Assignment(tuple(tuple(o) for o in owners))
+
+
+def _fill_by_swaps(owners: list[list[str]], owned: dict[str, int], quota: dict[str, int], copies: int) -> None:
+    """The greedy pass ends with a shard short of owners when the only peers below their quota
+    already own it: then one of them takes a place in another shard whose owner moves to the short one."""
+    for short in range(len(owners)):
+        while len(owners[short]) < copies:
+            spare = [p for p in sorted(owned) if owned[p] < quota[p]]
+            move = next(((shard, owner, peer) for peer in spare for shard, held in enumerate(owners)
+                         if peer not in held for owner in held if owner not in owners[short]), None)
+            if move is None:
+                return  # the later passes place what is left
+            shard, owner, peer = move
+            owners[shard][owners[shard].index(owner)] = peer
+            owners[short].append(owner)
+            owned[peer] += 1

@@ -45,6 +45,14 @@ def test_every_peer_computes_the_same_assignment_from_the_same_bids():
     assert counts["peer6"] > counts["peer0"] and counts["peer6"] <= 32 * (5 + 42) / sum(5 + 7 * i for i in range(7)) + 1
 
 
+def test_peers_of_nearly_equal_capacity_own_equal_shares():
+    """Eight peers up for 1 hour give or take a few seconds: 16 shards x 2 replicas are 4 each (r/N),
+    not 5 for some and 3 for others."""
+    bids = [bid(f"peer{i}", hours=1 + (i - 4) / 3600) for i in range(8)]
+    assignment = assign(bids, LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
+    assert sorted(len(assignment.shards_of(b.peer_id)) for b in bids) == [4] * 8
+
+
 def test_a_departed_owner_loses_its_shards_and_the_rest_mostly_stay():
     bids = [bid(f"peer{i}") for i in range(8)]
     before = assign(bids, LAYOUT, 2, state_bytes_per_value=STATE, salt="run")
