@@ -27,7 +27,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
-from averaging.wire import FrameError, abort_connection, read_frame, write_frame
+from averaging.wire import FrameError, read_frame, write_frame, write_frame_within
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,7 @@ async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: i
 async def _write_chunk(stream: INetStream, state: RoundState, index: int, payload: bytes, what: str) -> None:
     """One ``{"c": index}`` frame, within the stall timeout: a peer that stops reading (hung,
     SIGSTOP) must not hold us past it."""
-    with trio.move_on_after(state.chunk_timeout) as stall:
-        sent = await write_frame(stream, {"c": index}, payload)
-    if stall.cancelled_caught:
-        abort_connection(stream)  # later writes to it would block too, some of them uncancellable
-        raise FrameError(f"sending {what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
+    sent = await write_frame_within(stream, state.chunk_timeout, {"c": index}, payload, what=f"{what} chunk {index}")
     state.stats.bytes_sent += sent  # not `+= await`: that reads the counter before awaiting
 
 

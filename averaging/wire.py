@@ -84,6 +84,16 @@ async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes
     return len(data) + len(payload)
 
 
+async def write_frame_within(stream: INetStream, seconds: float, header: dict[str, Any], payload: bytes = b"", *,
+                             what: str = "a frame") -> int:
+    """``write_frame``, but a peer that does not take the frame within ``seconds`` (hung, or no
+    longer reading) gets its connection aborted and the write raises ``FrameError``."""
+    with trio.move_on_after(seconds):
+        return await write_frame(stream, header, payload)
+    abort_connection(stream)  # later writes to it would block too, some of them uncancellable
+    raise FrameError(f"sending {what} stalled for {seconds:.1f}s")
+
+
 async def read_frame(stream: INetStream, max_payload: int) -> tuple[dict[str, Any], bytes]:
     """Read one frame, checking sizes before reading and the checksum after."""
     head_len, payload_len, checksum = _PREFIX.unpack(await read_exactly(stream, _PREFIX.size))

@@ -2,9 +2,10 @@
 
 Each shard gets ``replicas`` owners by weighted rendezvous hashing: a peer's score for a shard is
 ``capacity / -ln(u)`` with ``u`` a hash of (run, shard, peer) in (0, 1); pairs are taken strongest
-first, ties by peer id. A peer owns about its fair share, ``shards x replicas x capacity / total capacity`` (passes
-within the share rounded down, then up, then wherever memory allows fill every shard) and never
-more than its offered memory holds, so stronger peers own more and nobody owns everything. A peer
+first, ties by peer id. A peer owns its fair share, ``shards x replicas x capacity / total capacity``
+rounded to whole shards so the shares add up (swaps fill a shard the greedy pass leaves short; then
+shares rounded up, then wherever memory allows, fill what is left), and never more than its offered
+memory holds, so stronger peers own more and nobody owns everything. A peer
 leaving moves mostly its own shards (rendezvous hashing), which keeps handovers small.
 """
 

@@ -28,7 +28,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from averaging.wire import FrameError, read_frame, write_frame
+from averaging.wire import FrameError, read_frame, write_frame, write_frame_within
 from optim.diloco import nesterov_step
 from shards.assignment import Assignment
 from shards.layout import ShardLayout
@@ -46,12 +46,12 @@ class ShardStats:
     momentum_lost: int = 0  # shards whose momentum nobody held: restarted from zero
 
 
-def _fingerprint(values: torch.Tensor) -> bytes:
-    return hashlib.sha256(values.contiguous().numpy().tobytes()).digest()[:16]
-
-
 def _to_bytes(values: torch.Tensor) -> bytes:
     return values.contiguous().numpy().tobytes()
+
+
+def _fingerprint(values: torch.Tensor) -> bytes:
+    return hashlib.sha256(_to_bytes(values)).digest()[:16]
 
 
 class ShardedOuter:
@@ -190,7 +190,8 @@ class ShardedOuter:
             with trio.fail_after(self.timeout + 2):
                 request, _ = await read_frame(stream, 0)
                 payload = await self._answer(request)
-                await write_frame(stream, {"t": "ok" if payload is not None else "none"}, payload or b"")
+            await write_frame_within(stream, self.timeout, {"t": "ok" if payload is not None else "none"},
+                                     payload or b"", what="a shard reply")
         except (FrameError, trio.TooSlowError) as exc:
             log.debug("shard request ended: %s", exc)
         except Exception:  # an escaping exception would tear down the host

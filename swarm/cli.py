@@ -16,8 +16,8 @@ import trio
 from bootstrap.join import BootstrapError, connect_bootstrap_peers
 from dht import RecordDHT
 from optim.data import DataError
-from swarm.identity import IdentityError, load_or_create_identity
 from swarm.exit_guard import exit_if_stuck
+from swarm.identity import IdentityError, load_or_create_identity
 from swarm.members import Announcement, live_members
 from swarm.network import build_host
 from swarm.peer import ConfigError, Peer, PeerConfig

@@ -28,15 +28,15 @@ from optim.model import GPT
 from optim.onebit_adam import OneBitAdam
 from optim.schedule import lr_factor
 from optim.synchronous import SyncOptimizer
-from swarm.peer import Peer
-from swarm.reducer import SwarmReducer
 from shards.assignment import Assignment
 from shards.bids import Bid
 from shards.outer import ShardedOuter
 from swarm import resources
+from swarm.peer import Peer
+from swarm.reducer import SwarmReducer
 from swarm.run_board import Progress, choose_run, read_board, run_key
-from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 from swarm.run_config import PROTOCOL, RunConfig
+from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ class Trainer:
                         raise FloatingPointError(f"training loss is {value} at step {steps}")
                     (loss / config.accumulate).backward()
                     loss_sum += value
-                if config.rounds:  # the run's length, the same for every peer
+                if config.lr_schedule != "constant":  # over the run's rounds, the same for every peer
                     optimizer.set_lr(config.inner_lr * lr_factor(config.lr_schedule,
                                                                  optimizer.round_progress / config.rounds))
                 ended = optimizer.step(samples_per_step)
