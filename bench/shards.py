@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # for report.py; last, or bench/dht.py would shadow the dht package
 
 from report import print_result  # noqa: E402
-from swarm.local import PeerProcess, start_peer_process, status_json, training_summary  # noqa: E402
+from swarm.local import PeerProcess, start_peer_process, start_training_swarm, status_json, training_summary  # noqa: E402
 from swarm.run_config import RunConfig  # noqa: E402
 
 HEARTBEAT = 2.0
@@ -41,18 +41,10 @@ def run_args(args: argparse.Namespace, sharded: bool) -> list[str]:
             *(["--sharded"] if sharded else [])]
 
 
-def start_swarm(args: argparse.Namespace, work: Path, tag: str, run: list[str], peers: int) -> list[PeerProcess]:
+def start_swarm(work: Path, tag: str, run: list[str], peers: int) -> list[PeerProcess]:
     """A seed publishing ``run`` and ``peers - 1`` peers, each with a fixed identity from ``work``."""
-    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", str(HEARTBEAT), "--threads", "1",
-              "--wait-peers", str(peers), "--quiet"]
-    out = work / tag
-    processes = [start_peer_process(["--seed", *run, "--identity", str(work / "id0.key"), "--out", str(out / "peer0"),
-                                     *common], log_dir=out / "logs", timeout=120)]
-    for i in range(1, peers):
-        processes.append(start_peer_process(["--bootstrap", processes[0].addrs[0], "--identity",
-                                             str(work / f"id{i}.key"), "--out", str(out / f"peer{i}"), *common],
-                                            log_dir=out / "logs", timeout=120))
-    return processes
+    return start_training_swarm(peers, run, work / tag, heartbeat=HEARTBEAT, extra=["--quiet"], identities=work,
+                                timeout=120)
 
 
 def final_weights(work: Path, tag: str) -> dict:
@@ -67,7 +59,7 @@ def equivalence(args: argparse.Namespace, work: Path) -> dict:
     results = {}
     runs = [("sharded", True), ("unsharded", False)] + ([("unsharded-again", False)] if args.noise_floor else [])
     for tag, sharded in runs:
-        processes = start_swarm(args, work, tag, run_args(args, sharded), args.peers)
+        processes = start_swarm(work, tag, run_args(args, sharded), args.peers)
         try:
             results[tag] = [training_summary(p, 600) for p in processes]
         finally:
@@ -104,7 +96,7 @@ def wait_until(predicate, timeout: float = 120.0) -> float:
 
 def ownership(args: argparse.Namespace, work: Path) -> dict:
     run = [*run_args(args, True), "--rounds", "0"]  # trains until killed
-    processes = start_swarm(args, work, "ownership", run, args.peers)
+    processes = start_swarm(work, "ownership", run, args.peers)
     seed = processes[0].addrs[0]
     try:
         wait_until(lambda: owners(seed) >= {p.peer_ids[0] for p in processes})

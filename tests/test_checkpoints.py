@@ -15,9 +15,8 @@ from bootstrap.chunk_store import ChunkError, ChunkStore
 from bootstrap.manifest import ManifestError, build_manifest, open_envelope
 from bootstrap.rate_limit import RateLimiter
 from bootstrap.swarm_download import DownloadError
-from swarm.peer import Peer, PeerConfig
+from peer_helpers import start_peers
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = create_new_key_pair()
 
 
@@ -118,13 +117,6 @@ async def test_a_rate_limit_holds():
         await limiter.consume(16 * 1024)
     rate = limiter.total / (trio.current_time() - began)
     assert 1.8e6 < rate <= 2.1e6
-
-
-async def start_peers(nursery, count: int) -> list[Peer]:
-    seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
-    others = [await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
-              for _ in range(count - 1)]
-    return [seed, *others]
 
 
 async def test_a_version_held_in_parts_by_several_peers_is_assembled_from_all(tmp_path):

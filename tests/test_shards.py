@@ -12,7 +12,7 @@ from dht.records import decode_bundle_lenient, sign_entry
 from shards.assignment import assign
 from shards.bids import Bid, bids_key, parse_bid, read_bids
 from shards.layout import ShardLayout
-from swarm.peer import Peer, PeerConfig
+from peer_helpers import start_peers
 
 NOW = time.time()
 LAYOUT = ShardLayout(total=1_000_003, count=16)
@@ -100,9 +100,7 @@ def test_a_forged_bid_does_not_verify():
 
 async def test_bids_published_by_peers_are_read_back_by_another():
     async with trio.open_nursery() as nursery:
-        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
-        other = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[str(seed.addrs[0])],
-                                                    heartbeat=1)).run)
+        seed, other = await start_peers(nursery, 2)
         key = bids_key("default", "run")
         await seed.dht.store(key, bid("ignored").to_value(), 10)
         await other.dht.store(key, {"mem": -5, "up": 1.0, "since": NOW, "at": NOW}, 10)  # absurd: dropped
@@ -130,10 +128,7 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
         expected.append(w.clone())
 
     async with trio.open_nursery() as nursery:
-        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
-        peers = [seed] + [await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"],
-                                                               bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
-                          for _ in range(2)]
+        peers = await start_peers(nursery, 3)
         ids = [p.peer_id.to_base58() for p in peers]
         live = list(ids)
         view = {"now": assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")}
@@ -201,9 +196,7 @@ async def test_a_peer_keeps_the_bids_it_has_seen_until_their_leases_end():
 
     config = RunConfig(sharded=True).validate()
     async with trio.open_nursery() as nursery:
-        seed = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
-        other = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[str(seed.addrs[0])],
-                                                    heartbeat=1)).run)
+        seed, other = await start_peers(nursery, 2)
         seed_id, other_id = seed.peer_id.to_base58(), other.peer_id.to_base58()
         key = bids_key("default", config.run_id)
         await seed.dht.store(key, bid("ignored").to_value(), 10)

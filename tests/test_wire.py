@@ -4,17 +4,14 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from averaging.wire import abort_connection
-from swarm.peer import Peer, PeerConfig
+from peer_helpers import start_peers
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 DEAF = TProtocol("/legion/test/deaf/1.0.0")
 
 
 async def test_aborting_a_connection_fails_a_blocked_write_and_the_peer_can_reconnect():
     async with trio.open_nursery() as nursery:
-        writer = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
-        deaf = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(writer.addrs[0])],
-                                                   heartbeat=1)).run)
+        writer, deaf = await start_peers(nursery, 2)
         deaf.host.set_stream_handler(DEAF, lambda stream: trio.sleep_forever())  # accepts, never reads
         stream = await writer.host.new_stream(deaf.peer_id, [DEAF])
         outcome = {}
