@@ -32,6 +32,10 @@ PROTOCOL = "/legion/matchmaking/1.0.0"
 PING_PROTOCOL = "/legion/ping/1.0.0"
 
 
+# A peer alone under a key that others have left waits this long for a newcomer before it gives up
+LATE_GRACE = 1.0
+
+
 class MatchmakingFailed(Exception):
     """No group could be formed before the deadline."""
 
@@ -89,16 +93,22 @@ class Matchmaker:
 
     async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
         declaration = {"addrs": [str(a) for a in self.host.get_addrs()], "total": seeking.total,
-                       "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps}
+                       "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
+                       "target": self.target_size}
         await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
         started = trio.current_time()
         while True:
             if seeking.found.is_set():
                 return seeking.spec
-            candidates = await self._candidates(seeking)
+            candidates, left = await self._candidates(seeking)
             waited = trio.current_time() - started
             if len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
                 break
+            if left and set(candidates) <= {self.me} and waited >= LATE_GRACE and not seeking.committed:
+                # the others sought here and left (their groups formed, or they gave up) and no
+                # leader has invited this peer (committed: accepted, awaiting its begin): nobody is left to group with, so fail now rather
+                # than hold up this peer's next round
+                raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer")
             await self._ping_some(candidates)
             with trio.move_on_after(0.3):
                 await seeking.found.wait()
@@ -121,17 +131,28 @@ class Matchmaker:
             seeking.suspects.add(mine[0])
         return seeking.spec
 
-    async def _candidates(self, seeking: _Seeking) -> dict[str, dict]:
-        entries = await self.dht.get(seeking.key)
-        out = {}
+    async def waiting_for_more(self, group_key: str) -> bool:
+        """Whether peers seek a group under ``group_key`` now and wait for more peers than there
+        are (their target size is larger): a newcomer can still join."""
+        entries = await self.dht.get(self._key(group_key))
+        targets = [e.value.get("target") for e in entries.values() if isinstance(e.value, dict)]
+        return any(isinstance(t, int) and t > len(entries) for t in targets)
+
+    async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
+        """The peers seeking a group under the key now, and how many others sought and left."""
+        entries = await self.dht.get(seeking.key, withdrawn=True)
+        out, left = {}, 0
         for peer, entry in entries.items():
+            if entry.withdrawn:
+                left += peer != self.me
+                continue
             if peer in seeking.suspects:
                 continue
             value = entry.value
             if isinstance(value, dict) and value.get("total") == seeking.total and value.get("codec") == seeking.codec \
                     and isinstance(value.get("addrs"), list):
                 out[peer] = {**value, "t": entry.timestamp}
-        return out
+        return out, left
 
     async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],
                     deadline: float) -> GroupSpec | None:

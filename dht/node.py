@@ -101,9 +101,10 @@ class RecordDHT:
         """Replace this peer's entry with a tombstone that outlives it."""
         return await self.store(key, None, ttl)
 
-    async def get(self, key: str) -> dict[str, Entry]:
-        """All live, valid, not withdrawn entries under ``key``, merged from this node and the
-        closest nodes to the key; entries that fail validation are dropped and logged."""
+    async def get(self, key: str, *, withdrawn: bool = False) -> dict[str, Entry]:
+        """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
+        tombstones too), merged from this node and the closest nodes to the key; entries that
+        fail validation are dropped and logged."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
@@ -121,7 +122,7 @@ class RecordDHT:
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(get_from, peer)
-        return {sub: e for sub, e in merge(*groups).items() if not e.withdrawn}
+        return {sub: e for sub, e in merge(*groups).items() if withdrawn or not e.withdrawn}
 
     async def get_parsed(self, key: str, parse: Callable[[str, Any], T], what: str) -> list[T]:
         """Every live entry under ``key`` as ``parse(subkey, value)``; a value that ``parse``

@@ -47,6 +47,9 @@ class OuterNesterov:
         return nesterov_step(weights, gradient, self.buffer, self.lr, self.momentum)[0]
 
 
+# A round after adopting a peer's state waits for the swarm's round end at most this many rounds' steps
+ALIGN_LIMIT = 3
+
 # (round, swarm weights, mean pseudo-gradient) -> the swarm weights after the outer step, or None
 OuterStep = Callable[[int, torch.Tensor, torch.Tensor], Awaitable["torch.Tensor | None"]]
 
@@ -72,37 +75,55 @@ class DiLoCo(SwarmOptimizer):
         self.round_start = self.global_weights.clone()
         self.sharded_outer, self.outer_lr = sharded_outer, outer_lr
         self.outer = None if sharded_outer else OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
-        self.local_steps = 0
+        self.phase_steps = 0  # local steps since this round's start
         self.samples = 0
         self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None, own delta])
-        # After adopting a peer's state mid-run the swarm's pending round is not ours: at the next
-        # round end we take the swarm's result for it from a peer (``fetch_state(round)``) instead.
+        # After adopting a peer's state R mid-run the swarm's pending round is not ours: the next
+        # round ends when the swarm seeks a group for a later round (``swarm_round()``: that round,
+        # -1 while there is none, None when no other peer trains), then takes the swarm's state of
+        # that round from a peer (``fetch_state(round)``) and averages under it.
         self._adopt_next = False
         self.fetch_state: Callable[[int], tuple[int, dict[str, torch.Tensor]] | None] | None = None
+        self.swarm_round: Callable[[], int | None] | None = None
         self.take_snapshot()
 
     def step(self, samples: int) -> bool:
         self.inner.step()
-        self.local_steps += 1
+        self.phase_steps += 1
         self.samples += samples
-        if self.local_steps % self.inner_steps:
+        if not self._round_over():
             return False
         self._end_round()
         return True
 
+    @property
+    def awaiting_swarm(self) -> bool:
+        """Whether this round, the first after adopting a peer's state, ends with the swarm's."""
+        return self._adopt_next and self._pending is None
+
+    def _round_over(self) -> bool:
+        if self.awaiting_swarm and self.swarm_round is not None and self.phase_steps < ALIGN_LIMIT * self.inner_steps:
+            swarm = self.swarm_round()
+            if swarm is not None:
+                return swarm > self.round
+        return self.phase_steps >= self.inner_steps
+
     def _end_round(self) -> None:
         delta = self.round_start - flatten(self.params)
-        weight, self.samples = self.samples, 0
+        weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
             self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"), delta)
+        elif self.awaiting_swarm and self.fetch_state is not None \
+                and not self._take_swarm_round():
+            # the swarm's round to join cannot be had: step alone, as after a failed round (the
+            # trainer then fetches the swarm's state), rather than average a round already closed
+            self._adopt_next = False
+            self._apply(None, delta)
+            self.out_of_sync = True
+            self.round_start = self.global_weights.clone()
+            assign_flat(self.params, self.round_start)
+            return
         else:
-            if self._adopt_next and self._pending is None and self.fetch_state is not None:
-                fetched = self.fetch_state(self.round + 1)
-                if fetched is not None:
-                    try:
-                        self._load(*fetched)
-                    except StateError as exc:
-                        log.warning("ignoring a peer's state: %s", exc)
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None, delta]
@@ -111,6 +132,19 @@ class DiLoCo(SwarmOptimizer):
                                       delta, weight, f"diloco-{self.round}", done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
+
+    def _take_swarm_round(self) -> bool:
+        """After adopting a peer's state: the swarm's newer state, whose round this peer's delta
+        now joins. False if it could not be had."""
+        fetched = self.fetch_state(self.round + 1)
+        if fetched is None:
+            return False
+        try:
+            self._load(*fetched)
+        except StateError as exc:
+            log.warning("ignoring a peer's state: %s", exc)
+            return False
+        return True
 
     def _estimate(self, delta: torch.Tensor) -> torch.Tensor:
         """The eager estimate: the outer step with this peer's own pseudo-gradient (without the
@@ -156,7 +190,7 @@ class DiLoCo(SwarmOptimizer):
 
     @property
     def round_progress(self) -> float:
-        return self.rounds_begun + (self.local_steps % self.inner_steps) / self.inner_steps
+        return self.rounds_begun + min(1.0, self.phase_steps / self.inner_steps)
 
     def finish(self) -> None:
         self._apply_pending()
@@ -173,7 +207,7 @@ class DiLoCo(SwarmOptimizer):
         self._pending = None
         assign_flat(self.params, self.global_weights)
         self.round_start = self.global_weights.clone()
-        self.samples = 0
+        self.samples = self.phase_steps = 0
         self._adopt_next = self.overlap
 
     def _load(self, round_: int, state: dict[str, torch.Tensor]) -> None:

@@ -24,6 +24,10 @@ class SwarmReducer:
         self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
         self.max_group, self.timeout = max_group, timeout
 
+    async def open_to_join(self, key: str) -> bool:
+        """Whether peers of the run seek a group for round ``key`` now and wait for more peers."""
+        return await self.averager.matchmaker.waiting_for_more(f"{self.run_id}/{key}")
+
     async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> Reduced | None:
         expected = self.expected_peers()
         if expected < 2:

@@ -102,6 +102,7 @@ class Trainer:
         self.assignment: Assignment | None = None
         self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
         self.board: list[Progress] = []
+        self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
         self._stop = threading.Event()
@@ -152,6 +153,8 @@ class Trainer:
                 await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = lambda r: trio.from_thread.run(self._fetch_from_swarm, r)
+                optimizer.swarm_round = lambda: self._joinable_round
+                nursery.start_soon(self._watch_joinable_round, optimizer, reducer)
             # Start only once the others can see this peer training, and it them: a peer that
             # thinks it is alone would take its first rounds alone and fall out of sync.
             self.progress.training = True
@@ -200,6 +203,23 @@ class Trainer:
         refreshes, so a board round says little about where a peer is now; one that is really
         behind costs a matchmaking budget, then catches up from a peer's state."""
         return 1 + len({p.peer_id for p in self._others_training()})
+
+    async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
+        """While the optimizer waits to join the swarm after adopting a peer's state R: the round
+        (R+1 or R+2) whose group the other peers seek now and wait for more peers in, found in the
+        DHT; -1 while there is none, None when no other peer trains. The others may form R+1's
+        group without this peer if they did not yet see it training, then wait for it in R+2's,
+        which they cannot reach before: the DHT shows which."""
+        while True:
+            joinable = None
+            if optimizer.awaiting_swarm and self._others_training():
+                joinable = -1
+                for round_ in (optimizer.round + 1, optimizer.round + 2):
+                    with trio.move_on_after(self.peer.config.network_timeout):
+                        if await reducer.open_to_join(f"diloco-{round_}"):
+                            joinable = round_
+            self._joinable_round = joinable
+            await trio.sleep(0.5)
 
     def _best_donor(self, min_round: int) -> str | None:
         ahead = [p for p in self._others_training() if p.round >= min_round]
@@ -363,12 +383,12 @@ class Trainer:
                 progress.tokens_per_second = tokens_window / max(1e-9, now - window_start)
                 tokens_window, window_start = 0, now
                 if optimizer.out_of_sync or self._behind(optimizer):
-                    progress.training = False
+                    # still shown training: the others keep expecting this peer, which is back
+                    # in a round or two (hidden, it would find their groups formed without it)
                     fetched = trio.from_thread.run(self._fetch_from_swarm, optimizer.round)
                     if fetched is not None:
                         self._adopt(optimizer, fetched)
                     optimizer.out_of_sync = False  # in sync now, or nobody to sync with
-                    progress.training = True
                 if steps - last_eval >= EVAL_EVERY_STEPS:
                     progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
                 self._update_traffic(optimizer)

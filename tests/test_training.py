@@ -88,7 +88,10 @@ def test_a_late_joiner_fetches_the_state_catches_up_and_contributes(tmp_path, sp
     assert first["round"] >= 2  # started from the swarm's state, not round 0
     assert events[0]["event"] == "state" and events[0]["source"] == "swarm" and events[0]["round"] == first["round"]
     assert first["val_loss"] < summaries[0]["initial_val_loss"] - 1.0
-    assert joined["round"] == 12 and joined["rounds_averaged"] >= 2
+    # it joins the swarm's averaging within a round or two of its start (round 4-5 here), and costs
+    # the others no round: they wait for it only while it is on its way
+    assert joined["round"] == 12 and joined["rounds_averaged"] >= 4
+    assert all(s["rounds_failed"] == 0 for s in summaries)
     assert abs(joined["val_loss"] - summaries[0]["val_loss"]) < 1e-6
     groups = [r["group_size"] for r in metrics(tmp_path, 0) if r["event"] == "round"]
     assert 3 in groups  # the joiner took part in averaging rounds
