@@ -77,12 +77,14 @@ class DiLoCo(SwarmOptimizer):
         self.outer = None if sharded_outer else OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
         self.phase_steps = 0  # local steps since this round's start
         self.samples = 0
-        self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None, own delta])
+        self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None])
         # After adopting a peer's state R mid-run the swarm's pending round is not ours: the next
-        # round ends when the swarm seeks a group for a later round (``swarm_round()``: that round,
-        # -1 while there is none, None when no other peer trains), then takes the swarm's state of
-        # that round from a peer (``fetch_state(round)``) and averages under it.
+        # round ends when the swarm seeks a group this peer can join (``swarm_round()``: R, R+1 or
+        # R+2, -1 while there is none, None when no other peer trains). For R (the swarm is late)
+        # it averages under R; for a later round it first takes the swarm's state of that round
+        # from a peer (``fetch_state(round)``), as it does when the round ends without a sign.
         self._adopt_next = False
+        self._join_round: int | None = None
         self.fetch_state: Callable[[int], tuple[int, dict[str, torch.Tensor]] | None] | None = None
         self.swarm_round: Callable[[], int | None] | None = None
         self.take_snapshot()
@@ -105,28 +107,29 @@ class DiLoCo(SwarmOptimizer):
         if self.awaiting_swarm and self.swarm_round is not None and self.phase_steps < ALIGN_LIMIT * self.inner_steps:
             swarm = self.swarm_round()
             if swarm is not None:
-                return swarm > self.round
+                self._join_round = swarm if swarm >= self.round else None
+                return self._join_round is not None
+        self._join_round = None
         return self.phase_steps >= self.inner_steps
 
     def _end_round(self) -> None:
         delta = self.round_start - flatten(self.params)
         weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
-            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"), delta)
-        elif self.awaiting_swarm and self.fetch_state is not None \
+            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"))
+        elif self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None \
                 and not self._take_swarm_round():
-            # the swarm's round to join cannot be had: step alone, as after a failed round (the
-            # trainer then fetches the swarm's state), rather than average a round already closed
+            # the swarm's round to join cannot be had: as after a failed round (the trainer then
+            # fetches the swarm's state), rather than average a round already closed
             self._adopt_next = False
-            self._apply(None, delta)
-            self.out_of_sync = True
+            self._apply(None)
             self.round_start = self.global_weights.clone()
             assign_flat(self.params, self.round_start)
             return
         else:
             self._adopt_next = False
             self._apply_pending()
-            done, slot = trio.Event(), [None, delta]
+            done, slot = trio.Event(), [None]
             self._pending = (done, slot)
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
                                       delta, weight, f"diloco-{self.round}", done, slot)
@@ -166,21 +169,24 @@ class DiLoCo(SwarmOptimizer):
         done, slot = self._pending
         self._pending = None
         self._wait_on_network(done.wait)
-        self._apply(self._received(slot[0]), slot[1])
+        self._apply(self._received(slot[0]))
 
-    def _apply(self, reduced: Reduced | None, own_delta: torch.Tensor) -> None:
-        """Outer step with the group's mean pseudo-gradient, or with this peer's own when no group
-        averaged (then the peer is out of sync and its trainer fetches the swarm's state)."""
-        if self.outer is None:  # sharded: only an averaged round can be stepped alike everywhere
-            stepped = None if reduced is None else self._wait_on_network(
-                self.sharded_outer, self.round, self.global_weights, reduced.tensors[0].float())
+    def _apply(self, reduced: Reduced | None) -> None:
+        """Outer step with the group's mean pseudo-gradient. A round no group averaged leaves the
+        swarm weights as they were: every survivor of a failed group then holds the same weights
+        (stepping alone, each would hold its own), and the peer is out of sync, so its trainer
+        fetches the state of a peer whose round did average, if any did."""
+        if reduced is None:
+            self.out_of_sync = True
+        elif self.outer is None:  # sharded: the shards' owners step
+            stepped = self._wait_on_network(self.sharded_outer, self.round, self.global_weights,
+                                            reduced.tensors[0].float())
             if stepped is None:
-                self.out_of_sync = True  # the trainer fetches the swarm's weights
+                self.out_of_sync = True
             else:
                 self.global_weights = stepped
         else:
-            gradient = reduced.tensors[0] if reduced is not None else own_delta
-            self.outer.step(self.global_weights, gradient.float())
+            self.outer.step(self.global_weights, reduced.tensors[0].float())
         self.round += 1
         self.take_snapshot()
 

@@ -205,16 +205,16 @@ class Trainer:
         return 1 + len({p.peer_id for p in self._others_training()})
 
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
-        """While the optimizer waits to join the swarm after adopting a peer's state R: the round
-        (R+1 or R+2) whose group the other peers seek now and wait for more peers in, found in the
-        DHT; -1 while there is none, None when no other peer trains. The others may form R+1's
-        group without this peer if they did not yet see it training, then wait for it in R+2's,
-        which they cannot reach before: the DHT shows which."""
+        """While the optimizer waits to join the swarm after adopting a peer's state R: the newest
+        round (R, R+1 or R+2) whose group the other peers seek now and wait for more peers in,
+        found in the DHT; -1 while there is none, None when no other peer trains. The others may
+        form R+1's group without this peer if they did not yet see it training, then wait for it
+        in R+2's, which they cannot reach before, or still be stuck in R's: the DHT shows which."""
         while True:
             joinable = None
             if optimizer.awaiting_swarm and self._others_training():
                 joinable = -1
-                for round_ in (optimizer.round + 1, optimizer.round + 2):
+                for round_ in range(optimizer.round, optimizer.round + 3):
                     with trio.move_on_after(self.peer.config.network_timeout):
                         if await reducer.open_to_join(f"diloco-{round_}"):
                             joinable = round_
@@ -388,7 +388,9 @@ class Trainer:
                     fetched = trio.from_thread.run(self._fetch_from_swarm, optimizer.round)
                     if fetched is not None:
                         self._adopt(optimizer, fetched)
-                    optimizer.out_of_sync = False  # in sync now, or nobody to sync with
+                    # in sync now, or nobody to sync with; else the next round end tries again:
+                    # averaging from weights of its own, this peer would stay apart for good
+                    optimizer.out_of_sync = fetched is None and bool(self._others_training())
                 if steps - last_eval >= EVAL_EVERY_STEPS:
                     progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
                 self._update_traffic(optimizer)

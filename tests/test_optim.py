@@ -71,8 +71,11 @@ async def test_diloco_applies_the_group_mean_and_flags_a_failed_round():
         # one outer Nesterov step on the group's mean (half this peer's pseudo-gradient)
         delta = start - opt.global_weights
         assert opt.round == 1 and not opt.out_of_sync
+        stepped = opt.global_weights.clone()
         await trio.to_thread.run_sync(train, opt, model, batches(3))
         assert opt.out_of_sync and opt.stats.rounds_failed == 1
+        # a failed round leaves the swarm weights as they were, alike on every survivor
+        assert opt.round == 2 and torch.equal(opt.global_weights, stepped)
     assert [c[0] for c in calls] == ["diloco-0", "diloco-1"] and calls[0][1:] == ("int8", 12)
     assert delta.abs().sum() > 0
 
