@@ -109,23 +109,32 @@ async def test_bids_published_by_peers_are_read_back_by_another():
         nursery.cancel_scope.cancel()
 
 
-async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_owner_leaving():
-    """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
-    bit for bit, each holds only its shards' momentum, and when one leaves its replicas carry on
-    with no momentum lost."""
-    from optim.diloco import OuterNesterov
-    from shards.outer import ShardedOuter
+def outer_steps(total: int, rounds: int):
+    """Start weights, a gradient per round, and the weights after each unsharded outer step."""
+    import torch
 
-    layout = ShardLayout(total=12_000, count=6)
-    torch = pytest.importorskip("torch")
+    from optim.diloco import OuterNesterov
+
     generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(layout.total, generator=generator)
-    gradients = [torch.randn(layout.total, generator=generator) for _ in range(7)]
-    reference, expected = OuterNesterov(layout.total, 0.7, 0.9), []
+    weights = torch.randn(total, generator=generator)
+    gradients = [torch.randn(total, generator=generator) for _ in range(rounds)]
+    reference, expected = OuterNesterov(total, 0.7, 0.9), []
     w = weights.clone()
     for g in gradients:
         reference.step(w, g)
         expected.append(w.clone())
+    return weights, gradients, expected
+
+
+async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_owner_leaving():
+    """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
+    bit for bit, each holds only its shards' momentum, and when one leaves its replicas carry on
+    with no momentum lost."""
+    from shards.outer import ShardedOuter
+
+    layout = ShardLayout(total=12_000, count=6)
+    torch = pytest.importorskip("torch")
+    weights, gradients, expected = outer_steps(layout.total, 7)
 
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
@@ -175,6 +184,56 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
         assert all(o.stats.momentum_lost == 0 for o in survivors)
         assert sum(o.stats.momentum_handovers for o in survivors) > 0  # shards the leaver owned moved
         assert all(o.state_bytes == 4 * layout.total for o in survivors)  # two peers, two replicas: all
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_with_no_step_lost():
+    """Two peers own 6 shards with one replica each; a peer with ten times their upload joins at
+    round 3 and wins most shards. It takes each shard's momentum from the peer that owned it (which
+    keeps it two rounds for that), and every step of every peer stays the unsharded one."""
+    from shards.outer import ShardedOuter
+
+    layout = ShardLayout(total=12_000, count=6)
+    torch = pytest.importorskip("torch")
+    weights, gradients, expected = outer_steps(layout.total, 6)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        ids = [p.peer_id.to_base58() for p in peers]
+        bids = {ids[0]: bid(ids[0]), ids[1]: bid(ids[1])}
+        view = {"now": assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")}
+        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view["now"],
+                               peers=lambda: list(bids), timeout=3) for p in peers]
+        for outer in outers:
+            outer.register()
+        current = [weights.clone() for _ in outers]
+        owned_before = None
+        for round_, g in enumerate(gradients):
+            if round_ == 3:
+                owned_before = {p: view["now"].shards_of(p) for p in ids[:2]}
+                bids[ids[2]] = bid(ids[2], upload=100.0)
+                view["now"] = assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")
+                current[2] = current[0].clone()  # the newcomer holds the swarm's weights (a fetched checkpoint)
+            active = [i for i, p in enumerate(ids) if p in bids]
+            results = {}
+
+            async def step(i):
+                results[i] = await outers[i].step(round_, current[i], g)
+
+            async with trio.open_nursery() as steps:
+                for i in active:
+                    steps.start_soon(step, i)
+            for i in active:
+                assert results[i] is not None and torch.equal(results[i], expected[round_]), (round_, i)
+                current[i] = results[i]
+        taken = view["now"].shards_of(ids[2])
+        assert len(taken) >= 4  # ten times the others' upload: most of the shards
+        assert all(len(owners) == 1 for owners in view["now"].owners)
+        assert set(taken) & set(owned_before[ids[0]]) and set(taken) & set(owned_before[ids[1]])
+        assert outers[2].stats.momentum_handovers == len(taken) and outers[2].stats.momentum_lost == 0
+        # the outbid peers hold only what they still own; the newcomer holds what it took
+        assert outers[2].state_bytes == 4 * sum(layout.size(s) for s in taken)
+        assert all(outers[i].state_bytes == 4 * sum(layout.size(s) for s in view["now"].shards_of(ids[i]))
+                   for i in range(2))
         nursery.cancel_scope.cancel()
 
 
