@@ -27,14 +27,16 @@ class Averager:
 
     ``peer`` is a running ``swarm.peer.Peer``. Error-feedback residuals are kept per tensor layout
     and codec, so a lossy codec's error is carried into the next round rather than lost.
+    ``send_concurrency`` (set in the groups this peer leads): how many owners a member sends its
+    contributions to at once, 0 for all (see ``AllReduce.run``); 1 where CPU is short.
     """
 
     def __init__(self, peer, *, target_group_size: int = 8, min_group_size: int = 2,
-                 matchmaking_budget: float = 5.0, max_norm_ratio: float = 100.0) -> None:
+                 matchmaking_budget: float = 5.0, max_norm_ratio: float = 100.0, send_concurrency: int = 0) -> None:
         self.allreduce = AllReduce(peer.host, max_norm_ratio=max_norm_ratio)
         self.matchmaker = Matchmaker(peer.host, peer.dht, peer.config.swarm, target_size=target_group_size,
                                      min_size=min_group_size, budget=matchmaking_budget,
-                                     upload_mbps=peer.config.upload_mbps)
+                                     upload_mbps=peer.config.upload_mbps, send_concurrency=send_concurrency)
         self.allreduce.register_handlers()
         self.matchmaker.register_handlers()
         # bytes/s: sizes the stall timeouts; a declared upload rate, else 100 Mbit/s, then measured
@@ -53,7 +55,8 @@ class Averager:
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)))
         me = spec.members.index(self.matchmaker.me)
-        log.info("round %s starts: %d members, %d values, codec %s", spec.group_id, len(spec.members), len(flat), codec)
+        log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
+                 len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")
         send_residual = result_residual = None
         if get_codec(codec).lossy:
             layout = (tuple(tuple(t.shape) for t in tensors), codec)

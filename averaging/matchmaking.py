@@ -53,8 +53,10 @@ class _Seeking:
 
 class Matchmaker:
     def __init__(self, host: IHost, dht: RecordDHT, swarm: str, *, target_size: int = 8, min_size: int = 2,
-                 budget: float = 5.0, mix_every: int = 4, upload_mbps: float | None = None) -> None:
+                 budget: float = 5.0, mix_every: int = 4, upload_mbps: float | None = None,
+                 send_concurrency: int = 0) -> None:
         self.host, self.dht, self.swarm = host, dht, swarm
+        self.send_concurrency = send_concurrency  # what this peer sets in the groups it leads
         self.target_size, self.min_size, self.budget, self.mix_every = target_size, min_size, budget, mix_every
         self.upload_mbps = upload_mbps
         self.coords = Coordinates()
@@ -187,7 +189,8 @@ class Matchmaker:
             bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
             group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
             spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
-                             tuple(partition_bounds(seeking.total, bandwidths)), seeking.codec)
+                             tuple(partition_bounds(seeking.total, bandwidths)), seeking.codec,
+                             min(self.send_concurrency, len(members)))
         async with trio.open_nursery() as nursery:
             for stream in accepted.values():
                 nursery.start_soon(self._finish_invitation, stream, spec)

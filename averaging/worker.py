@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         averager = Averager(peer, target_group_size=args.group_size, min_group_size=args.min_group_size,
-                            matchmaking_budget=args.budget)
+                            matchmaking_budget=args.budget, send_concurrency=args.send_concurrency)
         print(json.dumps({"ready": peer.peer_id.to_base58()}), flush=True)
         vector = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(args.size).astype(np.float32))
         if args.poison == "nan":
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--upload-mbps", type=float)
+    parser.add_argument("--send-concurrency", type=int, default=0,
+                        help="owners a member sends contributions to at once in groups this peer leads (0: all)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", choices=["all", "first", "none"], default="all", help="rounds whose result is saved")
     parser.add_argument("--quiet", action="store_true")

@@ -62,6 +62,7 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
                  "--rounds", str(args.rounds), "--seed", str(i), "--group-size", str(args.peers),
                  "--min-group-size", str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs),
                  "--save", "first", "--budget", "10", "--timeout", str(args.timeout),
+                 "--send-concurrency", str(args.send_concurrency),
                  *([] if args.verbose or args.kill_after else ["--quiet"])],  # the kill waits for an INFO line
                 prefix=prefix, log_dir=logs)
 
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--codec", default="none")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--send-concurrency", type=int, default=0,
+                        help="owners a member sends its contributions to at once (0: all; 1 where CPU is short, "
+                             "as with 8 peers on 2 cores)")
     parser.add_argument("--kill-after", type=float, help="kill one member this many seconds into round 0")
     parser.add_argument("--vs-hivemind", action="store_true")
     parser.add_argument("--hivemind-python", default=sys.executable,
@@ -150,7 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     values = int(args.size_mb * 1e6 / 4)
     logs = Path(tempfile.mkdtemp(prefix="legion-bench-allreduce-"))
-    result = {"peers": args.peers, "size_mb": args.size_mb, "codec": args.codec, "values": values}
+    result = {"peers": args.peers, "size_mb": args.size_mb, "codec": args.codec, "values": values,
+              "send_concurrency": args.send_concurrency}
     if args.kill_after:
         result.update(run_legion(args, values, logs))
     else:

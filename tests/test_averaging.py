@@ -18,9 +18,11 @@ def spawned():
         process.kill()
 
 
-def test_four_processes_agree_on_the_exact_weighted_mean(seed, spawned, tmp_path):
+@pytest.mark.parametrize("send_concurrency", [0, 1])  # contributions to all owners at once, or one at a time
+def test_four_processes_agree_on_the_exact_weighted_mean(seed, spawned, tmp_path, send_concurrency):
     size, weights = 300_001, [1.0, 2.0, 3.0, 4.0]
-    workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, weights=weights)
+    workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, weights=weights,
+                            extra=["--send-concurrency", str(send_concurrency)])
     reports = results(workers)
     first = next(iter(reports.values()))[0]
     assert first["outcome"] == "ok", reports
@@ -30,6 +32,7 @@ def test_four_processes_agree_on_the_exact_weighted_mean(seed, spawned, tmp_path
         assert report["outcome"] == "ok" and report["contributors"] == first["contributors"]
         result = np.load(tmp_path / f"{peer_id}-0.npy")
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+    assert f"contributions to {send_concurrency or 'all owners'} at once" in workers[0].log_tail(100)
 
 
 # Relative L2 error of one round against the exact mean, per codec (error feedback starts empty).
