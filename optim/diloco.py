@@ -117,16 +117,11 @@ class DiLoCo(SwarmOptimizer):
         weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
             self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"))
-        elif self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None \
-                and not self._take_swarm_round():
-            # the swarm's round to join cannot be had: as after a failed round (the trainer then
-            # fetches the swarm's state), rather than average a round already closed
-            self._adopt_next = False
-            self._apply(None)
-            self.round_start = self.global_weights.clone()
-            assign_flat(self.params, self.round_start)
-            return
         else:
+            if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
+                # the swarm's newer state, whose round this delta joins; without one (every peer
+                # may be waiting, as after a round that failed for all) it averages its own round
+                self._take_swarm_round()
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None]
@@ -136,18 +131,13 @@ class DiLoCo(SwarmOptimizer):
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
 
-    def _take_swarm_round(self) -> bool:
-        """After adopting a peer's state: the swarm's newer state, whose round this peer's delta
-        now joins. False if it could not be had."""
+    def _take_swarm_round(self) -> None:
         fetched = self.fetch_state(self.round + 1)
-        if fetched is None:
-            return False
-        try:
-            self._load(*fetched)
-        except StateError as exc:
-            log.warning("ignoring a peer's state: %s", exc)
-            return False
-        return True
+        if fetched is not None:
+            try:
+                self._load(*fetched)
+            except StateError as exc:
+                log.warning("ignoring a peer's state: %s", exc)
 
     def _estimate(self, delta: torch.Tensor) -> torch.Tensor:
         """The eager estimate: the outer step with this peer's own pseudo-gradient (without the
@@ -207,14 +197,18 @@ class DiLoCo(SwarmOptimizer):
         return {"weights": self.global_weights.clone(), **outer, **optimizer_tensors(self.inner, "inner")}
 
     def load_state(self, round_: int, state: dict[str, torch.Tensor]) -> None:
-        """Adopt a peer's state (the training thread, between steps); work in flight is dropped.
+        """Adopt a peer's state (the training thread, at a round end); work in flight is dropped,
+        except for a state of this peer's own round (a refetch after a failed round): the round
+        being averaged is then the swarm's too, and its mean applies to these weights.
         A state that does not fit raises ``StateError`` and changes nothing."""
+        same_round = round_ == self.round and self._pending is not None
         self._load(round_, state)
-        self._pending = None
+        if not same_round:
+            self._pending = None
         assign_flat(self.params, self.global_weights)
         self.round_start = self.global_weights.clone()
         self.samples = self.phase_steps = 0
-        self._adopt_next = self.overlap
+        self._adopt_next = self.overlap and not same_round
 
     def _load(self, round_: int, state: dict[str, torch.Tensor]) -> None:
         size = torch.Size([len(self.global_weights)])
