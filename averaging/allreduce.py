@@ -181,9 +181,10 @@ class RoundState:
         self.stats = RoundStats(spec.group_id, list(spec.members))
         self.deadline = math.inf
         self.chunk_timeout = 30.0  # longest wait for one chunk to move, from the bandwidth estimate
-        # Contributions on the wire at once (``run``'s ``concurrency``), taken in ring order:
-        # member m sends to owners m+1, m+2, ...
-        self.sending = trio.Semaphore(len(spec.members))  # set by run()
+        # Contributions on the wire at once (the spec's ``send_concurrency``, 0 for all), taken in
+        # ring order: member m sends to owners m+1, m+2, ...
+        self.parallel_sends = max(1, min(spec.send_concurrency or len(spec.members), len(spec.members) - 1))
+        self.sending = trio.Semaphore(self.parallel_sends)
         self.part_seconds = 0.0  # the longest one part may take to send, with contributions queued
         self.exchanged = False  # the direct exchange with every owner is over: a part still
         #                         missing now can only come through repair
@@ -515,9 +516,7 @@ class AllReduce:
         started = trio.current_time()
         # A chunk shares the link with the other members' streams both ways: allow 8x its share.
         state.chunk_timeout = 3 + STALL_SLACK * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
-        parallel = min(spec.send_concurrency or len(spec.members), len(spec.members) - 1)
-        state.sending = trio.Semaphore(max(1, parallel))
-        if parallel < len(spec.members) - 1:  # owners late in the ring wait for the parts before theirs
+        if state.parallel_sends < len(spec.members) - 1:  # owners late in the ring wait for earlier parts
             largest = max(b - a for a, b in zip(spec.bounds, spec.bounds[1:]))
             state.part_seconds = STALL_SLACK * state.codec.encoded_size(largest) / bandwidth
         try:

@@ -108,8 +108,8 @@ class Matchmaker:
                 break
             if left and set(candidates) <= {self.me} and waited >= LATE_GRACE and not seeking.committed:
                 # the others sought here and left (their groups formed, or they gave up) and no
-                # leader has invited this peer (committed: accepted, awaiting its begin): nobody is left to group with, so fail now rather
-                # than hold up this peer's next round
+                # leader has invited this peer (committed: accepted, awaiting its begin): nobody is
+                # left to group with, so fail now rather than hold up this peer's next round
                 raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer")
             await self._ping_some(candidates)
             with trio.move_on_after(0.3):

@@ -121,7 +121,12 @@ class DiLoCo(SwarmOptimizer):
             if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
                 # the swarm's newer state, whose round this delta joins; without one (every peer
                 # may be waiting, as after a round that failed for all) it averages its own round
-                self._take_swarm_round()
+                fetched = self.fetch_state(self.round + 1)
+                if fetched is not None:
+                    try:
+                        self._load(*fetched)
+                    except StateError as exc:
+                        log.warning("ignoring a peer's state: %s", exc)
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None]
@@ -130,14 +135,6 @@ class DiLoCo(SwarmOptimizer):
                                       delta, weight, f"diloco-{self.round}", done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
-
-    def _take_swarm_round(self) -> None:
-        fetched = self.fetch_state(self.round + 1)
-        if fetched is not None:
-            try:
-                self._load(*fetched)
-            except StateError as exc:
-                log.warning("ignoring a peer's state: %s", exc)
 
     def _estimate(self, delta: torch.Tensor) -> torch.Tensor:
         """The eager estimate: the outer step with this peer's own pseudo-gradient (without the

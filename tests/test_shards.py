@@ -126,6 +126,24 @@ def outer_steps(total: int, rounds: int):
     return weights, gradients, expected
 
 
+async def step_and_check(outers, active, round_, current, gradient, expected) -> None:
+    """Peers ``active`` step round ``round_`` together; each must give the unsharded weights
+    ``expected``, which become its ``current`` weights."""
+    import torch
+
+    results = {}
+
+    async def step(i):
+        results[i] = await outers[i].step(round_, current[i], gradient)
+
+    async with trio.open_nursery() as steps:
+        for i in active:
+            steps.start_soon(step, i)
+    for i in active:
+        assert results[i] is not None and torch.equal(results[i], expected), (round_, i)
+        current[i] = results[i]
+
+
 async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_owner_leaving():
     """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
     bit for bit, each holds only its shards' momentum, and when one leaves its replicas carry on
@@ -133,7 +151,7 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
     from shards.outer import ShardedOuter
 
     layout = ShardLayout(total=12_000, count=6)
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(layout.total, 7)
 
     async with trio.open_nursery() as nursery:
@@ -166,17 +184,7 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
                 live.remove(ids[2])
                 view["now"] = assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")
             active = [i for i, p in enumerate(ids) if p in live]
-            results = {}
-
-            async def step(i):
-                results[i] = await outers[i].step(round_, current[i], g)
-
-            async with trio.open_nursery() as steps:
-                for i in active:
-                    steps.start_soon(step, i)
-            for i in active:
-                assert results[i] is not None and torch.equal(results[i], expected[round_]), (round_, i)
-                current[i] = results[i]
+            await step_and_check(outers, active, round_, current, g, expected[round_])
             if round_ == 3:  # two replicas per shard over three peers: each holds about 2/3 of the momentum
                 assert sum(o.state_bytes for o in outers) == 2 * 4 * layout.total
                 assert max(o.state_bytes for o in outers) <= 4 * layout.size(0) * 5
@@ -194,7 +202,7 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
     from shards.outer import ShardedOuter
 
     layout = ShardLayout(total=12_000, count=6)
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(layout.total, 6)
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
@@ -214,17 +222,7 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
                 view["now"] = assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")
                 current[2] = current[0].clone()  # the newcomer holds the swarm's weights (a fetched checkpoint)
             active = [i for i, p in enumerate(ids) if p in bids]
-            results = {}
-
-            async def step(i):
-                results[i] = await outers[i].step(round_, current[i], g)
-
-            async with trio.open_nursery() as steps:
-                for i in active:
-                    steps.start_soon(step, i)
-            for i in active:
-                assert results[i] is not None and torch.equal(results[i], expected[round_]), (round_, i)
-                current[i] = results[i]
+            await step_and_check(outers, active, round_, current, g, expected[round_])
         taken = view["now"].shards_of(ids[2])
         assert len(taken) >= 4  # ten times the others' upload: most of the shards
         assert all(len(owners) == 1 for owners in view["now"].owners)
