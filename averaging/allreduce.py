@@ -27,7 +27,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
-from averaging.wire import FrameError, read_frame, write_frame, write_frame_within
+from averaging.wire import FrameError, read_frame, write_frame_within
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
 CHUNK_VALUES = 1 << 18  # values per streamed chunk (1 MiB as float32), a multiple of BLOCK
 MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
+REPAIR_ANSWER_SECONDS = 5.0  # a member that has not answered a repair request by then is hung or dead
 KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
 RESULT_SENDS = 2  # an owner sends its part to this many members at a time (8 peers: 24 s, 29 s with 1)
@@ -308,14 +309,14 @@ class AllReduce:
             raise
         with trio.move_on_at(state.deadline):
             while not owner.finalized.is_set():  # keepalives: a silent owner is a hung owner
-                await write_frame(stream, {"t": "wait"})
+                await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
                 with trio.move_on_after(KEEPALIVE):
                     await owner.finalized.wait()
             while True:  # few results on the wire at a time, as contributions (RoundState.sending)
                 with trio.move_on_after(KEEPALIVE):
                     await owner.sending.acquire()
                     break
-                await write_frame(stream, {"t": "wait"})
+                await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
             try:
                 await self._send_part(stream, state, owner.result)
             finally:
@@ -326,8 +327,8 @@ class AllReduce:
         return np.concatenate([codec.decode(c, b - a) for c, (a, b) in zip(chunks, ranges)])
 
     async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
-        sent = await write_frame(
-            stream, {"t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)})
+        sent = await write_frame_within(stream, state.chunk_timeout, {
+            "t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)}, what="a result header")
         state.stats.bytes_sent += sent
         for index, chunk in enumerate(part.chunks):
             await _write_chunk(stream, state, index, chunk, "result")
@@ -402,8 +403,9 @@ class AllReduce:
             try:
                 async with state.sending:
                     stream = await self.host.new_stream(peer, [PROTOCOL])
-                    sent = await write_frame(
-                        stream, {"group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)})
+                    sent = await write_frame_within(stream, state.chunk_timeout, {
+                        "group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)},
+                        what="a contribution header")
                     state.stats.bytes_sent += sent
                     for index, (a, b) in enumerate(ranges):
                         residual = None if state.send_residual is None else state.send_residual[a:b]
@@ -441,37 +443,52 @@ class AllReduce:
             state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
 
     async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
-        """Ask the other members for a part until one has it or every one says it never came."""
+        """Ask the members, the owner first, for a part until one sends it or none can have it."""
         spec = state.spec
+        asked = [owner, *(m for m in range(len(spec.members)) if m not in (state.me, owner))]
+        silent: set[int] = set()  # dead or hung: not survivors whose view must match ours
         with trio.move_on_at(deadline):
             while owner not in state.parts:
-                # Members that cannot have the part: those whose exchange ended without it, and
-                # those we cannot reach (dead, so not survivors whose view must match ours).
-                without = 0
-                for member in range(len(spec.members)):
-                    if member in (state.me, owner) or owner in state.parts:
+                without = len(silent)  # and those whose exchange ended without the part
+                for member in asked:
+                    if owner in state.parts:
+                        return
+                    if member in silent:
                         continue
-                    answer = {}
-                    with trio.move_on_after(5):
-                        try:
-                            stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
-                        except Exception as exc:
-                            log.debug("repair: member %d unreachable: %s", member, exc)
-                            without += 1
-                            continue
-                        try:
-                            await write_frame(stream, {"group": spec.group_id, "part": owner})
-                            answer, _ = await read_frame(stream, 0)
-                            if answer.get("t") == "result-follows":
-                                await self._receive_part(stream, state, owner)
-                            await stream.close()
-                        except FrameError as exc:
-                            log.debug("repair of part %d from member %d failed: %s", owner, member, exc)
-                    if answer.get("t") in ("never", "unknown"):
+                    answer = await self._ask_for_part(state, member, owner)
+                    if answer == "no answer":
+                        silent.add(member)
+                    if answer in ("never", "unknown", "no answer"):
                         without += 1
-                if owner in state.parts or without == len(spec.members) - 2:
+                if without == len(asked):
                     return
                 await trio.sleep(0.2)
+
+    async def _ask_for_part(self, state: RoundState, member: int, part: int) -> str:
+        """One repair request; returns the member's answer, "no answer" if it gave none in time.
+        A part that follows is received within the usual stall timeouts."""
+        spec = state.spec
+        stream, answer = None, None
+        try:
+            with trio.move_on_after(REPAIR_ANSWER_SECONDS):
+                stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
+                await write_frame_within(stream, state.chunk_timeout, {"group": spec.group_id, "part": part})
+                answer, _ = await read_frame(stream, 0)
+            if answer is None:
+                return "no answer"
+            if answer.get("t") == "result-follows":
+                await self._receive_part(stream, state, part)
+            return str(answer.get("t"))
+        except FrameError as exc:
+            log.debug("repair of part %d from member %d failed: %s", part, member, exc)
+            return "failed"
+        except Exception as exc:  # new_stream: dead, or its connection aborted
+            log.debug("repair: member %d unreachable: %s", member, exc)
+            return "no answer"
+        finally:
+            if stream is not None:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await stream.close()
 
     async def _serve_repair(self, stream: INetStream, peer: ID) -> None:
         with trio.fail_after(10):
@@ -479,13 +496,13 @@ class AllReduce:
         state = self._rounds.get(request.get("group"))
         part = request.get("part")
         if state is None or peer.to_base58() not in state.spec.members or not isinstance(part, int):
-            await write_frame(stream, {"t": "unknown"})
+            await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"t": "unknown"})
             return
         if part in state.parts:
-            await write_frame(stream, {"t": "result-follows"})
+            await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"t": "result-follows"})
             await self._send_part(stream, state, state.parts[part])
         else:
-            await write_frame(stream, {"t": "never" if state.exchanged else "not-yet"})
+            await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"t": "never" if state.exchanged else "not-yet"})
 
     async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
                   send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
