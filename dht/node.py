@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+INBOUND_SLOTS = 64  # inbound Kademlia streams served at once
+
 
 class RecordDHT:
     """A Kademlia node (server or client mode) that speaks the standard ``/ipfs/kad/1.0.0`` protocol
@@ -41,16 +43,20 @@ class RecordDHT:
         self.timeout = timeout
         self.replication = replication
         self.lookup_ttl = lookup_ttl
-        self._lookups: dict[bytes, tuple[float, list[ID]]] = {}
+        self._lookups: dict[bytes, tuple[float, list[ID], int]] = {}  # key -> (expiry, peers, table size)
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
         self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
+        # py-libp2p serves 12 inbound Kademlia streams at a time and resets any beyond; 16 busy peers
+        # on 2 cores exceeded that all the time, their reads came back short and no peer ever saw
+        # all the others. Silent streams still cannot hold the slots: each gets 2 x timeout.
+        self.kad._inbound_limiter = trio.CapacityLimiter(INBOUND_SLOTS)
         if server:
             host.set_stream_handler(PROTOCOL_ID, self._handle_inbound)
 
     async def _handle_inbound(self, stream: INetStream) -> None:
-        """py-libp2p's Kademlia handler reads without a deadline while holding one of only 12
-        handler slots, so a peer that opens streams and stays silent could starve the DHT. Each
+        """py-libp2p's Kademlia handler reads without a deadline while holding one of the
+        ``INBOUND_SLOTS`` handler slots, so a peer that opens streams and stays silent could starve the DHT. Each
         inbound stream gets ``2 × timeout`` in all, and no error escapes to the host."""
         with trio.move_on_after(2 * self.timeout) as scope:
             try:
@@ -148,7 +154,11 @@ class RecordDHT:
 
     async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
         cached = self._lookups.get(key_bytes)
-        if cached and trio.current_time() < cached[0]:
+        # A set shorter than the replication factor is kept while the routing table has not grown:
+        # in a swarm smaller than that factor every set is short, and looking again every few
+        # seconds there cost most of the CPU of 16 peers on 2 cores.
+        if cached and trio.current_time() < cached[0] and \
+                (len(cached[1]) >= self.replication or self.routing_table_size() <= cached[2]):
             return cached[1]
         me = self.host.get_id()
         peers: list[ID] | None = None
@@ -158,12 +168,13 @@ class RecordDHT:
             log.debug("closest-peer lookup timed out; using the routing table")
             peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
         peers = [p for p in peers if p != me][: self.replication]
-        # A short answer may just mean a young routing table: look again sooner.
-        ttl = self.lookup_ttl if len(peers) >= self.replication else min(self.lookup_ttl, 5.0)
-        self._lookups[key_bytes] = (trio.current_time() + ttl, peers)
+        table = self.routing_table_size()
+        # An answer short of both the factor and the table may mean peers that did not answer: look again sooner.
+        ttl = self.lookup_ttl if len(peers) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)
+        self._lookups[key_bytes] = (trio.current_time() + ttl, peers, table)
         return peers
 
     def _forget(self, key_bytes: bytes, peer: ID) -> None:
         cached = self._lookups.get(key_bytes)
         if cached and peer in cached[1]:
-            self._lookups[key_bytes] = (cached[0], [p for p in cached[1] if p != peer])
+            self._lookups[key_bytes] = (cached[0], [p for p in cached[1] if p != peer], cached[2])

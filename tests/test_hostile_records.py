@@ -14,6 +14,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
+from dht.node import INBOUND_SLOTS
 from dht.records import encode_bundle, sign_entry
 from swarm.local import status_json
 from swarm.members import members_key
@@ -89,13 +90,13 @@ async def test_silent_dht_streams_are_cut_and_the_peer_keeps_serving(seed):
     target = info_from_p2p_addr(multiaddr.Multiaddr(seed.addrs[0]))
     async with host.run([]):
         await host.connect(target)
-        # Fill all of py-libp2p's Kademlia handler slots (12) with streams that never speak; once
-        # they are full the seed refuses further Kademlia streams.
+        # Fill all of the seed's Kademlia handler slots with streams that never speak; once they
+        # are full the seed refuses further Kademlia streams.
         silent = []
-        for _ in range(14):
+        for _ in range(INBOUND_SLOTS + 2):
             with contextlib.suppress(Exception):
                 silent.append(await host.new_stream(target.peer_id, [KAD_PROTOCOL]))
-        assert len(silent) >= 12
+        assert len(silent) >= INBOUND_SLOTS
         with trio.fail_after(20):
             for stream in silent:
                 with contextlib.suppress(Exception):
