@@ -32,8 +32,6 @@ from report import print_result  # noqa: E402
 from swarm.local import PeerProcess, start_peer_process, start_training_swarm, status_json, training_summary  # noqa: E402
 from swarm.run_config import RunConfig  # noqa: E402
 
-HEARTBEAT = 2.0
-
 
 def run_args(args: argparse.Namespace, sharded: bool) -> list[str]:
     return ["--model", "tiny", "--inner-steps", "5", "--batch-size", "4", "--rounds", str(args.rounds),
@@ -41,9 +39,9 @@ def run_args(args: argparse.Namespace, sharded: bool) -> list[str]:
             *(["--sharded"] if sharded else [])]
 
 
-def start_swarm(work: Path, tag: str, run: list[str], peers: int) -> list[PeerProcess]:
+def start_swarm(work: Path, tag: str, run: list[str], peers: int, heartbeat: float) -> list[PeerProcess]:
     """A seed publishing ``run`` and ``peers - 1`` peers, each with a fixed identity from ``work``."""
-    return start_training_swarm(peers, run, work / tag, heartbeat=HEARTBEAT, extra=["--quiet"], identities=work,
+    return start_training_swarm(peers, run, work / tag, heartbeat=heartbeat, extra=["--quiet"], identities=work,
                                 timeout=120)
 
 
@@ -59,7 +57,7 @@ def equivalence(args: argparse.Namespace, work: Path) -> dict:
     results = {}
     runs = [("sharded", True), ("unsharded", False)] + ([("unsharded-again", False)] if args.noise_floor else [])
     for tag, sharded in runs:
-        processes = start_swarm(work, tag, run_args(args, sharded), args.peers)
+        processes = start_swarm(work, tag, run_args(args, sharded), args.peers, args.heartbeat)
         try:
             results[tag] = [training_summary(p, 600) for p in processes]
         finally:
@@ -85,7 +83,7 @@ def owners(bootstrap: str) -> set[str]:
     return {o["peer_id"] for run in runs for shard in run["shards"] for o in shard["owners"]}
 
 
-def wait_until(predicate, timeout: float = 120.0) -> float:
+def wait_until(predicate, timeout: float) -> float:
     began = time.monotonic()
     while not predicate():
         if time.monotonic() - began > timeout:
@@ -96,25 +94,26 @@ def wait_until(predicate, timeout: float = 120.0) -> float:
 
 def ownership(args: argparse.Namespace, work: Path) -> dict:
     run = [*run_args(args, True), "--rounds", "0"]  # trains until killed
-    processes = start_swarm(work, "ownership", run, args.peers)
+    processes = start_swarm(work, "ownership", run, args.peers, args.heartbeat)
     seed = processes[0].addrs[0]
+    timeout = max(120.0, 30 * args.heartbeat)
     try:
-        wait_until(lambda: owners(seed) >= {p.peer_ids[0] for p in processes})
+        wait_until(lambda: owners(seed) >= {p.peer_ids[0] for p in processes}, timeout)
         began = time.monotonic()
         joiner = start_peer_process(["--bootstrap", seed, "--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat",
-                                     str(HEARTBEAT), "--threads", "1", "--quiet"], log_dir=work / "ownership" / "logs")
+                                     str(args.heartbeat), "--threads", "1", "--quiet"], log_dir=work / "ownership" / "logs")
         processes.append(joiner)
-        wait_until(lambda: joiner.peer_ids[0] in owners(seed))
+        wait_until(lambda: joiner.peer_ids[0] in owners(seed), timeout)
         join_seconds = time.monotonic() - began
         victim = processes[1]
         victim.kill()
-        death_seconds = wait_until(lambda: victim.peer_ids[0] not in owners(seed))
+        death_seconds = wait_until(lambda: victim.peer_ids[0] not in owners(seed), timeout)
     finally:
         for p in processes:
             p.kill()
     return {"converge_seconds": round(max(join_seconds, death_seconds), 2),
             "converge_seconds_join": round(join_seconds, 2), "converge_seconds_death": round(death_seconds, 2),
-            "lease_seconds": HEARTBEAT * 2.5}
+            "lease_seconds": args.heartbeat * 2.5}
 
 
 def main() -> None:
@@ -123,6 +122,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--noise-floor", action="store_true",
                         help="also run the unsharded run twice: how far two identical runs differ")
+    parser.add_argument("--heartbeat", type=float, default=2.0,
+                        help="peers' heartbeat (s): the lease is 2.5 of them; every peer reads and writes the DHT "
+                             "each heartbeat, so many peers on few cores need a longer one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="legion-bench-shards-"))
