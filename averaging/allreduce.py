@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import multiaddr
 import numpy as np
@@ -308,19 +308,23 @@ class AllReduce:
             owner.resolve(sender, type(exc).__name__)
             raise
         with trio.move_on_at(state.deadline):
-            while not owner.finalized.is_set():  # keepalives: a silent owner is a hung owner
-                await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
-                with trio.move_on_after(KEEPALIVE):
-                    await owner.finalized.wait()
-            while True:  # few results on the wire at a time, as contributions (RoundState.sending)
-                with trio.move_on_after(KEEPALIVE):
-                    await owner.sending.acquire()
-                    break
-                await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
+            await self._keepalive_until(stream, state, owner.finalized.wait)
+            # few results on the wire at a time, as contributions (RoundState.sending)
+            await self._keepalive_until(stream, state, owner.sending.acquire)
             try:
                 await self._send_part(stream, state, owner.result)
             finally:
                 owner.sending.release()
+
+    @staticmethod
+    async def _keepalive_until(stream: INetStream, state: RoundState, wait: Callable[[], Awaitable[Any]]) -> None:
+        """Await ``wait()``, meanwhile sending the member a keepalive each second: to a member,
+        a silent owner is a hung owner."""
+        while True:
+            with trio.move_on_after(KEEPALIVE):
+                await wait()
+                return
+            await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
 
     @staticmethod
     def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]]) -> np.ndarray:

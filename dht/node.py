@@ -56,8 +56,9 @@ class RecordDHT:
 
     async def _handle_inbound(self, stream: INetStream) -> None:
         """py-libp2p's Kademlia handler reads without a deadline while holding one of the
-        ``INBOUND_SLOTS`` handler slots, so a peer that opens streams and stays silent could starve the DHT. Each
-        inbound stream gets ``2 × timeout`` in all, and no error escapes to the host."""
+        ``INBOUND_SLOTS`` handler slots, so a peer that opens streams and stays silent could
+        starve the DHT. Each inbound stream gets ``2 × timeout`` in all, and no error escapes to
+        the host."""
         with trio.move_on_after(2 * self.timeout) as scope:
             try:
                 await self.kad.handle_stream(stream)

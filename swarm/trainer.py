@@ -193,7 +193,7 @@ class Trainer:
                 return
             if len(joined) != seen:
                 seen = len(joined)
-                log.info("%d of %d peers joined run %s; waiting", seen, self.wait_peers, self.config.run_id)
+                log.info("%d of %d peers joined run %s; waiting", seen, self.wait_peers, run_id)
             # Every read asks each other peer: with many waiting, reading twice a second would
             # saturate a small machine (16 peers, 2 cores: 480 requests/s). 0.5 s at 4 peers, 4 s at 16.
             await trio.sleep(max(0.5, self.wait_peers ** 2 / 64))
