@@ -27,7 +27,8 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
-from averaging.wire import FrameError, read_frame, write_frame_within
+from averaging.lanes import Lanes
+from averaging.wire import FrameError, read_frame, stream_peer, write_frame_within
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
 REPAIR_ANSWER_SECONDS = 5.0  # a member that has not answered a repair request by then is hung or dead
 KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
+FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that its round is over
+LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
 RESULT_SENDS = 2  # an owner sends its part to this many members at a time (8 peers: 24 s, 29 s with 1)
 assert CHUNK_VALUES % BLOCK == 0
@@ -189,6 +192,8 @@ class RoundState:
         self.part_seconds = 0.0  # the longest one part may take to send, with contributions queued
         self.exchanged = False  # the direct exchange with every owner is over: a part still
         #                         missing now can only come through repair
+        self.finished: set[int] = {me}  # members whose round is over (they said so), or who are gone
+        self.over = False  # our own round is over
 
 
 async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: int, what: str) -> bytes:
@@ -219,8 +224,10 @@ def _check_weight(weight: Any) -> float:
 class AllReduce:
     """Runs butterfly rounds on a host; ``register_handlers`` once, then ``run(...)`` per round."""
 
-    def __init__(self, host: IHost, *, max_norm_ratio: float = 100.0, wait_for_round: float = 10.0) -> None:
+    def __init__(self, host: IHost, *, lanes: Lanes | None = None, max_norm_ratio: float = 100.0,
+                 wait_for_round: float = 10.0) -> None:
         self.host = host
+        self.lanes = lanes or Lanes(host)  # bulk data on lanes where the peer runs them
         self.max_norm_ratio = max_norm_ratio
         self.wait_for_round = wait_for_round
         self._rounds: dict[str, RoundState] = {}
@@ -228,14 +235,14 @@ class AllReduce:
         self._expiries: dict[str, float] = {}
 
     def register_handlers(self) -> None:
-        self.host.set_stream_handler(PROTOCOL, self._guarded(self._serve_contribution))
-        self.host.set_stream_handler(REPAIR_PROTOCOL, self._guarded(self._serve_repair))
+        self.lanes.serve(PROTOCOL, self._guarded(self._serve_contribution))
+        self.lanes.serve(REPAIR_PROTOCOL, self._guarded(self._serve_repair))
 
     def _guarded(self, handler):
         """Every handler: bounded in time, errors logged, never escaping to the host."""
 
         async def guarded(stream: INetStream) -> None:
-            peer = stream.muxed_conn.peer_id
+            peer = stream_peer(stream)
             try:
                 with trio.move_on_after(600):
                     await handler(stream, peer)
@@ -406,7 +413,7 @@ class AllReduce:
         with trio.move_on_at(deadline):
             try:
                 async with state.sending:
-                    stream = await self.host.new_stream(peer, [PROTOCOL])
+                    stream = await self.lanes.open_stream(peer, PROTOCOL)
                     sent = await write_frame_within(stream, state.chunk_timeout, {
                         "group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)},
                         what="a contribution header")
@@ -419,7 +426,7 @@ class AllReduce:
                 await self._receive_part(stream, state, owner)
             except (FrameError, CodecError) as exc:
                 log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)
-            except Exception as exc:  # new_stream: the owner is unreachable
+            except Exception as exc:  # opening the stream: the owner is unreachable
                 log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
             finally:
                 if stream is not None:
@@ -475,7 +482,7 @@ class AllReduce:
         stream, answer = None, None
         try:
             with trio.move_on_after(REPAIR_ANSWER_SECONDS):
-                stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
+                stream = await self.lanes.open_stream(ID.from_base58(spec.members[member]), REPAIR_PROTOCOL)
                 await write_frame_within(stream, state.chunk_timeout, {"group": spec.group_id, "part": part})
                 answer, _ = await read_frame(stream, 0)
             if answer is None:
@@ -486,7 +493,7 @@ class AllReduce:
         except FrameError as exc:
             log.debug("repair of part %d from member %d failed: %s", part, member, exc)
             return "failed"
-        except Exception as exc:  # new_stream: dead, or its connection aborted
+        except Exception as exc:  # opening the stream: dead, or its connection aborted
             log.debug("repair: member %d unreachable: %s", member, exc)
             return "no answer"
         finally:
@@ -499,6 +506,13 @@ class AllReduce:
             request, _ = await read_frame(stream, 0)
         state = self._rounds.get(request.get("group"))
         part = request.get("part")
+        if state is not None and request.get("t") == "finished" and peer.to_base58() in state.spec.members:
+            state.finished.add(state.spec.members.index(peer.to_base58()))
+            return
+        if request.get("t") == "status":
+            running = state is not None and not state.over
+            await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"t": "running" if running else "finished"})
+            return
         if state is None or peer.to_base58() not in state.spec.members or not isinstance(part, int):
             await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"t": "unknown"})
             return
@@ -560,9 +574,56 @@ class AllReduce:
                 state.stats.phase_seconds["repair"] = trio.current_time() - started - state.stats.phase_seconds["exchange"]
             return self._conclude(state), state.stats
         finally:
-            state.exchanged = True
+            state.exchanged = state.over = True
+            await self._tell_finished(state)
             state.flat = None  # the caller's vector is not kept beyond the round
             self._expire_later(spec.group_id)
+
+    async def _tell_finished(self, state: RoundState) -> None:
+        """Tell the other members our round is over: a member waiting in ``linger`` may leave once
+        all have (until then it may hold a part someone still has to repair from it)."""
+        spec = state.spec
+
+        async def tell(member: int) -> None:
+            with trio.move_on_after(FINISHED_NOTE_SECONDS), contextlib.suppress(Exception):
+                stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
+                try:
+                    await write_frame_within(stream, FINISHED_NOTE_SECONDS, {"group": spec.group_id, "t": "finished"})
+                finally:
+                    await stream.close()
+
+        with trio.CancelScope(shield=True):  # also when the round itself was cancelled
+            async with trio.open_nursery() as nursery:
+                for member in range(len(spec.members)):
+                    if member != state.me:
+                        nursery.start_soon(tell, member)
+
+    async def linger(self) -> None:
+        """Before a peer leaves: wait until every member of its recent rounds has finished or is
+        gone (dead, or hung: it does not answer within ``REPAIR_ANSWER_SECONDS``), at most until
+        the round's deadline, answering repair requests meanwhile. A member that left at once
+        could take with it a part others still have to repair from it, and they would fail a
+        round it reported as a success."""
+        for state in list(self._rounds.values()):
+            with trio.move_on_at(state.deadline):
+                while len(state.finished) < len(state.spec.members):
+                    async with trio.open_nursery() as nursery:
+                        for member in set(range(len(state.spec.members))) - state.finished:
+                            nursery.start_soon(self._check_finished, state, member)
+                    await trio.sleep(LINGER_POLL)
+
+    async def _check_finished(self, state: RoundState, member: int) -> None:
+        answer = None
+        with trio.move_on_after(REPAIR_ANSWER_SECONDS), contextlib.suppress(Exception):
+            stream = await self.host.new_stream(ID.from_base58(state.spec.members[member]), [REPAIR_PROTOCOL])
+            try:
+                await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"group": state.spec.group_id, "t": "status"})
+                answer, _ = await read_frame(stream, 0)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+        if answer is None or answer.get("t") != "running":
+            state.finished.add(member)
 
     def _conclude(self, state: RoundState) -> np.ndarray:
         spec, stats = state.spec, state.stats

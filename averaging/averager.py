@@ -33,7 +33,7 @@ class Averager:
 
     def __init__(self, peer, *, target_group_size: int = 8, min_group_size: int = 2,
                  matchmaking_budget: float = 5.0, max_norm_ratio: float = 100.0, send_concurrency: int = 0) -> None:
-        self.allreduce = AllReduce(peer.host, max_norm_ratio=max_norm_ratio)
+        self.allreduce = AllReduce(peer.host, lanes=peer.lanes, max_norm_ratio=max_norm_ratio)
         self.matchmaker = Matchmaker(peer.host, peer.dht, peer.config.swarm, target_size=target_group_size,
                                      min_size=min_group_size, budget=matchmaking_budget,
                                      upload_mbps=peer.config.upload_mbps, send_concurrency=send_concurrency)
@@ -70,6 +70,11 @@ class Averager:
         if seconds > 0 and stats.bytes_sent > 1e6:
             self.bandwidth = max(1e5, stats.bytes_sent / seconds)
         return AveragingResult(self._unflatten(averaged, tensors), stats)
+
+    async def linger(self) -> None:
+        """Call before leaving the swarm: returns once the members of this peer's recent rounds
+        no longer need it for repair (``AllReduce.linger``)."""
+        await self.allreduce.linger()
 
     @staticmethod
     def _unflatten(flat: np.ndarray, like: list[torch.Tensor]) -> list[torch.Tensor]:

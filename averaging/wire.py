@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import trio
 from libp2p.abc import INetStream
+from libp2p.peer.id import ID
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ async def read_exactly(stream: INetStream, size: int) -> bytes:
 _LOWER_LAYER = ("secured_conn", "conn", "_conn", "stream")
 
 
+def stream_peer(stream: INetStream) -> ID:
+    """The peer at the other end of a libp2p stream or a lane (``averaging.lanes``)."""
+    peer = getattr(stream, "peer_id", None)
+    return peer if peer is not None else stream.muxed_conn.peer_id
+
+
 def abort_connection(stream: INetStream) -> bool:
     """Close the TCP socket under ``stream``'s connection at once; True if one was found.
 
@@ -54,6 +61,11 @@ def abort_connection(stream: INetStream) -> bool:
     peer could then hold a task, or the process's exit, forever. Closing the socket makes every
     such write fail at once. A live peer simply reconnects.
     """
+    abort = getattr(stream, "abort", None)  # a lane: its own socket
+    if abort is not None:
+        abort()
+        log.info("aborted the lane to %s: it stopped reading", stream_peer(stream))
+        return True
     layer: Any = getattr(stream, "muxed_conn", None)
     for _ in range(8):
         if isinstance(layer, trio.SocketStream):

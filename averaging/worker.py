@@ -40,7 +40,7 @@ def start_worker(args: list[str], *, prefix: tuple[str, ...] | list[str] = (), l
 
 
 async def run(args: argparse.Namespace) -> None:
-    peer = Peer(PeerConfig(listen=[args.listen], bootstrap=args.bootstrap, heartbeat=2.0,
+    peer = Peer(PeerConfig(listen=[args.listen], bootstrap=args.bootstrap, heartbeat=2.0, lanes=args.lanes,
                            upload_mbps=args.upload_mbps))
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
@@ -71,6 +71,7 @@ async def run(args: argparse.Namespace) -> None:
                               "contributors": stats.contributors, "bytes_sent": stats.bytes_sent,
                               "bytes_received": stats.bytes_received, "phase_seconds": stats.phase_seconds,
                               "seconds": trio.current_time() - began}), flush=True)
+        await averager.linger()
         peer.stop()
         exit_if_stuck(10.0)
         with trio.move_on_after(5):
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--upload-mbps", type=float)
+    parser.add_argument("--no-lanes", dest="lanes", action="store_false", help="libp2p streams only")
     parser.add_argument("--send-concurrency", type=int, default=0,
                         help="owners a member sends contributions to at once in groups this peer leads (0: all)")
     parser.add_argument("--out", required=True)

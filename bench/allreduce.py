@@ -62,7 +62,7 @@ def run_legion(args: argparse.Namespace, values: int, logs: Path) -> dict:
                  "--rounds", str(args.rounds), "--seed", str(i), "--group-size", str(args.peers),
                  "--min-group-size", str(args.peers - (1 if args.kill_after else 0)), "--out", str(logs),
                  "--save", "first", "--budget", "10", "--timeout", str(args.timeout),
-                 "--send-concurrency", str(args.send_concurrency),
+                 "--send-concurrency", str(args.send_concurrency), *([] if args.lanes else ["--no-lanes"]),
                  *([] if args.verbose or args.kill_after else ["--quiet"])],  # the kill waits for an INFO line
                 prefix=prefix, log_dir=logs)
 
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--send-concurrency", type=int, default=0,
                         help="owners a member sends its contributions to at once (0: all; 1 where CPU is short, "
                              "as with 8 peers on 2 cores)")
+    parser.add_argument("--no-lanes", dest="lanes", action="store_false",
+                        help="peers move the data on libp2p streams, not lanes (averaging/lanes.py)")
     parser.add_argument("--kill-after", type=float, help="kill one member this many seconds into round 0")
     parser.add_argument("--vs-hivemind", action="store_true")
     parser.add_argument("--hivemind-python", default=sys.executable,

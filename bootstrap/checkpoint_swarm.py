@@ -9,6 +9,7 @@ import logging
 import trio
 from libp2p.abc import IHost
 
+from averaging.lanes import Lanes
 from averaging.wire import FrameError
 from bootstrap.advert import Holding, find_holdings, holdings_key, holdings_value
 from bootstrap.chunk_protocol import PROTOCOL, ChunkServer, LatestSource, ProtocolError, ask_manifest, \
@@ -23,20 +24,22 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointSwarm:
-    """``max_upload_mbit``/``max_download_mbit`` cap this peer's chunk traffic (None: no cap)."""
+    """``max_upload_mbit``/``max_download_mbit`` cap this peer's chunk traffic (None: no cap).
+    Chunks move on ``lanes`` where peers run them (``averaging.lanes``), else on libp2p streams."""
 
     def __init__(self, host: IHost, dht: RecordDHT, swarm: str, store: ChunkStore, *,
                  max_upload_mbit: float | None = None, max_download_mbit: float | None = None,
                  latest: LatestSource | None = None, max_state_bytes: int = 4 << 30,
-                 stall_timeout: float = 10.0) -> None:
+                 stall_timeout: float = 10.0, lanes: Lanes | None = None) -> None:
         self.host, self.dht, self.swarm, self.store = host, dht, swarm, store
+        self.lanes = lanes or Lanes(host)
         self.upload_limit = RateLimiter.from_mbit(max_upload_mbit)
         self.download_limit = RateLimiter.from_mbit(max_download_mbit)
         self.server = ChunkServer(store, self.upload_limit, self.download_limit, latest=latest)
         self.max_state_bytes, self.stall_timeout = max_state_bytes, stall_timeout
 
     def serve(self) -> None:
-        self.host.set_stream_handler(PROTOCOL, self.server.handle)
+        self.lanes.serve(PROTOCOL, self.server.handle)
 
     # ----- advertising
     def holdings(self) -> list[Holding]:
@@ -72,7 +75,7 @@ class CheckpointSwarm:
         has none, cannot be reached, or sends a forged one (logged)."""
         try:
             with trio.fail_after(timeout):
-                stream = await open_chunk_stream(self.host, peer, self.upload_limit, self.download_limit)
+                stream = await open_chunk_stream(self.lanes, peer, self.upload_limit, self.download_limit)
                 try:
                     return await ask_manifest(stream, max_bytes=self.max_state_bytes, run_id=run_id,
                                               manifest_id=manifest_id)
@@ -94,7 +97,7 @@ class CheckpointSwarm:
         async def find_sources() -> list[str]:
             return [h.peer_id for h in await self.holders(run_id)]
 
-        download = SwarmDownload(self.host, self.store, signed, upload=self.upload_limit, download=self.download_limit,
+        download = SwarmDownload(self.lanes, self.store, signed, upload=self.upload_limit, download=self.download_limit,
                                  stall_timeout=self.stall_timeout, on_progress=on_progress)
         stats = await download.run(sources, find_sources=find_sources, timeout=timeout)
         self.store.prune()

@@ -21,10 +21,11 @@ from typing import Awaitable, Callable
 
 import numpy as np
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
-from averaging.wire import FrameError, abort_connection, read_frame, write_frame
+from averaging.lanes import Lanes
+from averaging.wire import FrameError, abort_connection, read_frame, stream_peer, write_frame
 from bootstrap.chunk_store import ChunkStore
 from bootstrap.manifest import ID_BYTES, MAX_CHUNK_SIZE, MAX_ENVELOPE, SignedManifest, max_stored_size, open_envelope
 from bootstrap.rate_limit import RateLimiter, ThrottledStream
@@ -55,7 +56,7 @@ class ChunkServer:
 
     async def handle(self, raw: INetStream) -> None:
         stream = ThrottledStream(raw, self.upload, self.download)
-        peer = raw.muxed_conn.peer_id.to_base58()
+        peer = stream_peer(raw).to_base58()
         send, receive = trio.open_memory_channel(MAX_QUEUE)
         cancelled: set[bytes] = set()
         try:
@@ -139,10 +140,11 @@ class ChunkServer:
 
 
 # ----- the client side
-async def open_chunk_stream(host: IHost, peer: str, upload: RateLimiter, download: RateLimiter) -> ThrottledStream:
-    """A stream to ``peer``'s chunk server; raises ``ProtocolError`` if it cannot be opened."""
+async def open_chunk_stream(lanes: Lanes, peer: str, upload: RateLimiter, download: RateLimiter) -> ThrottledStream:
+    """A stream (a lane where it can) to ``peer``'s chunk server; raises ``ProtocolError`` if it
+    cannot be opened."""
     try:
-        raw = await host.new_stream(ID.from_base58(peer), [PROTOCOL])
+        raw = await lanes.open_stream(ID.from_base58(peer), PROTOCOL)
     except Exception as exc:  # dial failures, resets, negotiation: libp2p raises many kinds
         raise ProtocolError(f"cannot open a chunk stream to {peer}: {type(exc).__name__}: {exc}") from exc
     return ThrottledStream(raw, upload, download)

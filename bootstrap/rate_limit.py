@@ -49,7 +49,6 @@ class ThrottledStream:
 
     def __init__(self, stream: INetStream, upload: RateLimiter, download: RateLimiter) -> None:
         self.stream, self.upload, self.download = stream, upload, download
-        self.muxed_conn = stream.muxed_conn
         self.last_read = trio.current_time()
 
     async def read(self, n: int = -1) -> bytes:

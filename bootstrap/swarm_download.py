@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import trio
-from libp2p.abc import IHost
 
+from averaging.lanes import Lanes
 from averaging.wire import FrameError, read_frame, write_frame
 from bootstrap.chunk_protocol import MAX_HAVE_IDS, MAX_STORED, ProtocolError, ask_have, open_chunk_stream, \
     parse_have, send_have
@@ -80,10 +80,10 @@ class _Source:
 class SwarmDownload:
     """Fetch the chunks of ``signed`` that ``store`` lacks. Use ``await run(sources)``."""
 
-    def __init__(self, host: IHost, store: ChunkStore, signed: SignedManifest, *, upload: RateLimiter,
+    def __init__(self, lanes: Lanes, store: ChunkStore, signed: SignedManifest, *, upload: RateLimiter,
                  download: RateLimiter, depth: int = 4, max_depth: int = 16, stall_timeout: float = 10.0,
                  on_progress: ProgressCallback | None = None) -> None:
-        self.host, self.store, self.signed = host, store, signed
+        self.lanes, self.host, self.store, self.signed = lanes, lanes.host, store, signed
         self.upload, self.download = upload, download
         self.depth, self.max_depth, self.stall_timeout = depth, max_depth, stall_timeout
         self.on_progress = on_progress
@@ -164,7 +164,7 @@ class SwarmDownload:
     async def _download_from(self, peer: str) -> None:
         try:
             with trio.fail_after(self.stall_timeout):
-                stream = await open_chunk_stream(self.host, peer, self.upload, self.download)
+                stream = await open_chunk_stream(self.lanes, peer, self.upload, self.download)
         except (ProtocolError, trio.TooSlowError) as exc:
             log.info("source %s unusable: %s", peer, exc)
             return

@@ -67,6 +67,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upload-mbps", type=float, help="declared upload bandwidth, Mbit/s")
     parser.add_argument("--download-mbps", type=float, help="declared download bandwidth, Mbit/s")
     parser.add_argument("--gpu", help="declared GPU name (default: detected)")
+    parser.add_argument("--no-lanes", dest="lanes", action="store_false",
+                        help="move bulk data (all-reduce, checkpoint chunks) on libp2p streams only, "
+                             "not on direct encrypted TCP lanes")
     parser.add_argument("--count", type=int, default=1,
                         help="run this many peers in this process (simulations and tests)")
     train = parser.add_argument_group(
@@ -197,7 +200,7 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
     return [PeerConfig(listen=listen, bootstrap=list(args.bootstrap), seed=args.seed and i == 0,
                        identity=args.identity, swarm_key=args.swarm_key, swarm=args.swarm,
                        heartbeat=args.heartbeat, upload_mbps=args.upload_mbps,
-                       download_mbps=args.download_mbps, gpu=args.gpu)
+                       download_mbps=args.download_mbps, gpu=args.gpu, lanes=args.lanes)
             for i in range(args.count)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from averaging.lanes import Lanes
 from bootstrap.join import connect_bootstrap_peers
 from dht import RecordDHT
 from swarm import resources
@@ -47,6 +49,7 @@ class PeerConfig:
     upload_mbps: float | None = None
     download_mbps: float | None = None
     gpu: str | None = None
+    lanes: bool = True  # bulk data (all-reduce, chunks) on direct encrypted TCP lanes (averaging.lanes)
 
     def validate(self) -> None:
         if not self.seed and not self.bootstrap:
@@ -78,6 +81,7 @@ class Peer:
         psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
         self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout)
         self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
+        self.lanes = Lanes(self.host, timeout=config.network_timeout)
         self.started_at = time.time()
         self.addrs: list[multiaddr.Multiaddr] = []
         self._stopping = trio.Event()
@@ -108,7 +112,9 @@ class Peer:
 
     async def _run(self, task_status: trio.TaskStatus["Peer"]) -> None:
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
-        async with self.host.run(listen), self.dht.running():
+        async with self.host.run(listen), self.dht.running(), trio.open_nursery() as nursery:
+            if self.config.lanes:
+                await nursery.start(self.lanes.run, self._lane_ip(listen))
             self.addrs = dialable_addrs(self.host)
             if self.config.bootstrap:
                 reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
@@ -133,6 +139,15 @@ class Peer:
             with trio.move_on_after(2.0):
                 await self.dht.withdraw(key, self.ttl)
                 log.info("peer %s withdrew its announcement", self.peer_id)
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    def _lane_ip(listen: list[multiaddr.Multiaddr]) -> str:
+        """The lane listener binds where libp2p listens (its first IPv4 address)."""
+        for addr in listen:
+            with contextlib.suppress(Exception):
+                return addr.value_for_protocol("ip4")
+        return "0.0.0.0"
 
     def stop(self) -> None:
         """Leave gracefully: withdraw the announcement, then return from ``run``. (Cancelling

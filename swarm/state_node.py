@@ -79,10 +79,12 @@ async def fetch_newest(checkpoints: CheckpointSwarm, run_id: str, timeout: float
 
 
 async def run(args: argparse.Namespace) -> None:
-    peer = Peer(PeerConfig(listen=[args.listen], bootstrap=args.bootstrap, seed=args.seed, heartbeat=args.heartbeat))
+    peer = Peer(PeerConfig(listen=[args.listen], bootstrap=args.bootstrap, seed=args.seed, heartbeat=args.heartbeat,
+                           lanes=args.lanes))
     store = ChunkStore(args.dir)
     checkpoints = CheckpointSwarm(peer.host, peer.dht, peer.config.swarm, store, max_upload_mbit=args.max_upload,
-                                  max_download_mbit=args.max_download, stall_timeout=args.stall_timeout)
+                                  max_download_mbit=args.max_download, stall_timeout=args.stall_timeout,
+                                  lanes=peer.lanes)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         checkpoints.serve()
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-upload", type=float, metavar="MBIT")
     parser.add_argument("--max-download", type=float, metavar="MBIT")
     parser.add_argument("--stall-timeout", type=float, default=10.0)
+    parser.add_argument("--no-lanes", dest="lanes", action="store_false", help="libp2p streams only")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("--quiet", action="store_true")

@@ -93,7 +93,8 @@ class Trainer:
         self.store = ChunkStore(checkpoint_dir or Path(self._temporary.name), keep=keep_checkpoints)
         self.checkpoints = CheckpointSwarm(peer.host, peer.dht, peer.config.swarm, self.store,
                                            max_upload_mbit=max_upload_mbit, max_download_mbit=max_download_mbit,
-                                           latest=self._latest_checkpoint, max_state_bytes=max_state_bytes)
+                                           latest=self._latest_checkpoint, max_state_bytes=max_state_bytes,
+                                           lanes=peer.lanes)
         self._checkpoint: SignedManifest | None = None
         self._checkpoint_lock = trio.Lock()
         self._checkpointed_at = 0.0
@@ -163,6 +164,7 @@ class Trainer:
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
             await self._publish_once()
             await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
+            await averager.linger()  # members of the last round may still need our part
             nursery.cancel_scope.cancel()
         return summary
 

@@ -1,0 +1,92 @@
+"""Lanes: direct encrypted TCP connections set up through libp2p (averaging/lanes.py)."""
+
+import os
+
+import pytest
+import trio
+
+from averaging.lanes import Lane, LaneError
+from averaging.wire import read_frame, stream_peer, write_frame
+from swarm.peer import Peer, PeerConfig
+from tests.peer_helpers import LOOPBACK, start_peers
+
+ECHO = "/legion/test-echo/1.0.0"
+
+
+def serve_echo(peer: Peer, seen: list) -> None:
+    async def echo(stream) -> None:
+        seen.append((type(stream), stream_peer(stream)))
+        header, payload = await read_frame(stream, 64 << 20)
+        await write_frame(stream, header, payload[::-1])
+        await stream.close()
+
+    peer.lanes.serve(ECHO, echo)
+
+
+async def test_a_lane_carries_frames_both_ways_and_names_the_dialing_peer():
+    async with trio.open_nursery() as nursery:
+        a, b = await start_peers(nursery, 2)
+        seen = []
+        serve_echo(b, seen)
+        payload = os.urandom(5 << 20)  # several 1 MiB encrypted frames
+        stream = await a.lanes.open_stream(b.peer_id, ECHO)
+        assert isinstance(stream, Lane)
+        await write_frame(stream, {"n": 1}, payload)
+        header, back = await read_frame(stream, 64 << 20)
+        await stream.close()
+        assert header == {"n": 1} and back == payload[::-1]
+        assert seen == [(Lane, a.peer_id)]
+        assert stream.bytes_sent > len(payload)  # it went over the lane, not libp2p
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_without_lanes_is_reached_over_libp2p():
+    async with trio.open_nursery() as nursery:
+        [a] = await start_peers(nursery, 1)
+        b = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(a.addrs[0])], heartbeat=1,
+                                                lanes=False)).run)
+        seen = []
+        serve_echo(b, seen)
+        for _ in range(2):  # the second time it does not try a lane again
+            stream = await a.lanes.open_stream(b.peer_id, ECHO)
+            assert not isinstance(stream, Lane)
+            await write_frame(stream, {}, b"abc")
+            assert (await read_frame(stream, 16))[1] == b"cba"
+            await stream.close()
+        assert [peer for _, peer in seen] == [a.peer_id, a.peer_id]
+        assert b.peer_id.to_base58() in a.lanes._no_lane  # remembered: no lane is tried for a while
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tampered_frame_or_an_unknown_lane_id_is_refused():
+    async with trio.open_nursery() as nursery:
+        a, b = await start_peers(nursery, 2)
+        got = []
+
+        async def keep(stream) -> None:
+            try:
+                got.append(await stream.read(1 << 20))
+                got.append(await stream.read(1 << 20))
+            except LaneError as exc:
+                got.append(exc)
+
+        b.lanes.serve(ECHO, keep)
+        stream = await a.lanes.open_stream(b.peer_id, ECHO)
+        await stream.write(b"first")
+        sealed = stream._send.encrypt(stream._nonce(stream._send_count), b"second", None)
+        tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+        await stream.sock.send_all(len(tampered).to_bytes(4, "big") + tampered)
+        with trio.fail_after(10):
+            while len(got) < 2:
+                await trio.sleep(0.05)
+        assert got[0] == b"first" and isinstance(got[1], LaneError)
+        with pytest.raises(trio.BrokenResourceError):  # b closed the lane
+            for _ in range(100):
+                await stream.sock.send_all(b"x" * 65536)
+
+        # a connection to the lane listener that presents no lane id it handed out
+        intruder = await trio.open_tcp_stream("127.0.0.1", b.lanes.port)
+        await intruder.send_all(os.urandom(16))
+        with trio.fail_after(10):
+            assert await intruder.receive_some(1) == b""
+        nursery.cancel_scope.cancel()
