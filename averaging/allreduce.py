@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import multiaddr
@@ -152,10 +153,17 @@ class _OwnerState:
         if not self.pending:
             self.resolved.set()
 
-    def add(self, sender: int, weight: float, values: np.ndarray) -> None:
+    def add(self, sender: int, weight: float, values: np.ndarray, *, scratch: bool = False) -> None:
+        """Add a contribution; ``scratch``: ``values`` may be overwritten (saves a temporary)."""
         self.norms[sender] = float(np.linalg.norm(values))
         self.weights[sender] = weight
-        self.sum += values * np.float32(weight)
+        w = np.float32(weight)
+        if w == 1:
+            self.sum += values
+        elif scratch:
+            self.sum += np.multiply(values, w, out=values)
+        else:
+            self.sum += values * w
 
     def outliers(self) -> list[int]:
         """Contributors whose norm is absurd next to the median of the others (needs 3 or more)."""
@@ -305,7 +313,7 @@ class AllReduce:
             async with owner.lock:
                 if owner.finalized.is_set():
                     raise FrameError("contribution arrived after the part was finalized")
-                await trio.to_thread.run_sync(owner.add, sender, weight, values)
+                await trio.to_thread.run_sync(partial(owner.add, sender, weight, values, scratch=True))
             owner.encoded[sender] = chunks
             owner.resolve(sender)
         except (FrameError, CodecError) as exc:
@@ -334,8 +342,14 @@ class AllReduce:
             await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
 
     @staticmethod
-    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]]) -> np.ndarray:
-        return np.concatenate([codec.decode(c, b - a) for c, (a, b) in zip(chunks, ranges)])
+    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]],
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """The values of a part's chunks, written into ``out`` (a new array if None)."""
+        start = ranges[0][0]
+        out = np.empty(ranges[-1][1] - start, np.float32) if out is None else out
+        for chunk, (a, b) in zip(chunks, ranges):
+            out[a - start:b - start] = codec.decode(chunk, b - a)
+        return out
 
     async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
         sent = await write_frame_within(stream, state.chunk_timeout, {
@@ -384,10 +398,13 @@ class AllReduce:
                     owner.sum += values * np.float32(weight)
             contributors = tuple(sorted(owner.weights))
             total_weight = sum(owner.weights.values())
-            average = owner.sum / np.float32(total_weight) if total_weight else owner.sum
+            average = owner.sum
+            if total_weight:
+                average /= np.float32(total_weight)
             residual = None if state.result_residual is None else state.result_residual[start:end]
             chunks = await trio.to_thread.run_sync(self._encode_chunks, state.codec, average, residual)
-            state.output[start:end] = self._decode_part(state.codec, chunks, _chunk_ranges(start, end))
+            await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, _chunk_ranges(start, end),
+                                          state.output[start:end])
         owner.encoded.clear()
         for sender, reason in owner.failed.items():
             log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
@@ -448,9 +465,12 @@ class AllReduce:
                 or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
             raise FrameError("malformed result header")
         chunks = [await _read_chunk(stream, state, index, b - a, "result") for index, (a, b) in enumerate(ranges)]
-        values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
+        if owner in state.parts:
+            return
+        # straight into the output: a part that fails to decode there is overwritten by a repaired
+        # copy, or the round fails and the output is dropped
+        await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges, state.output[start:end])
         if owner not in state.parts:
-            state.output[start:end] = values
             state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
 
     async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
