@@ -45,6 +45,7 @@ class Codec:
         raise NotImplementedError
 
     def decode(self, data: bytes, size: int) -> np.ndarray:
+        """The values in ``data`` (possibly a read-only view of it)."""
         if len(data) != self.encoded_size(size):
             raise CodecError(f"{self.name}: {len(data)} bytes for {size} values, expected {self.encoded_size(size)}")
         values = self._decode(data, size)
@@ -62,7 +63,7 @@ class NoCompression(Codec):
         return np.ascontiguousarray(x, np.float32).tobytes()
 
     def _decode(self, data: bytes, size: int) -> np.ndarray:
-        return np.frombuffer(data, np.float32).copy()
+        return np.frombuffer(data, np.float32)
 
 
 class Float16(Codec):

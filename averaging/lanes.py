@@ -80,7 +80,7 @@ class Lane:
         self._send_count = self._receive_count = 0
         self._inbox = bytearray(2 * (MAX_PLAIN + _TAG + _LENGTH.size))
         self._start = self._end = 0  # undecrypted bytes in _inbox
-        self._plain = memoryview(b"")  # decrypted, not yet read
+        self._plain, self._taken = b"", 0  # the last decrypted frame, and how much of it was read
         self._eof = False
         self._broken: str | None = None
         self._write_lock = trio.Lock()
@@ -112,15 +112,18 @@ class Lane:
     async def read(self, n: int | None = -1) -> bytes:
         """Up to ``n`` bytes (all that is decrypted if ``n`` is None or negative); b"" at the end."""
         async with self._read_lock:
-            while not self._plain:
+            while self._taken == len(self._plain):
                 if self._eof:
                     return b""
                 if self._broken:
                     raise LaneError(f"lane to {self.peer_id} is broken: {self._broken}")
                 await self._next_frame()
-            take = len(self._plain) if n is None or n < 0 else min(n, len(self._plain))
-            out, self._plain = self._plain[:take], self._plain[take:]
-            return bytes(out)
+            start = self._taken
+            left = len(self._plain) - start
+            self._taken += left if n is None or n < 0 else min(n, left)
+            if start == 0 and self._taken == len(self._plain):
+                return self._plain  # a whole frame, as most reads of large payloads are: no copy
+            return self._plain[start:self._taken]
 
     async def _next_frame(self) -> None:
         """Decrypt the next frame into ``_plain``; sets ``_eof`` at a clean end of the stream."""
@@ -141,7 +144,7 @@ class Lane:
                         raise LaneError(f"lane from {self.peer_id}: a frame failed authentication") from exc
                     self._receive_count += 1
                     self._start = begin + size
-                    self._plain = memoryview(plain)
+                    self._plain, self._taken = plain, 0
                     return
                 if self._start + _LENGTH.size + size > len(self._inbox):  # make room at the front
                     self._inbox[:have] = self._inbox[self._start:self._end]

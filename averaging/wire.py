@@ -29,16 +29,17 @@ class FrameError(Exception):
 
 
 async def read_exactly(stream: INetStream, size: int) -> bytes:
-    buffer = bytearray()
-    while len(buffer) < size:
+    pieces, got = [], 0
+    while got < size:
         try:
-            chunk = await stream.read(size - len(buffer))
+            chunk = await stream.read(size - got)
         except Exception as exc:  # EOF, reset: the peer is gone mid-frame
-            raise FrameError(f"stream ended after {len(buffer)} of {size} bytes: {type(exc).__name__}") from exc
+            raise FrameError(f"stream ended after {got} of {size} bytes: {type(exc).__name__}") from exc
         if not chunk:
-            raise FrameError(f"stream ended after {len(buffer)} of {size} bytes")
-        buffer += chunk
-    return bytes(buffer)
+            raise FrameError(f"stream ended after {got} of {size} bytes")
+        pieces.append(chunk)
+        got += len(chunk)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a lane's whole frame: no copy
 
 
 # The attributes leading from a yamux connection down to its socket in py-libp2p 0.8
