@@ -606,21 +606,28 @@ class AllReduce:
     async def _tell_finished(self, state: RoundState) -> None:
         """Tell the other members our round is over: a member waiting in ``linger`` may leave once
         all have (until then it may hold a part someone still has to repair from it)."""
-        spec = state.spec
-
-        async def tell(member: int) -> None:
-            with trio.move_on_after(FINISHED_NOTE_SECONDS), contextlib.suppress(Exception):
-                stream = await self.host.new_stream(ID.from_base58(spec.members[member]), [REPAIR_PROTOCOL])
-                try:
-                    await write_frame_within(stream, FINISHED_NOTE_SECONDS, {"group": spec.group_id, "t": "finished"})
-                finally:
-                    await stream.close()
-
         with trio.CancelScope(shield=True):  # also when the round itself was cancelled
             async with trio.open_nursery() as nursery:
-                for member in range(len(spec.members)):
+                for member in range(len(state.spec.members)):
                     if member != state.me:
-                        nursery.start_soon(tell, member)
+                        nursery.start_soon(partial(self._send_note, state, member, "finished",
+                                                   FINISHED_NOTE_SECONDS, answered=False))
+
+    async def _send_note(self, state: RoundState, member: int, kind: str, seconds: float, *,
+                         answered: bool) -> dict | None:
+        """A small message about ``state``'s round to a member, over libp2p (not worth a lane):
+        its answer (``{}`` if ``answered`` is false), or None if that did not happen within
+        ``seconds``."""
+        answer = None
+        with trio.move_on_after(seconds), contextlib.suppress(Exception):
+            stream = await self.host.new_stream(ID.from_base58(state.spec.members[member]), [REPAIR_PROTOCOL])
+            try:
+                await write_frame_within(stream, seconds, {"group": state.spec.group_id, "t": kind})
+                answer = (await read_frame(stream, 0))[0] if answered else {}
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+        return answer
 
     async def linger(self) -> None:
         """Before a peer leaves: wait until every member of its recent rounds has finished or is
@@ -637,15 +644,7 @@ class AllReduce:
                     await trio.sleep(LINGER_POLL)
 
     async def _check_finished(self, state: RoundState, member: int) -> None:
-        answer = None
-        with trio.move_on_after(REPAIR_ANSWER_SECONDS), contextlib.suppress(Exception):
-            stream = await self.host.new_stream(ID.from_base58(state.spec.members[member]), [REPAIR_PROTOCOL])
-            try:
-                await write_frame_within(stream, REPAIR_ANSWER_SECONDS, {"group": state.spec.group_id, "t": "status"})
-                answer, _ = await read_frame(stream, 0)
-            finally:
-                with trio.move_on_after(1):
-                    await stream.close()
+        answer = await self._send_note(state, member, "status", REPAIR_ANSWER_SECONDS, answered=True)
         if answer is None or answer.get("t") != "running":
             state.finished.add(member)
 

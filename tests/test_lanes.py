@@ -84,6 +84,16 @@ async def test_a_tampered_frame_or_an_unknown_lane_id_is_refused():
             for _ in range(100):
                 await stream.sock.send_all(b"x" * 65536)
 
+        # a frame longer than any a lane sends
+        got.clear()
+        stream = await a.lanes.open_stream(b.peer_id, ECHO)
+        await stream.write(b"first")
+        await stream.sock.send_all((64 << 20).to_bytes(4, "big") + b"x" * 1024)
+        with trio.fail_after(10):
+            while len(got) < 2:
+                await trio.sleep(0.05)
+        assert got[0] == b"first" and isinstance(got[1], LaneError) and "frame of" in str(got[1])
+
         # a connection to the lane listener that presents no lane id it handed out
         intruder = await trio.open_tcp_stream("127.0.0.1", b.lanes.port)
         await intruder.send_all(os.urandom(16))
