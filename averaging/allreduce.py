@@ -1,9 +1,10 @@
-"""Butterfly all-reduce of one flat float32 vector among an agreed group, over libp2p streams.
+"""Butterfly all-reduce of one flat float32 vector among an agreed group, over lanes (or libp2p streams).
 
 Reduce-scatter: member i streams part j of its vector (encoded, in chunks) to owner j. All-gather:
-owner j averages what arrived complete and valid, and answers every sender on the same stream with
-the encoded average and the exact set of contributors it used. A member that misses a part (its
-owner died while answering) asks the other members for it (repair).
+owner j answers every sender on the same stream with the encoded average and the exact set of
+contributors it used, chunk k as soon as every contributor's chunk k is in, so the two halves
+overlap (``_OwnerState``). A member that misses a part (its owner died while answering) asks the
+other members for it (repair).
 
 Outcome, the same on every survivor of crash faults: success when every part is present and all
 owners report the same contributor set; otherwise the round fails everywhere. Survivors hold the
@@ -19,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import multiaddr
 import numpy as np
@@ -43,7 +44,6 @@ KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
 FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that its round is over
 LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
-RESULT_SENDS = 2  # an owner sends its part to this many members at a time (8 peers: 24 s, 29 s with 1)
 assert CHUNK_VALUES % BLOCK == 0
 
 
@@ -128,50 +128,74 @@ def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
 
 
 class _OwnerState:
-    """Owner side of one round: accumulates complete contributions to this member's part."""
+    """Owner side of one round. Contributions to this member's part are summed chunk by chunk as
+    they arrive, and result chunk k goes out as soon as every contributor's chunk k is in, so the
+    two halves of the butterfly overlap instead of following each other.
 
-    def __init__(self, size: int, members: int, max_norm_ratio: float) -> None:
-        self.sum = np.zeros(size, np.float32)
-        self.pending = set(range(members))
-        self.norms: dict[int, float] = {}
-        self.weights: dict[int, float] = {}
-        self.encoded: dict[int, list[bytes]] = {}
+    The contributors are fixed once every member has begun its contribution or failed; the result
+    header names them before the first result chunk. Should one of them fail later (killed, hung,
+    a payload that does not decode, an absurd norm found once all is in), the sum is rebuilt from
+    the others' encoded chunks and the result starts over under a new header; members drop what
+    they had of it. The last chunk goes out only when every contribution is complete and checked,
+    so a part whose last chunk was sent is final."""
+
+    def __init__(self, start: int, end: int, members: int, max_norm_ratio: float) -> None:
+        self.start, self.ranges = start, _chunk_ranges(start, end)
+        self.sum = np.zeros(end - start, np.float32)
+        self.pending = set(range(members))  # neither complete nor failed
+        self.weights: dict[int, float] = {}  # senders whose contribution began
+        self.received: dict[int, int] = {}  # chunks of each sender summed so far
+        self.in_sum: set[int] = set()  # senders with values in ``sum``
+        self.norms2: dict[int, float] = {}  # squared norm of what each sender sent so far
+        self.encoded: dict[int, list[bytes]] = {}  # each sender's chunks, to rebuild the sum without one
         self.failed: dict[int, str] = {}
         self.max_norm_ratio = max_norm_ratio
-        self.resolved = trio.Event()
-        self.result: _Part | None = None
-        self.finalized = trio.Event()
+        self.contributors: tuple[int, ...] | None = None  # fixed once every member began or failed
+        self.attempt = 0  # the result's header number: bumped when the contributors change
+        self.result_chunks: list[bytes] = []  # of the current attempt, in order
+        self.result: _Part | None = None  # the final part
+        self.residual_start: np.ndarray | None = None  # error feedback before the first attempt
+        self.changed = trio.Event()  # replaced on every change: wait on the one you looked at
         self.serving: dict[int, int] = {}  # contribution streams still open, per sender
         self.progress: dict[int, float] = {}  # trio time of each sender's last chunk
-        self.lock = trio.Lock()
-        self.sending = trio.Semaphore(RESULT_SENDS)
+        self.lock = trio.Lock()  # over ``sum``: chunk additions, rebuilds and result encoding
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def resolve(self, sender: int, reason: str | None = None) -> None:
+        """``sender``'s contribution is complete (no reason) or failed; the first word counts."""
+        if sender not in self.pending:
+            return
         if reason is not None:
             self.failed[sender] = reason
         self.pending.discard(sender)
-        if not self.pending:
-            self.resolved.set()
+        self.notify()
 
-    def add(self, sender: int, weight: float, values: np.ndarray, *, scratch: bool = False) -> None:
-        """Add a contribution; ``scratch``: ``values`` may be overwritten (saves a temporary)."""
-        self.norms[sender] = float(np.linalg.norm(values))
-        self.weights[sender] = weight
-        w = np.float32(weight)
-        if w == 1:
-            self.sum += values
-        elif scratch:
-            self.sum += np.multiply(values, w, out=values)
-        else:
-            self.sum += values * w
+    def begin(self, sender: int, weight: float) -> None:
+        self.weights[sender], self.received[sender], self.norms2[sender] = weight, 0, 0.0
+        self.encoded[sender] = []
+        self.notify()
 
-    def outliers(self) -> list[int]:
+    def add_chunk(self, sender: int, index: int, values: np.ndarray, payload: bytes, norm2: float) -> None:
+        """Sum ``sender``'s chunk ``index`` (callers hold ``lock``, then ``notify``)."""
+        a, b = self.ranges[index]
+        w = np.float32(self.weights[sender])
+        target = self.sum[a - self.start:b - self.start]
+        target += values if w == 1 else values * w
+        self.encoded[sender].append(payload)
+        self.received[sender], self.norms2[sender] = index + 1, self.norms2[sender] + norm2
+        self.in_sum.add(sender)
+
+    def outliers(self, among: tuple[int, ...]) -> list[int]:
         """Contributors whose norm is absurd next to the median of the others (needs 3 or more)."""
-        if len(self.norms) < 3:
+        if len(among) < 3:
             return []
+        norms = {s: math.sqrt(self.norms2[s]) for s in among}
         out = []
-        for sender, norm in self.norms.items():
-            others = [n for s, n in self.norms.items() if s != sender]
+        for sender, norm in norms.items():
+            others = [n for s, n in norms.items() if s != sender]
             if norm > self.max_norm_ratio * max(float(np.median(others)), 1e-12):
                 out.append(sender)
         return out
@@ -186,8 +210,7 @@ class RoundState:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
-        start, end = spec.part(me)
-        self.owner = _OwnerState(end - start, len(spec.members), max_norm_ratio)
+        self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
         self.stats = RoundStats(spec.group_id, list(spec.members))
@@ -221,6 +244,11 @@ async def _write_chunk(stream: INetStream, state: RoundState, index: int, payloa
     SIGSTOP) must not hold us past it."""
     sent = await write_frame_within(stream, state.chunk_timeout, {"c": index}, payload, what=f"{what} chunk {index}")
     state.stats.bytes_sent += sent  # not `+= await`: that reads the counter before awaiting
+
+
+def _decode_with_norm(codec: Codec, payload: bytes, size: int) -> tuple[np.ndarray, float]:
+    values = codec.decode(payload, size)
+    return values, float(np.dot(values, values))
 
 
 def _check_weight(weight: Any) -> float:
@@ -298,48 +326,185 @@ class AllReduce:
                 del owner.serving[sender]
 
     async def _take_contribution(self, stream: INetStream, state: RoundState, sender: int, header: dict) -> None:
-        spec, owner = state.spec, state.owner
-        start, end = spec.part(state.me)
-        ranges = _chunk_ranges(start, end)
+        """Read ``sender``'s contribution chunk by chunk into the sum while the result goes back
+        on the same stream as it becomes ready."""
+        owner = state.owner
         try:
             weight = _check_weight(header.get("weight"))
-            if header.get("chunks") != len(ranges):
+            if header.get("chunks") != len(owner.ranges):
                 raise FrameError("wrong chunk count")
-            chunks = []
-            for index, (a, b) in enumerate(ranges):
-                chunks.append(await _read_chunk(stream, state, index, b - a, "contribution"))
-                owner.progress[sender] = trio.current_time()
-            values = await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges)
-            async with owner.lock:
-                if owner.finalized.is_set():
-                    raise FrameError("contribution arrived after the part was finalized")
-                await trio.to_thread.run_sync(partial(owner.add, sender, weight, values, scratch=True))
-            owner.encoded[sender] = chunks
-            owner.resolve(sender)
-        except (FrameError, CodecError) as exc:
+            if owner.contributors is not None or sender not in owner.pending or sender in owner.weights:
+                raise FrameError("contribution began after the contributors were fixed")
+        except FrameError as exc:
             owner.resolve(sender, str(exc))
             raise
-        except BaseException as exc:
-            owner.resolve(sender, type(exc).__name__)
-            raise
-        with trio.move_on_at(state.deadline):
-            await self._keepalive_until(stream, state, owner.finalized.wait)
-            # few results on the wire at a time, as contributions (RoundState.sending)
-            await self._keepalive_until(stream, state, owner.sending.acquire)
+        owner.begin(sender, weight)
+        owner.progress[sender] = trio.current_time()
+        failure: FrameError | CodecError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_result, stream, state, sender)
             try:
-                await self._send_part(stream, state, owner.result)
-            finally:
-                owner.sending.release()
+                for index, (a, b) in enumerate(owner.ranges):
+                    payload = await _read_chunk(stream, state, index, b - a, "contribution")
+                    owner.progress[sender] = trio.current_time()
+                    # on the event loop, as the result chunks below: a thread hop per chunk cost more
+                    # than the work (4 peers x 100 MB on loopback took ~1.5x as long)
+                    values, norm2 = _decode_with_norm(state.codec, payload, b - a)
+                    async with owner.lock:
+                        if sender in owner.failed or owner.sum is None:
+                            raise FrameError(f"contribution dropped: {owner.failed.get(sender, 'part is final')}")
+                        owner.add_chunk(sender, index, values, payload, norm2)
+                    owner.notify()
+                owner.resolve(sender)
+            except (FrameError, CodecError) as exc:
+                owner.resolve(sender, str(exc))
+                failure = exc
+                nursery.cancel_scope.cancel()  # no result for a sender we could not count
+            except BaseException as exc:
+                owner.resolve(sender, type(exc).__name__)
+                raise
+        if failure is not None:
+            raise failure
+
+    async def _send_result(self, stream: INetStream, state: RoundState, sender: int) -> None:
+        """Stream our part's result to ``sender`` as its chunks are released, from the top again
+        under a new header whenever the contributors change; keepalives while nothing is ready
+        (to a member, a silent owner is a hung owner)."""
+        owner, n = state.owner, len(state.owner.ranges)
+        attempt = sent = 0
+        try:
+            with trio.move_on_at(state.deadline):
+                while True:
+                    changed = owner.changed
+                    if owner.attempt != attempt:
+                        attempt, sent = owner.attempt, 0
+                        sent_bytes = await write_frame_within(stream, state.chunk_timeout, {
+                            "t": "result", "contributors": list(owner.contributors), "chunks": n},
+                            what="a result header")
+                        state.stats.bytes_sent += sent_bytes
+                    elif sent < len(owner.result_chunks):
+                        await _write_chunk(stream, state, sent, owner.result_chunks[sent], "result")
+                        sent += 1
+                    elif sent == n and owner.result is not None:
+                        return
+                    else:
+                        with trio.move_on_after(KEEPALIVE) as idle:
+                            await changed.wait()
+                        if idle.cancelled_caught:
+                            await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
+        except Exception as exc:  # the member stopped reading; its contribution may still count
+            log.info("%s: result to %s failed: %s", state.spec.group_id, state.spec.members[sender], exc)
+
+    async def _run_owner(self, state: RoundState) -> None:
+        """Our own part: add our contribution, fix the contributors once every member began or
+        failed, then release result chunks as they complete until the part is final."""
+        owner, spec = state.owner, state.spec
+        start, end = spec.part(state.me)
+        own = state.flat[start:end]
+        if np.isfinite(own).all():
+            owner.begin(state.me, state.weight)
+            async with owner.lock:
+                await trio.to_thread.run_sync(self._add_own, state)
+            owner.resolve(state.me)
+        else:  # our own update is garbage too: average the others' (who reject it as well)
+            log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
+            owner.resolve(state.me, "own contribution is not finite")
+        if state.result_residual is not None:
+            owner.residual_start = state.result_residual[start:end].copy()
+        started = trio.current_time()
+        with trio.move_on_at(state.deadline):
+            while owner.result is None:
+                changed = owner.changed
+                self._drop_stalled(state, started)
+                if owner.contributors is None and all(s in owner.weights or s not in owner.pending
+                                                      for s in range(len(spec.members))):
+                    owner.contributors = tuple(sorted(s for s in owner.weights if s not in owner.failed))
+                    owner.attempt = 1
+                    owner.notify()
+                if owner.contributors is not None:
+                    async with owner.lock:
+                        await self._release_chunks(state)
+                if owner.result is None:
+                    with trio.move_on_after(0.5):
+                        await changed.wait()
+        for sender, reason in owner.failed.items():
+            log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
+        owner.encoded.clear()
+        owner.sum = None  # encoded into the result
 
     @staticmethod
-    async def _keepalive_until(stream: INetStream, state: RoundState, wait: Callable[[], Awaitable[Any]]) -> None:
-        """Await ``wait()``, meanwhile sending the member a keepalive each second: to a member,
-        a silent owner is a hung owner."""
-        while True:
-            with trio.move_on_after(KEEPALIVE):
-                await wait()
+    def _add_own(state: RoundState) -> None:
+        for index, (a, b) in enumerate(state.owner.ranges):
+            values = state.flat[a:b]
+            state.owner.add_chunk(state.me, index, values, b"", float(np.dot(values, values)))
+
+    def _drop_stalled(self, state: RoundState, started: float) -> None:
+        """Fail contributions that made no progress for too long, also those that never began."""
+        owner, n = state.owner, len(state.spec.members)
+        limit = state.chunk_timeout + self.wait_for_round
+        now = trio.current_time()
+        for sender in list(owner.pending):
+            # a sender that has not begun may still be sending to the owners before us
+            first = started + ((state.me - sender) % n - 1) * state.part_seconds
+            if now - owner.progress.get(sender, first) > limit:
+                owner.resolve(sender, f"no progress for {limit:.0f}s")
+
+    async def _release_chunks(self, state: RoundState) -> None:
+        """With ``owner.lock`` held: encode every result chunk that is complete, starting over
+        if a contributor dropped out; sets ``owner.result`` when the last one is out."""
+        owner, spec = state.owner, state.spec
+        n = len(owner.ranges)
+        while len(owner.result_chunks) < n:
+            contributors = tuple(s for s in owner.contributors if s not in owner.failed)
+            if contributors != owner.contributors or owner.in_sum - set(contributors):
+                await trio.to_thread.run_sync(self._rebuild_sum, state, contributors)
+                owner.contributors, owner.result_chunks = contributors, []
+                owner.attempt += 1
+                owner.notify()
+            index = len(owner.result_chunks)
+            if any(owner.received[s] <= index for s in contributors):
                 return
-            await write_frame_within(stream, state.chunk_timeout, {"t": "wait"}, what="a keepalive")
+            if index == n - 1:  # all is in: the norms are known
+                for sender in owner.outliers(contributors):
+                    log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
+                                spec.group_id, math.sqrt(owner.norms2[sender]))
+                    owner.failed[sender] = "absurd update norm"
+                if any(s in owner.failed for s in contributors):
+                    continue
+            owner.result_chunks.append(self._encode_result_chunk(state, index))
+            if len(owner.result_chunks) == n:
+                owner.result = state.parts[state.me] = _Part(contributors, list(owner.result_chunks))
+            owner.notify()
+
+    @staticmethod
+    def _rebuild_sum(state: RoundState, contributors: tuple[int, ...]) -> None:
+        """Sum ``contributors`` again from scratch (subtracting one that dropped out would leave
+        its rounding error, large next to an absurd value) and restore the error feedback."""
+        owner = state.owner
+        owner.sum[:] = 0
+        for sender in contributors:
+            w = np.float32(owner.weights[sender])
+            for index in range(owner.received[sender]):
+                a, b = owner.ranges[index]
+                values = state.flat[a:b] if sender == state.me else state.codec.decode(owner.encoded[sender][index], b - a)
+                owner.sum[a - owner.start:b - owner.start] += values * w
+        owner.in_sum = set(contributors)
+        if owner.residual_start is not None:
+            start, end = state.spec.part(state.me)
+            state.result_residual[start:end] = owner.residual_start
+
+    @staticmethod
+    def _encode_result_chunk(state: RoundState, index: int) -> bytes:
+        """Result chunk ``index``: the weighted mean, encoded (with error feedback), and decoded
+        into our own output as every member will decode it."""
+        owner = state.owner
+        a, b = owner.ranges[index]
+        total = sum(owner.weights[s] for s in owner.contributors)
+        average = owner.sum[a - owner.start:b - owner.start] / np.float32(total or 1)
+        residual = None if state.result_residual is None else state.result_residual[a:b]
+        chunk = encode_with_feedback(state.codec, average, residual)
+        state.output[a:b] = state.codec.decode(chunk, b - a)
+        return chunk
 
     @staticmethod
     def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]],
@@ -358,114 +523,80 @@ class AllReduce:
         for index, chunk in enumerate(part.chunks):
             await _write_chunk(stream, state, index, chunk, "result")
 
-    async def _finalize_owner(self, state: RoundState) -> None:
-        owner, spec = state.owner, state.spec
-        start, end = spec.part(state.me)
-        own = state.flat[start:end]
-        if np.isfinite(own).all():
-            async with owner.lock:
-                await trio.to_thread.run_sync(owner.add, state.me, state.weight, own)
-            owner.resolve(state.me)
-        else:  # our own update is garbage too: average the others' (who reject it as well)
-            log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
-            owner.resolve(state.me, "own contribution is not finite")
-        started = trio.current_time()
-        with trio.move_on_at(state.deadline):  # each contribution ends by completing, failing or stalling
-            while not owner.resolved.is_set():
-                with trio.move_on_after(0.5):
-                    await owner.resolved.wait()
-                now = trio.current_time()
-                for sender in list(owner.pending):  # also those that never opened a stream
-                    # a sender that has not started may still be sending to the owners before us
-                    first = started + ((state.me - sender) % len(spec.members) - 1) * state.part_seconds
-                    if now - owner.progress.get(sender, first) > state.chunk_timeout + self.wait_for_round:
-                        owner.resolve(sender, f"no progress for {state.chunk_timeout + self.wait_for_round:.0f}s")
-        for sender in list(owner.pending):
-            owner.resolve(sender, "no complete contribution before the deadline")
-        async with owner.lock:
-            excluded = owner.outliers()
-            if excluded:
-                # Sum the others again rather than subtract: next to an absurd value, float32
-                # subtraction would leave its rounding error in the average.
-                for sender in excluded:
-                    log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
-                                spec.group_id, owner.norms[sender])
-                    owner.weights.pop(sender)
-                owner.sum[:] = 0
-                for sender, weight in owner.weights.items():
-                    values = own if sender == state.me else self._decode_part(
-                        state.codec, owner.encoded[sender], _chunk_ranges(start, end))
-                    owner.sum += values * np.float32(weight)
-            contributors = tuple(sorted(owner.weights))
-            total_weight = sum(owner.weights.values())
-            average = owner.sum
-            if total_weight:
-                average /= np.float32(total_weight)
-            residual = None if state.result_residual is None else state.result_residual[start:end]
-            chunks = await trio.to_thread.run_sync(self._encode_chunks, state.codec, average, residual)
-            await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, _chunk_ranges(start, end),
-                                          state.output[start:end])
-        owner.encoded.clear()
-        for sender, reason in owner.failed.items():
-            log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
-        owner.result = _Part(contributors, chunks)
-        state.parts[state.me] = owner.result
-        owner.finalized.set()
-        owner.sum = None  # encoded into the result; contributions arriving now are refused
-
-    @staticmethod
-    def _encode_chunks(codec: Codec, values: np.ndarray, residual: np.ndarray | None) -> list[bytes]:
-        out = []
-        for a in range(0, max(len(values), 1), CHUNK_VALUES):
-            b = min(a + CHUNK_VALUES, len(values))
-            out.append(encode_with_feedback(codec, values[a:b], None if residual is None else residual[a:b]))
-        return out
-
     # ---- member side --------------------------------------------------------------------------
 
     async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
+        """Stream our contribution to ``owner`` while its result streams back on the same stream."""
         spec = state.spec
         ranges = _chunk_ranges(*spec.part(owner))
         peer = ID.from_base58(spec.members[owner])
         stream = None
         with trio.move_on_at(deadline):
             try:
-                async with state.sending:
-                    stream = await self.lanes.open_stream(peer, PROTOCOL)
-                    sent = await write_frame_within(stream, state.chunk_timeout, {
-                        "group": spec.group_id, "part": owner, "weight": state.weight, "chunks": len(ranges)},
-                        what="a contribution header")
-                    state.stats.bytes_sent += sent
-                    for index, (a, b) in enumerate(ranges):
-                        residual = None if state.send_residual is None else state.send_residual[a:b]
-                        payload = await trio.to_thread.run_sync(
-                            encode_with_feedback, state.codec, state.flat[a:b], residual)
-                        await _write_chunk(stream, state, index, payload, "contribution")
-                await self._receive_part(stream, state, owner)
-            except (FrameError, CodecError) as exc:
-                log.info("%s: part %d from %s failed: %s", spec.group_id, owner, peer, exc)
-            except Exception as exc:  # opening the stream: the owner is unreachable
-                log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
+                async with trio.open_nursery() as nursery:
+                    async with state.sending:  # released when our chunks are out; the result may follow
+                        try:
+                            stream = await self.lanes.open_stream(peer, PROTOCOL)
+                            sent = await write_frame_within(stream, state.chunk_timeout, {
+                                "group": spec.group_id, "part": owner, "weight": state.weight,
+                                "chunks": len(ranges)}, what="a contribution header")
+                            state.stats.bytes_sent += sent
+                        except Exception as exc:
+                            log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
+                            return
+                        nursery.start_soon(self._receive_result, stream, state, owner, nursery.cancel_scope)
+                        try:
+                            for index, (a, b) in enumerate(ranges):
+                                residual = None if state.send_residual is None else state.send_residual[a:b]
+                                payload = await trio.to_thread.run_sync(
+                                    encode_with_feedback, state.codec, state.flat[a:b], residual)
+                                await _write_chunk(stream, state, index, payload, "contribution")
+                        except Exception as exc:
+                            log.info("%s: contribution to %s failed: %s", spec.group_id, peer, exc)
+                            nursery.cancel_scope.cancel()
             finally:
                 if stream is not None:
                     with trio.move_on_after(1), contextlib.suppress(Exception):
                         await stream.close()
 
+    async def _receive_result(self, stream: INetStream, state: RoundState, owner: int,
+                              exchange: trio.CancelScope) -> None:
+        try:
+            await self._receive_part(stream, state, owner)
+        except Exception as exc:
+            log.info("%s: part %d from %s failed: %s", state.spec.group_id, owner, state.spec.members[owner], exc)
+        finally:
+            exchange.cancel()  # the owner is done with our contribution, or gone
+
     async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
+        """Read ``owner``'s part: a result header and its chunks, skipping keepalives and starting
+        over at a new header (the owner's contributors changed); decode it into our output."""
         spec = state.spec
         start, end = spec.part(owner)
         ranges = _chunk_ranges(start, end)
-        header = {"t": "wait"}
-        while header.get("t") == "wait":
-            with trio.move_on_after(3 * KEEPALIVE) as silent:
-                header, _ = await read_frame(stream, 0)
+        contributors: list[int] | None = None
+        chunks: list[bytes] = []
+        while contributors is None or len(chunks) < len(ranges):
+            with trio.move_on_after(state.chunk_timeout) as silent:
+                header, payload = await read_frame(stream, MAX_PAYLOAD)
             if silent.cancelled_caught:
-                raise FrameError(f"owner {owner} silent for {3 * KEEPALIVE:g}s")
-        contributors = header.get("contributors")
-        if header.get("t") != "result" or header.get("chunks") != len(ranges) or not isinstance(contributors, list) \
-                or not all(isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
-            raise FrameError("malformed result header")
-        chunks = [await _read_chunk(stream, state, index, b - a, "result") for index, (a, b) in enumerate(ranges)]
+                raise FrameError(f"owner {owner} silent for {state.chunk_timeout:.1f}s")
+            kind = header.get("t")
+            if kind == "wait":
+                continue
+            if kind == "result":
+                contributors = header.get("contributors")
+                if header.get("chunks") != len(ranges) or not isinstance(contributors, list) or not all(
+                        isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
+                    raise FrameError("malformed result header")
+                chunks = []
+                continue
+            a, b = ranges[min(len(chunks), len(ranges) - 1)]
+            if contributors is None or header.get("c") != len(chunks) \
+                    or len(payload) != state.codec.encoded_size(b - a):
+                raise FrameError("result chunk out of order or of the wrong size")
+            state.stats.bytes_received += len(payload)
+            chunks.append(payload)
         if owner in state.parts:
             return
         # straight into the output: a part that fails to decode there is overwritten by a repaired
@@ -578,7 +709,7 @@ class AllReduce:
             state.part_seconds = STALL_SLACK * state.codec.encoded_size(largest) / bandwidth
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._finalize_owner, state)
+                nursery.start_soon(self._run_owner, state)
                 for step in range(1, len(spec.members)):  # rotated: members do not all start at owner 0
                     nursery.start_soon(self._exchange_with_owner, state, (me + step) % len(spec.members), deadline)
             # Our answers as an owner are on their way too (bounded): then the statistics are
