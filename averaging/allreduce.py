@@ -585,6 +585,8 @@ class AllReduce:
             if kind == "wait":
                 continue
             if kind == "result":
+                if contributors is not None:
+                    log.info("%s: owner %d starts its result over (its contributors changed)", spec.group_id, owner)
                 contributors = header.get("contributors")
                 if header.get("chunks") != len(ranges) or not isinstance(contributors, list) or not all(
                         isinstance(c, int) and 0 <= c < len(spec.members) for c in contributors):
