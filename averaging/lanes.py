@@ -15,7 +15,11 @@ and in order; a frame that fails to decrypt ends it. Where a lane cannot be had 
 peer without lanes) ``open_stream`` falls back to a libp2p stream and remembers that for a while.
 
 A ``Lane`` reads and writes like a libp2p stream (``read``, ``write``, ``close``, ``reset``), so
-the framed protocols run over either unchanged.
+the framed protocols run over either unchanged, with one difference: ``close`` ends the stream both
+ways (what the other side still sends is dropped), where a libp2p stream's closes our side only.
+A lane carries one stream at a time; one that ended cleanly on both sides carries the dialer's
+next stream to that peer (see ``Lane``), so rounds after the first start on warm connections.
+Every frame's header (its kind and size) is authenticated with it.
 """
 
 from __future__ import annotations
@@ -39,10 +43,16 @@ from averaging.wire import FrameError, read_frame, stream_peer, write_frame
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/lane/1.0.0"
+PROTOCOL = "/legion/lane/1.1.0"
 MAX_PLAIN = 1 << 20  # plaintext bytes per encrypted frame
 _TAG = 16
-_LENGTH = struct.Struct("!I")
+_LENGTH = struct.Struct("!I")  # kind in the top 2 bits, sealed size below; authenticated with the frame
+_DATA, _END, _OPEN = 0, 1, 2  # frame kinds: stream bytes, end of this stream, a new stream (its protocol)
+_SIZE_MASK = (1 << 30) - 1
+REUSE_SECONDS = 20.0  # an idle lane is used again for the next stream to its peer within this
+IDLE_SECONDS = 60.0  # a listener closes a lane idle this long (longer than REUSE_SECONDS)
+END_SECONDS = 2.0  # the longest a closing side waits for the other's end of stream
+MAX_IDLE_PER_PEER = 4
 LANE_ID_BYTES = 16
 PENDING_SECONDS = 10.0  # a lane id not presented by then is forgotten
 MAX_PENDING = 256
@@ -71,8 +81,14 @@ def _unsupported(exc: BaseException | None) -> bool:
 
 
 class Lane:
-    """One encrypted TCP connection to ``peer_id``. Reads are cancel-safe (a read cancelled while
-    waiting loses nothing); a write cancelled midway breaks the lane, as it would a TCP stream."""
+    """One encrypted TCP connection to ``peer_id``, carrying one stream at a time. Reads are
+    cancel-safe (a read cancelled while waiting loses nothing); a write cancelled midway breaks
+    the lane, as it would a TCP stream.
+
+    A stream ends with an end-of-stream frame each way instead of a TCP FIN, so a lane whose
+    stream closed cleanly on both sides carries the dialer's next stream to the same peer (opened
+    with a frame naming its protocol): no new libp2p stream, TCP handshake or slow start per round.
+    """
 
     def __init__(self, sock: trio.SocketStream, peer_id: ID, send_key: bytes, receive_key: bytes) -> None:
         self.sock, self.peer_id = sock, peer_id
@@ -81,7 +97,11 @@ class Lane:
         self._inbox = bytearray(2 * (MAX_PLAIN + _TAG + _LENGTH.size))
         self._start = self._end = 0  # undecrypted bytes in _inbox
         self._plain, self._taken = b"", 0  # the last decrypted frame, and how much of it was read
-        self._eof = False
+        self._eof = False  # the other side ended this stream
+        self._ended = False  # we ended this stream
+        self._opened: bytes | None = None  # the protocol of a stream the dialer opened on it
+        self.on_idle: Callable[[Lane], None] | None = None  # given the lane when a stream ends cleanly
+        self._idle = False  # handed to ``on_idle`` since the last stream began
         self._broken: str | None = None
         self._write_lock = trio.Lock()
         self._read_lock = trio.Lock()
@@ -91,23 +111,34 @@ class Lane:
     def _nonce(count: int) -> bytes:
         return count.to_bytes(12, "big")
 
-    async def write(self, data: bytes) -> None:
+    def _seal(self, kind: int, plain: bytes | memoryview) -> bytes:
+        head = _LENGTH.pack(kind << 30 | (len(plain) + _TAG))
+        sealed = self._send.encrypt(self._nonce(self._send_count), plain, head)
+        self._send_count += 1
+        return head + sealed
+
+    async def _write_frames(self, kind: int, data: bytes) -> None:
         if self._broken:
             raise LaneError(f"lane to {self.peer_id} is broken: {self._broken}")
         async with self._write_lock:
             view = memoryview(data)
             for start in range(0, max(len(view), 1), MAX_PLAIN):
-                sealed = self._send.encrypt(self._nonce(self._send_count), view[start:start + MAX_PLAIN], None)
-                self._send_count += 1
+                frame = self._seal(kind, view[start:start + MAX_PLAIN])
                 try:
-                    await self.sock.send_all(_LENGTH.pack(len(sealed)) + sealed)
+                    await self.sock.send_all(frame)
                 except Exception as exc:
                     self._break(f"{type(exc).__name__}: {exc}")
                     raise LaneError(f"lane to {self.peer_id}: {self._broken}") from exc
                 except BaseException:  # cancelled: part of a frame may have gone out
                     self._break("a write was cancelled midway")
                     raise
-                self.bytes_sent += len(sealed) + _LENGTH.size
+                self.bytes_sent += len(frame)
+
+    async def write(self, data: bytes) -> None:
+        if self._ended:
+            raise LaneError(f"stream to {self.peer_id} is closed for writing")
+        if data:
+            await self._write_frames(_DATA, data)
 
     async def read(self, n: int | None = -1) -> bytes:
         """Up to ``n`` bytes (all that is decrypted if ``n`` is None or negative); b"" at the end."""
@@ -117,7 +148,12 @@ class Lane:
                     return b""
                 if self._broken:
                     raise LaneError(f"lane to {self.peer_id} is broken: {self._broken}")
-                await self._next_frame()
+                kind = await self._next_frame()
+                if kind == _END:
+                    self._eof = True
+                elif kind == _OPEN:
+                    self._break("a stream opened inside another")
+                    raise LaneError(f"lane from {self.peer_id} opened a stream inside another")
             start = self._taken
             left = len(self._plain) - start
             self._taken += left if n is None or n < 0 else min(n, left)
@@ -125,27 +161,32 @@ class Lane:
                 return self._plain  # a whole frame, as most reads of large payloads are: no copy
             return self._plain[start:self._taken]
 
-    async def _next_frame(self) -> None:
-        """Decrypt the next frame into ``_plain``; sets ``_eof`` at a clean end of the stream."""
+    async def _next_frame(self) -> int:
+        """Decrypt the next frame into ``_plain``; returns its kind. A TCP end counts as an end
+        of stream too, but leaves the lane unusable for another."""
         while True:
             have = self._end - self._start
             if have >= _LENGTH.size:
-                (size,) = _LENGTH.unpack_from(self._inbox, self._start)
-                if not _TAG <= size <= MAX_PLAIN + _TAG:
+                (word,) = _LENGTH.unpack_from(self._inbox, self._start)
+                kind, size = word >> 30, word & _SIZE_MASK
+                if kind > _OPEN or not _TAG <= size <= MAX_PLAIN + _TAG:
                     self._break(f"frame of {size} bytes")
-                    raise LaneError(f"lane from {self.peer_id} sent a frame of {size} bytes")
+                    raise LaneError(f"lane from {self.peer_id} sent a frame of {size} bytes (kind {kind})")
                 if have >= _LENGTH.size + size:
                     begin = self._start + _LENGTH.size
                     try:
                         plain = self._receive.decrypt(self._nonce(self._receive_count),
-                                                      memoryview(self._inbox)[begin:begin + size], None)
+                                                      memoryview(self._inbox)[begin:begin + size],
+                                                      bytes(self._inbox[self._start:begin]))
                     except InvalidTag as exc:
                         self._break("a frame failed authentication")
                         raise LaneError(f"lane from {self.peer_id}: a frame failed authentication") from exc
                     self._receive_count += 1
                     self._start = begin + size
-                    self._plain, self._taken = plain, 0
-                    return
+                    self._plain, self._taken = (plain, 0) if kind == _DATA else (b"", 0)
+                    if kind == _OPEN:
+                        self._opened = plain
+                    return kind
                 if self._start + _LENGTH.size + size > len(self._inbox):  # make room at the front
                     self._inbox[:have] = self._inbox[self._start:self._end]
                     self._start, self._end = 0, have
@@ -160,8 +201,8 @@ class Lane:
                 if self._end != self._start:
                     self._break("ended inside a frame")
                     raise LaneError(f"lane from {self.peer_id} ended inside a frame")
-                self._eof = True
-                return
+                self._broken = self._broken or "the connection ended"
+                return _END
             self._end += got
             self.bytes_received += got
 
@@ -171,16 +212,64 @@ class Lane:
 
     def abort(self) -> None:
         """Close the socket at once: every pending and later read or write fails."""
+        self._broken = self._broken or "aborted"
         with contextlib.suppress(OSError):
             self.sock.socket.close()
 
+    @property
+    def reusable(self) -> bool:
+        """Both sides ended the stream cleanly, and nothing of it is left unread."""
+        return self._ended and self._eof and not self._broken and self._taken == len(self._plain)
+
     async def close(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.sock.send_eof()
-        await self.sock.aclose()
+        """End our side of the stream, then wait briefly for the other side's end (bytes it
+        still sends are dropped): only a lane both sides ended can carry another stream."""
+        try:
+            if not self._ended and not self._broken:
+                self._ended = True
+                with contextlib.suppress(LaneError):
+                    await self._write_frames(_END, b"")
+            self._ended = True
+            with trio.move_on_after(END_SECONDS), contextlib.suppress(LaneError):
+                while not self._eof and not self._broken:
+                    self._plain, self._taken = b"", 0
+                    await self.read()
+        finally:
+            if not self.reusable:
+                self.abort()
+            elif self.on_idle is not None and not self._idle:
+                self._idle = True  # once, however often close is called
+                self.on_idle(self)
 
     async def reset(self) -> None:
         self.abort()
+
+    def next_stream(self) -> None:
+        """Reset per-stream state once a stream is over on both sides."""
+        self._eof = self._ended = self._idle = False
+        self._plain, self._taken, self._opened = b"", 0, None
+
+    async def open(self, protocol: str) -> None:
+        """Dialer: start a new stream for ``protocol`` on a lane whose last stream is over."""
+        self.next_stream()
+        await self._write_frames(_OPEN, protocol.encode())
+
+    async def wait_open(self) -> str | None:
+        """Listener: the protocol of the dialer's next stream, or None if the lane ended."""
+        self.next_stream()
+        async with self._read_lock:
+            try:
+                kind = await self._next_frame()
+            except LaneError:
+                return None
+        if kind != _OPEN:
+            self.abort()
+            return None
+        try:
+            return self._opened.decode()
+        except UnicodeDecodeError:
+            self.abort()
+            return None
 
 
 class Lanes:
@@ -194,6 +283,7 @@ class Lanes:
         self.port: int | None = None
         self._pending: dict[bytes, tuple[float, ID, str, bytes, bytes]] = {}
         self._no_lane: dict[str, float] = {}  # peer -> trio time until which libp2p is used
+        self._idle: dict[str, list[tuple[float, Lane]]] = {}  # peer -> lanes we dialed, free again
         self._nursery: trio.Nursery | None = None
 
     def serve(self, protocol: str, handler: Handler) -> None:
@@ -216,6 +306,9 @@ class Lanes:
     async def open_stream(self, peer: ID, protocol: str) -> INetStream | Lane:
         """A lane to ``peer`` for ``protocol``, or a libp2p stream where no lane can be had."""
         key = peer.to_base58()
+        lane = await self._reuse(key, protocol)
+        if lane is not None:
+            return lane
         if self._nursery is not None and self._no_lane.get(key, 0) <= trio.current_time():
             try:
                 with trio.fail_after(self.timeout):
@@ -228,6 +321,34 @@ class Lanes:
                     self._no_lane[key] = trio.current_time() + NO_LANE_SECONDS
                 log.debug("no lane to %s: %s: %s", peer, type(exc).__name__, exc)
         return await self.host.new_stream(peer, [protocol])
+
+    async def _reuse(self, key: str, protocol: str) -> Lane | None:
+        """An idle lane to ``key``, now carrying a new stream for ``protocol``, if one is left."""
+        self._drop_stale_idle()
+        idle = self._idle.get(key, [])
+        while idle:
+            _, lane = idle.pop()
+            try:
+                await lane.open(protocol)
+                return lane
+            except LaneError as exc:
+                log.debug("idle lane to %s is gone: %s", key, exc)
+        return None
+
+    def _keep_idle(self, lane: Lane) -> None:
+        idle = self._idle.setdefault(lane.peer_id.to_base58(), [])
+        idle.append((trio.current_time(), lane))
+        while len(idle) > MAX_IDLE_PER_PEER:
+            idle.pop(0)[1].abort()
+
+    def _drop_stale_idle(self) -> None:
+        now = trio.current_time()
+        for key, idle in list(self._idle.items()):
+            for entry in [e for e in idle if now - e[0] > REUSE_SECONDS]:
+                idle.remove(entry)
+                entry[1].abort()
+            if not idle:
+                del self._idle[key]
 
     async def _dial(self, peer: ID, protocol: str) -> Lane:
         mine = secrets.token_bytes(32)
@@ -253,7 +374,9 @@ class Lanes:
             await trio.aclose_forcefully(sock)
             raise
         to_listener, to_dialer = _keys(mine, theirs, lane_id)
-        return Lane(sock, peer, to_listener, to_dialer)
+        lane = Lane(sock, peer, to_listener, to_dialer)
+        lane.on_idle = self._keep_idle
+        return lane
 
     # ---- listening --------------------------------------------------------------------------------
 
@@ -296,8 +419,21 @@ class Lanes:
         _, peer, protocol, send_key, receive_key = entry
         lane = Lane(sock, peer, send_key, receive_key)
         try:
-            await self.handlers[protocol](lane)
-        except Exception:  # handlers catch their own errors; this is the last line
-            log.exception("lane handler for %s from %s failed", protocol, peer)
+            while protocol is not None:
+                handler = self.handlers.get(protocol)
+                if handler is None:
+                    log.info("lane from %s opened unknown protocol %r", peer, protocol[:100])
+                    return
+                try:
+                    await handler(lane)
+                except Exception:  # handlers catch their own errors; this is the last line
+                    log.exception("lane handler for %s from %s failed", protocol, peer)
+                    return
+                await lane.close()  # the handler's own close is enough; this one is bounded
+                if not lane.reusable:
+                    return
+                protocol = None
+                with trio.move_on_after(IDLE_SECONDS):
+                    protocol = await lane.wait_open()
         finally:
             lane.abort()

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import trio
-from libp2p.network.stream.exceptions import StreamEOF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.lanes import Lane  # noqa: E402
+from averaging.wire import read_exactly  # noqa: E402
 from swarm.peer import Peer, PeerConfig  # noqa: E402
 
 SINK = "/legion/bench-sink/1.0.0"
@@ -27,12 +27,10 @@ PIECE = 1 << 20
 
 
 async def sink(stream) -> None:
+    expected = int.from_bytes(await read_exactly(stream, 8), "big")
     received = 0
-    while True:
-        try:
-            data = await stream.read(PIECE)
-        except StreamEOF:  # a libp2p stream's end (a lane's is b"")
-            break
+    while received < expected:
+        data = await stream.read(min(PIECE, expected - received))
         if not data:
             break
         received += len(data)
@@ -42,16 +40,15 @@ async def sink(stream) -> None:
 
 async def send(stream, size: int) -> float:
     piece = os.urandom(PIECE)
+    total = size // PIECE * PIECE
     began = trio.current_time()
+    await stream.write(total.to_bytes(8, "big"))
     for _ in range(size // PIECE):
         await stream.write(piece)
-    if isinstance(stream, Lane):
-        await stream.sock.send_eof()
-    else:
-        await stream.close()  # py-libp2p: closes our side only, the reply still comes
-    reply = await stream.read(8)
+    reply = await read_exactly(stream, 8)
     seconds = trio.current_time() - began
-    assert int.from_bytes(reply, "big") == size // PIECE * PIECE, "the sink missed bytes"
+    await stream.close()
+    assert int.from_bytes(reply, "big") == total, "the sink missed bytes"
     return seconds
 
 

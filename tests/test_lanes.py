@@ -37,6 +37,26 @@ async def test_a_lane_carries_frames_both_ways_and_names_the_dialing_peer():
         assert header == {"n": 1} and back == payload[::-1]
         assert seen == [(Lane, a.peer_id)]
         assert stream.bytes_sent > len(payload)  # it went over the lane, not libp2p
+
+        # both sides ended that stream cleanly: the next stream to b reuses the connection
+        for n in (2, 3):
+            again = await a.lanes.open_stream(b.peer_id, ECHO)
+            assert again is stream
+            await write_frame(again, {"n": n}, payload[:1000])
+            assert await read_frame(again, 64 << 20) == ({"n": n}, payload[:1000][::-1])
+            await again.close()
+        assert seen == [(Lane, a.peer_id)] * 3
+
+        # closed before reading everything: the rest is dropped, not read by the next stream
+        again = await a.lanes.open_stream(b.peer_id, ECHO)
+        await write_frame(again, {"n": 4}, payload[:1000])
+        await trio.sleep(0.2)
+        await again.close()
+        fresh = await a.lanes.open_stream(b.peer_id, ECHO)
+        assert fresh is stream
+        await write_frame(fresh, {"n": 5}, b"xyz")
+        assert await read_frame(fresh, 16) == ({"n": 5}, b"zyx")
+        await fresh.close()
         nursery.cancel_scope.cancel()
 
 
@@ -73,9 +93,9 @@ async def test_a_tampered_frame_or_an_unknown_lane_id_is_refused():
         b.lanes.serve(ECHO, keep)
         stream = await a.lanes.open_stream(b.peer_id, ECHO)
         await stream.write(b"first")
-        sealed = stream._send.encrypt(stream._nonce(stream._send_count), b"second", None)
-        tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
-        await stream.sock.send_all(len(tampered).to_bytes(4, "big") + tampered)
+        frame = stream._seal(0, b"second")
+        tampered = frame[:4] + bytes([frame[4] ^ 1]) + frame[5:]  # one bit of the ciphertext
+        await stream.sock.send_all(tampered)
         with trio.fail_after(10):
             while len(got) < 2:
                 await trio.sleep(0.05)
