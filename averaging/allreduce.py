@@ -688,10 +688,11 @@ class AllReduce:
         dead or hung member is noticed in seconds whatever the link speed.
 
         The group's ``send_concurrency`` is how many owners a member sends its contributions to at
-        once (0: all). Many streams fill a long link sooner than one slow-starting stream (4 peers
-        on emulated 50 Mbit/s, 40 ms RTT links: 1.6x the bandwidth bound all at once, 2.3x one at a
-        time); one at a time keeps owners from being flooded where CPU is short (8 peers x 100 MB
-        on one 2-core machine: all at once, starved streams were reset by yamux and rounds failed)."""
+        once (0: all). All at once lets every owner stream its result back while contributions
+        still arrive (4 peers on emulated 50 Mbit/s, 40 ms RTT links: 1.4x the bandwidth bound,
+        2.1x one at a time, when an owner's result waits for its last sender to begin); one at a
+        time spares owners short of CPU (it was needed on libp2p streams, before lanes, for 8
+        peers x 100 MB on one 2-core machine)."""
         spec.validate()
         weight = _check_weight(weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
