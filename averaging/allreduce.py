@@ -180,13 +180,16 @@ class _OwnerState:
 
     def add_chunk(self, sender: int, index: int, values: np.ndarray, payload: bytes, norm2: float) -> None:
         """Sum ``sender``'s chunk ``index`` (callers hold ``lock``, then ``notify``)."""
+        self.sum_into(sender, index, values)
+        self.encoded[sender].append(payload)
+        self.received[sender], self.norms2[sender] = index + 1, self.norms2[sender] + norm2
+        self.in_sum.add(sender)
+
+    def sum_into(self, sender: int, index: int, values: np.ndarray) -> None:
         a, b = self.ranges[index]
         w = np.float32(self.weights[sender])
         target = self.sum[a - self.start:b - self.start]
         target += values if w == 1 else values * w
-        self.encoded[sender].append(payload)
-        self.received[sender], self.norms2[sender] = index + 1, self.norms2[sender] + norm2
-        self.in_sum.add(sender)
 
     def outliers(self, among: tuple[int, ...]) -> list[int]:
         """Contributors whose norm is absurd next to the median of the others (needs 3 or more)."""
@@ -233,6 +236,11 @@ async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: i
         header, payload = await read_frame(stream, MAX_PAYLOAD)
     if stall.cancelled_caught:
         raise FrameError(f"{what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
+    return _take_chunk(state, header, payload, index, size, what)
+
+
+def _take_chunk(state: RoundState, header: dict, payload: bytes, index: int, size: int, what: str) -> bytes:
+    """``payload`` if its frame is chunk ``index`` holding ``size`` encoded values; counted as received."""
     if header.get("c") != index or len(payload) != state.codec.encoded_size(size):
         raise FrameError(f"{what} chunk {index} has the wrong index or size")
     state.stats.bytes_received += len(payload)
@@ -378,10 +386,7 @@ class AllReduce:
                     changed = owner.changed
                     if owner.attempt != attempt:
                         attempt, sent = owner.attempt, 0
-                        sent_bytes = await write_frame_within(stream, state.chunk_timeout, {
-                            "t": "result", "contributors": list(owner.contributors), "chunks": n},
-                            what="a result header")
-                        state.stats.bytes_sent += sent_bytes
+                        await self._write_result_header(stream, state, owner.contributors, n)
                     elif sent < len(owner.result_chunks):
                         await _write_chunk(stream, state, sent, owner.result_chunks[sent], "result")
                         sent += 1
@@ -483,11 +488,10 @@ class AllReduce:
         owner = state.owner
         owner.sum[:] = 0
         for sender in contributors:
-            w = np.float32(owner.weights[sender])
             for index in range(owner.received[sender]):
                 a, b = owner.ranges[index]
                 values = state.flat[a:b] if sender == state.me else state.codec.decode(owner.encoded[sender][index], b - a)
-                owner.sum[a - owner.start:b - owner.start] += values * w
+                owner.sum_into(sender, index, values)
         owner.in_sum = set(contributors)
         if owner.residual_start is not None:
             start, end = state.spec.part(state.me)
@@ -507,19 +511,22 @@ class AllReduce:
         return chunk
 
     @staticmethod
-    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]],
-                     out: np.ndarray | None = None) -> np.ndarray:
-        """The values of a part's chunks, written into ``out`` (a new array if None)."""
+    def _decode_part(codec: Codec, chunks: list[bytes], ranges: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Decode a part's chunks into ``out``."""
         start = ranges[0][0]
-        out = np.empty(ranges[-1][1] - start, np.float32) if out is None else out
         for chunk, (a, b) in zip(chunks, ranges):
             out[a - start:b - start] = codec.decode(chunk, b - a)
-        return out
+
+    @staticmethod
+    async def _write_result_header(stream: INetStream, state: RoundState, contributors: tuple[int, ...],
+                                   chunks: int) -> None:
+        sent = await write_frame_within(stream, state.chunk_timeout, {
+            "t": "result", "contributors": list(contributors), "chunks": chunks}, what="a result header")
+        state.stats.bytes_sent += sent
 
     async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
-        sent = await write_frame_within(stream, state.chunk_timeout, {
-            "t": "result", "contributors": list(part.contributors), "chunks": len(part.chunks)}, what="a result header")
-        state.stats.bytes_sent += sent
+        """A final part, whole (repair)."""
+        await self._write_result_header(stream, state, part.contributors, len(part.chunks))
         for index, chunk in enumerate(part.chunks):
             await _write_chunk(stream, state, index, chunk, "result")
 
@@ -593,12 +600,10 @@ class AllReduce:
                     raise FrameError("malformed result header")
                 chunks = []
                 continue
-            a, b = ranges[min(len(chunks), len(ranges) - 1)]
-            if contributors is None or header.get("c") != len(chunks) \
-                    or len(payload) != state.codec.encoded_size(b - a):
-                raise FrameError("result chunk out of order or of the wrong size")
-            state.stats.bytes_received += len(payload)
-            chunks.append(payload)
+            if contributors is None:
+                raise FrameError("result chunk before its header")
+            a, b = ranges[len(chunks)]
+            chunks.append(_take_chunk(state, header, payload, len(chunks), b - a, "result"))
         if owner in state.parts:
             return
         # straight into the output: a part that fails to decode there is overwritten by a repaired
