@@ -99,7 +99,6 @@ class Lane:
         self._plain, self._taken = b"", 0  # the last decrypted frame, and how much of it was read
         self._eof = False  # the other side ended this stream
         self._ended = False  # we ended this stream
-        self._opened: bytes | None = None  # the protocol of a stream the dialer opened on it
         self.on_idle: Callable[[Lane], None] | None = None  # given the lane when a stream ends cleanly
         self._idle = False  # handed to ``on_idle`` since the last stream began
         self._broken: str | None = None
@@ -148,10 +147,12 @@ class Lane:
                     return b""
                 if self._broken:
                     raise LaneError(f"lane to {self.peer_id} is broken: {self._broken}")
-                kind = await self._next_frame()
-                if kind == _END:
+                kind, plain = await self._next_frame()
+                if kind == _DATA:
+                    self._plain, self._taken = plain, 0
+                elif kind == _END:
                     self._eof = True
-                elif kind == _OPEN:
+                else:
                     self._break("a stream opened inside another")
                     raise LaneError(f"lane from {self.peer_id} opened a stream inside another")
             start = self._taken
@@ -161,9 +162,9 @@ class Lane:
                 return self._plain  # a whole frame, as most reads of large payloads are: no copy
             return self._plain[start:self._taken]
 
-    async def _next_frame(self) -> int:
-        """Decrypt the next frame into ``_plain``; returns its kind. A TCP end counts as an end
-        of stream too, but leaves the lane unusable for another."""
+    async def _next_frame(self) -> tuple[int, bytes]:
+        """The next frame's kind and decrypted contents. A TCP end counts as an end of stream
+        too, but leaves the lane unusable for another."""
         while True:
             have = self._end - self._start
             if have >= _LENGTH.size:
@@ -183,10 +184,7 @@ class Lane:
                         raise LaneError(f"lane from {self.peer_id}: a frame failed authentication") from exc
                     self._receive_count += 1
                     self._start = begin + size
-                    self._plain, self._taken = (plain, 0) if kind == _DATA else (b"", 0)
-                    if kind == _OPEN:
-                        self._opened = plain
-                    return kind
+                    return kind, plain
                 if self._start + _LENGTH.size + size > len(self._inbox):  # make room at the front
                     self._inbox[:have] = self._inbox[self._start:self._end]
                     self._start, self._end = 0, have
@@ -202,7 +200,7 @@ class Lane:
                     self._break("ended inside a frame")
                     raise LaneError(f"lane from {self.peer_id} ended inside a frame")
                 self._broken = self._broken or "the connection ended"
-                return _END
+                return _END, b""
             self._end += got
             self.bytes_received += got
 
@@ -230,9 +228,9 @@ class Lane:
                 with contextlib.suppress(LaneError):
                     await self._write_frames(_END, b"")
             self._ended = True
+            self._taken = len(self._plain)  # what was not read is dropped
             with trio.move_on_after(END_SECONDS), contextlib.suppress(LaneError):
                 while not self._eof and not self._broken:
-                    self._plain, self._taken = b"", 0
                     await self.read()
         finally:
             if not self.reusable:
@@ -244,29 +242,29 @@ class Lane:
     async def reset(self) -> None:
         self.abort()
 
-    def next_stream(self) -> None:
+    def _next_stream(self) -> None:
         """Reset per-stream state once a stream is over on both sides."""
         self._eof = self._ended = self._idle = False
-        self._plain, self._taken, self._opened = b"", 0, None
+        self._plain, self._taken = b"", 0
 
     async def open(self, protocol: str) -> None:
         """Dialer: start a new stream for ``protocol`` on a lane whose last stream is over."""
-        self.next_stream()
+        self._next_stream()
         await self._write_frames(_OPEN, protocol.encode())
 
     async def wait_open(self) -> str | None:
         """Listener: the protocol of the dialer's next stream, or None if the lane ended."""
-        self.next_stream()
+        self._next_stream()
         async with self._read_lock:
             try:
-                kind = await self._next_frame()
+                kind, plain = await self._next_frame()
             except LaneError:
                 return None
         if kind != _OPEN:
             self.abort()
             return None
         try:
-            return self._opened.decode()
+            return plain.decode()
         except UnicodeDecodeError:
             self.abort()
             return None
