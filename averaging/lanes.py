@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import secrets
+import select
 import struct
 from typing import Awaitable, Callable
 
@@ -192,7 +193,7 @@ class Lane:
                 self._start = self._end = 0
             try:
                 got = await self.sock.socket.recv_into(memoryview(self._inbox)[self._end:])
-            except OSError as exc:
+            except (OSError, trio.ClosedResourceError) as exc:  # the latter: aborted by another task
                 self._break(f"{type(exc).__name__}: {exc}")
                 raise LaneError(f"lane from {self.peer_id}: {exc}") from exc
             if not got:
@@ -249,8 +250,20 @@ class Lane:
 
     async def open(self, protocol: str) -> None:
         """Dialer: start a new stream for ``protocol`` on a lane whose last stream is over."""
+        if self._readable_while_idle():
+            self._break("the other side ended it while it was idle")
         self._next_stream()
         await self._write_frames(_OPEN, protocol.encode())
+
+    def _readable_while_idle(self) -> bool:
+        """Whether the socket has something to read although no stream is open: the other side
+        closed it (its process died or restarted) or sent what nobody asked for. Writing to such a
+        lane would seem to work, and only the stream's first read would fail."""
+        try:
+            readable, _, _ = select.select([self.sock.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):  # already closed
+            return True
+        return bool(readable)
 
     async def wait_open(self) -> str | None:
         """Listener: the protocol of the dialer's next stream, or None if the lane ended."""

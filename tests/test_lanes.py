@@ -13,9 +13,11 @@ from tests.peer_helpers import LOOPBACK, start_peers
 ECHO = "/legion/test-echo/1.0.0"
 
 
-def serve_echo(peer: Peer, seen: list) -> None:
+def serve_echo(peer: Peer, seen: list, served: list | None = None) -> None:
     async def echo(stream) -> None:
         seen.append((type(stream), stream_peer(stream)))
+        if served is not None:
+            served.append(stream)
         header, payload = await read_frame(stream, 64 << 20)
         await write_frame(stream, header, payload[::-1])
         await stream.close()
@@ -26,8 +28,8 @@ def serve_echo(peer: Peer, seen: list) -> None:
 async def test_a_lane_carries_frames_both_ways_and_names_the_dialing_peer():
     async with trio.open_nursery() as nursery:
         a, b = await start_peers(nursery, 2)
-        seen = []
-        serve_echo(b, seen)
+        seen, served = [], []
+        serve_echo(b, seen, served)
         payload = os.urandom(5 << 20)  # several 1 MiB encrypted frames
         stream = await a.lanes.open_stream(b.peer_id, ECHO)
         assert isinstance(stream, Lane)
@@ -57,6 +59,15 @@ async def test_a_lane_carries_frames_both_ways_and_names_the_dialing_peer():
         await write_frame(fresh, {"n": 5}, b"xyz")
         assert await read_frame(fresh, 16) == ({"n": 5}, b"zyx")
         await fresh.close()
+
+        # the other end dropped the idle lane (as a killed or restarted peer does): a new lane is dialed
+        served[-1].abort()
+        await trio.sleep(0.2)
+        replacement = await a.lanes.open_stream(b.peer_id, ECHO)
+        assert isinstance(replacement, Lane) and replacement is not stream
+        await write_frame(replacement, {"n": 6}, b"uvw")
+        assert await read_frame(replacement, 16) == ({"n": 6}, b"wvu")
+        await replacement.close()
         nursery.cancel_scope.cancel()
 
 
