@@ -30,7 +30,7 @@ from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
-from averaging.wire import FrameError, read_frame, stream_peer, write_frame_within
+from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame_within
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ class _OwnerState:
         self.residual_start: np.ndarray | None = None  # error feedback before the first attempt
         self.changed = trio.Event()  # replaced on every change: wait on the one you looked at
         self.serving: dict[int, int] = {}  # contribution streams still open, per sender
-        self.progress: dict[int, float] = {}  # trio time of each sender's last chunk
         self.lock = trio.Lock()  # over ``sum``: chunk additions, rebuilds and result encoding
 
     def notify(self) -> None:
@@ -231,11 +230,8 @@ class RoundState:
 
 
 async def _read_chunk(stream: INetStream, state: RoundState, index: int, size: int, what: str) -> bytes:
-    """One ``{"c": index}`` frame holding ``size`` encoded values, within the stall timeout."""
-    with trio.move_on_after(state.chunk_timeout) as stall:
-        header, payload = await read_frame(stream, MAX_PAYLOAD)
-    if stall.cancelled_caught:
-        raise FrameError(f"{what} chunk {index} stalled for {state.chunk_timeout:.1f}s")
+    """One ``{"c": index}`` frame holding ``size`` encoded values, unless the stream stalls."""
+    header, payload = await read_frame_within(stream, state.chunk_timeout, MAX_PAYLOAD, what=f"{what} chunk {index}")
     return _take_chunk(state, header, payload, index, size, what)
 
 
@@ -347,14 +343,12 @@ class AllReduce:
             owner.resolve(sender, str(exc))
             raise
         owner.begin(sender, weight)
-        owner.progress[sender] = trio.current_time()
         failure: FrameError | CodecError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_result, stream, state, sender)
             try:
                 for index, (a, b) in enumerate(owner.ranges):
                     payload = await _read_chunk(stream, state, index, b - a, "contribution")
-                    owner.progress[sender] = trio.current_time()
                     # on the event loop, as the result chunks below: a thread hop per chunk cost more
                     # than the work (4 peers x 100 MB on loopback took ~1.5x as long)
                     values, norm2 = _decode_with_norm(state.codec, payload, b - a)
@@ -444,15 +438,16 @@ class AllReduce:
             state.owner.add_chunk(state.me, index, values, b"", float(np.dot(values, values)))
 
     def _drop_stalled(self, state: RoundState, started: float) -> None:
-        """Fail contributions that made no progress for too long, also those that never began."""
+        """Fail the contributions that have not begun in time (one that began fails on its own
+        stream when that stalls)."""
         owner, n = state.owner, len(state.spec.members)
         limit = state.chunk_timeout + self.wait_for_round
         now = trio.current_time()
         for sender in list(owner.pending):
             # a sender that has not begun may still be sending to the owners before us
             first = started + ((state.me - sender) % n - 1) * state.part_seconds
-            if now - owner.progress.get(sender, first) > limit:
-                owner.resolve(sender, f"no progress for {limit:.0f}s")
+            if sender not in owner.weights and now - first > limit:
+                owner.resolve(sender, f"no contribution began within {limit:.0f}s")
 
     async def _release_chunks(self, state: RoundState) -> None:
         """With ``owner.lock`` held: encode every result chunk that is complete, starting over
@@ -584,10 +579,8 @@ class AllReduce:
         contributors: list[int] | None = None
         chunks: list[bytes] = []
         while contributors is None or len(chunks) < len(ranges):
-            with trio.move_on_after(state.chunk_timeout) as silent:
-                header, payload = await read_frame(stream, MAX_PAYLOAD)
-            if silent.cancelled_caught:
-                raise FrameError(f"owner {owner} silent for {state.chunk_timeout:.1f}s")
+            header, payload = await read_frame_within(stream, state.chunk_timeout, MAX_PAYLOAD,
+                                                      what=f"owner {owner}'s result")
             kind = header.get("t")
             if kind == "wait":
                 continue

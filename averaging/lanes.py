@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/lane/1.1.0"
 MAX_PLAIN = 1 << 20  # plaintext bytes per encrypted frame
+_SEND_PIECE = 1 << 18  # bytes per socket send, so that ``bytes_sent`` shows a slow write moving
 _TAG = 16
 _LENGTH = struct.Struct("!I")  # kind in the top 2 bits, sealed size below; authenticated with the frame
 _DATA, _END, _OPEN = 0, 1, 2  # frame kinds: stream bytes, end of this stream, a new stream (its protocol)
@@ -123,16 +124,18 @@ class Lane:
         async with self._write_lock:
             view = memoryview(data)
             for start in range(0, max(len(view), 1), MAX_PLAIN):
-                frame = self._seal(kind, view[start:start + MAX_PLAIN])
+                frame = memoryview(self._seal(kind, view[start:start + MAX_PLAIN]))
                 try:
-                    await self.sock.send_all(frame)
+                    for piece in range(0, len(frame), _SEND_PIECE):  # counted as it goes: progress
+                        part = frame[piece:piece + _SEND_PIECE]
+                        await self.sock.send_all(part)
+                        self.bytes_sent += len(part)
                 except Exception as exc:
                     self._break(f"{type(exc).__name__}: {exc}")
                     raise LaneError(f"lane to {self.peer_id}: {self._broken}") from exc
                 except BaseException:  # cancelled: part of a frame may have gone out
                     self._break("a write was cancelled midway")
                     raise
-                self.bytes_sent += len(frame)
 
     async def write(self, data: bytes) -> None:
         if self._ended:

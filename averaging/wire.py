@@ -9,9 +9,10 @@ and a sender that dies mid-frame (which a reader sees as a clean EOF) is always 
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import zlib
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import msgpack
 import trio
@@ -19,6 +20,8 @@ from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_HEADER = 64 * 1024
 _PREFIX = struct.Struct("!III")
@@ -97,14 +100,54 @@ async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes
     return len(data) + len(payload)
 
 
+async def _unless_stalled(stream: INetStream, seconds: float, counter: str,
+                          operation: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+    """``(True, operation())``, or ``(False, None)`` once the stream stalled for ``seconds``.
+
+    On a lane, which counts the bytes its socket moves (``counter``), a stall is ``seconds``
+    without a byte moving: a frame crawling through a link shared with many other streams is
+    slow, not stalled. A libp2p stream counts nothing, so there the whole operation must finish
+    within ``seconds``."""
+    if not hasattr(stream, counter):
+        with trio.move_on_after(seconds):
+            return True, await operation()
+        return False, None
+    with trio.CancelScope(deadline=trio.current_time() + seconds) as scope:
+        async def extend_while_moving() -> None:
+            seen = getattr(stream, counter)
+            while True:
+                await trio.sleep(min(1.0, seconds / 4))
+                if getattr(stream, counter) != seen:
+                    seen = getattr(stream, counter)
+                    scope.deadline = trio.current_time() + seconds
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(extend_while_moving)
+            value = await operation()
+            scope.deadline = math.inf  # done: a deadline passing now must not lose the value
+            nursery.cancel_scope.cancel()
+        return True, value
+    return False, None
+
+
 async def write_frame_within(stream: INetStream, seconds: float, header: dict[str, Any], payload: bytes = b"", *,
                              what: str = "a frame") -> int:
-    """``write_frame``, but a peer that does not take the frame within ``seconds`` (hung, or no
+    """``write_frame``, but a peer that takes nothing of the frame for ``seconds`` (hung, or no
     longer reading) gets its connection aborted and the write raises ``FrameError``."""
-    with trio.move_on_after(seconds):
-        return await write_frame(stream, header, payload)
+    done, sent = await _unless_stalled(stream, seconds, "bytes_sent", lambda: write_frame(stream, header, payload))
+    if done:
+        return sent
     abort_connection(stream)  # later writes to it would block too, some of them uncancellable
     raise FrameError(f"sending {what} stalled for {seconds:.1f}s")
+
+
+async def read_frame_within(stream: INetStream, seconds: float, max_payload: int, *,
+                            what: str = "a frame") -> tuple[dict[str, Any], bytes]:
+    """``read_frame``, raising ``FrameError`` if nothing of the frame arrives for ``seconds``."""
+    done, frame = await _unless_stalled(stream, seconds, "bytes_received", lambda: read_frame(stream, max_payload))
+    if done:
+        return frame
+    raise FrameError(f"{what} stalled for {seconds:.1f}s")
 
 
 async def read_frame(stream: INetStream, max_payload: int) -> tuple[dict[str, Any], bytes]:

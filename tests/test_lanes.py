@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from averaging.lanes import Lane, LaneError
-from averaging.wire import read_frame, stream_peer, write_frame
+from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame
 from swarm.peer import Peer, PeerConfig
 from tests.peer_helpers import LOOPBACK, start_peers
 
@@ -130,4 +130,45 @@ async def test_a_tampered_frame_or_an_unknown_lane_id_is_refused():
         await intruder.send_all(os.urandom(16))
         with trio.fail_after(10):
             assert await intruder.receive_some(1) == b""
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_stall():
+    """On a lane, stall timeouts count bytes moving, not whole frames: a 1 MiB chunk crawling
+    through a link shared with many streams must not be taken for a dead peer."""
+    async def framed(header: dict, payload: bytes) -> bytes:
+        class Collect:  # the bytes write_frame would send, to send them in pieces instead
+            data = bytearray()
+
+            async def write(self, data: bytes) -> None:
+                self.data.extend(data)
+
+        out = Collect()
+        await write_frame(out, header, payload)
+        return bytes(out.data)
+
+    async def trickle(stream) -> None:
+        await read_frame(stream, 0)
+        slow = await framed({"c": 0}, os.urandom(200_000))
+        for start in range(0, len(slow), 10_000):  # 20 pieces over ~2 s: 4x the stall limit
+            await stream.write(slow[start:start + 10_000])
+            await trio.sleep(0.1)
+        await write_frame(stream, {"c": 1}, b"x" * 1000)
+        await stream.write((await framed({"c": 2}, b"y" * 1000))[:500])  # then silence
+        await trio.sleep(3)
+        await stream.close()
+
+    async with trio.open_nursery() as nursery:
+        a, b = await start_peers(nursery, 2)
+        b.lanes.serve(ECHO, trickle)
+        stream = await a.lanes.open_stream(b.peer_id, ECHO)
+        await write_frame(stream, {"go": True})
+        started = trio.current_time()
+        header, payload = await read_frame_within(stream, 0.5, 1 << 20)
+        assert header == {"c": 0} and len(payload) == 200_000
+        assert trio.current_time() - started > 1.5  # it did take longer than the limit
+        assert (await read_frame_within(stream, 0.5, 1 << 20))[0] == {"c": 1}
+        with pytest.raises(FrameError, match="stalled for 0.5s"):
+            await read_frame_within(stream, 0.5, 1 << 20)
+        assert trio.current_time() - started < 4
         nursery.cancel_scope.cancel()
