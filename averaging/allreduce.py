@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/allreduce/1.0.0"
 REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
-CHUNK_VALUES = 1 << 18  # values per streamed chunk (1 MiB as float32), a multiple of BLOCK
+CHUNK_VALUES = 1 << 18  # the most values per streamed chunk (1 MiB as float32), a multiple of BLOCK
+MIN_CHUNK_VALUES = 1 << 16  # the fewest, unless the part is smaller
+CHUNKS_PER_PART = 20  # a part is cut into at least this many chunks where the bounds above allow
 MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
 REPAIR_ANSWER_SECONDS = 5.0  # a member that has not answered a repair request by then is hung or dead
@@ -44,7 +46,7 @@ KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
 FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that its round is over
 LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
-assert CHUNK_VALUES % BLOCK == 0
+assert CHUNK_VALUES % BLOCK == 0 and MIN_CHUNK_VALUES % BLOCK == 0
 
 
 class SpecError(ValueError):
@@ -124,7 +126,13 @@ class _Part:
 
 
 def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
-    return [(s, min(s + CHUNK_VALUES, end)) for s in range(start, end, CHUNK_VALUES)] or [(start, start)]
+    """A part's chunks. An owner's result chunk waits for every contributor's same chunk, so the
+    last one leaves after the last contribution is in: smaller chunks shorten that tail (4 peers x
+    20 MB on 50 Mbit/s links: 1.36x the bandwidth bound in 5 chunks per part, 1.23x in 20), larger
+    ones cost less CPU per byte (4 x 100 MB on loopback took ~1.3x as long in 64 Ki-value chunks)."""
+    wanted = -(-(end - start) // CHUNKS_PER_PART)
+    size = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, -(-wanted // BLOCK) * BLOCK))
+    return [(s, min(s + size, end)) for s in range(start, end, size)] or [(start, start)]
 
 
 class _OwnerState:
