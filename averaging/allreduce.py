@@ -689,14 +689,14 @@ class AllReduce:
         """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
 
         ``deadline`` (trio clock) bounds the whole round. Within it nothing waits on a fixed
-        schedule: a transfer fails when it stalls (a chunk that does not move within a time
-        sized from ``bandwidth``, bytes/s), and an owner still collecting sends keepalives, so a
+        schedule: a transfer fails when it stalls (no byte of a chunk moves within a time sized
+        from ``bandwidth``, bytes/s), and an owner still collecting sends keepalives, so a
         dead or hung member is noticed in seconds whatever the link speed.
 
         The group's ``send_concurrency`` is how many owners a member sends its contributions to at
         once (0: all). All at once lets every owner stream its result back while contributions
-        still arrive (4 peers on emulated 50 Mbit/s, 40 ms RTT links: 1.4x the bandwidth bound,
-        2.1x one at a time, when an owner's result waits for its last sender to begin); one at a
+        still arrive (4 peers x 20 MB on emulated 50 Mbit/s, 40 ms RTT links: 1.4x the bandwidth
+        bound, 2.1x one at a time, when an owner's result waits for its last sender to begin); one at a
         time spares owners short of CPU (it was needed on libp2p streams, before lanes, for 8
         peers x 100 MB on one 2-core machine)."""
         spec.validate()

@@ -121,11 +121,17 @@ async def _unless_stalled(stream: INetStream, seconds: float, counter: str,
                     seen = getattr(stream, counter)
                     scope.deadline = trio.current_time() + seconds
 
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(extend_while_moving)
-            value = await operation()
-            scope.deadline = math.inf  # done: a deadline passing now must not lose the value
+            try:
+                value = await operation()
+            except Exception as exc:  # raised below as itself, not wrapped in an exception group
+                failure = exc
+            scope.deadline = math.inf  # done: a deadline passing now must not lose the outcome
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return True, value
     return False, None
 

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from averaging.lanes import Lane, LaneError
-from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame
+from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame, write_frame_within
 from swarm.peer import Peer, PeerConfig
 from tests.peer_helpers import LOOPBACK, start_peers
 
@@ -171,4 +171,8 @@ async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_sta
         with pytest.raises(FrameError, match="stalled for 0.5s"):
             await read_frame_within(stream, 0.5, 1 << 20)
         assert trio.current_time() - started < 4
+        # a failure is raised as itself (callers catch FrameError), not inside an exception group
+        stream.abort()
+        with pytest.raises(FrameError, match="stream broke while writing"):
+            await write_frame_within(stream, 0.5, {"c": 3}, b"z")
         nursery.cancel_scope.cancel()
