@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="S=200, H=25: a few minutes")
     parser.add_argument("--codec", default="int8", help="DiLoCo codec")
     parser.add_argument("--lr-schedule", default="constant", help="inner learning-rate schedule of every run")
+    parser.add_argument("--inner-lr", type=float, help="inner learning rate of every run (default: the run's)")
     parser.add_argument("--outer-lr", type=float, help="DiLoCo outer learning rate (default: the run's)")
     parser.add_argument("--outer-momentum", type=float, help="DiLoCo outer momentum (default: the run's)")
     parser.add_argument("--no-overlap", action="store_true", help="DiLoCo waits for each round's averaging")
@@ -92,15 +93,16 @@ def main() -> None:
     args = parser.parse_args()
     steps, inner = (200, 25) if args.quick else (args.steps, args.inner_steps)
     rounds = math.ceil(steps / inner)
-    config = RunConfig(model=args.model, lr_schedule=args.lr_schedule, rounds=rounds).validate()
+    config = RunConfig(model=args.model, lr_schedule=args.lr_schedule, rounds=rounds,
+                       **({"inner_lr": args.inner_lr} if args.inner_lr else {})).validate()
+    every_run = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--inner-lr", str(config.inner_lr)]
     result: dict = {"peers": args.peers, "steps": steps, "inner_steps": inner, "model": args.model}
     result["baseline"] = baseline(config, args.peers, steps, args.data)
     if not args.skip_sync:
-        result["sync"] = swarm(args.peers, ["--model", args.model, "--lr-schedule", args.lr_schedule,
-                                            "--algorithm", "sync", "--codec", "none",
+        result["sync"] = swarm(args.peers, every_run + ["--algorithm", "sync", "--codec", "none",
                                             "--rounds", str(steps)], args.data, timeout=30 * steps)
-    diloco_args = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--algorithm", "diloco", "--codec", args.codec,
-                   "--inner-steps", str(inner), "--rounds", str(rounds)]
+    diloco_args = every_run + ["--algorithm", "diloco", "--codec", args.codec,
+                               "--inner-steps", str(inner), "--rounds", str(rounds)]
     for flag, value in (("--outer-lr", args.outer_lr), ("--outer-momentum", args.outer_momentum)):
         if value is not None:
             diloco_args += [flag, str(value)]

@@ -341,7 +341,8 @@ class Trainer:
             return None
         self._record({"event": "state", "source": "swarm", "round": signed.manifest.round,
                             "size_bytes": stats.size_bytes, "reused_bytes": stats.reused_bytes,
-                            "bytes_received": stats.bytes_received, "peers": len(stats.per_peer)})
+                            "bytes_received": stats.bytes_received, "duplicate_bytes": stats.duplicate_bytes,
+                            "peers": len(stats.per_peer)})
         return signed.manifest.round, tensors
 
     async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
