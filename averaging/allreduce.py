@@ -30,15 +30,13 @@ from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
+from averaging.partition import CHUNK_VALUES, MIN_CHUNK_VALUES
 from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame_within
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/allreduce/1.0.0"
 REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
-CHUNK_VALUES = 1 << 18  # the most values per streamed chunk (1 MiB as float32), a multiple of BLOCK
-MIN_CHUNK_VALUES = 1 << 16  # the fewest, unless the part is smaller
-CHUNKS_PER_PART = 20  # a part is cut into at least this many chunks where the bounds above allow
 MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
 REPAIR_ANSWER_SECONDS = 5.0  # a member that has not answered a repair request by then is hung or dead
@@ -63,6 +61,7 @@ class GroupSpec:
     bounds: tuple[int, ...]
     codec: str
     send_concurrency: int = 0  # owners a member sends its contributions to at once; 0: all
+    chunk_values: int = CHUNK_VALUES  # values per streamed chunk (``partition.chunk_values``)
 
     @property
     def total(self) -> int:
@@ -71,16 +70,21 @@ class GroupSpec:
     def part(self, index: int) -> tuple[int, int]:
         return self.bounds[index], self.bounds[index + 1]
 
+    def chunks(self, index: int) -> list[tuple[int, int]]:
+        """Part ``index`` as the ranges of its streamed chunks."""
+        return _chunk_ranges(*self.part(index), self.chunk_values)
+
     def to_wire(self) -> dict[str, Any]:
         return {"group": self.group_id, "members": list(self.members),
                 "addrs": [list(a) for a in self.addrs], "bounds": list(self.bounds), "codec": self.codec,
-                "send": self.send_concurrency}
+                "send": self.send_concurrency, "chunk": self.chunk_values}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "GroupSpec":
         try:
             spec = cls(str(wire["group"]), tuple(wire["members"]), tuple(tuple(a) for a in wire["addrs"]),
-                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]), int(wire.get("send", 0)))
+                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]), int(wire.get("send", 0)),
+                       int(wire.get("chunk", CHUNK_VALUES)))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed group spec: {exc}") from exc
         spec.validate()
@@ -95,6 +99,8 @@ class GroupSpec:
         get_codec(self.codec)
         if not 0 <= self.send_concurrency <= n:
             raise SpecError("group spec send concurrency out of range")
+        if not MIN_CHUNK_VALUES <= self.chunk_values <= CHUNK_VALUES or self.chunk_values % BLOCK:
+            raise SpecError(f"group spec chunk of {self.chunk_values} values")
 
 
 @dataclass
@@ -125,13 +131,7 @@ class _Part:
     chunks: list[bytes]
 
 
-def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
-    """A part's chunks. An owner's result chunk waits for every contributor's same chunk, so the
-    last one leaves after the last contribution is in: smaller chunks shorten that tail (4 peers x
-    20 MB on 50 Mbit/s links: 1.36x the bandwidth bound in 5 chunks per part, 1.23x in 20), larger
-    ones cost less CPU per byte (4 x 100 MB on loopback took ~1.3x as long in 64 Ki-value chunks)."""
-    wanted = -(-(end - start) // CHUNKS_PER_PART)
-    size = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, -(-wanted // BLOCK) * BLOCK))
+def _chunk_ranges(start: int, end: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, end)) for s in range(start, end, size)] or [(start, start)]
 
 
@@ -147,9 +147,9 @@ class _OwnerState:
     they had of it. The last chunk goes out only when every contribution is complete and checked,
     so a part whose last chunk was sent is final."""
 
-    def __init__(self, start: int, end: int, members: int, max_norm_ratio: float) -> None:
-        self.start, self.ranges = start, _chunk_ranges(start, end)
-        self.sum = np.zeros(end - start, np.float32)
+    def __init__(self, ranges: list[tuple[int, int]], members: int, max_norm_ratio: float) -> None:
+        self.start, self.ranges = ranges[0][0], ranges
+        self.sum = np.zeros(ranges[-1][1] - self.start, np.float32)
         self.pending = set(range(members))  # neither complete nor failed
         self.weights: dict[int, float] = {}  # senders whose contribution began
         self.received: dict[int, int] = {}  # chunks of each sender summed so far
@@ -220,7 +220,7 @@ class RoundState:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
-        self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio)
+        self.owner = _OwnerState(spec.chunks(me), len(spec.members), max_norm_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
         self.stats = RoundStats(spec.group_id, list(spec.members))
@@ -538,7 +538,7 @@ class AllReduce:
     async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
         """Stream our contribution to ``owner`` while its result streams back on the same stream."""
         spec = state.spec
-        ranges = _chunk_ranges(*spec.part(owner))
+        ranges = spec.chunks(owner)
         peer = ID.from_base58(spec.members[owner])
         stream = None
         with trio.move_on_at(deadline):
@@ -583,7 +583,7 @@ class AllReduce:
         over at a new header (the owner's contributors changed); decode it into our output."""
         spec = state.spec
         start, end = spec.part(owner)
-        ranges = _chunk_ranges(start, end)
+        ranges = spec.chunks(owner)
         contributors: list[int] | None = None
         chunks: list[bytes] = []
         while contributors is None or len(chunks) < len(ranges):
