@@ -55,9 +55,8 @@ class Averager:
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)))
         me = spec.members.index(self.matchmaker.me)
-        log.info("round %s starts: %d members, %d values, codec %s in chunks of %d, contributions to %s at once",
-                 spec.group_id, len(spec.members), len(flat), codec, spec.chunk_values,
-                 spec.send_concurrency or "all owners")
+        log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
+                 len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")
         send_residual = result_residual = None
         if get_codec(codec).lossy:
             layout = (tuple(tuple(t.shape) for t in tensors), codec)
@@ -69,7 +68,7 @@ class Averager:
             result_residual=result_residual, bandwidth=self.bandwidth)
         seconds = stats.phase_seconds.get("exchange", 0)
         if seconds > 0 and stats.bytes_sent > 1e6:
-            self.bandwidth = self.matchmaker.rate = max(1e5, stats.bytes_sent / seconds)
+            self.bandwidth = max(1e5, stats.bytes_sent / seconds)
         return AveragingResult(self._unflatten(averaged, tensors), stats)
 
     async def linger(self) -> None:

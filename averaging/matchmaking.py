@@ -21,9 +21,8 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
 from averaging.allreduce import GroupSpec, SpecError
-from averaging.codecs import get_codec
 from averaging.groups import Coordinates, form_groups
-from averaging.partition import chunk_values, partition_bounds
+from averaging.partition import partition_bounds
 from averaging.wire import FrameError, read_frame, write_frame
 from dht import RecordDHT
 
@@ -60,8 +59,6 @@ class Matchmaker:
         self.send_concurrency = send_concurrency  # what this peer sets in the groups it leads
         self.target_size, self.min_size, self.budget, self.mix_every = target_size, min_size, budget, mix_every
         self.upload_mbps = upload_mbps
-        # bytes/s this peer moves in a round (declared upload, then measured): sizes the chunks
-        self.rate: float | None = upload_mbps * 125_000 if upload_mbps else None
         self.coords = Coordinates()
         self._rtt_ms: dict[str, float] = {}
         self._seeking: _Seeking | None = None
@@ -99,7 +96,7 @@ class Matchmaker:
     async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
         declaration = {"addrs": [str(a) for a in self.host.get_addrs()], "total": seeking.total,
                        "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
-                       "rate": self.rate, "target": self.target_size}
+                       "target": self.target_size}
         await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
         started = trio.current_time()
         while True:
@@ -191,12 +188,9 @@ class Matchmaker:
         if len(members) >= self.min_size:
             bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
             group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
-            rates = [r for r in (candidates.get(m, {}).get("rate") for m in members)
-                     if isinstance(r, (int, float)) and r > 0]
             spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
                              tuple(partition_bounds(seeking.total, bandwidths)), seeking.codec,
-                             min(self.send_concurrency, len(members)),
-                             chunk_values(min(rates, default=None), len(members), get_codec(seeking.codec)))
+                             min(self.send_concurrency, len(members)))
         async with trio.open_nursery() as nursery:
             for stream in accepted.values():
                 nursery.start_soon(self._finish_invitation, stream, spec)
