@@ -227,11 +227,11 @@ class Lane:
         """End our side of the stream, then wait briefly for the other side's end (bytes it
         still sends are dropped): only a lane both sides ended can carry another stream."""
         try:
-            if not self._ended and not self._broken:
-                self._ended = True
+            send_end = not self._ended and not self._broken
+            self._ended = True  # before the write: no more of this stream's data after its end
+            if send_end:
                 with contextlib.suppress(LaneError):
                     await self._write_frames(_END, b"")
-            self._ended = True
             self._taken = len(self._plain)  # what was not read is dropped
             with trio.move_on_after(END_SECONDS), contextlib.suppress(LaneError):
                 while not self._eof and not self._broken:
