@@ -4,6 +4,10 @@ A frame is ``[u32 header length][u32 payload length][u32 crc32 of header+payload
 where the header is a msgpack map and the payload raw bytes. Both lengths are checked against caps
 before anything is read, so nothing a remote peer sends can make a reader allocate without bound,
 and a sender that dies mid-frame (which a reader sees as a clean EOF) is always detected.
+
+On a stream that authenticates every byte itself (a lane: AES-GCM, ``authenticated = True``) the
+checksum is left 0 and not checked: crc32 runs at ~3.9 GB/s here, half the speed of AES-GCM, and
+on a lane it would only repeat what the cipher already guarantees.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ async def read_exactly(stream: INetStream, size: int) -> bytes:
 _LOWER_LAYER = ("secured_conn", "conn", "_conn", "stream")
 
 
+def _authenticated(stream: INetStream) -> bool:
+    return getattr(stream, "authenticated", False) is True
+
+
 def stream_peer(stream: INetStream) -> ID:
     """The peer at the other end of a libp2p stream or a lane (``averaging.lanes``)."""
     peer = getattr(stream, "peer_id", None)
@@ -86,7 +94,7 @@ async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER:
         raise FrameError(f"header of {len(head)} bytes exceeds {MAX_HEADER}")
-    checksum = zlib.crc32(payload, zlib.crc32(head))
+    checksum = 0 if _authenticated(stream) else zlib.crc32(payload, zlib.crc32(head))
     data = _PREFIX.pack(len(head), len(payload), checksum) + head
     try:
         # One write for small frames; large payloads go separately to avoid copying them.
@@ -163,7 +171,7 @@ async def read_frame(stream: INetStream, max_payload: int) -> tuple[dict[str, An
         raise FrameError(f"frame of {head_len}+{payload_len} bytes exceeds {MAX_HEADER}+{max_payload}")
     head = await read_exactly(stream, head_len)
     payload = await read_exactly(stream, payload_len) if payload_len else b""
-    if zlib.crc32(payload, zlib.crc32(head)) != checksum:
+    if not _authenticated(stream) and zlib.crc32(payload, zlib.crc32(head)) != checksum:
         raise FrameError("frame checksum mismatch")
     try:
         header = msgpack.unpackb(head, raw=False, max_bin_len=MAX_HEADER, max_str_len=MAX_HEADER)
