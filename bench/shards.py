@@ -83,11 +83,15 @@ def owners(bootstrap: str) -> set[str]:
     return {o["peer_id"] for run in runs for shard in run["shards"] for o in shard["owners"]}
 
 
-def wait_until(predicate, timeout: float) -> float:
+class NotConverged(Exception):
+    pass
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
     began = time.monotonic()
     while not predicate():
         if time.monotonic() - began > timeout:
-            raise SystemExit("ownership did not converge within the timeout")
+            raise NotConverged(f"{what}: not within {timeout:.0f} s")
         time.sleep(0.2)
     return time.monotonic() - began
 
@@ -96,18 +100,18 @@ def ownership(args: argparse.Namespace, work: Path) -> dict:
     run = [*run_args(args, True), "--rounds", "0"]  # trains until killed
     processes = start_swarm(work, "ownership", run, args.peers, args.heartbeat)
     seed = processes[0].addrs[0]
-    timeout = max(120.0, 30 * args.heartbeat)
+    timeout = max(120.0, 30 * args.heartbeat, 15.0 * args.peers)  # many peers on 2 cores read the DHT slowly
     try:
-        wait_until(lambda: owners(seed) >= {p.peer_ids[0] for p in processes}, timeout)
+        wait_until(lambda: owners(seed) >= {p.peer_ids[0] for p in processes}, timeout, "every peer owning shards")
         began = time.monotonic()
         joiner = start_peer_process(["--bootstrap", seed, "--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat",
                                      str(args.heartbeat), "--threads", "1", "--quiet"], log_dir=work / "ownership" / "logs")
         processes.append(joiner)
-        wait_until(lambda: joiner.peer_ids[0] in owners(seed), timeout)
+        wait_until(lambda: joiner.peer_ids[0] in owners(seed), timeout, "the joiner owning shards")
         join_seconds = time.monotonic() - began
         victim = processes[1]
         victim.kill()
-        death_seconds = wait_until(lambda: victim.peer_ids[0] not in owners(seed), timeout)
+        death_seconds = wait_until(lambda: victim.peer_ids[0] not in owners(seed), timeout, "the killed peer's shards moving")
     finally:
         for p in processes:
             p.kill()
@@ -131,7 +135,10 @@ def main() -> None:
     result = {"peers": args.peers, "rounds": args.rounds}
     try:
         result.update(equivalence(args, work))
-        result.update(ownership(args, work))
+        try:
+            result.update(ownership(args, work))
+        except NotConverged as exc:  # the equivalence figures still stand
+            result["converge_seconds"], result["ownership_error"] = None, str(exc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_result(result, args.json)

@@ -183,7 +183,9 @@ class Trainer:
     # ----- the run board
     async def _wait_for_peers(self, training: bool) -> None:
         """Wait until ``wait_peers`` peers (this one included) have joined the run (and, with
-        ``training``, are training it)."""
+        ``training``, are training it), or until the run is past its first round: the start
+        barrier is over then, and waiting for peers that may have left would never end (a peer
+        slow to start, or restarted, catches up with the swarm instead)."""
         seen, run_id = 0, self.config.run_id
         # A read may miss entries on a loaded machine: a peer seen within an entry's lifetime counts.
         last_seen: dict[str, float] = {}
@@ -192,6 +194,10 @@ class Trainer:
             last_seen.update({p.peer_id: now for p in self.board if p.run_id == run_id and (p.training or not training)})
             joined = {peer for peer, at in last_seen.items() if now - at <= self.peer.ttl} | {self.me}
             if len(joined) >= self.wait_peers or self._stop.is_set():
+                return
+            ahead = max((p.round for p in self._others_training()), default=0)
+            if ahead > 0:
+                log.info("run %s is at round %d: not waiting for %d peers", run_id, ahead, self.wait_peers)
                 return
             if len(joined) != seen:
                 seen = len(joined)
