@@ -44,7 +44,7 @@ from averaging.wire import FrameError, read_frame, stream_peer, write_frame
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/lane/1.1.0"
+PROTOCOL = "/legion/lane/1.2.0"  # 1.2: frames on a lane carry no crc32 (``averaging.wire``)
 MAX_PLAIN = 1 << 20  # plaintext bytes per encrypted frame
 _SEND_PIECE = 1 << 18  # bytes per socket send, so that ``bytes_sent`` shows a slow write moving
 _TAG = 16
