@@ -88,7 +88,8 @@ def run_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--out", type=Path, help="directory for metrics.jsonl and the final model.pt")
     train.add_argument("--wait-peers", type=int, default=1, metavar="N",
-                       help="start training once N peers (this one included) have joined the run")
+                       help="start training once N peers (this one included) have joined the run, "
+                            "or once the run is past its first round (then it catches up)")
     train.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                        help="where this peer keeps its checkpoints (default: OUT/checkpoints with --out, else a "
                             "temporary directory); a restarted peer resumes from it and fetches only what changed")
