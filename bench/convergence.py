@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="local steps per peer (S)")
     parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per peer per step (the baseline: peers x this)")
     parser.add_argument("--data")
     parser.add_argument("--quick", action="store_true", help="S=200, H=29: a few minutes (7 rounds: the fewest bytes within 100x of sync's)")
     parser.add_argument("--codec", default="int8", help="DiLoCo codec")
@@ -93,9 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     steps, inner = (200, 29) if args.quick else (args.steps, args.inner_steps)
     rounds = math.ceil(steps / inner)
-    config = RunConfig(model=args.model, lr_schedule=args.lr_schedule, rounds=rounds,
+    config = RunConfig(model=args.model, lr_schedule=args.lr_schedule, rounds=rounds, batch_size=args.batch_size,
                        **({"inner_lr": args.inner_lr} if args.inner_lr else {})).validate()
-    every_run = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--inner-lr", str(config.inner_lr)]
+    every_run = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--inner-lr", str(config.inner_lr),
+                 "--batch-size", str(config.batch_size)]
     result: dict = {"peers": args.peers, "steps": steps, "inner_steps": inner, "model": args.model}
     result["baseline"] = baseline(config, args.peers, steps, args.data)
     if not args.skip_sync:
