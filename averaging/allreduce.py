@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import multiaddr
 import numpy as np
@@ -44,6 +44,7 @@ KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
 FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that its round is over
 LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
+MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 assert CHUNK_VALUES % BLOCK == 0
 
 
@@ -61,6 +62,9 @@ class GroupSpec:
     bounds: tuple[int, ...]
     codec: str
     send_concurrency: int = 0  # owners a member sends its contributions to at once; 0: all
+    # The round's vector as ranges of the caller's (natural) vector, concatenated; empty: natural
+    # order. Lets a group give each member a part made of whole shards it owns (``Averager``).
+    order: tuple[tuple[int, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -72,13 +76,14 @@ class GroupSpec:
     def to_wire(self) -> dict[str, Any]:
         return {"group": self.group_id, "members": list(self.members),
                 "addrs": [list(a) for a in self.addrs], "bounds": list(self.bounds), "codec": self.codec,
-                "send": self.send_concurrency}
+                "send": self.send_concurrency, "order": [list(r) for r in self.order]}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "GroupSpec":
         try:
             spec = cls(str(wire["group"]), tuple(wire["members"]), tuple(tuple(a) for a in wire["addrs"]),
-                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]), int(wire.get("send", 0)))
+                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]), int(wire.get("send", 0)),
+                       tuple((int(a), int(b)) for a, b in wire.get("order", ())))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed group spec: {exc}") from exc
         spec.validate()
@@ -93,6 +98,19 @@ class GroupSpec:
         get_codec(self.codec)
         if not 0 <= self.send_concurrency <= n:
             raise SpecError("group spec send concurrency out of range")
+        if self.order:
+            if len(self.order) > MAX_ORDER_RANGES or any(a >= b for a, b in self.order) or \
+                    sum(b - a for a, b in self.order) != self.total:
+                raise SpecError("group spec order is not a split of the vector")
+            ends = sorted(self.order)
+            if ends[0][0] != 0 or any(b != c for (_, b), (c, _) in zip(ends, ends[1:])):
+                raise SpecError("group spec order is not a split of the vector")
+
+    def permutation(self) -> np.ndarray | None:
+        """Indices of the natural vector in the round's order (None: the natural order)."""
+        if not self.order:
+            return None
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.order])
 
 
 @dataclass
@@ -207,13 +225,19 @@ class _OwnerState:
         return out
 
 
+# (start, end, the weighted mean of values start:end of our part) -> what the members receive for
+# them instead of the mean (an owner-side optimizer step, say); the same length, float32
+ResultTransform = Callable[[int, int, np.ndarray], np.ndarray]
+
+
 class RoundState:
     """Everything one member holds for one round; also serves its owner streams and repairs."""
 
     def __init__(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float,
                  send_residual: np.ndarray | None, result_residual: np.ndarray | None,
-                 max_norm_ratio: float) -> None:
+                 max_norm_ratio: float, transform: "ResultTransform | None" = None) -> None:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
+        self.transform = transform
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
         self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio)
@@ -498,12 +522,14 @@ class AllReduce:
 
     @staticmethod
     def _encode_result_chunk(state: RoundState, index: int) -> bytes:
-        """Result chunk ``index``: the weighted mean, encoded (with error feedback), and decoded
-        into our own output as every member will decode it."""
+        """Result chunk ``index``: the weighted mean (or the round's transform of it), encoded
+        (with error feedback), and decoded into our own output as every member will decode it."""
         owner = state.owner
         a, b = owner.ranges[index]
         total = sum(owner.weights[s] for s in owner.contributors)
         average = owner.sum[a - owner.start:b - owner.start] / np.float32(total or 1)
+        if state.transform is not None:
+            average = state.transform(a, b, average)
         residual = None if state.result_residual is None else state.result_residual[a:b]
         chunk = encode_with_feedback(state.codec, average, residual)
         state.output[a:b] = state.codec.decode(chunk, b - a)
@@ -681,8 +707,9 @@ class AllReduce:
 
     async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
                   send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
-                  bandwidth: float = 12.5e6) -> tuple[np.ndarray, RoundStats]:
+                  bandwidth: float = 12.5e6, transform: ResultTransform | None = None) -> tuple[np.ndarray, RoundStats]:
         """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
+        With ``transform``, our part's result is the transform of its mean (``ResultTransform``).
 
         ``deadline`` (trio clock) bounds the whole round. Within it nothing waits on a fixed
         schedule: a transfer fails when it stalls (no byte of a chunk moves within a time sized
@@ -699,7 +726,7 @@ class AllReduce:
         weight = _check_weight(weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
             raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
-        state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio)
+        state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio, transform)
         state.deadline = deadline
         self._rounds[spec.group_id] = state
         self._round_started.pop(spec.group_id, trio.Event()).set()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import trio
 
-from averaging.allreduce import AllReduce, RoundStats
+from averaging.allreduce import AllReduce, GroupSpec, ResultTransform, RoundFailed, RoundStats
 from averaging.codecs import get_codec
 from averaging.matchmaking import Matchmaker
 
@@ -20,6 +21,20 @@ log = logging.getLogger(__name__)
 class AveragingResult:
     tensors: list[torch.Tensor]
     stats: RoundStats
+
+
+class RoundPlan(Protocol):
+    """Owner-side steps: a caller whose state for each range of the vector lives at some peers
+    only (``shards``) has each range reduced at one of them, which sends back not the mean but
+    its transform (the optimizer step only it can take)."""
+
+    def order(self, members: list[str]) -> tuple[list[tuple[int, int]], list[int]]:
+        """At the group's leader: the vector as ranges of the natural one, and the part bounds
+        (members + 1 of them, in that order) giving each member the ranges it reduces."""
+
+    async def prepare(self, spec: GroupSpec, me: int) -> ResultTransform:
+        """At every member once the group is known: the transform of the part it reduces
+        (``spec.order``'s ranges within its bounds); ``ValueError`` if it cannot take it."""
 
 
 class Averager:
@@ -45,31 +60,73 @@ class Averager:
 
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
                          timeout: float = 120.0, group_key: str = "default",
-                         matchmaking_timeout: float | None = None) -> AveragingResult:
+                         matchmaking_timeout: float | None = None, plan: RoundPlan | None = None) -> AveragingResult:
         """The weighted mean of ``tensors`` over the group's contributors, or ``RoundFailed`` /
         ``MatchmakingFailed`` (then nothing was changed and the caller may retry). Finding the
-        group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``)."""
+        group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``).
+
+        With ``plan`` every part's result is its reducer's transform of the mean (``RoundPlan``);
+        every member of the group must average with a plan. Results then carry no error feedback:
+        the transform's reducer changes from round to round."""
         deadline = trio.current_time() + timeout
         flat = await trio.to_thread.run_sync(
             lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
         spec = await self.matchmaker.find_group(
-            group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)))
+            group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)),
+            order=plan.order if plan is not None else None)
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
                  len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")
+        transform = None
+        if plan is not None or spec.order:
+            if plan is None or not spec.order:
+                raise _failed(spec, "the group's leader and this member disagree on owner-side steps")
+            with trio.move_on_at(deadline):
+                try:
+                    transform = await plan.prepare(spec, me)
+                except ValueError as exc:  # a part this member cannot reduce (a leader's bad order)
+                    raise _failed(spec, f"cannot reduce this member's part: {exc}") from exc
+            if transform is None:
+                raise _failed(spec, "no time left to prepare this member's part")
+        permutation = spec.permutation()
+        if permutation is not None:
+            flat = await trio.to_thread.run_sync(flat.__getitem__, permutation)
         send_residual = result_residual = None
         if get_codec(codec).lossy:
             layout = (tuple(tuple(t.shape) for t in tensors), codec)
             if layout not in self._residuals:
                 self._residuals[layout] = (np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32))
             send_residual, result_residual = self._residuals[layout]
-        averaged, stats = await self.allreduce.run(
-            spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
-            result_residual=result_residual, bandwidth=self.bandwidth)
+            if plan is not None:
+                result_residual = None
+        natural_residual = send_residual
+        if permutation is not None and send_residual is not None:
+            send_residual = send_residual[permutation]
+        try:
+            averaged, stats = await self.allreduce.run(
+                spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
+                result_residual=result_residual, bandwidth=self.bandwidth, transform=transform)
+        finally:
+            if send_residual is not natural_residual:
+                natural_residual[permutation] = send_residual
+        if permutation is not None:
+            averaged = await trio.to_thread.run_sync(_unpermute, averaged, permutation)
         seconds = stats.phase_seconds.get("exchange", 0)
         if seconds > 0 and stats.bytes_sent > 1e6:
             self.bandwidth = max(1e5, stats.bytes_sent / seconds)
         return AveragingResult(self._unflatten(averaged, tensors), stats)
+
+    async def transform_alone(self, tensors: list[torch.Tensor], plan: RoundPlan) -> list[torch.Tensor]:
+        """What a round of this peer alone gives under ``plan``: the transform of its own values."""
+        me = self.matchmaker.me
+        flat = await trio.to_thread.run_sync(
+            lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
+        order, bounds = plan.order([me])
+        spec = GroupSpec("alone", (me,), ((),), tuple(bounds), "none", 0, tuple(tuple(r) for r in order))
+        spec.validate()
+        transform, permutation = await plan.prepare(spec, 0), spec.permutation()
+        values = transform(0, len(flat), flat[permutation])
+        return self._unflatten(_unpermute(values, permutation), tensors)
 
     async def linger(self) -> None:
         """Call before leaving the swarm: returns once the members of this peer's recent rounds
@@ -85,3 +142,13 @@ class Averager:
             out.append(torch.from_numpy(flat[offset:offset + n]).reshape(t.shape).to(t.dtype).to(t.device))
             offset += n
         return out
+
+
+def _unpermute(values: np.ndarray, permutation: np.ndarray) -> np.ndarray:
+    natural = np.empty_like(values)
+    natural[permutation] = values
+    return natural
+
+
+def _failed(spec: GroupSpec, reason: str) -> RoundFailed:
+    return RoundFailed(reason, RoundStats(spec.group_id, list(spec.members), outcome="failed", reason=reason))

@@ -5,7 +5,8 @@ addresses, upload bandwidth, Vivaldi coordinates and what they average), and rea
 target group size is reached or the time budget ends. Every peer then computes the same
 latency-aware split (``groups.form_groups``); the smallest peer id of each group leads it: it
 invites the members over a direct stream, and those that accept (a peer accepts one invitation per
-round) receive the final ``GroupSpec`` with bounds proportional to their bandwidth. Differing DHT
+round) receive the final ``GroupSpec`` with bounds proportional to their bandwidth (or the order
+and bounds the caller's ``RoundPlan`` gives, for owner-side steps). Differing DHT
 views only cost a retry: a member never starts without the leader's ``begin``.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -40,11 +42,16 @@ class MatchmakingFailed(Exception):
     """No group could be formed before the deadline."""
 
 
+# members -> (the vector's order as ranges, part bounds): a caller's layout of its groups (``RoundPlan``)
+GroupOrder = Callable[[list[str]], tuple[list[tuple[int, int]], list[int]]]
+
+
 @dataclass
 class _Seeking:
     key: str
     total: int
     codec: str
+    order: GroupOrder | None = None
     committed: bool = False
     spec: GroupSpec | None = None
     found: trio.Event = field(default_factory=trio.Event)
@@ -75,10 +82,12 @@ class Matchmaker:
     def _key(self, group_key: str) -> str:
         return f"/legion/{self.swarm}/mm/{group_key}"
 
-    async def find_group(self, group_key: str, total: int, codec: str, deadline: float) -> GroupSpec:
-        """Declare, wait for candidates, then lead or follow; retries until ``deadline``."""
+    async def find_group(self, group_key: str, total: int, codec: str, deadline: float,
+                         order: GroupOrder | None = None) -> GroupSpec:
+        """Declare, wait for candidates, then lead or follow; retries until ``deadline``. A group
+        this peer leads takes its order and bounds from ``order``, if given."""
         key = self._key(group_key)
-        seeking = self._seeking = _Seeking(key, total, codec)
+        seeking = self._seeking = _Seeking(key, total, codec, order)
         self._rounds += 1
         try:
             with trio.move_on_at(deadline):
@@ -186,11 +195,15 @@ class Matchmaker:
         members = sorted([self.me, *accepted])
         spec = None
         if len(members) >= self.min_size:
-            bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
+            if seeking.order is not None:
+                order, bounds = seeking.order(members)
+            else:
+                bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
+                order, bounds = [], partition_bounds(seeking.total, bandwidths)
             group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
             spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
-                             tuple(partition_bounds(seeking.total, bandwidths)), seeking.codec,
-                             min(self.send_concurrency, len(members)))
+                             tuple(bounds), seeking.codec, min(self.send_concurrency, len(members)),
+                             tuple(tuple(r) for r in order))
         async with trio.open_nursery() as nursery:
             for stream in accepted.values():
                 nursery.start_soon(self._finish_invitation, stream, spec)

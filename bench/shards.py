@@ -7,7 +7,8 @@ momentum sharded, against the same run unsharded.
    identities so every peer reads the same batches in both runs) trains sharded and unsharded;
    ``max_param_diff_vs_unsharded`` compares the final weights (``--noise-floor``: and two unsharded
    runs, whose all-reduce sums in arrival order too), ``state_fraction`` is the largest outer state
-   one peer held over the whole state (1.0 unsharded).
+   one peer held over the whole state (1.0 unsharded), ``bytes_per_peer_per_round`` what a peer
+   sent and received in the all-reduce (sharded, the owners' steps travel in it).
 2. Ownership: N sharded peers train on; a new peer joins, then one is killed with SIGKILL. A
    reader polls ``legion-peer status --shards --json`` and times how long until the joiner owns
    shards (from its launch: start-up and loading the corpus included) and until no shard names the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +37,7 @@ from swarm.run_config import RunConfig  # noqa: E402
 
 def run_args(args: argparse.Namespace, sharded: bool) -> list[str]:
     return ["--model", "tiny", "--inner-steps", "5", "--batch-size", "4", "--rounds", str(args.rounds),
-            "--outer-momentum", "0.9", "--outer-lr", "0.7", "--codec", "none", "--no-overlap",
+            "--outer-momentum", "0.9", "--outer-lr", "0.7", "--codec", args.codec, "--no-overlap",
             *(["--sharded"] if sharded else [])]
 
 
@@ -74,6 +76,9 @@ def equivalence(args: argparse.Namespace, work: Path) -> dict:
             "state_bytes_per_peer": sorted(s["outer_state_bytes"] for s in results["sharded"]),
             "max_param_diff_vs_unsharded": diff,
             "val_loss": {tag: round(results[tag][0]["val_loss"], 6) for tag in results},
+            "bytes_per_peer_per_round": {tag: round(statistics.mean(s["bytes_sent"] + s["bytes_received"]
+                                                                    for s in results[tag]) / args.rounds)
+                                         for tag in results},
             "momentum_lost": sum(s["momentum_lost"] for s in results["sharded"]),
             "rounds_failed": sum(s["rounds_failed"] for s in results["sharded"] + results["unsharded"])}
 
@@ -123,6 +128,7 @@ def ownership(args: argparse.Namespace, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--codec", default="none", help="averaging codec (fp32 by default: comparable runs)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--noise-floor", action="store_true",
                         help="also run the unsharded run twice: how far two identical runs differ")

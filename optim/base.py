@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Awaitable, Callable, Iterable
 
 import torch
 import trio
 
-# (tensors, weight, codec, round key) -> the weighted mean over a group (group_size 1 and the
-# tensors themselves when the peer trains alone), or None when others train but no group averaged
-# (matchmaking or the round failed): the caller goes on with its own values and is out of sync.
-Reducer = Callable[[list[torch.Tensor], float, str, str], Awaitable["Reduced | None"]]
+# (tensors, weight, codec, round key[, plan=]) -> the weighted mean over a group (group_size 1 and
+# the tensors themselves when the peer trains alone), or None when others train but no group
+# averaged (matchmaking or the round failed): the caller goes on with its own values and is out of
+# sync. With a plan (``averaging.averager.RoundPlan``) the result is the plan's transform of the mean.
+Reducer = Callable[..., Awaitable["Reduced | None"]]
 
 
 @dataclass
@@ -148,9 +150,15 @@ class SwarmOptimizer:
         self.out_of_sync |= reduced is None
         return reduced
 
-    def _reduce_blocking(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> "Reduced | None":
+    def _reduce_blocking(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
+                         plan: object = None) -> "Reduced | None":
         """From the training thread: average on the trio side and wait for the answer."""
-        return self._received(self._wait_on_network(self.reducer, tensors, weight, codec, key))
+        return self._received(self._wait_on_network(self._reducer_for(plan), tensors, weight, codec, key))
+
+    def _reducer_for(self, plan: object) -> Reducer:
+        """The reducer, given ``plan`` (as a keyword) only if there is one: a reducer of four
+        arguments serves every round without a plan."""
+        return self.reducer if plan is None else partial(self.reducer, plan=plan)
 
     def step(self, samples: int) -> bool:
         """One local step after ``backward()``; returns True when the step ended a swarm round."""

@@ -11,7 +11,7 @@ only ever take averaged updates, so they stay identical on every peer of a group
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import trio
@@ -50,20 +50,28 @@ class OuterNesterov:
 # A round after adopting a peer's state waits for the swarm's round end at most this many rounds' steps
 ALIGN_LIMIT = 3
 
-# (round, swarm weights, mean pseudo-gradient) -> the swarm weights after the outer step, or None
-OuterStep = Callable[[int, torch.Tensor, torch.Tensor], Awaitable["torch.Tensor | None"]]
+class OwnerSteps(Protocol):
+    """The outer step taken where the momentum is held, by the shards' owners
+    (``shards.outer.ShardedOuter``): round r's averaging follows ``plan(r)``, whose result is the
+    step's direction, not the mean pseudo-gradient."""
+
+    def plan(self, round_: int) -> Any: ...
+
+    async def step(self, round_: int, weights: torch.Tensor, direction: torch.Tensor) -> torch.Tensor: ...
+
+    async def skip(self, round_: int) -> None: ...
 
 
 class DiLoCo(SwarmOptimizer):
-    """``sharded_outer``, if given, replaces the local outer optimizer: an async step that holds the
-    momentum elsewhere (``shards.outer.ShardedOuter``); this peer then keeps no outer state."""
+    """``sharded``, if given, replaces the local outer optimizer (``OwnerSteps``): the momentum is
+    held and stepped elsewhere, and this peer keeps no outer state."""
 
     algorithm = "diloco"
 
     def __init__(self, params: Iterable[torch.Tensor], inner: torch.optim.Optimizer, reducer: Reducer, *,
                  inner_steps: int = 50, outer_lr: float = 1.0, outer_momentum: float = 0.0, codec: str = "int8",
                  overlap: bool = True, nursery: trio.Nursery | None = None,
-                 sharded_outer: OuterStep | None = None) -> None:
+                 sharded: OwnerSteps | None = None) -> None:
         super().__init__(params, reducer)
         if inner_steps < 1:
             raise ValueError("inner_steps must be at least 1")
@@ -73,8 +81,8 @@ class DiLoCo(SwarmOptimizer):
         self.overlap, self.nursery = overlap, nursery
         self.global_weights = flatten(self.params)  # the last swarm-agreed weights
         self.round_start = self.global_weights.clone()
-        self.sharded_outer, self.outer_lr = sharded_outer, outer_lr
-        self.outer = None if sharded_outer else OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
+        self.sharded, self.outer_lr = sharded, outer_lr
+        self.outer = None if sharded else OuterNesterov(len(self.global_weights), outer_lr, outer_momentum)
         self.phase_steps = 0  # local steps since this round's start
         self.samples = 0
         self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None])
@@ -116,7 +124,7 @@ class DiLoCo(SwarmOptimizer):
         delta = self.round_start - flatten(self.params)
         weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
-            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}"))
+            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan()))
         else:
             if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
                 # the swarm's newer state, whose round this delta joins; without one (every peer
@@ -132,7 +140,7 @@ class DiLoCo(SwarmOptimizer):
             done, slot = trio.Event(), [None]
             self._pending = (done, slot)
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
-                                      delta, weight, f"diloco-{self.round}", done, slot)
+                                      delta, weight, f"diloco-{self.round}", self._plan(), done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
 
@@ -143,10 +151,14 @@ class DiLoCo(SwarmOptimizer):
             return self.global_weights - self.outer_lr * delta
         return self.outer.preview(self.global_weights, delta)
 
-    async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str,
+    def _plan(self) -> Any:
+        """How this round is averaged: as every round, unless the owners step (``OwnerSteps``)."""
+        return None if self.sharded is None else self.sharded.plan(self.round)
+
+    async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str, plan: Any,
                                      done: trio.Event, slot: list) -> None:
         try:
-            slot[0] = await self.reducer([delta], weight, self.codec, key)
+            slot[0] = await self._reducer_for(plan)([delta], weight, self.codec, key)
         finally:
             done.set()
 
@@ -165,13 +177,11 @@ class DiLoCo(SwarmOptimizer):
         fetches the state of a peer whose round did average, if any did."""
         if reduced is None:
             self.out_of_sync = True
-        elif self.outer is None:  # sharded: the shards' owners step
-            stepped = self._wait_on_network(self.sharded_outer, self.round, self.global_weights,
-                                            reduced.tensors[0].float())
-            if stepped is None:
-                self.out_of_sync = True
-            else:
-                self.global_weights = stepped
+            if self.sharded is not None:
+                self._wait_on_network(self.sharded.skip, self.round)
+        elif self.sharded is not None:  # the group's result is the owners' step direction
+            self.global_weights = self._wait_on_network(self.sharded.step, self.round, self.global_weights,
+                                                        reduced.tensors[0].float())
         else:
             self.outer.step(self.global_weights, reduced.tensors[0].float())
         self.round += 1

@@ -1,23 +1,25 @@
-"""DiLoCo's outer Nesterov step with its momentum sharded: each peer holds the momentum of the
-shards it owns only, steps those, and takes every other shard's new weights from its owners.
+"""DiLoCo's outer Nesterov step with its momentum sharded: each shard is reduced at one of its
+owners, which steps it, and only its owners hold its momentum.
 
-A round: every peer of the group holds the same mean pseudo-gradient (the all-reduce's consistent
-outcome). An owner of shard s steps it (its momentum, the mean's slice of s) and keeps the new
-slice of the weights; every other peer asks an owner of s for it over ``/legion/shards/1.0.0``.
-A request names the round and a fingerprint of the mean's slice, so only a peer that stepped the
-same mean answers. Replicas hold the same momentum and so give bit-identical slices.
+A round (``plan`` for the averaging, then ``step``): the group's leader gives each member a part
+made of whole shards, each shard to an owner in the group where there is one (``order``). A
+member reduces the contributions to its part like any all-reduce part, then sends back not the
+mean pseudo-gradient g but the Nesterov direction p = g + mu (mu m + g) of its shards (``prepare``
+holds their momentum m, taken from another holder if it lacks it). Every member then holds the
+same p for the whole vector and takes the same new weights w - lr p; every owner of a shard sets
+its momentum to (p + mu m) / (1 + mu), a function of what every owner holds alike, so replicas stay
+bit-identical whichever owner reduced. Without the sharding that is mu m + g up to rounding.
+Traffic is an ordinary all-reduce: no weights or momentum move except at a handover.
 
-A peer that becomes an owner (a new assignment, a replaced owner) first asks the other owners,
-then any peer, for the shard's momentum at that round; with nobody left holding it the momentum
-restarts from zero and ``momentum_lost`` counts it. An owner keeps its last two rounds of momentum
-so it can hand a shard over after it stops owning it. A peer whose view of the owners is stale still
-finds the slices: it asks every peer once the owners it knows fail.
+A peer that becomes an owner asks the other owners, then any peer, for the shard's momentum, over
+``/legion/shards/1.0.0``; with nobody left holding it the momentum restarts from zero and
+``momentum_lost`` counts it. A peer keeps momentum of the last two rounds, so a former owner can
+hand a shard over after it stops owning it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -28,30 +30,25 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
+from averaging.allreduce import GroupSpec, ResultTransform
 from averaging.wire import FrameError, read_frame, write_frame, write_frame_within
-from optim.diloco import nesterov_step
 from shards.assignment import Assignment
 from shards.layout import ShardLayout
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/shards/1.0.0"
+PROTOCOL = "/legion/shards/2.0.0"  # 2: momentum requests only (updates travel in the all-reduce)
 KEEP_ROUNDS = 2
 
 
 @dataclass
 class ShardStats:
-    bytes_fetched: int = 0
     momentum_handovers: int = 0  # momentum received from another peer
     momentum_lost: int = 0  # shards whose momentum nobody held: restarted from zero
 
 
 def _to_bytes(values: torch.Tensor) -> bytes:
     return values.contiguous().numpy().tobytes()
-
-
-def _fingerprint(values: torch.Tensor) -> bytes:
-    return hashlib.sha256(_to_bytes(values)).digest()[:16]
 
 
 class ShardedOuter:
@@ -64,8 +61,9 @@ class ShardedOuter:
         self.assignment, self.peers, self.timeout = assignment, peers, timeout
         self.me = host.get_id().to_base58()
         self.history: dict[int, dict[int, torch.Tensor]] = {}  # shard -> {round: momentum before its step}
-        self.outputs: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}  # (round, shard) -> (fingerprint, weights)
-        self._stepped: dict[int, trio.Event] = {}
+        self._reduced: dict[int, set[int]] = {}  # round -> shards this peer reduced
+        self._stepped: dict[int, trio.Event] = {}  # round -> set once its momentum updates are made
+        self._shard_at = {layout.bounds(shard): shard for shard in range(layout.count)}
         self.stats = ShardStats()
 
     def register(self) -> None:
@@ -73,56 +71,100 @@ class ShardedOuter:
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of momentum of the shards this peer stepped in its newest round (what it owns;
-        momentum kept for a handover after it stopped owning a shard ages out in two rounds)."""
+        """Bytes of momentum of the shards this peer holds at its newest round (what it owns and
+        what it reduced; momentum kept for a handover after that ages out in two rounds)."""
         newest = max((max(rounds) for rounds in self.history.values() if rounds), default=None)
         return sum(rounds[newest].numel() * 4 for rounds in self.history.values() if newest in rounds)
 
-    # ----- one round
-    async def step(self, round_: int, weights: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor | None:
-        """The swarm weights after round ``round_``'s outer step (``weights`` and ``gradient`` are
-        the same on every peer of the group), or None if some shard could not be had."""
-        assignment = self.assignment()
-        mine = set(assignment.shards_of(self.me))
-        slices: dict[int, torch.Tensor] = {}
-        event = self._stepped.setdefault(round_, trio.Event())
-        try:
-            async with trio.open_nursery() as nursery:
-                for shard in sorted(mine):
-                    nursery.start_soon(self._own, round_, shard, weights, gradient, assignment, slices)
-            event.set()  # owned shards are out: answer the others
-            async with trio.open_nursery() as nursery:
-                for shard in range(self.layout.count):
-                    if shard not in mine:
-                        nursery.start_soon(self._fetch, round_, shard, weights, gradient, assignment, slices)
-        finally:
-            event.set()
-            self._forget_before(round_ - KEEP_ROUNDS + 1)
-        if len(slices) < self.layout.count:
-            log.warning("round %d: %d of %d shards could not be had", round_, self.layout.count - len(slices),
-                        self.layout.count)
-            return None
-        return torch.cat([slices[s] for s in range(self.layout.count)])
+    def plan(self, round_: int) -> "OwnerSteps":
+        """How round ``round_`` is averaged (``averaging.averager.RoundPlan``)."""
+        return OwnerSteps(self, round_)
+
+    # ----- averaging a round
+    def order(self, members: list[str]) -> tuple[list[tuple[int, int]], list[int]]:
+        """Each shard to the least loaded of its owners in the group (any member if none is),
+        members' shards one after another: the order and part bounds of the group's vector."""
+        owners = self.assignment().owners
+        load, parts = dict.fromkeys(members, 0), {m: [] for m in members}
+        for shard in range(self.layout.count):
+            pool = [o for o in owners[shard] if o in load] or members
+            chosen = min(pool, key=lambda m: (load[m], members.index(m)))
+            parts[chosen].append(shard)
+            load[chosen] += self.layout.size(shard)
+        order, bounds = [], [0]
+        for member in members:
+            order += [self.layout.bounds(shard) for shard in parts[member]]
+            bounds.append(bounds[-1] + load[member])
+        return order, bounds
+
+    async def prepare(self, round_: int, order: list[tuple[int, int]], start: int, end: int) -> ResultTransform:
+        """The transform of the part ``start:end`` of a group's vector in ``order``: the Nesterov
+        direction of its shards from their momentum before round ``round_``."""
+        shards, position = [], 0
+        for a, b in order:
+            if start <= position < end:
+                if (a, b) not in self._shard_at or position + b - a > end:
+                    raise ValueError(f"range {a}:{b} of our part is not a whole shard")
+                shards.append(self._shard_at[(a, b)])
+            position += b - a
+        momenta: dict[int, torch.Tensor] = {}
+
+        async def take(shard: int) -> None:
+            momenta[shard] = await self._momentum(round_, shard)
+
+        async with trio.open_nursery() as nursery:
+            for shard in shards:
+                nursery.start_soon(take, shard)
+        self._reduced[round_] = set(shards)
+        held = torch.cat([momenta[s] for s in shards]).numpy() if shards else np.zeros(0, np.float32)
+        mu = np.float32(self.momentum)
+
+        def direction(a: int, b: int, mean: np.ndarray) -> np.ndarray:
+            buffer = held[a - start:b - start] * mu + mean  # ``nesterov_step``'s order of operations
+            return mean + mu * buffer
+
+        return direction
+
+    async def _momentum(self, round_: int, shard: int) -> torch.Tensor:
+        """``shard``'s momentum before round ``round_``: held, else from whoever holds it."""
+        held = self.history.get(shard, {}).get(round_)
+        if held is None:
+            held = self.history.setdefault(shard, {})[round_] = await self._acquire(round_, shard, self.assignment())
+        return held
+
+    async def step(self, round_: int, weights: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """The swarm weights after round ``round_`` averaged to ``direction`` (the same on every
+        member); the momentum of the shards this peer owns or reduced moves to round ``round_ + 1``,
+        and shards it owns without their momentum take it from a holder."""
+        new = weights - self.lr * direction
+        self._advance(round_, lambda shard, m: (self._slice(shard, direction) + self.momentum * m) / (1 + self.momentum))
+        await self._take_missing(round_ + 1)
+        return new
+
+    async def skip(self, round_: int) -> None:
+        """Round ``round_`` averaged nowhere (its outcome is the same on every member): the
+        momentum carries over unchanged."""
+        self._advance(round_, lambda shard, m: m)
+        await self._take_missing(round_ + 1)
+
+    def _advance(self, round_: int, update: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        kept = set(self.assignment().shards_of(self.me)) | self._reduced.pop(round_, set())
+        for shard in kept:
+            momentum = self.history.get(shard, {}).get(round_)
+            if momentum is not None:
+                self.history[shard][round_ + 1] = update(shard, momentum)
+        self._stepped.setdefault(round_, trio.Event()).set()  # holders of round + 1 may answer now
+        self._forget_before(round_ - KEEP_ROUNDS + 1)
+
+    async def _take_missing(self, round_: int) -> None:
+        async with trio.open_nursery() as nursery:
+            for shard in self.assignment().shards_of(self.me):
+                if round_ not in self.history.get(shard, {}):
+                    nursery.start_soon(self._momentum, round_, shard)
 
     def _slice(self, shard: int, values: torch.Tensor) -> torch.Tensor:
         start, end = self.layout.bounds(shard)
         return values[start:end]
-
-    def _apply(self, round_: int, shard: int, weights: torch.Tensor, gradient: torch.Tensor,
-               momentum: torch.Tensor) -> torch.Tensor:
-        """The outer Nesterov step on one shard, the unsharded optimizer's formula on its slice."""
-        g = self._slice(shard, gradient)
-        new, buffer = nesterov_step(self._slice(shard, weights), g, momentum, self.lr, self.momentum)
-        self.history.setdefault(shard, {})[round_ + 1] = buffer
-        self.outputs[(round_, shard)] = (_fingerprint(g), new)
-        return new
-
-    async def _own(self, round_: int, shard: int, weights: torch.Tensor, gradient: torch.Tensor,
-                   assignment: Assignment, slices: dict[int, torch.Tensor]) -> None:
-        momentum = self.history.get(shard, {}).get(round_)
-        if momentum is None:
-            momentum = await self._acquire(round_, shard, assignment)
-        slices[shard] = self._apply(round_, shard, weights, gradient, momentum)
 
     async def _acquire(self, round_: int, shard: int, assignment: Assignment) -> torch.Tensor:
         """The momentum of ``shard`` before round ``round_``'s step, from whoever holds it."""
@@ -138,20 +180,6 @@ class ShardedOuter:
         self.stats.momentum_lost += 1
         log.warning("nobody holds shard %d's momentum at round %d: it restarts from zero", shard, round_)
         return torch.zeros(size)
-
-    async def _fetch(self, round_: int, shard: int, weights: torch.Tensor, gradient: torch.Tensor,
-                     assignment: Assignment, slices: dict[int, torch.Tensor]) -> None:
-        fingerprint = _fingerprint(self._slice(shard, gradient))
-        request = {"t": "update", "run": self.run_id, "round": round_, "shard": shard, "fp": fingerprint}
-        for peer in self._candidates(shard, assignment):
-            reply = await self._request(peer, request, self.layout.size(shard))
-            if reply is not None:
-                slices[shard] = reply
-                self.stats.bytes_fetched += reply.numel() * 4
-                return
-        momentum = self.history.get(shard, {}).get(round_)
-        if momentum is not None:  # a former owner: it can still step the shard itself
-            slices[shard] = self._apply(round_, shard, weights, gradient, momentum)
 
     def _candidates(self, shard: int, assignment: Assignment) -> list[str]:
         owners = [p for p in assignment.owners[shard] if p != self.me]
@@ -176,13 +204,12 @@ class ShardedOuter:
         return values if torch.isfinite(values).all() else None
 
     def _forget_before(self, round_: int) -> None:
-        for key in [k for k in self.outputs if k[0] < round_]:
-            del self.outputs[key]
         for rounds in self.history.values():
             for r in [r for r in rounds if r < round_]:
                 del rounds[r]
-        for r in [r for r in self._stepped if r < round_]:
-            del self._stepped[r]
+        for table in (self._stepped, self._reduced):
+            for r in [r for r in table if r < round_ - 1]:
+                del table[r]
 
     # ----- serving
     async def _handle(self, stream: INetStream) -> None:
@@ -202,18 +229,25 @@ class ShardedOuter:
 
     async def _answer(self, request: dict) -> bytes | None:
         round_, shard = request.get("round"), request.get("shard")
-        if request.get("run") != self.run_id or not isinstance(round_, int) or not isinstance(shard, int) \
-                or not 0 <= shard < self.layout.count:
+        if request.get("t") != "state" or request.get("run") != self.run_id or not isinstance(round_, int) \
+                or not isinstance(shard, int) or not 0 <= shard < self.layout.count:
             return None
-        if request.get("t") == "state":
-            momentum = self.history.get(shard, {}).get(round_)
-            return None if momentum is None else _to_bytes(momentum)
-        if request.get("t") == "update":
-            if (round_, shard) not in self.outputs and shard in self.assignment().shards_of(self.me):
-                # an owner that has not stepped that round yet: wait for it a while
-                with trio.move_on_after(0.8 * self.timeout):
-                    await self._stepped.setdefault(round_, trio.Event()).wait()
-            output = self.outputs.get((round_, shard))
-            if output is not None and output[0] == request.get("fp"):
-                return _to_bytes(output[1])
-        return None
+        rounds = self.history.get(shard, {})
+        if round_ not in rounds and round_ - 1 in rounds:  # about to step it: wait for that a while
+            with trio.move_on_after(0.8 * self.timeout):
+                await self._stepped.setdefault(round_ - 1, trio.Event()).wait()
+        momentum = rounds.get(round_)
+        return None if momentum is None else _to_bytes(momentum)
+
+
+class OwnerSteps:
+    """``ShardedOuter``'s plan for one round's averaging (``averaging.averager.RoundPlan``)."""
+
+    def __init__(self, outer: ShardedOuter, round_: int) -> None:
+        self.outer, self.round = outer, round_
+
+    def order(self, members: list[str]) -> tuple[list[tuple[int, int]], list[int]]:
+        return self.outer.order(members)
+
+    async def prepare(self, spec: GroupSpec, me: int) -> ResultTransform:
+        return await self.outer.prepare(self.round, list(spec.order), *spec.part(me))

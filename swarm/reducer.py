@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from averaging.allreduce import RoundFailed
-from averaging.averager import Averager
+from averaging.averager import Averager, RoundPlan
 from averaging.matchmaking import MatchmakingFailed
 from optim.base import Reduced
 
@@ -28,15 +28,16 @@ class SwarmReducer:
         """Whether peers of the run seek a group for round ``key`` now and wait for more peers."""
         return await self.averager.matchmaker.waiting_for_more(f"{self.run_id}/{key}")
 
-    async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str) -> Reduced | None:
+    async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
+                       plan: RoundPlan | None = None) -> Reduced | None:
         expected = self.expected_peers()
         if expected < 2:
-            return Reduced(tensors, 1)
+            return Reduced(tensors if plan is None else await self.averager.transform_alone(tensors, plan), 1)
         self.averager.matchmaker.target_size = min(self.max_group, expected)
         try:
             result = await self.averager.all_reduce(
                 tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
-                matchmaking_timeout=2 * self.averager.matchmaker.budget)
+                matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan)
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
             return None

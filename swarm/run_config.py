@@ -16,7 +16,7 @@ from averaging.codecs import CodecError, get_codec
 from optim.model_config import SIZES, GPTConfig
 from optim.schedule import SCHEDULES
 
-PROTOCOL = 1  # bumped whenever peers of different versions could not train together
+PROTOCOL = 2  # bumped whenever peers of different versions could not train together (2: sharded rounds)
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
 DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
 

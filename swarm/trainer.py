@@ -54,7 +54,7 @@ def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nurser
         return DiLoCo(model.parameters(), adamw(), reducer, inner_steps=config.inner_steps,
                       outer_lr=config.outer_lr, outer_momentum=config.outer_momentum, codec=config.averaging_codec,
                       overlap=config.overlap, nursery=nursery,
-                      sharded_outer=sharded_outer.step if sharded_outer else None)
+                      sharded=sharded_outer)
     if config.algorithm == "sync":
         return SyncOptimizer(model.parameters(), adamw(), reducer, codec=config.averaging_codec)
     return OneBitAdam(model.parameters(), reducer, lr=config.inner_lr, weight_decay=config.weight_decay,
@@ -444,8 +444,7 @@ class Trainer:
         if self.sharded:
             stats = self.sharded.stats
             return {"outer_state_bytes": self.sharded.state_bytes, "shards_owned": self.assignment.shards_of(self.me),
-                    "momentum_handovers": stats.momentum_handovers, "momentum_lost": stats.momentum_lost,
-                    "shard_bytes_fetched": stats.bytes_fetched}
+                    "momentum_handovers": stats.momentum_handovers, "momentum_lost": stats.momentum_lost}
         outer = getattr(optimizer, "outer", None)
         return {"outer_state_bytes": outer.buffer.numel() * 4} if outer is not None else {}
 

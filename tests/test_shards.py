@@ -127,27 +127,56 @@ def outer_steps(total: int, rounds: int):
 
 
 async def step_and_check(outers, active, round_, current, gradient, expected) -> None:
-    """Peers ``active`` step round ``round_`` together; each must give the unsharded weights
-    ``expected``, which become its ``current`` weights."""
+    """Peers ``active`` average round ``round_`` as one group whose mean is ``gradient``: the
+    leader orders the vector, each member turns its part into the step direction, every member
+    steps with the whole direction. Each must give the unsharded weights ``expected`` (up to the
+    rounding of the momentum, which owners keep as (p + mu m) / (1 + mu)), all the same bits, and
+    every shard's holders must hold bit-identical momentum."""
+    import numpy as np
     import torch
 
+    from averaging.allreduce import GroupSpec
+
+    members = sorted(outers[i].me for i in active)
+    by_id = {outers[i].me: i for i in active}
+    order, bounds = outers[by_id[members[0]]].plan(round_).order(members)
+    spec = GroupSpec("g", tuple(members), tuple(() for _ in members), tuple(bounds), "none", 0, tuple(order))
+    spec.validate()
+    permutation = spec.permutation()
+    mean = gradient.numpy()[permutation]
+    direction = np.empty_like(mean)
+
+    async def reduce_part(me):
+        start, end = spec.part(me)
+        transform = await outers[by_id[members[me]]].plan(round_).prepare(spec, me)
+        direction[start:end] = transform(start, end, mean[start:end])
+
+    async with trio.open_nursery() as parts:
+        for me in range(len(members)):
+            parts.start_soon(reduce_part, me)
+    natural = np.empty_like(direction)
+    natural[permutation] = direction
     results = {}
 
     async def step(i):
-        results[i] = await outers[i].step(round_, current[i], gradient)
+        results[i] = await outers[i].step(round_, current[i], torch.from_numpy(natural))
 
     async with trio.open_nursery() as steps:
         for i in active:
             steps.start_soon(step, i)
     for i in active:
-        assert results[i] is not None and torch.equal(results[i], expected), (round_, i)
+        assert torch.equal(results[i], results[active[0]]), (round_, i)
+        torch.testing.assert_close(results[i], expected, rtol=1e-5, atol=1e-5)
         current[i] = results[i]
+    for shard in range(outers[active[0]].layout.count):
+        held = [outers[i].history[shard][round_ + 1] for i in active if round_ + 1 in outers[i].history.get(shard, {})]
+        assert held and all(torch.equal(h, held[0]) for h in held[1:]), (round_, shard)
 
 
 async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_owner_leaving():
     """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
-    bit for bit, each holds only its shards' momentum, and when one leaves its replicas carry on
-    with no momentum lost."""
+    (up to rounding), each holds only its shards' momentum, and when one leaves its replicas carry
+    on with no momentum lost."""
     from shards.outer import ShardedOuter
 
     layout = ShardLayout(total=12_000, count=6)
@@ -168,7 +197,7 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
         from libp2p.peer.id import ID
         from shards.outer import PROTOCOL
         for request in ({"t": "state", "run": "r", "round": "x", "shard": -1},
-                        {"t": "update", "run": "r", "round": 0, "shard": 99, "fp": b"?"}, {"t": 5}):
+                        {"t": "update", "run": "r", "round": 0, "shard": 1}, {"t": 5}):
             stream = await peers[1].host.new_stream(ID.from_base58(ids[0]), [PROTOCOL])
             await write_frame(stream, request)
             reply, payload = await read_frame(stream, 1 << 20)
