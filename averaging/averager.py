@@ -77,6 +77,8 @@ class Averager:
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
                  len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")
+        if spec.total != len(flat):  # a leader's spec that does not fit: drop the round, not the peer
+            raise _failed(spec, f"the group averages {spec.total} values, this member {len(flat)}")
         transform = None
         if plan is not None or spec.order:
             if plan is None or not spec.order:

@@ -1,12 +1,13 @@
 """Convergence benchmark: the same data and the same total number of samples trained three ways.
 
-    python bench/convergence.py --peers 4 [--quick] [--data PATH] [--json]
+    python bench/convergence.py --peers 4 [--quick] [--repeats K] [--data PATH] [--json]
 
 (a) baseline: one process, the combined batch (peers x batch) for S steps;
 (b) Legion synchronous: N peer processes averaging fp32 gradients every step, S steps;
 (c) Legion DiLoCo: N peer processes, int8 pseudo-gradients every H steps, S steps.
 Validation loss is measured on the same fixed held-out batches in all three. bytes_ratio is the
-bytes a synchronous fp32 peer sends over the bytes a DiLoCo peer sends.
+bytes a synchronous fp32 peer sends over the bytes a DiLoCo peer sends. Single runs at a few hundred
+steps differ by several percent with the batch order alone; ``--repeats K`` averages K runs of each.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from swarm.run_config import RunConfig  # noqa: E402
 from swarm.trainer import evaluate  # noqa: E402
 
 
-def baseline(config: RunConfig, peers: int, steps: int, data: str | None) -> dict:
-    """The single-process reference: AdamW on batches of peers x batch_size."""
+def baseline(config: RunConfig, peers: int, steps: int, data: str | None, order: int = 0) -> dict:
+    """The single-process reference: AdamW on batches of peers x batch_size, drawn in batch
+    order ``order``."""
     torch.set_num_threads(2)
     corpus = load_corpus(data)
     torch.manual_seed(config.seed)
@@ -46,7 +48,7 @@ def baseline(config: RunConfig, peers: int, steps: int, data: str | None) -> dic
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = config.inner_lr * lr_factor(config.lr_schedule, step / steps)
-        x, y = corpus.batch("train", batch, block, f"baseline/{step}".encode())
+        x, y = corpus.batch("train", batch, block, f"baseline{order or ''}/{step}".encode())
         model(x, y)[1].backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -74,6 +76,16 @@ def swarm(peers: int, run_args: list[str], data: str | None, timeout: float) -> 
             "rounds_averaged": [s["rounds_averaged"] for s in summaries]}
 
 
+def combined(runs: list[dict]) -> dict:
+    """Runs of one kind as one: the mean of every figure, and each run's validation loss."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {key: round(statistics.mean(run[key] for run in runs), 4) for key, value in runs[0].items()
+           if isinstance(value, (int, float))}
+    return {**out, "val_losses": [round(run["val_loss"], 4) for run in runs],
+            **({"rounds_averaged": [run["rounds_averaged"] for run in runs]} if "rounds_averaged" in runs[0] else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
@@ -90,6 +102,9 @@ def main() -> None:
     parser.add_argument("--outer-momentum", type=float, help="DiLoCo outer momentum (default: the run's)")
     parser.add_argument("--no-overlap", action="store_true", help="DiLoCo waits for each round's averaging")
     parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each kind, averaged (the baseline's k-th in batch order k; the peers' "
+                             "orders follow from their ids, new every run)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     steps, inner = (200, 29) if args.quick else (args.steps, args.inner_steps)
@@ -99,10 +114,11 @@ def main() -> None:
     every_run = ["--model", args.model, "--lr-schedule", args.lr_schedule, "--inner-lr", str(config.inner_lr),
                  "--batch-size", str(config.batch_size)]
     result: dict = {"peers": args.peers, "steps": steps, "inner_steps": inner, "model": args.model}
-    result["baseline"] = baseline(config, args.peers, steps, args.data)
+    repeats = range(max(1, args.repeats))
+    result["baseline"] = combined([baseline(config, args.peers, steps, args.data, k) for k in repeats])
     if not args.skip_sync:
-        result["sync"] = swarm(args.peers, every_run + ["--algorithm", "sync", "--codec", "none",
-                                            "--rounds", str(steps)], args.data, timeout=30 * steps)
+        sync_args = every_run + ["--algorithm", "sync", "--codec", "none", "--rounds", str(steps)]
+        result["sync"] = combined([swarm(args.peers, sync_args, args.data, timeout=30 * steps) for _ in repeats])
     diloco_args = every_run + ["--algorithm", "diloco", "--codec", args.codec,
                                "--inner-steps", str(inner), "--rounds", str(rounds)]
     for flag, value in (("--outer-lr", args.outer_lr), ("--outer-momentum", args.outer_momentum)):
@@ -110,7 +126,7 @@ def main() -> None:
             diloco_args += [flag, str(value)]
     if args.no_overlap:
         diloco_args.append("--no-overlap")
-    result["diloco"] = swarm(args.peers, diloco_args, args.data, timeout=60 * rounds + 600)
+    result["diloco"] = combined([swarm(args.peers, diloco_args, args.data, timeout=60 * rounds + 600) for _ in repeats])
     base = result["baseline"]["val_loss"]
     result["diloco_vs_baseline"] = round(result["diloco"]["val_loss"] / base, 4)
     if "sync" in result:

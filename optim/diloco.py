@@ -26,7 +26,7 @@ def nesterov_step(weights: torch.Tensor, gradient: torch.Tensor, buffer: torch.T
                   momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Outer SGD with Nesterov momentum, torch's convention (buf = mu*buf + g; step g + mu*buf):
     the new weights and the new buffer, the arguments unchanged. ``OuterNesterov.step`` gives the
-    same values in place, and sharded owners (``shards.outer``) call this on their slices."""
+    same values in place (sharded owners, ``shards.outer``, take the same step direction)."""
     buffer = buffer * momentum + gradient
     return weights - lr * (gradient + momentum * buffer), buffer
 

@@ -12,7 +12,7 @@ bit-identical whichever owner reduced. Without the sharding that is mu m + g up 
 Traffic is an ordinary all-reduce: no weights or momentum move except at a handover.
 
 A peer that becomes an owner asks the other owners, then any peer, for the shard's momentum, over
-``/legion/shards/1.0.0``; with nobody left holding it the momentum restarts from zero and
+``/legion/shards/2.0.0``; with nobody left holding it the momentum restarts from zero and
 ``momentum_lost`` counts it. A peer keeps momentum of the last two rounds, so a former owner can
 hand a shard over after it stops owning it.
 """
