@@ -102,11 +102,12 @@ class ShardedOuter:
         direction of its shards from their momentum before round ``round_``."""
         shards, position = [], 0
         for a, b in order:
-            if start <= position < end:
-                if (a, b) not in self._shard_at or position + b - a > end:
+            following = position + b - a
+            if position < end and following > start:  # within our part, or across its edge
+                if position < start or following > end or (a, b) not in self._shard_at:
                     raise ValueError(f"range {a}:{b} of our part is not a whole shard")
                 shards.append(self._shard_at[(a, b)])
-            position += b - a
+            position = following
         momenta: dict[int, torch.Tensor] = {}
 
         async def take(shard: int) -> None:

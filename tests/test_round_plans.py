@@ -80,3 +80,47 @@ def test_a_spec_whose_order_is_not_a_split_of_the_vector_is_rejected(order):
         GroupSpec.from_wire(wire)
     wire["order"] = [[10, 20], [0, 10]]
     assert GroupSpec.from_wire(wire).permutation().tolist() == list(range(10, 20)) + list(range(10))
+
+
+async def test_a_leader_whose_order_cuts_a_shard_fails_the_round_and_crashes_no_one():
+    """Sharded members check the leader's order: a part that is not whole shards of theirs is a
+    failed round (``RoundFailed``, what the swarm reducer handles), not an exception that would
+    end the trainer."""
+    from averaging.allreduce import RoundFailed
+    from shards.layout import ShardLayout
+    from shards.outer import ShardedOuter
+
+    layout = ShardLayout(total=SIZE, count=4)
+
+    class CutsShards:
+        def order(self, members):
+            return [(0, SIZE)], [0, SIZE // 3, SIZE]  # one range across every shard
+
+        async def prepare(self, spec, me):
+            return lambda a, b, mean: mean
+
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers_sorted(nursery, 2)
+        leader, member = peers
+        outer = ShardedOuter(member.host, layout, lr=1.0, momentum=0.9, run_id="r",
+                             assignment=lambda: None, peers=lambda: [], timeout=3)
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=10) for p in peers]
+        failures = {}
+
+        async def average(i, plan):
+            with pytest.raises(RoundFailed) as failed:
+                await averagers[i].all_reduce([torch.ones(SIZE)], group_key="cut", timeout=20, plan=plan)
+            failures[i] = str(failed.value)
+
+        async with trio.open_nursery() as group:
+            group.start_soon(average, 0, CutsShards())
+            group.start_soon(average, 1, outer.plan(0))
+        assert "cannot reduce this member's part" in failures[1] and "not a whole shard" in failures[1]
+        nursery.cancel_scope.cancel()
+
+
+async def start_peers_sorted(nursery, count):
+    """Peers ordered by id: the first leads every group they form."""
+    from peer_helpers import start_peers
+
+    return sorted(await start_peers(nursery, count), key=lambda p: p.peer_id.to_base58())
