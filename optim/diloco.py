@@ -50,6 +50,7 @@ class OuterNesterov:
 # A round after adopting a peer's state waits for the swarm's round end at most this many rounds' steps
 ALIGN_LIMIT = 3
 
+
 class OwnerSteps(Protocol):
     """The outer step taken where the momentum is held, by the shards' owners
     (``shards.outer.ShardedOuter``): round r's averaging follows ``plan(r)``, whose result is the
