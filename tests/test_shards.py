@@ -264,6 +264,33 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
         nursery.cancel_scope.cancel()
 
 
+async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_the_owner_outside():
+    """Three peers own 6 shards once each; round 1 averages in a group of two. The shards of the
+    peer outside go to a member of the group, which takes their momentum from that peer: the
+    group's step is the unsharded one, and no momentum restarts from zero."""
+    from shards.outer import ShardedOuter
+
+    layout = ShardLayout(total=12_000, count=6)
+    pytest.importorskip("torch")
+    weights, gradients, expected = outer_steps(layout.total, 2)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        ids = [p.peer_id.to_base58() for p in peers]
+        view = assign([bid(i) for i in ids], layout, 1, state_bytes_per_value=4, salt="r")
+        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view,
+                               peers=lambda: ids, timeout=3) for p in peers]
+        for outer in outers:
+            outer.register()
+        current = [weights.clone() for _ in outers]
+        await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
+        outside = view.shards_of(ids[2])
+        assert outside  # the peer left out owns some shards
+        await step_and_check(outers, [0, 1], 1, current, gradients[1], expected[1])
+        assert sum(o.stats.momentum_handovers for o in outers[:2]) == len(outside)
+        assert all(o.stats.momentum_lost == 0 for o in outers)
+        nursery.cancel_scope.cancel()
+
+
 def test_the_layout_counts_the_models_parameters_without_torch():
     from optim.model import GPT
     from optim.model_config import SIZES
