@@ -69,8 +69,7 @@ class Averager:
         every member of the group must average with a plan. Results then carry no error feedback:
         the transform's reducer changes from round to round."""
         deadline = trio.current_time() + timeout
-        flat = await trio.to_thread.run_sync(
-            lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
+        flat = await trio.to_thread.run_sync(_flatten, tensors)
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)),
             order=plan.order if plan is not None else None)
@@ -121,14 +120,14 @@ class Averager:
     async def transform_alone(self, tensors: list[torch.Tensor], plan: RoundPlan) -> list[torch.Tensor]:
         """What a round of this peer alone gives under ``plan``: the transform of its own values."""
         me = self.matchmaker.me
-        flat = await trio.to_thread.run_sync(
-            lambda: torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy())
+        flat = await trio.to_thread.run_sync(_flatten, tensors)
         order, bounds = plan.order([me])
         spec = GroupSpec("alone", (me,), ((),), tuple(bounds), "none", 0, tuple(tuple(r) for r in order))
         spec.validate()
         transform, permutation = await plan.prepare(spec, 0), spec.permutation()
-        values = transform(0, len(flat), flat[permutation])
-        return self._unflatten(_unpermute(values, permutation), tensors)
+        values = await trio.to_thread.run_sync(
+            lambda: _unpermute(transform(0, len(flat), flat[permutation]), permutation))
+        return self._unflatten(values, tensors)
 
     async def linger(self) -> None:
         """Call before leaving the swarm: returns once the members of this peer's recent rounds
@@ -144,6 +143,11 @@ class Averager:
             out.append(torch.from_numpy(flat[offset:offset + n]).reshape(t.shape).to(t.dtype).to(t.device))
             offset += n
         return out
+
+
+def _flatten(tensors: list[torch.Tensor]) -> np.ndarray:
+    """The tensors as one float32 vector (off the event loop: it copies every value)."""
+    return torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in tensors]).numpy()
 
 
 def _unpermute(values: np.ndarray, permutation: np.ndarray) -> np.ndarray:
