@@ -126,6 +126,17 @@ def outer_steps(total: int, rounds: int):
     return weights, gradients, expected
 
 
+def sharded_outers(peers, layout, assignment, candidates):
+    """A registered ``ShardedOuter`` per peer (outer lr 0.7, momentum 0.9, as ``outer_steps``)."""
+    from shards.outer import ShardedOuter
+
+    outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=assignment,
+                           peers=candidates, timeout=3) for p in peers]
+    for outer in outers:
+        outer.register()
+    return outers
+
+
 async def step_and_check(outers, active, round_, current, gradient, expected) -> None:
     """Peers ``active`` average round ``round_`` as one group whose mean is ``gradient``: the
     leader orders the vector, each member turns its part into the step direction, every member
@@ -177,8 +188,6 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
     """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
     (up to rounding), each holds only its shards' momentum, and when one leaves its replicas carry
     on with no momentum lost."""
-    from shards.outer import ShardedOuter
-
     layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(layout.total, 7)
@@ -188,10 +197,7 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
         ids = [p.peer_id.to_base58() for p in peers]
         live = list(ids)
         view = {"now": assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")}
-        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view["now"],
-                               peers=lambda: live, timeout=3) for p in peers]
-        for outer in outers:
-            outer.register()
+        outers = sharded_outers(peers, layout, lambda: view["now"], lambda: live)
         # hostile requests get "none" or a closed stream, never a crash
         from averaging.wire import FrameError, read_frame, write_frame
         from libp2p.peer.id import ID
@@ -228,8 +234,6 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
     """Two peers own 6 shards with one replica each; a peer with ten times their upload joins at
     round 3 and wins most shards. It takes each shard's momentum from the peer that owned it (which
     keeps it two rounds for that), and every step of every peer stays the unsharded one."""
-    from shards.outer import ShardedOuter
-
     layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(layout.total, 6)
@@ -238,10 +242,7 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
         ids = [p.peer_id.to_base58() for p in peers]
         bids = {ids[0]: bid(ids[0]), ids[1]: bid(ids[1])}
         view = {"now": assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")}
-        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view["now"],
-                               peers=lambda: list(bids), timeout=3) for p in peers]
-        for outer in outers:
-            outer.register()
+        outers = sharded_outers(peers, layout, lambda: view["now"], lambda: list(bids))
         current = [weights.clone() for _ in outers]
         owned_before = None
         for round_, g in enumerate(gradients):
@@ -268,8 +269,6 @@ async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_th
     """Three peers own 6 shards once each; round 1 averages in a group of two. The shards of the
     peer outside go to a member of the group, which takes their momentum from that peer: the
     group's step is the unsharded one, and no momentum restarts from zero."""
-    from shards.outer import ShardedOuter
-
     layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(layout.total, 2)
@@ -277,10 +276,7 @@ async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_th
         peers = await start_peers(nursery, 3)
         ids = [p.peer_id.to_base58() for p in peers]
         view = assign([bid(i) for i in ids], layout, 1, state_bytes_per_value=4, salt="r")
-        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: view,
-                               peers=lambda: ids, timeout=3) for p in peers]
-        for outer in outers:
-            outer.register()
+        outers = sharded_outers(peers, layout, lambda: view, lambda: ids)
         current = [weights.clone() for _ in outers]
         await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
         outside = view.shards_of(ids[2])
