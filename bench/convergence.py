@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
+from averaging.codecs import get_codec  # noqa: E402
 from optim.data import load_corpus  # noqa: E402
 from optim.model import GPT  # noqa: E402
 from optim.schedule import lr_factor  # noqa: E402
@@ -82,6 +83,10 @@ def diloco_run(text: str) -> tuple[str, int]:
     codec, _, inner = text.rpartition(":")
     if not codec or not inner.isdigit() or int(inner) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not CODEC:H (say int8:30)")
+    try:
+        get_codec(codec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
     return codec, int(inner)
 
 
