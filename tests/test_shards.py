@@ -126,11 +126,19 @@ def outer_steps(total: int, rounds: int):
     return weights, gradients, expected
 
 
-def sharded_outers(peers, layout, assignment, candidates):
+OUTER_LAYOUT = ShardLayout(total=12_000, count=6)  # the ShardedOuter tests' model
+
+
+def outer_owners(bids: list[Bid], replicas: int):
+    """The ShardedOuter tests' assignment of ``OUTER_LAYOUT`` among ``bids``."""
+    return assign(bids, OUTER_LAYOUT, replicas, state_bytes_per_value=STATE, salt="r")
+
+
+def sharded_outers(peers, assignment, candidates):
     """A registered ``ShardedOuter`` per peer (outer lr 0.7, momentum 0.9, as ``outer_steps``)."""
     from shards.outer import ShardedOuter
 
-    outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=assignment,
+    outers = [ShardedOuter(p.host, OUTER_LAYOUT, lr=0.7, momentum=0.9, run_id="r", assignment=assignment,
                            peers=candidates, timeout=3) for p in peers]
     for outer in outers:
         outer.register()
@@ -188,16 +196,15 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
     """Three peers own 6 shards twice over; their outer steps equal the unsharded Nesterov step
     (up to rounding), each holds only its shards' momentum, and when one leaves its replicas carry
     on with no momentum lost."""
-    layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
-    weights, gradients, expected = outer_steps(layout.total, 7)
+    weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 7)
 
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         ids = [p.peer_id.to_base58() for p in peers]
         live = list(ids)
-        view = {"now": assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")}
-        outers = sharded_outers(peers, layout, lambda: view["now"], lambda: live)
+        view = {"now": outer_owners([bid(i) for i in live], 2)}
+        outers = sharded_outers(peers, lambda: view["now"], lambda: live)
         # hostile requests get "none" or a closed stream, never a crash
         from averaging.wire import FrameError, read_frame, write_frame
         from libp2p.peer.id import ID
@@ -217,16 +224,16 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
             if round_ == 4:  # peer 2 leaves; the others see the new assignment
                 peers[2].stop()
                 live.remove(ids[2])
-                view["now"] = assign([bid(i) for i in live], layout, 2, state_bytes_per_value=4, salt="r")
+                view["now"] = outer_owners([bid(i) for i in live], 2)
             active = [i for i, p in enumerate(ids) if p in live]
             await step_and_check(outers, active, round_, current, g, expected[round_])
             if round_ == 3:  # two replicas per shard over three peers: each holds about 2/3 of the momentum
-                assert sum(o.state_bytes for o in outers) == 2 * 4 * layout.total
-                assert max(o.state_bytes for o in outers) <= 4 * layout.size(0) * 5
+                assert sum(o.state_bytes for o in outers) == 2 * STATE * OUTER_LAYOUT.total
+                assert max(o.state_bytes for o in outers) <= STATE * OUTER_LAYOUT.size(0) * 5
         survivors = outers[:2]
         assert all(o.stats.momentum_lost == 0 for o in survivors)
         assert sum(o.stats.momentum_handovers for o in survivors) > 0  # shards the leaver owned moved
-        assert all(o.state_bytes == 4 * layout.total for o in survivors)  # two peers, two replicas: all
+        assert all(o.state_bytes == STATE * OUTER_LAYOUT.total for o in survivors)  # two peers, two replicas: all
         nursery.cancel_scope.cancel()
 
 
@@ -234,22 +241,21 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
     """Two peers own 6 shards with one replica each; a peer with ten times their upload joins at
     round 3 and wins most shards. It takes each shard's momentum from the peer that owned it (which
     keeps it two rounds for that), and every step of every peer stays the unsharded one."""
-    layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
-    weights, gradients, expected = outer_steps(layout.total, 6)
+    weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 6)
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         ids = [p.peer_id.to_base58() for p in peers]
         bids = {ids[0]: bid(ids[0]), ids[1]: bid(ids[1])}
-        view = {"now": assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")}
-        outers = sharded_outers(peers, layout, lambda: view["now"], lambda: list(bids))
+        view = {"now": outer_owners(list(bids.values()), 1)}
+        outers = sharded_outers(peers, lambda: view["now"], lambda: list(bids))
         current = [weights.clone() for _ in outers]
         owned_before = None
         for round_, g in enumerate(gradients):
             if round_ == 3:
                 owned_before = {p: view["now"].shards_of(p) for p in ids[:2]}
                 bids[ids[2]] = bid(ids[2], upload=100.0)
-                view["now"] = assign(list(bids.values()), layout, 1, state_bytes_per_value=4, salt="r")
+                view["now"] = outer_owners(list(bids.values()), 1)
                 current[2] = current[0].clone()  # the newcomer holds the swarm's weights (a fetched checkpoint)
             active = [i for i, p in enumerate(ids) if p in bids]
             await step_and_check(outers, active, round_, current, g, expected[round_])
@@ -259,8 +265,8 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
         assert set(taken) & set(owned_before[ids[0]]) and set(taken) & set(owned_before[ids[1]])
         assert outers[2].stats.momentum_handovers == len(taken) and outers[2].stats.momentum_lost == 0
         # the outbid peers hold only what they still own; the newcomer holds what it took
-        assert outers[2].state_bytes == 4 * sum(layout.size(s) for s in taken)
-        assert all(outers[i].state_bytes == 4 * sum(layout.size(s) for s in view["now"].shards_of(ids[i]))
+        assert outers[2].state_bytes == STATE * sum(OUTER_LAYOUT.size(s) for s in taken)
+        assert all(outers[i].state_bytes == STATE * sum(OUTER_LAYOUT.size(s) for s in view["now"].shards_of(ids[i]))
                    for i in range(2))
         nursery.cancel_scope.cancel()
 
@@ -269,14 +275,13 @@ async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_th
     """Three peers own 6 shards once each; round 1 averages in a group of two. The shards of the
     peer outside go to a member of the group, which takes their momentum from that peer: the
     group's step is the unsharded one, and no momentum restarts from zero."""
-    layout = ShardLayout(total=12_000, count=6)
     pytest.importorskip("torch")
-    weights, gradients, expected = outer_steps(layout.total, 2)
+    weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 2)
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         ids = [p.peer_id.to_base58() for p in peers]
-        view = assign([bid(i) for i in ids], layout, 1, state_bytes_per_value=4, salt="r")
-        outers = sharded_outers(peers, layout, lambda: view, lambda: ids)
+        view = outer_owners([bid(i) for i in ids], 1)
+        outers = sharded_outers(peers, lambda: view, lambda: ids)
         current = [weights.clone() for _ in outers]
         await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
         outside = view.shards_of(ids[2])
