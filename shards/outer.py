@@ -76,9 +76,9 @@ class ShardedOuter:
         newest = max((max(rounds) for rounds in self.history.values() if rounds), default=None)
         return sum(rounds[newest].numel() * 4 for rounds in self.history.values() if newest in rounds)
 
-    def plan(self, round_: int) -> "OwnerSteps":
+    def plan(self, round_: int) -> "ShardedRoundPlan":
         """How round ``round_`` is averaged (``averaging.averager.RoundPlan``)."""
-        return OwnerSteps(self, round_)
+        return ShardedRoundPlan(self, round_)
 
     # ----- averaging a round
     def order(self, members: list[str]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -241,7 +241,7 @@ class ShardedOuter:
         return None if momentum is None else _to_bytes(momentum)
 
 
-class OwnerSteps:
+class ShardedRoundPlan:
     """``ShardedOuter``'s plan for one round's averaging (``averaging.averager.RoundPlan``)."""
 
     def __init__(self, outer: ShardedOuter, round_: int) -> None:
