@@ -57,7 +57,9 @@ END_SECONDS = 2.0  # the longest a closing side waits for the other's end of str
 MAX_IDLE_PER_PEER = 4
 LANE_ID_BYTES = 16
 PENDING_SECONDS = 10.0  # a lane id not presented by then is forgotten
-MAX_PENDING = 256
+MAX_PENDING = 256  # lane ids handed out and not yet presented, all peers together
+MAX_PENDING_PER_PEER = 8  # of those, per peer: one peer cannot push the others off lanes
+MAX_INBOUND_PER_PEER = 16  # lanes a peer may hold open to this listener at once (streams in flight and idle)
 NO_LANE_SECONDS = 300.0  # a peer whose lane failed gets libp2p streams for this long
 
 Handler = Callable[[INetStream], Awaitable[None]]
@@ -296,6 +298,7 @@ class Lanes:
         self.handlers: dict[str, Handler] = {}
         self.port: int | None = None
         self._pending: dict[bytes, tuple[float, ID, str, bytes, bytes]] = {}
+        self._inbound: dict[ID, int] = {}  # peer -> lanes it holds open to our listener
         self._no_lane: dict[str, float] = {}  # peer -> trio time until which libp2p is used
         self._idle: dict[str, list[tuple[float, Lane]]] = {}  # peer -> lanes we dialed, free again
         self._nursery: trio.Nursery | None = None
@@ -403,13 +406,14 @@ class Lanes:
                 now = trio.current_time()
                 for lane_id in [i for i, entry in self._pending.items() if entry[0] < now]:
                     del self._pending[lane_id]
+                peer = stream_peer(stream)
                 if not isinstance(theirs, bytes) or len(theirs) != 32 or protocol not in self.handlers \
-                        or self.port is None or len(self._pending) >= MAX_PENDING:
+                        or self.port is None or not self._may_offer(peer):
                     await write_frame(stream, {"t": "no"})
                     return
                 mine, lane_id = secrets.token_bytes(32), os.urandom(LANE_ID_BYTES)
                 to_listener, to_dialer = _keys(theirs, mine, lane_id)
-                self._pending[lane_id] = (now + PENDING_SECONDS, stream_peer(stream), protocol, to_dialer, to_listener)
+                self._pending[lane_id] = (now + PENDING_SECONDS, peer, protocol, to_dialer, to_listener)
                 await write_frame(stream, {"t": "ok", "key": mine, "id": lane_id, "port": self.port})
         except Exception as exc:  # an escaping exception would tear down the host
             log.info("lane offer to %s failed: %s: %s", stream_peer(stream), type(exc).__name__, exc)
@@ -417,7 +421,24 @@ class Lanes:
             with trio.move_on_after(1), contextlib.suppress(Exception):
                 await stream.close()
 
+    def _may_offer(self, peer: ID) -> bool:
+        """Whether ``peer`` may have another lane id: within the global and its own caps on
+        pending ids, and on lanes it holds open."""
+        pending = sum(1 for entry in self._pending.values() if entry[1] == peer)
+        return len(self._pending) < MAX_PENDING and pending < MAX_PENDING_PER_PEER \
+            and pending + self._inbound.get(peer, 0) < MAX_INBOUND_PER_PEER
+
     async def _accept(self, sock: trio.SocketStream) -> None:
+        """Serve one inbound TCP connection; nothing it does (reset, silence, garbage) escapes:
+        ``serve_listeners`` would end the whole peer. Anyone can connect here, key or not."""
+        try:
+            await self._serve_lane(sock)
+        except Exception as exc:
+            log.info("lane connection from %s ended: %s: %s", _remote(sock), type(exc).__name__, exc)
+        finally:
+            await trio.aclose_forcefully(sock)
+
+    async def _serve_lane(self, sock: trio.SocketStream) -> None:
         lane_id = bytearray()
         with trio.move_on_after(self.timeout):
             while len(lane_id) < LANE_ID_BYTES:
@@ -427,11 +448,11 @@ class Lanes:
                 lane_id += got
         entry = self._pending.pop(bytes(lane_id), None)
         if entry is None or entry[0] < trio.current_time():
-            log.info("dropped a lane connection that presented no valid lane id")
-            await trio.aclose_forcefully(sock)
+            log.info("dropped a lane connection from %s that presented no valid lane id", _remote(sock))
             return
         _, peer, protocol, send_key, receive_key = entry
         lane = Lane(sock, peer, send_key, receive_key)
+        self._inbound[peer] = self._inbound.get(peer, 0) + 1
         try:
             while protocol is not None:
                 handler = self.handlers.get(protocol)
@@ -451,3 +472,14 @@ class Lanes:
                     protocol = await lane.wait_open()
         finally:
             lane.abort()
+            self._inbound[peer] -= 1
+            if not self._inbound[peer]:
+                del self._inbound[peer]
+
+
+def _remote(sock: trio.SocketStream) -> str:
+    try:
+        host, port = sock.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a closed socket"

@@ -6,7 +6,13 @@ expiration. Bundles from different peers merge entry by entry, newest timestamp 
 hold e.g. the whole member list of a swarm while each member only ever writes its own entry.
 
 Only Ed25519 peer ids are accepted: their public key is inlined in the id, so an entry needs no
-separate key field and a forged subkey cannot verify.
+separate key field, a forged subkey cannot verify, and every check costs one cheap Ed25519
+verification (an RSA key with a huge exponent could cost a reader ~57 ms per entry).
+
+Limits keep what one writer can make a node hold small: an entry lives at most ``MAX_TTL`` (every
+Legion entry is refreshed each heartbeat), each kind of key caps its entries' size
+(``entry_limit``), and a bundle over its size cap loses its largest entries first, so no writer can
+push others' entries out by writing a big one.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import msgpack
-from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.keys import KeyPair, KeyType, PublicKey
 from libp2p.peer.id import ID
 
 NAMESPACE = "legion"
@@ -25,7 +31,9 @@ KEY_PREFIX = f"/{NAMESPACE}/"
 MAX_KEY_BYTES = 256
 MAX_ENTRY_BYTES = 64 * 1024
 MAX_BUNDLE_BYTES = 512 * 1024
-MAX_TTL = 24 * 3600.0
+MAX_TTL = 600.0  # Legion's entries live a few heartbeats (<= 25 s) and a matchmaking budget
+# The largest entry each kind of key takes (the path segment after the swarm's name); others MAX_ENTRY_BYTES
+KIND_ENTRY_BYTES = {"members": 8192, "run": 16384, "checkpoints": 4096, "mm": 8192, "shards": 2048}
 CLOCK_SKEW = 30.0
 _SIGNATURE_DOMAIN = b"legion-record-v1"
 
@@ -68,6 +76,24 @@ def check_key(key: str) -> None:
         raise RecordError(f"key {key[:80]!r} is not a /{NAMESPACE}/ key of at most {MAX_KEY_BYTES} bytes")
 
 
+def entry_limit(key: str) -> int:
+    """The largest entry (in wire bytes) that ``key``'s kind takes."""
+    parts = key.split("/")  # "", "legion", swarm, kind, ...
+    return KIND_ENTRY_BYTES.get(parts[3], MAX_ENTRY_BYTES) if len(parts) > 3 else MAX_ENTRY_BYTES
+
+
+def ed25519_key(peer_id_bytes: bytes) -> PublicKey:
+    """The Ed25519 public key inlined in a peer id; ``RecordError`` for anything else (another key
+    type, a hashed key, bytes that are no peer id)."""
+    try:
+        public_key = ID(peer_id_bytes).extract_public_key()
+    except Exception as exc:  # malformed multihash or key protobuf
+        raise RecordError(f"not a peer id: {type(exc).__name__}: {exc}") from exc
+    if public_key is None or public_key.get_type() != KeyType.Ed25519:
+        raise RecordError("not an Ed25519 peer id with an inlined key")
+    return public_key
+
+
 def _signed_payload(key: str, subkey_bytes: bytes, value_bytes: bytes, timestamp: float,
                     expiration: float) -> bytes:
     return msgpack.packb([_SIGNATURE_DOMAIN, key, subkey_bytes, value_bytes, timestamp, expiration])
@@ -85,8 +111,8 @@ def sign_entry(key: str, key_pair: KeyPair, value: Any, ttl: float, now: float |
     signature = key_pair.private_key.sign(
         _signed_payload(key, peer_id.to_bytes(), value_bytes, now, expiration))
     entry = Entry(peer_id.to_base58(), value_bytes, now, expiration, signature)
-    if len(msgpack.packb(entry.to_wire())) > MAX_ENTRY_BYTES:
-        raise RecordError(f"entry of {len(value_bytes)} value bytes exceeds {MAX_ENTRY_BYTES} bytes")
+    if len(msgpack.packb(entry.to_wire())) > entry_limit(key):
+        raise RecordError(f"entry of {len(value_bytes)} value bytes exceeds {entry_limit(key)} bytes for {key}")
     return entry
 
 
@@ -97,7 +123,7 @@ class ExpiredEntry(RecordError):
 # Entries already verified, keyed by their complete wire content: every read and every merge
 # re-decodes the same bundles, and a signature check costs far more than this lookup.
 _verified: dict[tuple, Entry] = {}
-_VERIFIED_MAX = 4096
+_VERIFIED_MAX = 1 << 15
 
 
 def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
@@ -110,8 +136,8 @@ def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
         raise RecordError("entry fields have wrong types")
     if not all(isinstance(t, (int, float)) and math.isfinite(t) for t in (timestamp, expiration)):
         raise RecordError("entry times are not finite numbers")
-    if len(subkey_bytes) + len(value_bytes) + len(signature) > MAX_ENTRY_BYTES:
-        raise RecordError(f"entry exceeds {MAX_ENTRY_BYTES} bytes")
+    if len(subkey_bytes) + len(value_bytes) + len(signature) > entry_limit(key):
+        raise RecordError(f"entry exceeds the {entry_limit(key)} bytes allowed under {key[:80]}")
     now = time.time() if now is None else now
     if expiration <= now:
         raise ExpiredEntry(f"entry expired {now - expiration:.1f}s ago")
@@ -130,12 +156,10 @@ def verify_entry(key: str, wire: Any, now: float | None = None) -> Entry:
 def _verify_signed_entry(key: str, subkey_bytes: bytes, value_bytes: bytes, timestamp: float,
                          expiration: float, signature: bytes) -> Entry:
     try:
-        peer_id = ID(subkey_bytes)
-        public_key = peer_id.extract_public_key()
-    except Exception as exc:  # malformed multihash or key protobuf
-        raise RecordError(f"subkey is not a peer id: {exc}") from exc
-    if public_key is None:
-        raise RecordError("subkey is not an Ed25519 peer id with an inlined key")
+        public_key = ed25519_key(subkey_bytes)
+    except RecordError as exc:
+        raise RecordError(f"subkey: {exc}") from exc
+    peer_id = ID(subkey_bytes)
     try:
         valid = public_key.verify(
             _signed_payload(key, subkey_bytes, value_bytes, timestamp, expiration), signature)
@@ -202,11 +226,23 @@ def merge(*groups: Iterable[Entry], now: float | None = None) -> dict[str, Entry
     return merged
 
 
+def entry_bytes(entry: Entry) -> int:
+    """An entry's size on the wire, near enough (fields plus msgpack framing)."""
+    return len(entry.subkey) + len(entry.value_bytes) + len(entry.signature) + 32
+
+
 def fit_bundle(entries: dict[str, Entry]) -> bytes:
-    """Encode the merged entries, dropping the soonest-expiring ones if the bundle is too large."""
-    ordered = sorted(entries.values(), key=lambda e: e.expiration, reverse=True)
-    data = encode_bundle(ordered)
-    while len(data) > MAX_BUNDLE_BYTES:
-        ordered = ordered[: len(ordered) - max(1, len(ordered) // 10)]
-        data = encode_bundle(ordered)
+    """Encode the merged entries; if the bundle would be too large, the largest entries are left
+    out (each writer has one entry per key, so a writer of small entries is never pushed out by
+    one of large entries)."""
+    kept, size = [], 8
+    for entry in sorted(entries.values(), key=lambda e: (entry_bytes(e), e.subkey)):
+        size += entry_bytes(entry)
+        if size > MAX_BUNDLE_BYTES:
+            break
+        kept.append(entry)
+    data = encode_bundle(kept)
+    while len(data) > MAX_BUNDLE_BYTES:  # the estimate fell short: drop from the large end
+        kept = kept[: len(kept) - max(1, len(kept) // 100)]
+        data = encode_bundle(kept)
     return data

@@ -127,17 +127,31 @@ def test_validator_prefers_an_offer_with_any_fresher_entry():
         validator.validate(KEY, b"garbage")
 
 
-def test_fit_bundle_drops_soonest_expiring_entries_to_stay_under_the_limit():
-    now = time.time()
+def test_a_full_bundle_drops_its_largest_entries_so_no_writer_pushes_the_others_out():
+    now, key = time.time(), "/legion/test/blobs"  # a kind without its own cap: entries up to 64 KiB
     entries = {}
-    for i in range(20):
-        e = sign_entry(KEY, create_new_key_pair(), b"x" * 40_000, ttl=100 + i, now=now)
+    for i in range(12):  # long-lived large entries: ~9 of them used to erase every other entry
+        e = sign_entry(key, create_new_key_pair(), b"x" * 60_000, ttl=600, now=now)
         entries[e.subkey] = e
+    honest = [sign_entry(key, create_new_key_pair(), {"addrs": ["/ip4/198.18.0.10/tcp/4001"]}, ttl=10, now=now)
+              for _ in range(200)]
+    entries.update({e.subkey: e for e in honest})
     data = fit_bundle(entries)
     assert len(data) <= MAX_BUNDLE_BYTES
-    kept = decode_bundle_strict(KEY, data, now=now)
-    assert 0 < len(kept) < 20
-    assert min(e.expiration for e in kept) > max(e.expiration for e in entries.values() if e not in kept)
+    kept = {e.subkey for e in decode_bundle_strict(key, data, now=now)}
+    assert {e.subkey for e in honest} <= kept
+    assert 0 < len(kept - {e.subkey for e in honest}) < 12
+
+
+def test_entries_over_their_kinds_cap_or_lifetime_are_refused():
+    kp = create_new_key_pair()
+    with pytest.raises(RecordError, match="exceeds"):
+        sign_entry(KEY, kp, b"x" * 9000, ttl=10)  # members entries: 8 KiB at most
+    with pytest.raises(RecordError, match="ttl"):
+        sign_entry(KEY, kp, "v", ttl=24 * 3600)
+    forged = wire(sign_entry("/legion/test/blobs", kp, b"x" * 9000, ttl=10))
+    with pytest.raises(RecordError, match="exceeds"):
+        verify_entry(KEY, forged)
 
 
 async def test_merging_store_keeps_every_writers_entry_and_prunes_expired_ones():
@@ -163,3 +177,40 @@ async def test_merging_store_keeps_every_writers_entry_and_prunes_expired_ones()
     held = decode_bundle_strict(KEY, store.get(KEY.encode()).value)
     assert [e.value for e in held] == ["a2"]
     assert store.get(b"/legion/absent") is None
+
+
+@pytest.mark.parametrize("key_type", ["rsa", "secp256k1"])
+def test_only_ed25519_writers_are_believed(key_type):
+    if key_type == "rsa":
+        from libp2p.crypto.rsa import create_new_key_pair as other_key_pair
+    else:
+        from libp2p.crypto.secp256k1 import create_new_key_pair as other_key_pair
+    with pytest.raises(RecordError, match="Ed25519"):
+        verify_entry(KEY, wire(sign_entry(KEY, other_key_pair(), "v", ttl=10)))
+
+
+async def test_the_merging_store_caps_keys_and_the_keys_one_writer_holds(monkeypatch):
+    from libp2p.records.record import make_signed_put_record
+
+    import dht.store
+    from dht.store import MergingValueStore
+    from swarm.network import build_host
+
+    monkeypatch.setattr(dht.store, "MAX_KEYS", 6)
+    monkeypatch.setattr(dht.store, "MAX_KEYS_PER_WRITER", 3)
+    host = build_host(create_new_key_pair())
+    store = MergingValueStore(host=host, local_peer_id=host.get_id())
+    greedy, honest = create_new_key_pair(), create_new_key_pair()
+
+    def put(key, key_pair):
+        store.put_record(key.encode(), make_signed_put_record(
+            key.encode(), encode_bundle([sign_entry(key, key_pair, "v", ttl=10)]), key_pair.private_key))
+
+    for i in range(10):
+        put(f"/legion/test/k{i}", greedy)
+    assert sorted(store.get_keys()) == [f"/legion/test/k{i}".encode() for i in range(3)]
+    for i in range(3, 10):  # other writers fill the store up to its cap; further keys are refused
+        put(f"/legion/test/k{i}", create_new_key_pair())
+    assert len(store.get_keys()) == 6
+    put("/legion/test/k0", honest)  # a key held still takes new writers' entries
+    assert len(decode_bundle_strict("/legion/test/k0", store.get(b"/legion/test/k0").value)) == 2
