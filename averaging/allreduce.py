@@ -45,6 +45,9 @@ FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that 
 LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
+MAX_MEMBERS = 256
+MAX_ADDRS = 16  # addresses per member in a group spec
+MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
 assert CHUNK_VALUES % BLOCK == 0
 
 
@@ -80,22 +83,39 @@ class GroupSpec:
 
     @classmethod
     def from_wire(cls, wire: Any) -> "GroupSpec":
+        """The spec a leader sent; ``SpecError`` for anything malformed (types are checked
+        exactly: a float, a bool or a string where an int belongs is an error, not converted)."""
+        if not isinstance(wire, dict):
+            raise SpecError("malformed group spec: not a map")
         try:
-            spec = cls(str(wire["group"]), tuple(wire["members"]), tuple(tuple(a) for a in wire["addrs"]),
-                       tuple(int(b) for b in wire["bounds"]), str(wire["codec"]), int(wire.get("send", 0)),
-                       tuple((int(a), int(b)) for a, b in wire.get("order", ())))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpecError(f"malformed group spec: {exc}") from exc
+            members, addrs = _list(wire["members"], MAX_MEMBERS), _list(wire["addrs"], MAX_MEMBERS)
+            bounds, order = _list(wire["bounds"], MAX_MEMBERS + 1), _list(wire.get("order", []), MAX_ORDER_RANGES)
+            spec = cls(_str(wire["group"]), tuple(_str(m) for m in members),
+                       tuple(tuple(_str(a) for a in _list(listed, MAX_ADDRS)) for listed in addrs),
+                       tuple(_int(b) for b in bounds), _str(wire["codec"]), _int(wire.get("send", 0)),
+                       tuple((_int(r[0]), _int(r[1])) for r in (_list(r, 2) for r in order) if len(r) == 2))
+            if len(spec.order) != len(order):
+                raise SpecError("an order range is not a pair")
+        except KeyError as exc:
+            raise SpecError(f"malformed group spec: no {exc}") from exc
         spec.validate()
+        for member in spec.members:
+            try:
+                ID.from_base58(member)
+            except Exception as exc:  # base58 or multihash errors of many kinds
+                raise SpecError(f"group member {member[:60]!r} is not a peer id") from exc
         return spec
 
     def validate(self) -> None:
         n = len(self.members)
-        if not 1 <= n <= 256 or len(self.addrs) != n or len(self.bounds) != n + 1 or len(set(self.members)) != n:
+        if not 1 <= n <= MAX_MEMBERS or len(self.addrs) != n or len(self.bounds) != n + 1 or len(set(self.members)) != n:
             raise SpecError("group spec sizes disagree")
         if self.bounds[0] != 0 or any(b > c for b, c in zip(self.bounds, self.bounds[1:])) or self.total > 2**31:
             raise SpecError("group spec bounds are not an increasing split")
-        get_codec(self.codec)
+        try:
+            get_codec(self.codec)
+        except ValueError as exc:
+            raise SpecError(f"group spec codec: {exc}") from exc
         if not 0 <= self.send_concurrency <= n:
             raise SpecError("group spec send concurrency out of range")
         if self.order:
@@ -111,6 +131,24 @@ class GroupSpec:
         if not self.order:
             return None
         return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.order])
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise SpecError(f"{value!r:.40} is not an integer")
+    return value
+
+
+def _str(value: Any, limit: int = 256) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise SpecError(f"{value!r:.40} is not a string of at most {limit} characters")
+    return value
+
+
+def _list(value: Any, limit: int) -> list:
+    if type(value) not in (list, tuple) or len(value) > limit:
+        raise SpecError(f"{value!r:.40} is not a list of at most {limit} items")
+    return list(value)
 
 
 @dataclass
@@ -279,24 +317,33 @@ async def _write_chunk(stream: INetStream, state: RoundState, index: int, payloa
 
 
 def _decode_with_norm(codec: Codec, payload: bytes, size: int) -> tuple[np.ndarray, float]:
+    """Decoded values and their squared norm (in float64); ``CodecError`` for absurd magnitudes."""
     values = codec.decode(payload, size)
-    return values, float(np.dot(values, values))
+    return values, _norm2(values)
 
 
-def _check_weight(weight: Any) -> float:
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or not 0 < weight < 1e12:
-        raise FrameError(f"weight {weight!r} is not a positive finite number")
-    return float(weight)
+def _norm2(values: np.ndarray) -> float:
+    if len(values) and float(np.abs(values).max()) > MAX_ABS_VALUE:
+        raise CodecError(f"a value beyond {MAX_ABS_VALUE:g}")
+    return float(np.dot(values.astype(np.float64), values))
+
+
+def _check_weight(weight: Any, max_weight: float = 1e12) -> float:
+    """A contribution's weight, clipped to ``max_weight`` (what a peer can have computed in a round)."""
+    if type(weight) not in (int, float) or not math.isfinite(weight) or not 0 < weight < 1e12:
+        raise FrameError(f"weight {weight!r:.40} is not a positive finite number")
+    return min(float(weight), max_weight)
 
 
 class AllReduce:
     """Runs butterfly rounds on a host; ``register_handlers`` once, then ``run(...)`` per round."""
 
     def __init__(self, host: IHost, *, lanes: Lanes | None = None, max_norm_ratio: float = 100.0,
-                 wait_for_round: float = 10.0) -> None:
+                 wait_for_round: float = 10.0, max_weight: float = 1e12) -> None:
         self.host = host
         self.lanes = lanes or Lanes(host)  # bulk data on lanes where the peer runs them
         self.max_norm_ratio = max_norm_ratio
+        self.max_weight = max_weight  # contributions' weights are clipped to it (owner side)
         self.wait_for_round = wait_for_round
         self._rounds: dict[str, RoundState] = {}
         self._round_started: dict[str, trio.Event] = {}
@@ -362,7 +409,7 @@ class AllReduce:
         on the same stream as it becomes ready."""
         owner = state.owner
         try:
-            weight = _check_weight(header.get("weight"))
+            weight = _check_weight(header.get("weight"), self.max_weight)
             if header.get("chunks") != len(owner.ranges):
                 raise FrameError("wrong chunk count")
             if owner.contributors is not None or sender not in owner.pending or sender in owner.weights:
@@ -428,14 +475,14 @@ class AllReduce:
         owner, spec = state.owner, state.spec
         start, end = spec.part(state.me)
         own = state.flat[start:end]
-        if np.isfinite(own).all():
+        if np.isfinite(own).all() and not (len(own) and float(np.abs(own).max()) > MAX_ABS_VALUE):
             owner.begin(state.me, state.weight)
             async with owner.lock:
                 await trio.to_thread.run_sync(self._add_own, state)
             owner.resolve(state.me)
         else:  # our own update is garbage too: average the others' (who reject it as well)
-            log.warning("%s: own contribution holds NaN or infinity; excluded", spec.group_id)
-            owner.resolve(state.me, "own contribution is not finite")
+            log.warning("%s: own contribution holds NaN, infinity or absurd values; excluded", spec.group_id)
+            owner.resolve(state.me, "own contribution is not finite or absurd")
         if state.result_residual is not None:
             owner.residual_start = state.result_residual[start:end].copy()
         started = trio.current_time()
@@ -463,7 +510,7 @@ class AllReduce:
     def _add_own(state: RoundState) -> None:
         for index, (a, b) in enumerate(state.owner.ranges):
             values = state.flat[a:b]
-            state.owner.add_chunk(state.me, index, values, b"", float(np.dot(values, values)))
+            state.owner.add_chunk(state.me, index, values, b"", _norm2(values))
 
     def _drop_stalled(self, state: RoundState, started: float) -> None:
         """Fail the contributions that have not begun in time (one that began fails on its own
@@ -723,7 +770,7 @@ class AllReduce:
         time spares owners short of CPU (it was needed on libp2p streams, before lanes, for 8
         peers x 100 MB on one 2-core machine)."""
         spec.validate()
-        weight = _check_weight(weight)
+        weight = _check_weight(weight, self.max_weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
             raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
         state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio, transform)
@@ -758,6 +805,15 @@ class AllReduce:
                         nursery.start_soon(self._repair, state, owner, deadline)
                 state.stats.phase_seconds["repair"] = trio.current_time() - started - state.stats.phase_seconds["exchange"]
             return self._conclude(state), state.stats
+        except Exception as exc:
+            if isinstance(exc, RoundFailed):
+                raise
+            # Remote data may still reach a path that raises (a result that does not encode, say):
+            # that is this round's failure, never the peer's end.
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: round failed: %s", spec.group_id, reason)
+            state.stats.outcome, state.stats.reason = "failed", reason
+            raise RoundFailed(reason, state.stats) from exc
         finally:
             state.exchanged = state.over = True
             state.output = None  # returned to the caller; repair needs only the encoded parts

@@ -44,11 +44,14 @@ class Averager:
     and codec, so a lossy codec's error is carried into the next round rather than lost.
     ``send_concurrency`` (set in the groups this peer leads): how many owners a member sends its
     contributions to at once, 0 for all (see ``AllReduce.run``); 1 where CPU is short.
+    ``max_weight``: the most a contribution may weigh (what a peer can compute in a round: samples
+    per step times steps); larger declared weights are clipped, so no member can become the average.
     """
 
     def __init__(self, peer, *, target_group_size: int = 8, min_group_size: int = 2,
-                 matchmaking_budget: float = 5.0, max_norm_ratio: float = 100.0, send_concurrency: int = 0) -> None:
-        self.allreduce = AllReduce(peer.host, lanes=peer.lanes, max_norm_ratio=max_norm_ratio)
+                 matchmaking_budget: float = 5.0, max_norm_ratio: float = 100.0, send_concurrency: int = 0,
+                 max_weight: float = 1e12) -> None:
+        self.allreduce = AllReduce(peer.host, lanes=peer.lanes, max_norm_ratio=max_norm_ratio, max_weight=max_weight)
         self.matchmaker = Matchmaker(peer.host, peer.dht, peer.config.swarm, target_size=target_group_size,
                                      min_size=min_group_size, budget=matchmaking_budget,
                                      upload_mbps=peer.config.upload_mbps, send_concurrency=send_concurrency)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,6 +57,34 @@ class _Seeking:
     spec: GroupSpec | None = None
     found: trio.Event = field(default_factory=trio.Event)
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
+    seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
+    leader: str | None = None  # the leader of this peer's group in its own split, once computed
+
+    def may_invite(self, peer: str, me: str) -> bool:
+        """Only a leader this peer can derive itself may invite it: the one of its own split once
+        computed, before that a peer seeking under the key that sorts first (leaders are the
+        smallest id of their group). Nobody else chooses this peer's group, split or codec."""
+        if self.leader is not None:
+            return peer == self.leader
+        return peer in self.seen and peer < me
+
+
+MAX_DECLARED_ADDRS = 16
+
+
+def _declaration(value: object) -> dict | None:
+    """A matchmaking entry with every field of the right type and range, or None: peers read
+    each other's entries and compute groups from them, so nothing malformed may get that far."""
+    if not isinstance(value, dict):
+        return None
+    addrs, total, codec, upload = value.get("addrs"), value.get("total"), value.get("codec"), value.get("upload_mbps")
+    if not (isinstance(addrs, list) and len(addrs) <= MAX_DECLARED_ADDRS and all(isinstance(a, str) for a in addrs)
+            and type(total) is int and isinstance(codec, str)):
+        return None
+    target = value.get("target")
+    return {"addrs": addrs, "total": total, "codec": codec, "coords": value.get("coords"),
+            "upload_mbps": upload if type(upload) in (int, float) and math.isfinite(upload) and upload > 0 else None,
+            "target": target if type(target) is int else None}
 
 
 class Matchmaker:
@@ -95,7 +124,7 @@ class Matchmaker:
                     spec = await self._attempt(seeking, deadline)
                     if spec is not None:
                         return spec
-                    seeking.committed = False
+                    seeking.committed, seeking.leader = False, None
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline")
         finally:
             self._seeking = None
@@ -112,6 +141,7 @@ class Matchmaker:
             if seeking.found.is_set():
                 return seeking.spec
             candidates, left = await self._candidates(seeking)
+            seeking.seen = frozenset(candidates)
             waited = trio.current_time() - started
             if len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
                 break
@@ -131,6 +161,7 @@ class Matchmaker:
         groups = form_groups(names, lambda a, b: coords[a].distance(coords[b]),
                              self.target_size, self.min_size, salt, mix)
         mine = next(g for g in groups if self.me in g)
+        seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
         with trio.move_on_after(min(5.0, max(0.0, deadline - trio.current_time()))):
@@ -146,8 +177,8 @@ class Matchmaker:
         """Whether peers seek a group under ``group_key`` now and wait for more peers than there
         are (their target size is larger): a newcomer can still join."""
         entries = await self.dht.get(self._key(group_key))
-        targets = [e.value.get("target") for e in entries.values() if isinstance(e.value, dict)]
-        return any(isinstance(t, int) and t > len(entries) for t in targets)
+        targets = [d["target"] for d in map(_declaration, (e.value for e in entries.values())) if d]
+        return any(t is not None and t > len(entries) for t in targets)
 
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left."""
@@ -159,9 +190,8 @@ class Matchmaker:
                 continue
             if peer in seeking.suspects:
                 continue
-            value = entry.value
-            if isinstance(value, dict) and value.get("total") == seeking.total and value.get("codec") == seeking.codec \
-                    and isinstance(value.get("addrs"), list):
+            value = _declaration(entry.value)
+            if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec:
                 out[peer] = {**value, "t": entry.timestamp}
         return out, left
 
@@ -217,31 +247,37 @@ class Matchmaker:
 
     async def _serve_invitation(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
+        seeking = None
         try:
             with trio.fail_after(10):
                 invitation, _ = await read_frame(stream, 0)
-                seeking = self._seeking
-                if seeking is None or seeking.committed or invitation.get("key") != seeking.key \
-                        or invitation.get("leader") != peer:
+                candidate = self._seeking
+                if candidate is not None and candidate.leader is None and peer not in candidate.seen:
+                    candidate.seen = frozenset((await self._candidates(candidate))[0])  # our view may lag
+                if candidate is None or candidate.committed or invitation.get("key") != candidate.key \
+                        or invitation.get("leader") != peer or not candidate.may_invite(peer, self.me):
                     await write_frame(stream, {"t": "reject"})
                     return
+                seeking = candidate
                 seeking.committed = True
                 await write_frame(stream, {"t": "accept"})
                 decision, _ = await read_frame(stream, 0)
             if decision.get("t") == "begin":
                 spec = GroupSpec.from_wire(decision.get("spec"))
-                if self.me in spec.members and spec.members[0] == peer:
-                    seeking.spec = spec
-                    seeking.found.set()
-                    return
-            seeking.committed = False
+                if self.me not in spec.members or spec.members[0] != peer:
+                    raise SpecError("the group does not hold this peer, or is not led by its inviter")
+                if spec.codec != seeking.codec or spec.total != seeking.total:
+                    raise SpecError(f"the group averages {spec.total} values with {spec.codec!r}, "
+                                    f"not {seeking.total} with {seeking.codec!r}")
+                seeking.spec = spec
+                seeking.found.set()
         except (FrameError, SpecError, trio.TooSlowError) as exc:
             log.info("invitation from %s dropped: %s", peer, exc)
-            if self._seeking is not None and not self._seeking.found.is_set():
-                self._seeking.committed = False
         except Exception as exc:
-            log.info("invitation stream from %s ended: %s", peer, exc)
+            log.info("invitation stream from %s ended: %s: %s", peer, type(exc).__name__, exc)
         finally:
+            if seeking is not None and not seeking.found.is_set():
+                seeking.committed = False  # whatever ended the invitation, this peer is free again
             with trio.move_on_after(1), contextlib.suppress(Exception):
                 await stream.close()
 

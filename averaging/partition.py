@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from averaging.codecs import BLOCK
+
+MAX_WEIGHT = 1e6  # a weight (Mbit/s, say) beyond this is not believed
+MAX_SHARE = 4.0  # a weight counts for at most this many times the median weight
 
 
 def partition_bounds(total: int, weights: list[float]) -> list[int]:
     """Boundaries ``b`` (len = members + 1) splitting ``total`` values into parts proportional to
-    ``weights`` (e.g. upload bandwidth), each boundary on a codec block. Non-positive or unknown
-    weights count as the mean of the others (or 1)."""
-    known = [w for w in weights if w and w > 0]
-    fill = sum(known) / len(known) if known else 1.0
-    weights = [w if w and w > 0 else fill for w in weights]
+    ``weights`` (e.g. upload bandwidth), each boundary on a codec block. Weights that are not
+    positive finite numbers up to ``MAX_WEIGHT`` count as the median of the others (or 1), and
+    none counts for more than ``MAX_SHARE`` times that median."""
+    known = [float(w) for w in weights if _usable(w)]
+    fill = statistics.median(known) if known else 1.0
+    # no member takes more than MAX_SHARE times the median's part, whatever it declares
+    weights = [min(float(w), MAX_SHARE * fill) if _usable(w) else fill for w in weights]
     scale = total / sum(weights)
     bounds, acc = [0], 0.0
     for w in weights[:-1]:
@@ -19,3 +27,8 @@ def partition_bounds(total: int, weights: list[float]) -> list[int]:
         bounds.append(min(total, max(bounds[-1], int(round(acc / BLOCK)) * BLOCK)))
     bounds.append(total)
     return bounds
+
+
+def _usable(weight: object) -> bool:
+    """A weight that is a positive, finite, believable number (remote peers declare them)."""
+    return type(weight) in (int, float) and math.isfinite(weight) and 0 < weight <= MAX_WEIGHT

@@ -23,7 +23,7 @@ from bootstrap.manifest import SignedManifest
 from bootstrap.swarm_download import DownloadError
 from optim.base import StateError, SwarmOptimizer
 from optim.data import Corpus, load_corpus
-from optim.diloco import DiLoCo
+from optim.diloco import ALIGN_LIMIT, DiLoCo
 from optim.model import GPT
 from optim.onebit_adam import OneBitAdam
 from optim.schedule import lr_factor
@@ -59,6 +59,13 @@ def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nurser
         return SyncOptimizer(model.parameters(), adamw(), reducer, codec=config.averaging_codec)
     return OneBitAdam(model.parameters(), reducer, lr=config.inner_lr, weight_decay=config.weight_decay,
                       betas=(0.9, 0.95), warmup_steps=config.warmup_steps, codec=config.averaging_codec)
+
+
+def max_round_samples(config: RunConfig) -> int:
+    """The most samples a peer can train on between two averagings of ``config``: what a
+    contribution may weigh (a DiLoCo round lasts up to ``ALIGN_LIMIT`` rounds while a joiner aligns)."""
+    steps = config.inner_steps * ALIGN_LIMIT if config.algorithm == "diloco" else 1
+    return config.batch_size * config.accumulate * steps
 
 
 @torch.no_grad()
@@ -137,7 +144,8 @@ class Trainer:
         # How long a round waits for expected peers that do not show: DiLoCo rounds are long and
         # overlap training; synchronous steps are short and block it.
         budget = 10.0 if config.algorithm == "diloco" else 3.0
-        averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget)
+        averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget,
+                            max_weight=max_round_samples(config))
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
         if config.sharded:
