@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/chunks/1.0.0"
 MAX_QUEUE = 32
+MAX_CANCELLED = 2 * MAX_QUEUE  # cancels held per stream: more than could match queued requests
 MAX_HAVE_IDS = 1 << 16
 MAX_STORED = max_stored_size(MAX_CHUNK_SIZE)
 LEASE_SECONDS = 600.0  # a version whose manifest a peer fetched here stays that long for its download
@@ -89,7 +90,8 @@ class ChunkServer:
                     except FrameError:  # the client closed the stream, or broke it off
                         return
                     if request.get("t") == "cancel" and isinstance(request.get("id"), bytes):
-                        cancelled.add(request["id"])
+                        if len(cancelled) < MAX_CANCELLED:  # only queued requests can be cancelled
+                            cancelled.add(request["id"])
                         continue
                     await send.send((request, payload))
                     continue

@@ -35,6 +35,11 @@ def decompress_chunk(ref: ChunkRef, stored: bytes) -> bytes:
     if len(stored) != ref.stored:
         raise ChunkError(f"chunk {ref.id.hex()[:12]}: {len(stored)} stored bytes, manifest says {ref.stored}")
     try:
+        # A frame's declared content size is what zstandard allocates, whatever max_output_size
+        # says: a few KB could otherwise claim gigabytes.
+        declared = zstandard.frame_content_size(stored)
+        if declared not in (-1, ref.size):
+            raise ChunkError(f"chunk {ref.id.hex()[:12]} declares {declared} bytes, manifest says {ref.size}")
         raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.size)
     except zstandard.ZstdError as exc:
         raise ChunkError(f"chunk {ref.id.hex()[:12]} does not decompress: {exc}") from exc

@@ -24,12 +24,15 @@ import torch
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from dht.records import RecordError, ed25519_key
+
 VERSION = 1
 CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 16 << 20
 MAX_TENSORS = 100_000
 MAX_ENVELOPE = 16 << 20
 MAX_META = 64 * 1024
+MAX_ROUND = 1 << 40  # rounds of seconds each: far beyond any run, far below what overflows anything
 ID_BYTES = 32
 _DOMAIN = b"legion-manifest-v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -179,7 +182,7 @@ def _parse_body(body: bytes, max_bytes: int) -> Manifest:
     version, run_id, round_, chunk_size, tensors, chunks, meta = fields
     if version != VERSION:
         raise ManifestError(f"manifest version {version!r}, this peer reads {VERSION}")
-    if not (isinstance(run_id, str) and 0 < len(run_id) <= 128 and isinstance(round_, int) and round_ >= 0):
+    if not (isinstance(run_id, str) and 0 < len(run_id) <= 128 and type(round_) is int and 0 <= round_ < MAX_ROUND):
         raise ManifestError("manifest run id or round malformed")
     if not (isinstance(chunk_size, int) and 4096 <= chunk_size <= MAX_CHUNK_SIZE):
         raise ManifestError(f"chunk size {chunk_size!r} outside [4096, {MAX_CHUNK_SIZE}]")
@@ -191,7 +194,8 @@ def _parse_body(body: bytes, max_bytes: int) -> Manifest:
     for item in tensors:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[1] in DTYPES
                 and isinstance(item[2], list) and len(item[2]) <= 8
-                and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in item[2])):
+                and all(type(d) is int and 0 <= d < 1 << 40 for d in item[2])
+                and math.prod(d for d in item[2] if d) < 1 << 40):  # also with a zero among them
             raise ManifestError(f"malformed tensor entry {item!r:.100}")
         spec = TensorSpec(item[0], item[1], tuple(item[2]))
         total += spec.nbytes
@@ -219,14 +223,19 @@ def open_envelope(envelope: bytes, *, max_bytes: int, expected_id: bytes | None 
         raise ManifestError(f"manifest of {len(envelope)} bytes exceeds {MAX_ENVELOPE}")
     try:
         body, signer_bytes, signature = msgpack.unpackb(envelope, raw=False, max_bin_len=MAX_ENVELOPE)
-        signer = ID(signer_bytes)
-        public_key = signer.extract_public_key()
     except Exception as exc:
         raise ManifestError(f"manifest envelope malformed: {exc}") from exc
+    if not all(isinstance(part, bytes) for part in (body, signer_bytes, signature)):
+        raise ManifestError("manifest envelope fields are not bytes")
+    try:
+        public_key = ed25519_key(signer_bytes)
+    except RecordError as exc:
+        raise ManifestError(f"manifest signer: {exc}") from exc
+    signer = ID(signer_bytes)
     if expected_id is not None and hashlib.sha256(body).digest() != expected_id:
         raise ManifestError("manifest does not hash to the id asked for")
     try:
-        valid = public_key is not None and public_key.verify(_DOMAIN + body, signature)
+        valid = public_key.verify(_DOMAIN + body, signature)
     except Exception:
         valid = False
     if not valid:
@@ -251,8 +260,11 @@ def assemble(manifest: Manifest, read_raw: Callable[[ChunkRef], bytes]) -> dict[
         offset = 0
         for spec in group:
             dtype = DTYPES[spec.dtype]
-            out[spec.name] = (torch.frombuffer(buffer, dtype=dtype, count=spec.nbytes // _ITEM_SIZE[spec.dtype],
-                                               offset=offset).reshape(spec.shape)
-                              if spec.nbytes else torch.zeros(spec.shape, dtype=dtype))
+            try:
+                out[spec.name] = (torch.frombuffer(buffer, dtype=dtype, count=spec.nbytes // _ITEM_SIZE[spec.dtype],
+                                                   offset=offset).reshape(spec.shape)
+                                  if spec.nbytes else torch.zeros(spec.shape, dtype=dtype))
+            except RuntimeError as exc:  # a layout torch refuses: the manifest's fault, not this peer's
+                raise ManifestError(f"tensor {spec.name[:80]}: {exc}") from exc
             offset += spec.nbytes
     return out

@@ -72,8 +72,10 @@ def check_optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str, state
         if not key.startswith(prefix + "."):
             continue
         index, _, name = key[len(prefix) + 1:].partition(".")
-        if not index.isdigit() or int(index) >= len(params) or not name:
+        if not (index.isascii() and index.isdigit()) or int(index) >= len(params) or not name:
             raise StateError(f"state {key} names no parameter")
+        if value.dim() != 0 and not value.is_floating_point():
+            raise StateError(f"state {key} is not floating point ({value.dtype})")
         if value.dim() != 0 and value.shape != params[int(index)].shape:
             raise StateError(f"state {key} has shape {tuple(value.shape)}, its parameter "
                              f"{tuple(params[int(index)].shape)}")

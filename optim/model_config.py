@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+MAX_PARAMS = 2_000_000_000  # a run configuration read from the network is believed up to this size
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     n_layer: int
@@ -21,6 +24,12 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.vocab_size > 65536:
             raise ValueError("vocab_size above 65536 does not fit uint16 token files")
+        for name, value, limit in (("n_layer", self.n_layer, 256), ("n_head", self.n_head, 256),
+                                   ("n_embd", self.n_embd, 16384), ("block_size", self.block_size, 16384)):
+            if value > limit:
+                raise ValueError(f"{name} {value} is above {limit}")
+        if self.num_params() > MAX_PARAMS:
+            raise ValueError(f"{self.num_params():,} parameters: above the {MAX_PARAMS:,} a peer takes")
 
     def to_dict(self) -> dict:
         return asdict(self)

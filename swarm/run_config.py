@@ -6,6 +6,7 @@ training peer's progress, so a peer started with only ``--bootstrap`` learns wha
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -19,6 +20,16 @@ from optim.schedule import SCHEDULES
 PROTOCOL = 2  # bumped whenever peers of different versions could not train together (2: sharded rounds)
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
 DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
+
+
+# The range of every number of a run (the model's sizes are bounded by GPTConfig.validate)
+BOUNDS: dict[str, tuple[float, float]] = {
+    "n_layer": (0, 256), "n_head": (0, 256), "n_embd": (0, 16384), "block_size": (0, 16384), "vocab_size": (1, 65536),
+    "batch_size": (1, 4096), "accumulate": (1, 1024), "inner_steps": (1, 100_000), "inner_lr": (0, 10.0),
+    "weight_decay": (0, 10.0), "outer_lr": (0, 10.0), "warmup_steps": (0, 1_000_000),
+    "rounds": (0, 1 << 40), "seed": (0, (1 << 63) - 1), "eval_batches": (1, 1000), "group_size": (2, 64),
+    "round_timeout": (1, 3600.0), "shards": (1, 4096), "replicas": (1, 8),
+}
 
 
 class RunConfigError(ValueError):
@@ -72,6 +83,10 @@ class RunConfig:
             get_codec(self.averaging_codec)
         except (ValueError, CodecError) as exc:
             raise RunConfigError(str(exc)) from exc
+        for name, (low, high) in BOUNDS.items():  # a configuration may come from any peer: every number bounded
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise RunConfigError(f"{name} = {value} outside [{low:g}, {high:g}]")
         positive = {"batch_size": self.batch_size, "accumulate": self.accumulate, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                     "outer_lr": self.outer_lr, "eval_batches": self.eval_batches, "round_timeout": self.round_timeout}
         for name, value in positive.items():
@@ -85,12 +100,8 @@ class RunConfig:
             raise RunConfigError(f"lr_schedule {self.lr_schedule!r} needs the run's length: set rounds")
         if self.sharded and self.algorithm != "diloco":
             raise RunConfigError("sharded runs are DiLoCo runs (the outer optimizer's state is what is sharded)")
-        if not 1 <= self.shards <= 4096 or not 1 <= self.replicas <= 8:
-            raise RunConfigError("shards must lie in [1, 4096] and replicas in [1, 8]")
         if self.shards > self.model_config().num_params():
             raise RunConfigError(f"{self.shards} shards for {self.model_config().num_params()} parameters")
-        if not 2 <= self.group_size <= 64:
-            raise RunConfigError("group_size must lie in [2, 64]")
         if not self.name.replace("-", "").replace("_", "").isalnum() or len(self.name) > 64:
             raise RunConfigError(f"run name {self.name!r} must be 1-64 letters, digits, - or _")
         return self
@@ -107,6 +118,8 @@ class RunConfig:
         if not isinstance(values, dict):
             raise RunConfigError(f"{source}: a run configuration is a table of keys")
         known = {f.name: f for f in fields(cls)}
+        if not all(isinstance(key, str) for key in values):
+            raise RunConfigError(f"{source}: a run configuration's keys are names")
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise RunConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -116,7 +129,11 @@ class RunConfig:
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if type(value) is not want:
-                raise RunConfigError(f"{source}: {key} = {value!r} should be a {want.__name__}")
+                raise RunConfigError(f"{source}: {key} = {value!r:.60} should be a {want.__name__}")
+            if want is float and not math.isfinite(value):
+                raise RunConfigError(f"{source}: {key} = {value} is not a finite number")
+            if want is str and len(value) > 4096:
+                raise RunConfigError(f"{source}: {key} is longer than 4096 characters")
             typed[key] = value
         return cls(**typed).validate()
 

@@ -19,7 +19,7 @@ import trio
 from averaging.averager import Averager
 from bootstrap.checkpoint_swarm import CheckpointSwarm
 from bootstrap.chunk_store import ChunkError, ChunkStore
-from bootstrap.manifest import SignedManifest
+from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.swarm_download import DownloadError
 from optim.base import StateError, SwarmOptimizer
 from optim.data import Corpus, load_corpus
@@ -132,9 +132,14 @@ class Trainer:
                 self._temporary.cleanup()
 
     async def _run(self) -> dict:
+        from_network = self.config is None
         config = self.config or await self._find_run()
         self.config = config
-        corpus = await trio.to_thread.run_sync(load_corpus, self.data or config.data or None)
+        if from_network and config.data and not self.data:
+            # a path on the publisher's disk: taken from the network it could name any file here
+            log.info("the run names data %r on its publisher's disk; this peer trains on its own --data "
+                     "or the default corpus", config.data[:200])
+        corpus = await trio.to_thread.run_sync(load_corpus, self.data or (None if from_network else config.data) or None)
         corpus.check(config.model_config().block_size, config.vocab_size)
         torch.manual_seed(config.seed)  # every peer starts from the same weights
         model = GPT(config.model_config()).to(self.device)
@@ -320,7 +325,7 @@ class Trainer:
             try:
                 tensors = await trio.to_thread.run_sync(self.store.load, signed)
                 await trio.to_thread.run_sync(optimizer.load_state, signed.manifest.round, tensors)
-            except (ChunkError, StateError) as exc:
+            except (ChunkError, ManifestError, StateError) as exc:
                 log.warning("cannot resume from round %d on disk: %s", signed.manifest.round, exc)
                 continue
             self._checkpoint = signed
@@ -350,7 +355,7 @@ class Trainer:
         try:
             stats = await self.checkpoints.download(signed, sources, timeout=self.config.round_timeout * 10)
             tensors = await trio.to_thread.run_sync(self.store.load, signed)
-        except (DownloadError, ChunkError) as exc:
+        except (DownloadError, ChunkError, ManifestError) as exc:
             log.warning("fetching round %d from the swarm failed: %s", signed.manifest.round, exc)
             return None
         self._record({"event": "state", "source": "swarm", "round": signed.manifest.round,

@@ -194,3 +194,132 @@ async def test_only_the_leader_a_peer_derives_may_invite_it_and_a_bad_spec_frees
         assert not seeking.committed and not seeking.found.is_set()
         finding.cancel()
         nursery.cancel_scope.cancel()
+
+
+# ----- checkpoints: bombs, unbounded sets, malformed manifests and states
+
+import msgpack  # noqa: E402
+import torch  # noqa: E402
+import zstandard  # noqa: E402
+
+from bootstrap.chunk_protocol import MAX_CANCELLED, PROTOCOL as CHUNK_PROTOCOL, ChunkServer  # noqa: E402
+from bootstrap.chunk_store import ChunkError, ChunkStore, decompress_chunk  # noqa: E402
+from bootstrap.manifest import ChunkRef, ManifestError, build_manifest, open_envelope  # noqa: E402
+from bootstrap.rate_limit import RateLimiter  # noqa: E402
+from optim.base import StateError, check_optimizer_tensors  # noqa: E402
+
+SIGNER = create_new_key_pair()
+
+
+def test_a_chunk_declaring_a_huge_size_is_refused_before_anything_is_allocated():
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(120 << 20))  # ~4 KB on the wire
+    assert len(bomb) < 8192
+    ref = ChunkRef(b"\0" * 32, 1 << 20, len(bomb))
+    with pytest.raises(ChunkError, match="declares"):
+        decompress_chunk(ref, bomb)
+    honest = zstandard.ZstdCompressor(level=1).compress(b"x" * 5000)
+    import hashlib
+    assert decompress_chunk(ChunkRef(hashlib.sha256(b"x" * 5000).digest(), 5000, len(honest)), honest) == b"x" * 5000
+
+
+async def test_cancels_a_client_sends_are_bounded_per_stream(tmp_path, monkeypatch):
+    held = []
+    original = ChunkServer._read_requests
+
+    async def watched(self, stream, send, cancelled):
+        held.append(cancelled)
+        await original(self, stream, send, cancelled)
+
+    monkeypatch.setattr(ChunkServer, "_read_requests", watched)
+    async with trio.open_nursery() as nursery:
+        seeder, client = await start_peers(nursery, 2)
+        store = ChunkStore(tmp_path)
+        server = ChunkServer(store, RateLimiter(None), RateLimiter(None), idle_timeout=5)
+        seeder.host.set_stream_handler(CHUNK_PROTOCOL, server.handle)
+        stream = await client.host.new_stream(seeder.peer_id, [CHUNK_PROTOCOL])
+        for i in range(3000):
+            await write_frame(stream, {"t": "cancel", "id": i.to_bytes(32, "big")})
+        await write_frame(stream, {"t": "get", "id": b"\1" * 32})
+        reply, _ = await read_frame(stream, 1 << 20)
+        assert reply["t"] == "missing"  # still served
+        assert len(held[0]) <= MAX_CANCELLED
+        await stream.close()
+        nursery.cancel_scope.cancel()
+
+
+def signed_body(fields):
+    body = msgpack.packb(fields, use_bin_type=True)
+    return msgpack.packb([body, ID.from_pubkey(SIGNER.public_key).to_bytes(),
+                          SIGNER.private_key.sign(b"legion-manifest-v1" + body)])
+
+
+def test_manifests_that_would_fail_later_are_refused_when_opened():
+    manifest = build_manifest({"w": torch.zeros(3)}, "run", 1, lambda cid, raw: len(raw))
+    fields = msgpack.unpackb(manifest.body())
+    cases = {
+        "zero-size tensor beside huge dimensions": [*fields[:4], [["z", "float32", [0, 1 << 39, 1 << 39]]], [], None],
+        "round of 2^63": [fields[0], fields[1], 1 << 63, *fields[3:]],
+        "round that is a bool": [fields[0], fields[1], True, *fields[3:]],
+    }
+    for name, bad in cases.items():
+        with pytest.raises(ManifestError):
+            open_envelope(signed_body(bad), max_bytes=1 << 30)
+    body, signer, signature = msgpack.unpackb(manifest.sign(SIGNER))
+    for envelope in (msgpack.packb(["not bytes", signer, signature]), msgpack.packb([7, signer, signature]),
+                     msgpack.packb([body, signer, "sig"])):
+        with pytest.raises(ManifestError):
+            open_envelope(envelope, max_bytes=1 << 30, expected_id=manifest.id)
+    from libp2p.crypto.secp256k1 import create_new_key_pair as secp256k1_key_pair
+    other = secp256k1_key_pair()
+    with pytest.raises(ManifestError, match="Ed25519"):
+        open_envelope(msgpack.packb([body, ID.from_pubkey(other.public_key).to_bytes(),
+                                     other.private_key.sign(b"legion-manifest-v1" + body)]), max_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("name,value", [("inner.\u00b2.exp_avg", torch.zeros(3)),  # a non-ASCII digit
+                                        ("inner.0.exp_avg", torch.zeros(3, dtype=torch.int64))])
+def test_optimizer_state_with_odd_names_or_dtypes_is_a_state_error(name, value):
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param])
+    with pytest.raises(StateError):
+        check_optimizer_tensors(optimizer, "inner", {name: value})
+
+
+# ----- run configurations from the network
+
+from swarm.local import start_training_swarm, training_summary  # noqa: E402
+from swarm.run_config import RunConfig, RunConfigError  # noqa: E402
+
+
+@pytest.mark.parametrize("values", [
+    {1: "tiny"},  # a key that is not a name
+    {"n_layer": 10_000},
+    {"n_embd": 1 << 20, "n_head": 1},
+    {"model": "gpt2", "n_layer": 256, "n_embd": 4096, "n_head": 16},  # 51 billion parameters
+    {"batch_size": 1 << 30},
+    {"inner_lr": math.inf},
+    {"outer_lr": math.nan},
+    {"seed": 1 << 70},
+    {"rounds": 1 << 62},
+    {"name": "x" * 10_000},
+])
+def test_a_run_configuration_from_a_peer_is_bounded_everywhere(values):
+    with pytest.raises(RunConfigError):
+        RunConfig.from_dict(values, "a peer's run")
+
+
+def test_a_joiner_never_reads_a_data_path_it_took_from_the_network(tmp_path):
+    secret = tmp_path / "secret.txt"  # stands for any file on the joiner's disk
+    secret.write_text("not to be read by a peer that only joined\n" * 2000)
+    run = tmp_path / "run.toml"
+    run.write_text(f'model = "tiny"\ninner_steps = 5\nbatch_size = 4\nrounds = 2\ndata = "{secret}"\n')
+    processes = start_training_swarm(2, ["--run", str(run)], tmp_path)
+    try:
+        summaries = [training_summary(p, 180) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert all(s["round"] == 2 for s in summaries)
+    seed_log, joiner_log = (p.log_path.read_text() for p in processes)
+    assert "secret.txt" in joiner_log and "trains on its own --data or the default corpus" in joiner_log
+    assert "corpus " + str(secret) in seed_log and "corpus " + str(secret) not in joiner_log
