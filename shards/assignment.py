@@ -3,6 +3,7 @@
 Each shard gets ``replicas`` owners by weighted rendezvous hashing: a peer's score for a shard is
 ``capacity / -ln(u)`` with ``u`` a hash of (run, shard, peer) in (0, 1); pairs are taken strongest
 first, ties by peer id. A peer owns its fair share, ``shards x replicas x capacity / total capacity``
+(capacities believed up to ``MAX_SHARE`` times the median)
 rounded to whole shards so the shares add up (swaps fill a shard the greedy pass leaves short; then
 shares rounded up, then wherever memory allows, fill what is left), and never more than its offered
 memory holds, so stronger peers own more and nobody owns everything. A peer
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from dataclasses import dataclass
 
 from shards.bids import Bid
 from shards.layout import ShardLayout
+
+MAX_SHARE = 4.0  # a bid's capacity counts for at most this many times the median bid's
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,14 @@ def _score(salt: str, shard: int, peer_id: str, capacity: float) -> float:
     digest = hashlib.sha256(f"{salt}/{shard}/{peer_id}".encode()).digest()
     u = (int.from_bytes(digest[:8], "big") + 1) / (2 ** 64 + 2)
     return capacity / -math.log(u)
+
+
+def _believed_capacities(bids) -> dict[str, float]:
+    """Each bid's capacity, at most ``MAX_SHARE`` times the median bid's: bids are self-declared,
+    so one that claims 100 Gbit/s must not win a replica of every shard."""
+    capacities = {bid.peer_id: bid.capacity for bid in bids}
+    limit = MAX_SHARE * statistics.median(capacities.values())
+    return {peer: min(c, limit) for peer, c in capacities.items()}
 
 
 def _quotas(fair: dict[str, float], slots: int) -> dict[str, int]:
@@ -57,12 +69,13 @@ def assign(bids: list[Bid], layout: ShardLayout, replicas: int, *, state_bytes_p
     copies = min(replicas, len(by_peer))
     if not copies:
         return Assignment(tuple(() for _ in range(layout.count)))
-    total = sum(bid.capacity for bid in by_peer.values())
+    capacity = _believed_capacities(by_peer.values())
+    total = sum(capacity.values())
     largest = max(layout.size(s) for s in range(layout.count)) * state_bytes_per_value
     room = {peer: bid.free_memory // largest for peer, bid in by_peer.items()}  # a hard bound
-    fair = {peer: layout.count * copies * bid.capacity / total for peer, bid in by_peer.items()}
+    fair = {peer: layout.count * copies * capacity[peer] / total for peer in by_peer}
     # every (shard, peer) pair, strongest first: the strongest pairs hold whatever else changes
-    pairs = sorted(((-_score(salt, shard, p, by_peer[p].capacity), p, shard)
+    pairs = sorted(((-_score(salt, shard, p, capacity[p]), p, shard)
                     for shard in range(layout.count) for p in by_peer))
     owners: list[list[str]] = [[] for _ in range(layout.count)]
     owned = dict.fromkeys(by_peer, 0)

@@ -30,7 +30,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from averaging.allreduce import GroupSpec, ResultTransform
+from averaging.allreduce import MAX_ABS_VALUE, GroupSpec, ResultTransform
 from averaging.wire import FrameError, read_frame, write_frame, write_frame_within
 from shards.assignment import Assignment
 from shards.layout import ShardLayout
@@ -172,12 +172,24 @@ class ShardedOuter:
         size = self.layout.size(shard)
         if round_ == 0:
             return torch.zeros(size)
+        owners = assignment.owners[shard]
+        answers: dict[str, torch.Tensor] = {}
         for peer in self._candidates(shard, assignment):
             reply = await self._request(peer, {"t": "state", "run": self.run_id, "round": round_, "shard": shard}, size)
             if reply is not None:
-                self.stats.momentum_handovers += 1
-                log.info("took over shard %d at round %d with momentum from %s", shard, round_, peer)
-                return reply
+                answers[peer] = reply
+            # an owner's copy is checked against a second holder's where one answers: replicas are
+            # bit-identical, so one that differs was forged (or is stale)
+            if len(answers) == 2 or (answers and peer not in owners):
+                break
+        if answers:
+            peer, chosen = min(answers.items(), key=lambda item: float(item[1].norm()))
+            if len(answers) == 2 and not torch.equal(*answers.values()):
+                log.warning("holders %s of shard %d's momentum at round %d disagree; took the smaller, from %s",
+                            ", ".join(answers), shard, round_, peer)
+            self.stats.momentum_handovers += 1
+            log.info("took over shard %d at round %d with momentum from %s", shard, round_, peer)
+            return chosen
         self.stats.momentum_lost += 1
         log.warning("nobody holds shard %d's momentum at round %d: it restarts from zero", shard, round_)
         return torch.zeros(size)
@@ -202,7 +214,10 @@ class ShardedOuter:
         if reply.get("t") != "ok" or len(payload) != size * 4:
             return None
         values = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).copy())
-        return values if torch.isfinite(values).all() else None
+        if not torch.isfinite(values).all() or (size and float(values.abs().max()) > MAX_ABS_VALUE):
+            log.warning("dropped momentum from %s: not finite, or beyond %g", peer, MAX_ABS_VALUE)
+            return None
+        return values
 
     def _forget_before(self, round_: int) -> None:
         for rounds in self.history.values():

@@ -323,3 +323,38 @@ def test_a_joiner_never_reads_a_data_path_it_took_from_the_network(tmp_path):
     seed_log, joiner_log = (p.log_path.read_text() for p in processes)
     assert "secret.txt" in joiner_log and "trains on its own --data or the default corpus" in joiner_log
     assert "corpus " + str(secret) in seed_log and "corpus " + str(secret) not in joiner_log
+
+
+# ----- shards: inflated bids, forged momentum
+
+from shards.assignment import assign  # noqa: E402
+from shards.bids import Bid, MAX_MEMORY, MAX_UPLOAD_MBIT  # noqa: E402
+from shards.layout import ShardLayout  # noqa: E402
+
+
+def test_a_bid_of_100_gbits_and_a_pebibyte_does_not_win_every_shard():
+    now = time.time()
+    honest = [Bid(f"peer{i}", 1 << 30, 20.0, now - 3600, now) for i in range(7)]
+    greedy = Bid("greedy", MAX_MEMORY, MAX_UPLOAD_MBIT, now - 86400, now)
+    layout = ShardLayout(total=1 << 20, count=64)
+    owners = assign([*honest, greedy], layout, 2, state_bytes_per_value=4, salt="run")
+    held = len(owners.shards_of("greedy"))
+    assert held < 64 and held <= 4 * max(len(owners.shards_of(b.peer_id)) for b in honest)
+
+
+async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
+    from shards.outer import ShardedOuter
+    layout = ShardLayout(total=4096, count=2)
+    async with trio.open_nursery() as nursery:
+        owner, hostile = await start_peers(nursery, 2)
+        me = owner.peer_id.to_base58()
+        assignment = assign([Bid(me, 1 << 30, 10.0, time.time() - 60, time.time())], layout, 1,
+                            state_bytes_per_value=4, salt="r")
+        outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: assignment,
+                               peers=lambda: [hostile.peer_id.to_base58()], timeout=3) for p in (owner, hostile)]
+        for outer in outers:
+            outer.register()
+        outers[1].history[0] = {5: torch.full((layout.size(0),), 1e30)}  # the hostile peer "holds" shard 0
+        momentum = await outers[0]._momentum(5, 0)
+        assert float(momentum.abs().max()) == 0.0 and outers[0].stats.momentum_lost == 1
+        nursery.cancel_scope.cancel()
