@@ -96,6 +96,19 @@ class Manifest:
     def unique_chunks(self) -> dict[bytes, ChunkRef]:
         return {c.id: c for c in self.chunks}
 
+    def segment_digest(self, segment: str) -> bytes | None:
+        """A digest of ``segment``'s tensors and bytes (its layout and chunk ids), None if the
+        manifest has no such segment: peers holding the same weights give the same digest
+        whatever else their states hold, so independent peers can attest a state."""
+        first = 0
+        for group, length in segment_sizes(self.tensors):
+            count = -(-length // self.chunk_size)
+            if group[0].segment == segment:
+                layout = msgpack.packb([[t.name, t.dtype, list(t.shape)] for t in group])
+                return hashlib.sha256(layout + b"".join(c.id for c in self.chunks[first:first + count])).digest()
+            first += count
+        return None
+
     def sign(self, key_pair: KeyPair) -> bytes:
         """The envelope: body, signer's peer id and signature, all msgpack."""
         body = self.body()

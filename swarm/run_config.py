@@ -83,15 +83,15 @@ class RunConfig:
             get_codec(self.averaging_codec)
         except (ValueError, CodecError) as exc:
             raise RunConfigError(str(exc)) from exc
-        for name, (low, high) in BOUNDS.items():  # a configuration may come from any peer: every number bounded
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise RunConfigError(f"{name} = {value} outside [{low:g}, {high:g}]")
         positive = {"batch_size": self.batch_size, "accumulate": self.accumulate, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                     "outer_lr": self.outer_lr, "eval_batches": self.eval_batches, "round_timeout": self.round_timeout}
         for name, value in positive.items():
             if not value > 0:
                 raise RunConfigError(f"{name} must be positive, not {value}")
+        for name, (low, high) in BOUNDS.items():  # a configuration may come from any peer: every number bounded
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise RunConfigError(f"{name} = {value} outside [{low:g}, {high:g}]")
         if not 0 <= self.outer_momentum < 1 or self.weight_decay < 0 or self.rounds < 0 or self.warmup_steps < 0:
             raise RunConfigError("outer_momentum must lie in [0, 1); weight_decay, rounds, warmup_steps >= 0")
         if self.lr_schedule not in SCHEDULES:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import tempfile
 import threading
 import time
@@ -41,6 +42,7 @@ from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
+MAX_WITNESSES = 4  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 
 
@@ -163,7 +165,7 @@ class Trainer:
             await self._resume_from_disk(optimizer)
             await self._refresh_board()
             await self._wait_for_peers(training=False)
-            if self._best_donor(min_round=optimizer.round + 1):
+            if self._donors(min_round=optimizer.round + 1):
                 await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = lambda r: trio.from_thread.run(self._fetch_from_swarm, r)
@@ -208,7 +210,7 @@ class Trainer:
             joined = {peer for peer, at in last_seen.items() if now - at <= self.peer.ttl} | {self.me}
             if len(joined) >= self.wait_peers or self._stop.is_set():
                 return
-            ahead = max((p.round for p in self._others_training()), default=0)
+            ahead = self._swarm_round()
             if ahead > 0:
                 log.info("run %s is at round %d: not waiting for %d peers", run_id, ahead, self.wait_peers)
                 return
@@ -247,9 +249,19 @@ class Trainer:
             self._joinable_round = joinable
             await trio.sleep(0.5)
 
-    def _best_donor(self, min_round: int) -> str | None:
-        ahead = [p for p in self._others_training() if p.round >= min_round]
-        return min(ahead, key=lambda p: (-p.round, p.peer_id)).peer_id if ahead else None
+    def _swarm_round(self) -> int:
+        """The round the other peers are at, as far as one of them alone cannot inflate it: the
+        second highest they claim (the highest with a single other peer), 0 with none."""
+        rounds = sorted((p.round for p in self._others_training()), reverse=True)
+        return rounds[min(1, len(rounds) - 1)] if rounds else 0
+
+    def _donors(self, min_round: int) -> list[str]:
+        """Peers to offer their state, the most advanced first (random among equals, so joiners
+        spread over them), none claiming more than a round beyond the swarm's round."""
+        plausible = self._swarm_round() + 1
+        ahead = [p for p in self._others_training() if min_round <= p.round <= plausible]
+        random.shuffle(ahead)
+        return [p.peer_id for p in sorted(ahead, key=lambda p: -p.round)][:MAX_WITNESSES]
 
     async def _refresh_board(self) -> None:
         # A read is a lookup, then one request to each of the closest peers, each step within the
@@ -341,16 +353,17 @@ class Trainer:
         with trio.move_on_after(2 * self.peer.config.heartbeat):
             while signed is None:
                 await self._refresh_board()
-                donor = self._best_donor(0)
-                if donor is None:
+                donors = self._donors(0)
+                if not donors:
                     return None
-                offered = await self.checkpoints.fetch_manifest(donor, run_id=self.config.run_id)
-                if offered is not None and offered.manifest.round >= min_round:
-                    signed = offered
-                else:
+                signed = await self._attested_state(donors, min_round)
+                if signed is None:
                     await trio.sleep(0.5)
         if signed is None:
+            log.warning("no state of round %d or later that %s attest alike; not adopting any",
+                        min_round, "two peers" if len(self._others_training()) > 1 else "the other peer")
             return None
+        donor = signed.signer
         sources = [donor, *(p.peer_id for p in self._others_training() if p.peer_id != donor)]
         try:
             stats = await self.checkpoints.download(signed, sources, timeout=self.config.round_timeout * 10)
@@ -363,6 +376,34 @@ class Trainer:
                             "bytes_received": stats.bytes_received, "duplicate_bytes": stats.duplicate_bytes,
                             "peers": len(stats.per_peer)})
         return signed.manifest.round, tensors
+
+    async def _attested_state(self, donors: list[str], min_round: int) -> SignedManifest | None:
+        """A state of round ``min_round`` or later whose weights two of ``donors`` hold alike (one,
+        if only one other peer trains): a single peer cannot make others adopt weights it made
+        up. The newest such state; its signer is the donor."""
+        offers: list[SignedManifest] = []
+
+        async def ask(peer: str) -> None:
+            offered = await self.checkpoints.fetch_manifest(peer, run_id=self.config.run_id,
+                                                            timeout=self.peer.config.network_timeout * 2)
+            if offered is not None and offered.manifest.round >= min_round:
+                offers.append(offered)
+
+        async with trio.open_nursery() as nursery:
+            for peer in donors:
+                nursery.start_soon(ask, peer)
+        witnesses = min(2, len(self._others_training()))
+        alike: dict[tuple[int, bytes | None], list[SignedManifest]] = {}
+        for offer in offers:
+            alike.setdefault((offer.manifest.round, offer.manifest.segment_digest("weights")), []).append(offer)
+        attested = [group for (_, digest), group in alike.items()
+                    if digest is not None and len({o.signer for o in group}) >= witnesses]
+        if not attested:
+            if len(alike) > 1:
+                log.info("peers offer %d different states: %s", len(alike),
+                         ", ".join(f"round {r} ({len(g)})" for (r, _), g in alike.items()))
+            return None
+        return random.choice(max(attested, key=lambda group: group[0].manifest.round))
 
     async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
         fetched = await self._fetch_from_swarm(optimizer.round + 1)
@@ -462,8 +503,7 @@ class Trainer:
         return {"outer_state_bytes": outer.buffer.numel() * 4} if outer is not None else {}
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
-        ahead = [p.round for p in self._others_training()]
-        return bool(ahead) and max(ahead) - optimizer.round >= 2
+        return bool(self._others_training()) and self._swarm_round() - optimizer.round >= 2
 
     def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
         stats = optimizer.stats

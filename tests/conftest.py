@@ -1,4 +1,13 @@
+import os
+
 import pytest
+from hypothesis import settings
+
+# The fuzz tests' budget: "ci" keeps the suite fast; HYPOTHESIS_PROFILE=long is the longer run
+settings.register_profile("ci", max_examples=150, deadline=None)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.register_profile("medium", max_examples=2_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from swarm.local import start_peer_process
 
