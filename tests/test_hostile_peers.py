@@ -358,3 +358,46 @@ async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
         momentum = await outers[0]._momentum(5, 0)
         assert float(momentum.abs().max()) == 0.0 and outers[0].stats.momentum_lost == 1
         nursery.cancel_scope.cancel()
+
+
+# ----- one hostile process in a real training swarm
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from swarm.local import start_process  # noqa: E402
+
+ATTACKER = Path(__file__).resolve().parents[1] / "bench" / "attacker.py"
+READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
+
+
+def test_honest_peers_train_on_beside_a_peer_that_forges_inflates_and_sprays_garbage(tmp_path):
+    """Three honest peers and one that claims a round a million ahead and serves random weights
+    at it, declares a weight of 1e11, and sends garbage on every protocol and oversized DHT
+    entries: the honest peers finish the run, none crashes, none adopts the forged state, and
+    they learn as they would alone."""
+    rounds = 4
+    processes = start_training_swarm(3, ["--model", "tiny", "--inner-steps", "5", "--batch-size", "8",
+                                         "--rounds", str(rounds)], tmp_path, extra=["--wait-peers", "4"])
+    attacker = None
+    try:
+        attacker = start_process([sys.executable, str(ATTACKER), "--attack", "forged-round", "--attack",
+                                  "inflate-weight", "--attack", "garbage", "--attack", "oversized", "--",
+                                  "--bootstrap", processes[0].addrs[0], "--listen", "/ip4/127.0.0.1/tcp/0",
+                                  "--heartbeat", "2", "--threads", "1", "--wait-peers", "4"], READY,
+                                 log_dir=tmp_path / "logs")
+        summaries = [training_summary(p, 300) for p in processes]
+    finally:
+        for p in [*processes, *([attacker] if attacker else [])]:
+            p.kill()
+    for process, summary in zip(processes, summaries):
+        log = process.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]
+        assert summary["round"] == rounds < 1000
+        assert summary["val_loss"] < summary["initial_val_loss"] - 1.0
+        assert summary["rounds_averaged"] >= rounds - 1
+    for i in range(3):
+        states = [json.loads(line) for line in (tmp_path / f"peer{i}" / "metrics.jsonl").read_text().splitlines()
+                  if '"state"' in line]
+        assert all(s["round"] < 1000 for s in states)

@@ -1,0 +1,156 @@
+"""Attack benchmark: a training swarm in which M peers attack the honest ones.
+
+    python bench/attack.py --peers 8 --malicious 1 [--attack NAME ...] [--rounds R] [--json]
+
+For each attack (``bench/attacker.py``; all of them by default, ``bid-inflate`` with ``--sharded``)
+N - M honest peer processes and M attacking ones train the tiny GPT on 127.0.0.1; the same N - M
+honest peers (same identities, so the same batches) train once with no attacker. Per attack:
+
+- ``honest_crashed``: honest peers that exited non-zero, printed a traceback, or never said ``done``;
+- ``rounds_failed``: the most rounds any honest peer saw fail; ``rounds_averaged``: the fewest it averaged;
+- ``val_loss`` (the honest peers' mean) against ``clean_val_loss``, and ``loss_ratio``;
+- ``weights_spread``: the largest difference of final validation loss between honest peers (0: the
+  same weights);
+- ``adopted_foreign_state``: whether any honest peer ever took a state of a round no honest peer
+  reached (the forged one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # for report.py and attacker.py, after the packages
+
+from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
+from report import print_result  # noqa: E402
+from swarm.local import PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
+
+READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
+ATTACKER = Path(__file__).resolve().parent / "attacker.py"
+
+
+def run_file(args: argparse.Namespace, work: Path) -> Path:
+    path = work / "run.toml"
+    path.write_text(f'model = "tiny"\ninner_steps = {args.inner_steps}\nbatch_size = 8\nrounds = {args.rounds}\n'
+                    f'round_timeout = {args.round_timeout}\nsharded = {str(args.sharded).lower()}\n'
+                    f'outer_momentum = {0.9 if args.sharded else 0.0}\n')
+    return path
+
+
+def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
+    """One run: the honest peers' summaries and logs, the attackers started beside them."""
+    honest_count = args.peers - args.malicious
+    total = honest_count + (args.malicious if attack else 0)
+    out = work / (attack or "clean")
+    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", "2", "--threads", "1", "--wait-peers", str(total)]
+
+    def own(i: int) -> list[str]:
+        return ["--identity", str(work / f"id{i}.key"), "--out", str(out / f"peer{i}"), *common]
+
+    honest: list[PeerProcess] = [start_peer_process(["--seed", "--run", str(run_file(args, work)), *own(0)],
+                                                    log_dir=out / "logs")]
+    attackers: list[PeerProcess] = []
+    try:
+        bootstrap = honest[0].addrs[0]
+        for i in range(1, honest_count):
+            honest.append(start_peer_process(["--bootstrap", bootstrap, *own(i)], log_dir=out / "logs"))
+        for j in range(args.malicious if attack else 0):
+            command = [sys.executable, str(ATTACKER), "--attack", attack, "--", "--bootstrap", bootstrap,
+                       "--out", str(out / f"attacker{j}"), *common]
+            attackers.append(start_process(command, READY, log_dir=out / "logs"))
+
+        def finish(process: PeerProcess) -> dict:
+            try:
+                lines = process.output_lines(args.timeout)
+            except Exception as exc:  # hung past the timeout
+                process.kill()
+                return {"crashed": f"no exit within {args.timeout}s: {exc}"}
+            done = [json.loads(line[5:]) for line in lines if line.startswith("done ")]
+            log_text = process.log_path.read_text(errors="replace")
+            if process.proc.returncode != 0 or not done or "Traceback" in log_text:
+                return {"crashed": f"exit {process.proc.returncode}, done: {bool(done)}, "
+                                   f"traceback: {'Traceback' in log_text}", **(done[0] if done else {})}
+            return done[0]
+
+        with ThreadPoolExecutor(len(honest)) as pool:
+            summaries = list(pool.map(finish, honest))
+    finally:
+        for process in honest + attackers:
+            process.kill()
+    states = []
+    for i in range(honest_count):
+        metrics = out / f"peer{i}" / "metrics.jsonl"
+        if metrics.exists():
+            states += [json.loads(line) for line in metrics.read_text().splitlines() if '"state"' in line]
+    return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest]}
+
+
+def report(attack: str, run: dict, clean_loss: float | None) -> dict:
+    summaries = run["summaries"]
+    finished = [s for s in summaries if "val_loss" in s]
+    losses = [s["val_loss"] for s in finished]
+    val_loss = statistics.mean(losses) if losses else None
+    foreign = any(s.get("round", 0) >= FORGED_ROUND for s in summaries) or \
+        any(e.get("round", 0) >= FORGED_ROUND for e in run["states"])
+    return {"attack": attack,
+            "honest_crashed": sum(1 for s in summaries if "crashed" in s),
+            "crash_reasons": [s["crashed"] for s in summaries if "crashed" in s],
+            "rounds_failed": max((s.get("rounds_failed", 0) for s in finished), default=None),
+            "rounds_averaged": min((s.get("rounds_averaged", 0) for s in finished), default=None),
+            "val_loss": round(val_loss, 4) if val_loss is not None else None,
+            "clean_val_loss": round(clean_loss, 4) if clean_loss is not None else None,
+            "loss_ratio": round(val_loss / clean_loss, 4) if val_loss and clean_loss else None,
+            "weights_spread": round(max(losses) - min(losses), 6) if losses else None,
+            "adopted_foreign_state": foreign}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", type=int, default=8)
+    parser.add_argument("--malicious", type=int, default=1)
+    parser.add_argument("--attack", action="append", choices=sorted(ATTACKS))
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--round-timeout", type=float, default=30.0)
+    parser.add_argument("--sharded", action="store_true", help="sharded outer momentum (and the bid-inflate attack)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds a run may take")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, metrics)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not 0 < args.malicious < args.peers - 1:
+        parser.error("--malicious must leave at least two honest peers")
+    attacks = args.attack or [a for a in ATTACKS if a != "bid-inflate" or args.sharded]
+    work = Path(tempfile.mkdtemp(prefix="legion-attack-"))
+    try:
+        clean = swarm(args, work, None)
+        clean_report = report("none", clean, None)
+        clean_loss = clean_report["val_loss"]
+        results = [clean_report] + [report(a, swarm(args, work, a), clean_loss) for a in attacks]
+    except PeerProcessError as exc:
+        print(f"attack benchmark: a peer did not start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work directory: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for result in results:
+            print_result(result, False)
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
