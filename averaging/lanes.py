@@ -308,8 +308,9 @@ class Lanes:
         self.host.set_stream_handler(protocol, handler)
         self.handlers[protocol] = handler
 
-    async def run(self, ip: str = "0.0.0.0", *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=ip)
+    async def run(self, ip: str = "0.0.0.0", port: int = 0, *,
+                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=ip)
         self.port = listeners[0].socket.getsockname()[1]
         self.host.set_stream_handler(PROTOCOL, self._offer)
         log.info("lane listener on %s:%d", ip, self.port)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -32,9 +31,8 @@ sys.path.append(str(Path(__file__).resolve().parent))  # for report.py and attac
 
 from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
 from report import print_result  # noqa: E402
-from swarm.local import PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
+from swarm.local import READY, PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
 
-READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
 ATTACKER = Path(__file__).resolve().parent / "attacker.py"
 
 

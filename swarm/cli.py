@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("swarm.cli")
 USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError, RunConfigError, DataError)
 COMMANDS = ("status", "new-swarm-key", "demo")
+EXIT_TRAINED_ALONE = 3  # the run ended, but this peer averaged none of its rounds with the others
 RUN_OPTIONS = [
     ("model", str, "model size: tiny, mini, small, medium, gpt2"),
     ("algorithm", str, "diloco (default), sync or onebit-adam"),
@@ -62,6 +63,11 @@ def run_parser() -> argparse.ArgumentParser:
                         help="address of any peer of the swarm, /ip4/…/tcp/…/p2p/… (repeatable)")
     parser.add_argument("--listen", action="append", metavar="MULTIADDR",
                         help="address to listen on (default /ip4/0.0.0.0/tcp/0)")
+    parser.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                        help="an address to advertise first, e.g. a forwarded port or a VPS's public IP "
+                             "(repeatable); listen and observed addresses follow, wildcards expanded")
+    parser.add_argument("--lane-port", type=int, default=0, metavar="PORT",
+                        help="TCP port of the lane listener (default: any free one); fix it to forward it")
     parser.add_argument("--identity", type=Path, help="Ed25519 key file, created (0600) on first run")
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between announcements")
     parser.add_argument("--upload-mbps", type=float, help="declared upload bandwidth, Mbit/s")
@@ -201,13 +207,15 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
     return [PeerConfig(listen=listen, bootstrap=list(args.bootstrap), seed=args.seed and i == 0,
                        identity=args.identity, swarm_key=args.swarm_key, swarm=args.swarm,
                        heartbeat=args.heartbeat, upload_mbps=args.upload_mbps,
-                       download_mbps=args.download_mbps, gpu=args.gpu, lanes=args.lanes)
+                       download_mbps=args.download_mbps, gpu=args.gpu, lanes=args.lanes,
+                       lane_port=args.lane_port if i == 0 else 0, announce=list(args.announce))
             for i in range(args.count)]
 
 
 async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index: int, peers: list[Peer],
-                    trainers: list[Trainer], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run one peer; with ``training`` it trains, then leaves when its run is done."""
+                    trainers: list[Trainer], untrained: list[Peer], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run one peer; with ``training`` it trains, then leaves when its run is done (added to
+    ``untrained`` if it never averaged with the peers it trained beside)."""
     peer = Peer(config)
     peers.append(peer)
     async with trio.open_nursery() as nursery:
@@ -235,16 +243,22 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
         trainers.append(trainer)
         summary = await trainer.run()
         print("done " + json.dumps({"peer_id": str(peer.peer_id), **summary}), flush=True)
+        if summary["rounds_failed"] and not summary["rounds_averaged"]:
+            print(f"legion-peer: error: peer {peer.peer_id} trained alone: none of its {summary['rounds_failed']} "
+                  "rounds with other peers averaged (see the log for why; peers behind NAT need a port "
+                  "others can dial)", file=sys.stderr, flush=True)
+            untrained.append(peer)
         peer.stop()
         if all(t.finished.is_set() for t in trainers):  # the process's work is done: it ends now
             exit_if_stuck(15.0)
 
 
-async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None) -> None:
+async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None) -> int:
     """Run the peers until a signal or until their training is done; the first starts alone, the
-    others join through it at once."""
+    others join through it at once. Returns how many trained alone although others trained too."""
     peers: list[Peer] = []
     trainers: list[Trainer] = []
+    untrained: list[Peer] = []
     if training and training.threads:
         import torch
 
@@ -252,11 +266,12 @@ async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, peers, trainers, nursery)
         async with trio.open_nursery() as running:
-            first = await running.start(_run_peer, configs[0], training, 0, peers, trainers)
+            first = await running.start(_run_peer, configs[0], training, 0, peers, trainers, untrained)
             for index, config in enumerate(configs[1:], 1):
                 config.bootstrap = [str(first.addrs[-1]), *config.bootstrap]
-                running.start_soon(_run_peer, config, training, index, peers, trainers)
+                running.start_soon(_run_peer, config, training, index, peers, trainers, untrained)
         nursery.cancel_scope.cancel()
+    return len(untrained)
 
 
 async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False):
@@ -326,8 +341,8 @@ def _new_swarm_key(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    trio.run(_run_peers, _peer_configs(args), _training_options(args))
-    return 0
+    untrained = trio.run(_run_peers, _peer_configs(args), _training_options(args))
+    return EXIT_TRAINED_ALONE if untrained else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
+READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
 
 
 class PeerProcessError(RuntimeError):
@@ -76,10 +76,10 @@ class PeerProcess:
 def start_peer_process(args: list[str], count: int = 1, *, log_dir: Path | None = None,
                        timeout: float = 60.0, env: dict[str, str] | None = None) -> PeerProcess:
     """Start ``legion-peer ARGS --count COUNT`` and wait until every peer in it printed its address."""
-    process = start_process(peer_command(*args, "--count", str(count)), _READY, count,
+    process = start_process(peer_command(*args, "--count", str(count)), READY, count,
                             log_dir=log_dir, timeout=timeout, env=env)
     for line in process.ready_lines:
-        match = _READY.match(line)
+        match = READY.match(line)
         process.peer_ids.append(match.group(2))
         addrs = match.group(3).split()
         process.addrs.append(next((a for a in addrs if "/ip4/127." in a), addrs[0]))

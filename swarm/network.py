@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
+import ipaddress
 import socket
-import struct
+from functools import partial
 
 import multiaddr
+import psutil
 from libp2p import create_yamux_muxer_option, new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -18,8 +19,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 DIAL_TIMEOUT = 5.0
 
 
-def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = DIAL_TIMEOUT) -> IHost:
-    """A host that offers only Noise (py-libp2p's default list includes plaintext and secio).
+def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = DIAL_TIMEOUT,
+               announce: list[multiaddr.Multiaddr] = ()) -> IHost:
+    """A host that offers only Noise (py-libp2p's default list includes plaintext and secio) and
+    advertises addresses others can dial (``advertised_addrs``, ``announce`` first).
 
     ``max_connections_per_peer=1`` avoids the ~250 ms stall py-libp2p 0.8.1 adds to every dial.
     ``psk`` (64 hex digits) makes the host a member of a libp2p private network.
@@ -28,36 +31,54 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout,
                               outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout)
     return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
-                    muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk)
+                    muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
+                    addrs_factory=partial(advertised_addrs, announce=list(announce)))
 
 
 def _interface_ipv4s() -> list[str]:
-    """IPv4 addresses of the local interfaces (Linux ioctl; loopback only elsewhere)."""
-    addresses = []
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        names = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name in names:
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915,  # SIOCGIFADDR
-                                     struct.pack("256s", name[:15].encode()))
-                addresses.append(socket.inet_ntoa(packed[20:24]))
-            except OSError:
-                continue
+    """IPv4 addresses of the local interfaces."""
+    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
     return addresses or ["127.0.0.1"]
 
 
-def dialable_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
-    """The host's full addresses (with ``/p2p/<id>``), a wildcard listen address expanded to every
-    local interface, loopback last."""
-    result = []
-    for addr in host.get_addrs():
+def _reach(ip: str) -> int:
+    """0: public, 1: private (a LAN, carrier-grade NAT's 100.64/10, link-local), 2: loopback."""
+    address = ipaddress.ip_address(ip)
+    if address.is_loopback:
+        return 2
+    if address.is_private or address in _SHARED or address.is_link_local:
+        return 1
+    return 0
+
+
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598, not counted private by ipaddress
+
+
+def advertised_addrs(candidates: list[multiaddr.Multiaddr], announce: list[multiaddr.Multiaddr] = ()
+                     ) -> list[multiaddr.Multiaddr]:
+    """What a host tells others to dial (Identify, the DHT, member and matchmaking entries):
+    ``announce`` first (a port forward, a VPS's public address), then its listen and observed
+    addresses with a wildcard expanded to every interface, public before private, loopback only
+    where nothing else is. py-libp2p advertises a wildcard listen address as is, and another
+    host dials 0.0.0.0 (itself) and fails."""
+    expanded: list[multiaddr.Multiaddr] = []
+    for addr in candidates:
         text = str(addr)
         if "/ip4/0.0.0.0/" in text:
-            ips = sorted(_interface_ipv4s(), key=lambda ip: ip.startswith("127."))
-            result.extend(multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/")) for ip in ips)
+            ips = [ip for ip in _interface_ipv4s() if _reach(ip) < 2] or ["127.0.0.1"]
+            expanded += [multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/")) for ip in ips]
         else:
-            result.append(addr)
-    return result
+            expanded.append(addr)
+
+    def rank(addr: multiaddr.Multiaddr) -> int:
+        try:
+            return _reach(addr.value_for_protocol("ip4"))
+        except Exception:  # not an IPv4 address (dns, ip6): as if public
+            return 0
+
+    seen, out = set(), []
+    for addr in [*announce, *sorted(expanded, key=rank)]:
+        if str(addr) not in seen:
+            seen.add(str(addr))
+            out.append(addr)
+    return out

@@ -20,7 +20,7 @@ from dht import RecordDHT
 from swarm import resources
 from swarm.identity import load_or_create_identity
 from swarm.members import Announcement, members_key
-from swarm.network import build_host, dialable_addrs
+from swarm.network import build_host
 from swarm.swarm_key import read_swarm_key
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class PeerConfig:
     download_mbps: float | None = None
     gpu: str | None = None
     lanes: bool = True  # bulk data (all-reduce, chunks) on direct encrypted TCP lanes (averaging.lanes)
+    lane_port: int = 0  # the lane listener's TCP port (0: any free one); fix it to forward it
+    announce: list[str] = field(default_factory=list)  # addresses to advertise first (port forwards, VPS)
 
     def validate(self) -> None:
         if not self.seed and not self.bootstrap:
@@ -63,11 +65,14 @@ class PeerConfig:
         for rate in (self.upload_mbps, self.download_mbps):
             if rate is not None and not 0 < rate < 1e6:
                 raise ConfigError(f"bandwidth {rate} Mbit/s is not plausible")
-        for addr in self.listen:
-            try:
-                multiaddr.Multiaddr(addr)
-            except Exception as exc:
-                raise ConfigError(f"--listen {addr!r} is not a multiaddr: {exc}") from exc
+        for option, addrs in (("--listen", self.listen), ("--announce", self.announce)):
+            for addr in addrs:
+                try:
+                    multiaddr.Multiaddr(addr)
+                except Exception as exc:
+                    raise ConfigError(f"{option} {addr!r} is not a multiaddr: {exc}") from exc
+        if not 0 <= self.lane_port < 65536:
+            raise ConfigError(f"lane port {self.lane_port} is not a TCP port")
 
 
 class Peer:
@@ -79,7 +84,8 @@ class Peer:
         self.config = config
         self.key_pair = key_pair or load_or_create_identity(config.identity)
         psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
-        self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout)
+        self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout,
+                               announce=[multiaddr.Multiaddr(a) for a in config.announce])
         self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
         self.lanes = Lanes(self.host, timeout=config.network_timeout)
         self.started_at = time.time()
@@ -114,8 +120,8 @@ class Peer:
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
         async with self.host.run(listen), self.dht.running(), trio.open_nursery() as nursery:
             if self.config.lanes:
-                await nursery.start(self.lanes.run, self._lane_ip(listen))
-            self.addrs = dialable_addrs(self.host)
+                await nursery.start(self.lanes.run, self._lane_ip(listen), self.config.lane_port)
+            self.addrs = self.host.get_addrs()
             if self.config.bootstrap:
                 reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
                                                         self.config.network_timeout)

@@ -14,6 +14,8 @@ from optim.base import Reduced
 
 log = logging.getLogger(__name__)
 
+FAILURES_TO_WARN = 3  # rounds in a row that averaged nothing before the peer says so loudly
+
 
 class SwarmReducer:
     """Averages through an ``Averager`` with the peers of the same run, in groups keyed by round.
@@ -23,6 +25,7 @@ class SwarmReducer:
                  max_group: int = 16, timeout: float = 60.0) -> None:
         self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
         self.max_group, self.timeout = max_group, timeout
+        self.failures: list[str] = []  # why each round since the last one averaged failed
 
     async def open_to_join(self, key: str) -> bool:
         """Whether peers of the run seek a group for round ``key`` now and wait for more peers."""
@@ -40,9 +43,19 @@ class SwarmReducer:
                 matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan)
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
-            return None
+            return self._failed(key, str(exc))
         except RoundFailed as exc:
             log.warning("round %s failed: %s", key, exc)
-            return None
+            return self._failed(key, str(exc))
+        self.failures.clear()
         stats = result.stats
         return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
+
+    def _failed(self, key: str, reason: str) -> None:
+        """Count a round that averaged nothing though others train; say so loudly once it repeats."""
+        self.failures.append(reason)
+        if len(self.failures) in (FAILURES_TO_WARN, 4 * FAILURES_TO_WARN):
+            log.error("this peer has averaged nothing with the swarm for %d rounds (last: %s). Peers behind "
+                      "NAT need a port others can dial: forward one and pass --announce, or join from a "
+                      "public host", len(self.failures), reason)
+        return None

@@ -366,10 +366,9 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from swarm.local import start_process  # noqa: E402
+from swarm.local import READY, start_process  # noqa: E402
 
 ATTACKER = Path(__file__).resolve().parents[1] / "bench" / "attacker.py"
-READY = re.compile(r"^(seed|peer) (\S+) listening on (.+)$")
 
 
 def test_honest_peers_train_on_beside_a_peer_that_forges_inflates_and_sprays_garbage(tmp_path):

@@ -1,0 +1,39 @@
+"""Peers on separate hosts (network namespaces), not 127.0.0.1: what they advertise and whether
+they train together."""
+
+import json
+
+import multiaddr
+
+from netns_helpers import lab  # noqa: F401  (a fixture)
+from swarm.local import training_summary
+from swarm.network import advertised_addrs
+
+RUN = ["--model", "tiny", "--inner-steps", "5", "--batch-size", "8", "--rounds", "3"]
+PEER = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "3"]
+
+
+def test_a_wildcard_is_advertised_as_the_interfaces_public_first_and_announced_addresses_lead():
+    addrs = [str(a) for a in advertised_addrs([multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001"),
+                                                multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4002")],
+                                               [multiaddr.Multiaddr("/ip4/203.0.113.7/tcp/4001")])]
+    assert addrs[0] == "/ip4/203.0.113.7/tcp/4001" and addrs[-1] == "/ip4/127.0.0.1/tcp/4002"
+    assert not any("0.0.0.0" in a for a in addrs)
+
+
+def test_three_hosts_with_the_default_listen_address_train_together(lab, tmp_path):
+    """Two of them meet only through addresses learnt from the DHT and Identify: a wildcard
+    advertised as is (0.0.0.0) made every round fail between separate hosts."""
+    for index, name in enumerate("abc", 1):
+        lab.add_host(name, index)
+    seed = lab.start_peer("a", ["--seed", *RUN, *PEER, "--out", str(tmp_path / "a")], tmp_path / "logs")
+    assert seed.addrs and all("/ip4/10.201.0.1/tcp/" in a for a in seed.addrs), seed.addrs  # no 0.0.0.0, no 127.*
+    peers = [lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)], tmp_path / "logs")
+             for name in "bc"]
+    assert all(f"/ip4/10.201.0.{i}/tcp/" in a for i, p in enumerate(peers, 2) for a in p.addrs)
+    summaries = [training_summary(p, 240) for p in (seed, *peers)]
+    for summary in summaries:
+        assert summary["round"] == 3 and summary["rounds_averaged"] >= 2 and summary["bytes_sent"] > 0
+    for name in "abc":
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert max(m.get("group_size", 0) for m in metrics if m["event"] == "round") == 3
