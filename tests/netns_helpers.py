@@ -48,6 +48,37 @@ class Lab:
         self.hosts[name] = ns
         return address
 
+    def add_home(self, name: str, index: int) -> str:
+        """A host ``name`` at 192.168.``index``.10 behind a home router (WAN 10.201.0.``100 + index``)
+        that masquerades, forwards no port and drops every connection not opened from inside;
+        returns the router's WAN address."""
+        wan = f"10.201.0.{100 + index}"
+        self.add_host(f"r{index}", 100 + index)
+        router = self.hosts[f"r{index}"]
+        home = f"lg{self.tag}-{name}"
+        _ip("netns", "add", home)
+        outer, inner = f"l{self.tag}{index}", f"m{self.tag}{index}"
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        _ip("link", "set", outer, "netns", router)
+        _ip("link", "set", inner, "netns", home)
+        wan_dev = f"h{self.tag}{100 + index}"
+        for command in (["ip", "addr", "add", f"192.168.{index}.1/24", "dev", outer], ["ip", "link", "set", outer, "up"],
+                        ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                        ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan_dev, "-j", "MASQUERADE"],
+                        ["iptables", "-P", "FORWARD", "DROP"],
+                        ["iptables", "-A", "FORWARD", "-i", outer, "-o", wan_dev, "-j", "ACCEPT"],
+                        ["iptables", "-A", "FORWARD", "-i", wan_dev, "-o", outer, "-m", "conntrack",
+                         "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                        ["iptables", "-A", "INPUT", "-i", wan_dev, "-m", "conntrack", "--ctstate",
+                         "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                        ["iptables", "-A", "INPUT", "-i", wan_dev, "-j", "DROP"]):
+            subprocess.run(["ip", "netns", "exec", router, *command], check=True, capture_output=True)
+        for command in (["ip", "addr", "add", f"192.168.{index}.10/24", "dev", inner], ["ip", "link", "set", inner, "up"],
+                        ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", f"192.168.{index}.1"]):
+            subprocess.run(["ip", "netns", "exec", home, *command], check=True, capture_output=True)
+        self.hosts[name] = home
+        return wan
+
     def start_peer(self, host: str, args: list[str], log_dir, timeout: float = 60.0) -> PeerProcess:
         """``legion-peer ARGS`` on ``host``, once it printed its addresses."""
         process = start_process(["ip", "netns", "exec", self.hosts[host], *peer_command(*args)], READY,
@@ -67,8 +98,8 @@ class Lab:
 
 @pytest.fixture
 def lab():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (CI runs as root; .ci/run installs iproute2)")
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+        pytest.skip("network namespaces need root, iproute2 and iptables (CI runs as root; .ci/run installs them)")
     lab = Lab()
     yield lab
     lab.close()

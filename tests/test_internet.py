@@ -37,3 +37,25 @@ def test_three_hosts_with_the_default_listen_address_train_together(lab, tmp_pat
     for name in "abc":
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert max(m.get("group_size", 0) for m in metrics if m["event"] == "round") == 3
+
+
+def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero(lab, tmp_path):
+    """Two home peers behind NATs that forward nothing cannot reach each other (and no relay or
+    hole punching helps them yet): nobody may end with a quiet ``done``."""
+    lab.add_host("pub", 1)
+    lab.add_home("home1", 1)
+    lab.add_home("home2", 2)
+    seed = lab.start_peer("pub", ["--seed", *RUN, *PEER, "--out", str(tmp_path / "pub")], tmp_path / "logs")
+    homes = [lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)], tmp_path / "logs")
+             for name in ("home1", "home2")]
+    outcomes = []
+    for process in (seed, *homes):
+        lines = process.output_lines(300)
+        done = [json.loads(line[5:]) for line in lines if line.startswith("done ")]
+        outcomes.append((process.proc.returncode, done[0], process.log_path.read_text(errors="replace")))
+    alone = [(code, log) for code, summary, log in outcomes if not summary["rounds_averaged"]]
+    assert alone, [summary for _, summary, _ in outcomes]
+    for code, log in alone:
+        assert code == 3 and "trained alone" in log and "averaged nothing with the swarm" in log
+    for code, summary, _ in outcomes:
+        assert code == (3 if not summary["rounds_averaged"] else 0)
