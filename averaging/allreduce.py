@@ -47,6 +47,7 @@ STALL_SLACK = 8  # a chunk may take this many times its share of the estimated b
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
+CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
 assert CHUNK_VALUES % BLOCK == 0
 
@@ -199,7 +200,7 @@ class _OwnerState:
     they had of it. The last chunk goes out only when every contribution is complete and checked,
     so a part whose last chunk was sent is final."""
 
-    def __init__(self, start: int, end: int, members: int, max_norm_ratio: float) -> None:
+    def __init__(self, start: int, end: int, members: int, max_norm_ratio: float, clip_ratio: float) -> None:
         self.start, self.ranges = start, _chunk_ranges(start, end)
         self.sum = np.zeros(end - start, np.float32)
         self.pending = set(range(members))  # neither complete nor failed
@@ -209,7 +210,9 @@ class _OwnerState:
         self.norms2: dict[int, float] = {}  # squared norm of what each sender sent so far
         self.encoded: dict[int, list[bytes]] = {}  # each sender's chunks, to rebuild the sum without one
         self.failed: dict[int, str] = {}
-        self.max_norm_ratio = max_norm_ratio
+        self.max_norm_ratio, self.clip_ratio = max_norm_ratio, clip_ratio
+        self.scales: dict[int, float] = {}  # senders whose values count scaled down (norm clipping)
+        self.rescaled = False  # the scales changed: the sum must be rebuilt
         self.contributors: tuple[int, ...] | None = None  # fixed once every member began or failed
         self.attempt = 0  # the result's header number: bumped when the contributors change
         self.result_chunks: list[bytes] = []  # of the current attempt, in order
@@ -246,7 +249,7 @@ class _OwnerState:
 
     def sum_into(self, sender: int, index: int, values: np.ndarray) -> None:
         a, b = self.ranges[index]
-        w = np.float32(self.weights[sender])
+        w = np.float32(self.weights[sender] * self.scales.get(sender, 1.0))
         target = self.sum[a - self.start:b - self.start]
         target += values if w == 1 else values * w
 
@@ -262,6 +265,20 @@ class _OwnerState:
                 out.append(sender)
         return out
 
+    def clip(self, among: tuple[int, ...]) -> bool:
+        """Scale down every contribution whose norm exceeds ``clip_ratio`` times the median norm
+        of ``among`` (3 or more) to that norm, so that no member can steer the mean far from the
+        others' (a scaled or sign-flipped update inside the outlier filter counts at most as
+        ``clip_ratio`` honest ones). True if a scale changed (the sum must be rebuilt)."""
+        if len(among) < 3 or not self.clip_ratio:
+            return False
+        norms = {s: math.sqrt(self.norms2[s]) for s in among}
+        limit = self.clip_ratio * float(np.median(list(norms.values())))
+        scales = {s: limit / norm for s, norm in norms.items() if norm > limit > 0}
+        changed = scales != self.scales
+        self.scales = scales
+        return changed
+
 
 # (start, end, the weighted mean of values start:end of our part) -> what the members receive for
 # them instead of the mean (an owner-side optimizer step, say); the same length, float32
@@ -273,12 +290,12 @@ class RoundState:
 
     def __init__(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float,
                  send_residual: np.ndarray | None, result_residual: np.ndarray | None,
-                 max_norm_ratio: float, transform: "ResultTransform | None" = None) -> None:
+                 max_norm_ratio: float, clip_ratio: float, transform: "ResultTransform | None" = None) -> None:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
         self.transform = transform
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
-        self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio)
+        self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio, clip_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
         self.stats = RoundStats(spec.group_id, list(spec.members))
@@ -339,10 +356,11 @@ class AllReduce:
     """Runs butterfly rounds on a host; ``register_handlers`` once, then ``run(...)`` per round."""
 
     def __init__(self, host: IHost, *, lanes: Lanes | None = None, max_norm_ratio: float = 100.0,
-                 wait_for_round: float = 10.0, max_weight: float = 1e12) -> None:
+                 clip_ratio: float = CLIP_RATIO, wait_for_round: float = 10.0, max_weight: float = 1e12) -> None:
         self.host = host
         self.lanes = lanes or Lanes(host)  # bulk data on lanes where the peer runs them
-        self.max_norm_ratio = max_norm_ratio
+        self.max_norm_ratio = max_norm_ratio  # contributions this far above the median norm are dropped
+        self.clip_ratio = clip_ratio  # and those above this ratio scaled down to it (0: no clipping)
         self.max_weight = max_weight  # contributions' weights are clipped to it (owner side)
         self.wait_for_round = wait_for_round
         self._rounds: dict[str, RoundState] = {}
@@ -531,7 +549,8 @@ class AllReduce:
         n = len(owner.ranges)
         while len(owner.result_chunks) < n:
             contributors = tuple(s for s in owner.contributors if s not in owner.failed)
-            if contributors != owner.contributors or owner.in_sum - set(contributors):
+            if contributors != owner.contributors or owner.in_sum - set(contributors) or owner.rescaled:
+                owner.rescaled = False
                 await trio.to_thread.run_sync(self._rebuild_sum, state, contributors)
                 owner.contributors, owner.result_chunks = contributors, []
                 owner.attempt += 1
@@ -545,6 +564,12 @@ class AllReduce:
                                 spec.group_id, math.sqrt(owner.norms2[sender]))
                     owner.failed[sender] = "absurd update norm"
                 if any(s in owner.failed for s in contributors):
+                    continue
+                if owner.clip(contributors):  # the sum is rebuilt with the new scales, the result starts over
+                    for sender, scale in owner.scales.items():
+                        log.info("%s: %s's update counts scaled by %.3g (norm clipping)", spec.group_id,
+                                 spec.members[sender], scale)
+                    owner.rescaled = True
                     continue
             owner.result_chunks.append(self._encode_result_chunk(state, index))
             if len(owner.result_chunks) == n:
@@ -773,7 +798,8 @@ class AllReduce:
         weight = _check_weight(weight, self.max_weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
             raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
-        state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio, transform)
+        state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio,
+                           self.clip_ratio, transform)
         state.deadline = deadline
         self._rounds[spec.group_id] = state
         self._round_started.pop(spec.group_id, trio.Event()).set()

@@ -122,6 +122,37 @@ async def test_a_contribution_weighs_no_more_than_a_peer_can_compute():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_member_scaling_its_update_inside_the_outlier_filter_counts_at_most_twice_the_median():
+    size = 1 << 16
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 4)
+        spec, by_id = group_of(peers, size, "none")
+        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes) for m in spec.members}
+        for reducer in reducers.values():
+            reducer.register_handlers()
+        rng = np.random.default_rng(0)
+        vectors = {m: rng.standard_normal(size).astype(np.float32) for m in spec.members}
+        hostile = spec.members[2]
+        vectors[hostile] *= 50  # inside the 100x outlier filter: counted, not dropped
+        outcomes = {}
+
+        async def average(member):
+            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member], 1.0,
+                                                          deadline=trio.current_time() + 60)
+
+        async with trio.open_nursery() as rounds:
+            for member in spec.members:
+                rounds.start_soon(average, member)
+        honest_sum = sum(vectors[m] for m in spec.members if m != hostile)
+        largest = max(np.linalg.norm(vectors[m]) for m in spec.members if m != hostile)
+        for result, stats in outcomes.values():
+            assert stats.outcome == "ok" and len(stats.contributors) == 4
+            np.testing.assert_array_equal(result, next(iter(outcomes.values()))[0])
+            steer = np.linalg.norm(result - honest_sum / 4)  # what the hostile member moved the mean by
+            assert steer <= 1.05 * 2 * largest / 4, steer  # 12.5x that without clipping
+        nursery.cancel_scope.cancel()
+
+
 def valid_spec_wire():
     members = sorted(ID.from_pubkey(create_new_key_pair().public_key).to_base58() for _ in range(2))
     return {"group": "g", "members": members, "addrs": [[], []], "bounds": [0, 256, 512], "codec": "int8",
