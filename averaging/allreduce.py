@@ -30,7 +30,7 @@ from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
-from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame_within
+from averaging.wire import FrameError, PerPeerLimit, read_frame, read_frame_within, stream_peer, write_frame_within
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ STALL_SLACK = 8  # a chunk may take this many times its share of the estimated b
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
+MAX_STREAMS_PER_PEER = 16  # contribution, repair and note streams one peer may have served at once
 CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
 assert CHUNK_VALUES % BLOCK == 0
@@ -364,6 +365,7 @@ class AllReduce:
         self.max_weight = max_weight  # contributions' weights are clipped to it (owner side)
         self.wait_for_round = wait_for_round
         self._rounds: dict[str, RoundState] = {}
+        self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._round_started: dict[str, trio.Event] = {}
         self._expiries: dict[str, float] = {}
 
@@ -377,8 +379,9 @@ class AllReduce:
         async def guarded(stream: INetStream) -> None:
             peer = stream_peer(stream)
             try:
-                with trio.move_on_after(600):
-                    await handler(stream, peer)
+                with trio.move_on_after(600), self._streams.slot(peer) as admitted:
+                    if admitted:
+                        await handler(stream, peer)
             except (FrameError, CodecError, SpecError) as exc:
                 log.warning("dropped bad all-reduce stream from %s: %s", peer, exc)
             except Exception as exc:

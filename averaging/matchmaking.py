@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 from averaging.allreduce import GroupSpec, SpecError
 from averaging.groups import Coordinates, form_groups
 from averaging.partition import partition_bounds
-from averaging.wire import FrameError, read_frame, write_frame
+from averaging.wire import FrameError, PerPeerLimit, read_frame, write_frame
 from dht import RecordDHT
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class _Seeking:
 
 
 MAX_DECLARED_ADDRS = 16
+MAX_STREAMS_PER_PEER = 4  # invitation and ping streams one peer may have served at once
 
 
 def _declaration(value: object) -> dict | None:
@@ -98,11 +99,24 @@ class Matchmaker:
         self.coords = Coordinates()
         self._rtt_ms: dict[str, float] = {}
         self._seeking: _Seeking | None = None
+        self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._rounds = 0
 
     def register_handlers(self) -> None:
-        self.host.set_stream_handler(PROTOCOL, self._serve_invitation)
-        self.host.set_stream_handler(PING_PROTOCOL, self._serve_ping)
+        self.host.set_stream_handler(PROTOCOL, self._limited(self._serve_invitation))
+        self.host.set_stream_handler(PING_PROTOCOL, self._limited(self._serve_ping))
+
+    def _limited(self, handler):
+        """``handler`` for at most ``MAX_STREAMS_PER_PEER`` streams per peer at once."""
+        async def limited(stream: INetStream) -> None:
+            with self._streams.slot(stream.muxed_conn.peer_id) as admitted:
+                if admitted:
+                    await handler(stream)
+                    return
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
+
+        return limited
 
     @property
     def me(self) -> str:

@@ -16,7 +16,8 @@ import logging
 import math
 import struct
 import zlib
-from typing import Any, Awaitable, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import msgpack
 import trio
@@ -180,3 +181,27 @@ async def read_frame(stream: INetStream, max_payload: int) -> tuple[dict[str, An
     if not isinstance(header, dict):
         raise FrameError("frame header is not a map")
     return header, payload
+
+
+class PerPeerLimit:
+    """At most ``limit`` streams of one handler served at once per remote peer: what a peer can
+    make this one hold (buffers, tasks, queued work) grows with its streams. ``with
+    limits.slot(peer) as admitted:`` a stream over the limit is not admitted (close it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[ID, int] = {}
+
+    @contextmanager
+    def slot(self, peer: ID) -> Iterator[bool]:
+        if self._open.get(peer, 0) >= self.limit:
+            log.info("refused a stream from %s: %d already open", peer, self.limit)
+            yield False
+            return
+        self._open[peer] = self._open.get(peer, 0) + 1
+        try:
+            yield True
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]

@@ -25,7 +25,7 @@ from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
 from averaging.lanes import Lanes
-from averaging.wire import FrameError, abort_connection, read_frame, stream_peer, write_frame
+from averaging.wire import FrameError, PerPeerLimit, abort_connection, read_frame, stream_peer, write_frame
 from bootstrap.chunk_store import ChunkStore
 from bootstrap.manifest import ID_BYTES, MAX_CHUNK_SIZE, MAX_ENVELOPE, SignedManifest, max_stored_size, open_envelope
 from bootstrap.rate_limit import RateLimiter, ThrottledStream
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/chunks/1.0.0"
 MAX_QUEUE = 32
+MAX_STREAMS_PER_PEER = 8  # chunk streams one peer may have served at once (a downloader uses one)
 MAX_CANCELLED = 2 * MAX_QUEUE  # cancels held per stream: more than could match queued requests
 MAX_HAVE_IDS = 1 << 16
 MAX_STORED = max_stored_size(MAX_CHUNK_SIZE)
@@ -54,8 +55,17 @@ class ChunkServer:
                  latest: LatestSource | None = None, idle_timeout: float = 60.0) -> None:
         self.store, self.upload, self.download = store, upload, download
         self.latest, self.idle_timeout = latest, idle_timeout
+        self.streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
 
     async def handle(self, raw: INetStream) -> None:
+        with self.streams.slot(stream_peer(raw)) as admitted:
+            if admitted:
+                await self._serve(raw)
+            else:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await raw.reset()
+
+    async def _serve(self, raw: INetStream) -> None:
         stream = ThrottledStream(raw, self.upload, self.download)
         peer = stream_peer(raw).to_base58()
         send, receive = trio.open_memory_channel(MAX_QUEUE)

@@ -431,3 +431,21 @@ def test_honest_peers_train_on_beside_a_peer_that_forges_inflates_and_sprays_gar
         states = [json.loads(line) for line in (tmp_path / f"peer{i}" / "metrics.jsonl").read_text().splitlines()
                   if '"state"' in line]
         assert all(s["round"] < 1000 for s in states)
+
+
+async def test_a_peer_opening_many_silent_streams_holds_a_bounded_number(tmp_path):
+    from bootstrap.chunk_protocol import MAX_STREAMS_PER_PEER
+    async with trio.open_nursery() as nursery:
+        seeder, client = await start_peers(nursery, 2)
+        server = ChunkServer(ChunkStore(tmp_path), RateLimiter(None), RateLimiter(None), idle_timeout=30)
+        seeder.host.set_stream_handler(CHUNK_PROTOCOL, server.handle)
+        streams = []
+        for _ in range(3 * MAX_STREAMS_PER_PEER):
+            with trio.move_on_after(5):
+                try:
+                    streams.append(await client.host.new_stream(seeder.peer_id, [CHUNK_PROTOCOL]))
+                except Exception:  # the server resets the streams over its limit
+                    pass
+        await trio.sleep(1.0)
+        assert server.streams._open.get(client.peer_id) == MAX_STREAMS_PER_PEER
+        nursery.cancel_scope.cancel()
