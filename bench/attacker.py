@@ -171,7 +171,7 @@ async def _spray_garbage(peer) -> None:
 
 async def _oversize(peer) -> None:
     """The largest entries each key takes, refreshed, plus forged ones over the caps."""
-    from dht.records import KIND_ENTRY_BYTES, MAX_TTL, encode_bundle, sign_entry
+    from dht.records import KIND_ENTRY_BYTES, MAX_TTL, sign_entry
     from libp2p.records.record import make_signed_put_record
 
     swarm = peer.config.swarm

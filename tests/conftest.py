@@ -1,15 +1,17 @@
 import os
+import shutil
 
 import pytest
 from hypothesis import settings
+
+from netns_helpers import Lab
+from swarm.local import start_peer_process
 
 # The fuzz tests' budget: "ci" keeps the suite fast; HYPOTHESIS_PROFILE=long is the longer run
 settings.register_profile("ci", max_examples=150, deadline=None)
 settings.register_profile("long", max_examples=20_000, deadline=None)
 settings.register_profile("medium", max_examples=2_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-from swarm.local import start_peer_process
 
 HEARTBEAT = 2.0  # seconds; announcements expire after 2.5 heartbeats
 
@@ -34,3 +36,13 @@ def spawn(tmp_path):
 @pytest.fixture
 def seed(spawn):
     return spawn(["--seed", "--listen", "/ip4/127.0.0.1/tcp/0"])
+
+
+@pytest.fixture
+def lab():
+    """Hosts in network namespaces (``netns_helpers.Lab``), removed after the test."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+        pytest.skip("network namespaces need root, iproute2 and iptables (CI runs as root; .ci/run installs them)")
+    network = Lab()
+    yield network
+    network.close()

@@ -3,12 +3,8 @@ own address, so that nothing reaches another host through 127.0.0.1. Needs root 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import uuid
-
-import pytest
 
 from swarm.local import READY, PeerProcess, peer_command, start_process
 
@@ -95,11 +91,3 @@ class Lab:
         for ns in [*self.hosts.values(), self.hub]:
             _ip("netns", "delete", ns, check=False)
 
-
-@pytest.fixture
-def lab():
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
-        pytest.skip("network namespaces need root, iproute2 and iptables (CI runs as root; .ci/run installs them)")
-    lab = Lab()
-    yield lab
-    lab.close()

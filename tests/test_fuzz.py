@@ -8,7 +8,6 @@ many more examples (see ``conftest.py``); the default profile keeps CI fast.
 import hashlib
 import math
 import socket
-import time
 import tracemalloc
 
 import msgpack

@@ -5,7 +5,6 @@ import json
 
 import multiaddr
 
-from netns_helpers import lab  # noqa: F401  (a fixture)
 from swarm.local import training_summary
 from swarm.network import advertised_addrs
 
