@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -160,6 +161,7 @@ class RoundStats:
     outcome: str = "pending"
     reason: str = ""
     contributors: list[str] = field(default_factory=list)
+    blamed: list[str] = field(default_factory=list)  # owners whose part disagreed with most parts (failed rounds)
     bytes_sent: int = 0
     bytes_received: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -904,6 +906,13 @@ class AllReduce:
             stats.outcome, stats.reason = "failed", f"parts of owners {missing} never arrived"
         elif len(sets) != 1:
             stats.outcome, stats.reason = "failed", "owners averaged over different contributor sets"
+            # Every survivor holds the same parts, so all blame alike: the owners whose set differs
+            # from the one most parts share (a member that contributes nowhere but to its own part,
+            # say), if one set is shared by more than half of the parts
+            counts = Counter(state.parts[j].contributors for j in state.parts)
+            common, shared = counts.most_common(1)[0]
+            if shared * 2 > len(state.parts):
+                stats.blamed = [spec.members[j] for j in state.parts if state.parts[j].contributors != common]
         else:
             stats.outcome = "ok"
             stats.contributors = [spec.members[i] for i in sets.pop()]

@@ -110,6 +110,9 @@ class Averager:
             averaged, stats = await self.allreduce.run(
                 spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
                 result_residual=result_residual, bandwidth=self.bandwidth, transform=transform)
+        except RoundFailed as exc:
+            self.matchmaker.exclude(exc.stats.blamed)
+            raise
         finally:
             if send_residual is not natural_residual:
                 natural_residual[permutation] = send_residual

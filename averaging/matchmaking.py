@@ -71,6 +71,7 @@ class _Seeking:
 
 MAX_DECLARED_ADDRS = 16
 MAX_STREAMS_PER_PEER = 4  # invitation and ping streams one peer may have served at once
+EXCLUDE_ROUNDS = 5  # rounds a peer blamed for a failed round is left out of groups
 
 
 def _declaration(value: object) -> dict | None:
@@ -101,6 +102,7 @@ class Matchmaker:
         self._seeking: _Seeking | None = None
         self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._rounds = 0
+        self._excluded: dict[str, int] = {}  # peer -> the matchmaking round until which it is left out
 
     def register_handlers(self) -> None:
         self.host.set_stream_handler(PROTOCOL, self._limited(self._serve_invitation))
@@ -187,6 +189,15 @@ class Matchmaker:
             seeking.suspects.add(mine[0])
         return seeking.spec
 
+    def exclude(self, peers: list[str], rounds: int = EXCLUDE_ROUNDS) -> None:
+        """Leave ``peers`` out of the groups of the next ``rounds`` rounds this peer seeks (they made
+        a round fail; the other members, holding the same parts, leave them out alike)."""
+        for peer in peers:
+            if peer != self.me:
+                self._excluded[peer] = self._rounds + rounds
+                log.warning("leaving %s out of groups for %d rounds: its part disagreed with the others'", peer, rounds)
+        self._excluded = {p: r for p, r in self._excluded.items() if r >= self._rounds}
+
     async def waiting_for_more(self, group_key: str) -> bool:
         """Whether peers seek a group under ``group_key`` now and wait for more peers than there
         are (their target size is larger): a newcomer can still join."""
@@ -202,7 +213,7 @@ class Matchmaker:
             if entry.withdrawn:
                 left += peer != self.me
                 continue
-            if peer in seeking.suspects:
+            if peer in seeking.suspects or self._excluded.get(peer, -1) >= self._rounds:
                 continue
             value = _declaration(entry.value)
             if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec:

@@ -153,6 +153,42 @@ async def test_a_member_scaling_its_update_inside_the_outlier_filter_counts_at_m
         nursery.cancel_scope.cancel()
 
 
+async def test_a_member_that_contributes_nowhere_but_to_its_own_part_is_blamed_and_left_out():
+    from averaging.allreduce import RoundFailed
+    size = 4096
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 4)
+        spec, by_id = group_of(peers, size, "none")
+        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, wait_for_round=2) for m in spec.members}
+        for reducer in reducers.values():
+            reducer.register_handlers()
+        griefer = spec.members[1]
+
+        async def silent(state, owner, deadline):
+            await trio.sleep_until(deadline)
+
+        reducers[griefer]._exchange_with_owner = silent
+        failures = {}
+
+        async def average(member):
+            try:
+                await reducers[member].run(spec, spec.members.index(member), np.ones(size, np.float32), 1.0,
+                                           deadline=trio.current_time() + 25)
+            except RoundFailed as exc:
+                failures[member] = exc.stats
+
+        async with trio.open_nursery() as rounds:
+            for member in spec.members:
+                rounds.start_soon(average, member)
+        for member in spec.members:
+            if member != griefer:
+                assert failures[member].blamed == [griefer], failures[member]
+        averager = Averager(by_id[spec.members[0]], target_group_size=4)
+        averager.matchmaker.exclude(failures[spec.members[0]].blamed)
+        assert averager.matchmaker._excluded == {griefer: 5}
+        nursery.cancel_scope.cancel()
+
+
 def valid_spec_wire():
     members = sorted(ID.from_pubkey(create_new_key_pair().public_key).to_base58() for _ in range(2))
     return {"group": "g", "members": members, "addrs": [[], []], "bounds": [0, 256, 512], "codec": "int8",
