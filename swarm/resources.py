@@ -1,4 +1,4 @@
-"""What a peer declares about its machine: CPU cores, RAM, GPU."""
+"""What a peer declares about its machine: CPU cores, RAM, GPU (psutil, so on Linux, macOS and Windows)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import psutil
+
 
 def ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return psutil.virtual_memory().total
 
 
 def available_memory() -> int:
-    """Bytes of memory available for new allocations (MemAvailable), or total RAM if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return ram_bytes()
+    """Bytes of memory available for new allocations without swapping."""
+    return psutil.virtual_memory().available
 
 
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name, found without importing torch (which costs ~300 MB per peer)."""
+    """The first NVIDIA GPU's name, found without importing torch (which costs ~300 MB per peer):
+    from the Linux driver's files, else ``nvidia-smi`` where it is installed (any system)."""
     for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
         for line in info.read_text(errors="replace").splitlines():
             if line.startswith("Model:"):

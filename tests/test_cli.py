@@ -106,3 +106,16 @@ def test_status_json_reports_declared_resources(seed, spawn):
     assert entry["bandwidth_source"] == "declared" and entry["version"]
     table = run_cli("status", "--bootstrap", seed.addrs[0], "--quiet").stdout
     assert "RTX 4090" in table and "20.0/100.0 (declared)" in table and "2 live peer(s)" in table
+
+
+def test_every_package_imports_where_fcntl_does_not_exist():
+    """Windows has no fcntl: importing the library there must not fail on it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import swarm.cli, swarm.trainer, swarm.network, swarm.resources, averaging.averager, bootstrap.checkpoint_swarm, "
+            "shards.outer, dht, optim.diloco\n"
+            "from swarm import resources\n"
+            "assert resources.ram_bytes() > 0 and 0 < resources.available_memory() <= resources.ram_bytes()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
