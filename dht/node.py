@@ -82,8 +82,11 @@ class RecordDHT:
 
     async def store(self, key: str, value: Any, ttl: float) -> int:
         """Write this peer's entry under ``key``; returns how many remote nodes accepted it."""
-        entry = sign_entry(key, self.key_pair, value, ttl)
         key_bytes = key.encode()
+        # The closest peers first, then the entry: a lookup that waits out unreachable peers (behind
+        # NAT) takes seconds, and an entry signed before it could expire before it is stored.
+        peers = await self._closest_peers(key_bytes)
+        entry = sign_entry(key, self.key_pair, value, ttl)
         bundle = encode_bundle([entry])
         record = make_signed_put_record(key_bytes, bundle, self.key_pair.private_key)
         self.kad.value_store.put_record(key_bytes, record)
@@ -97,7 +100,6 @@ class RecordDHT:
                     return
             self._forget(key_bytes, peer)
 
-        peers = await self._closest_peers(key_bytes)
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(store_at, peer)

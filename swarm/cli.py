@@ -296,13 +296,13 @@ def _duration(seconds: float) -> str:
 
 
 def format_table(members: list[Announcement], now: float | None = None) -> str:
-    rows = [("PEER ID", "ROLE", "VERSION", "UPTIME", "CPU", "RAM", "GPU", "UP/DOWN Mbit/s", "ADDRESS")]
+    rows = [("PEER ID", "ROLE", "VERSION", "UPTIME", "CPU", "RAM", "GPU", "UP/DOWN Mbit/s", "REACH", "ADDRESS")]
     for m in members:
         info = m.as_json(now)
         bandwidth = "-" if m.bandwidth_source == "unknown" else (
             f"{m.upload_mbps or '?'}/{m.download_mbps or '?'} ({m.bandwidth_source})")
         rows.append((m.peer_id, m.role, m.version, _duration(info["uptime_seconds"]), str(m.cpu_cores),
-                     f"{m.ram_bytes / 2**30:.1f} GiB", m.gpu or "none", bandwidth,
+                     f"{m.ram_bytes / 2**30:.1f} GiB", m.gpu or "none", bandwidth, m.reachability,
                      m.addrs[0] if m.addrs else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -29,6 +29,7 @@ class Announcement:
     upload_mbps: float | None
     download_mbps: float | None
     bandwidth_source: str = "unknown"
+    reachability: str = "unknown"  # public / private / unknown, from other peers' dial-backs (swarm.reachability)
     peer_id: str = field(default="", compare=False)
 
     def to_value(self) -> dict[str, Any]:
@@ -41,9 +42,10 @@ class Announcement:
         """Parse a DHT value; raises ``ValueError`` for anything malformed."""
         if not isinstance(value, dict):
             raise ValueError("announcement is not a map")
+        optional = {"reachability"}  # newer than the other fields: peers of older versions lack it
         fields = [name for name in cls.__dataclass_fields__ if name != "peer_id"]
         try:
-            ann = cls(peer_id=peer_id, **{name: value[name] for name in fields})
+            ann = cls(peer_id=peer_id, **{name: value[name] for name in fields if name not in optional or name in value})
         except (KeyError, TypeError) as exc:
             raise ValueError(f"announcement lacks a field: {exc}") from exc
         checks = [
@@ -55,6 +57,7 @@ class Announcement:
             ann.gpu is None or isinstance(ann.gpu, str),
             all(b is None or isinstance(b, (int, float)) for b in (ann.upload_mbps, ann.download_mbps)),
             isinstance(ann.bandwidth_source, str),
+            isinstance(ann.reachability, str) and len(ann.reachability) <= 16,
         ]
         if not all(checks):
             raise ValueError("announcement has a field of the wrong type")

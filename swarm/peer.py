@@ -21,11 +21,13 @@ from swarm import resources
 from swarm.identity import load_or_create_identity
 from swarm.members import Announcement, members_key
 from swarm.network import build_host
+from swarm.reachability import Reachability
 from swarm.swarm_key import read_swarm_key
 
 log = logging.getLogger(__name__)
 
 VERSION = package_version("legion")
+REACHABILITY_SECONDS = 60.0  # between dial-back checks once the answer is known
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,7 @@ class Peer:
                                announce=[multiaddr.Multiaddr(a) for a in config.announce])
         self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
         self.lanes = Lanes(self.host, timeout=config.network_timeout)
+        self.reachability = Reachability(self.host)
         self.started_at = time.time()
         self.addrs: list[multiaddr.Multiaddr] = []
         self._stopping = trio.Event()
@@ -108,7 +111,7 @@ class Peer:
             version=VERSION, started_at=self.started_at, cpu_cores=resources.cpu_cores(),
             ram_bytes=resources.ram_bytes(), gpu=self.config.gpu or resources.gpu_name(),
             upload_mbps=self.config.upload_mbps, download_mbps=self.config.download_mbps,
-            bandwidth_source="declared" if declared else "unknown")
+            bandwidth_source="declared" if declared else "unknown", reachability=self.reachability.status)
 
     async def run(self, *, task_status: trio.TaskStatus["Peer"] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -132,6 +135,8 @@ class Peer:
             await self.dht.store(key, value, self.ttl)
             log.info("peer %s announced in swarm %r (%d in routing table)", self.peer_id,
                      self.config.swarm, self.dht.routing_table_size())
+            self.reachability.serve()
+            nursery.start_soon(self._check_reachability)
             task_status.started(self)
             next_beat = trio.current_time()
             while not self._stopping.is_set():
@@ -139,6 +144,7 @@ class Peer:
                 with trio.move_on_at(next_beat):
                     await self._stopping.wait()
                 if not self._stopping.is_set():
+                    value = self.announcement().to_value()  # its reachability may be known by now
                     # A slow refresh still counts while the previous entry lives (ttl - heartbeat).
                     with trio.move_on_after(self.ttl - self.config.heartbeat):
                         await self.dht.store(key, value, self.ttl)
@@ -146,6 +152,14 @@ class Peer:
                 await self.dht.withdraw(key, self.ttl)
                 log.info("peer %s withdrew its announcement", self.peer_id)
             nursery.cancel_scope.cancel()
+
+    async def _check_reachability(self) -> None:
+        """Whether others can dial this peer: asked soon after joining (again while no peer
+        answers), then every ``REACHABILITY_SECONDS``."""
+        while True:
+            await trio.sleep(2.0)
+            if await self.reachability.check() != "unknown":
+                await trio.sleep(REACHABILITY_SECONDS)
 
     @staticmethod
     def _lane_ip(listen: list[multiaddr.Multiaddr]) -> str:

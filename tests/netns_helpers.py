@@ -3,6 +3,7 @@ own address, so that nothing reaches another host through 127.0.0.1. Needs root 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 
@@ -84,6 +85,14 @@ class Lab:
         process.addrs.extend(match.group(3).split())
         self.processes.append(process)
         return process
+
+    def status(self, host: str, bootstrap: str) -> list[dict]:
+        """``legion-peer status --json`` run on ``host``."""
+        done = subprocess.run(["ip", "netns", "exec", self.hosts[host],
+                               *peer_command("status", "--bootstrap", bootstrap, "--json", "--quiet")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
 
     def close(self) -> None:
         for process in self.processes:

@@ -2,6 +2,7 @@
 they train together."""
 
 import json
+import time
 
 import multiaddr
 
@@ -47,6 +48,15 @@ def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero
     seed = lab.start_peer("pub", ["--seed", *RUN, *PEER, "--out", str(tmp_path / "pub")], tmp_path / "logs")
     homes = [lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)], tmp_path / "logs")
              for name in ("home1", "home2")]
+    # other peers' dial-backs tell each peer whether it can be dialled; status shows it
+    expected = {seed.peer_ids[0]: "public", homes[0].peer_ids[0]: "private", homes[1].peer_ids[0]: "private"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = {p["peer_id"]: p["reachability"] for p in lab.status("pub", seed.addrs[0])}
+        if shown == expected:
+            break
+        time.sleep(2)
+    assert shown == expected
     outcomes = []
     for process in (seed, *homes):
         lines = process.output_lines(300)
