@@ -59,11 +59,35 @@ from averaging.wire import read_frame, write_frame  # noqa: E402
 from peer_helpers import start_peers  # noqa: E402
 
 
-def group_of(peers, size, codec):
+def group_of(peers, size, codec, **options):
+    """A group of ``peers`` averaging ``size`` values, and each member's registered ``AllReduce``."""
     members = tuple(sorted(p.peer_id.to_base58() for p in peers))
     by_id = {p.peer_id.to_base58(): p for p in peers}
     addrs = tuple(tuple(str(a) for a in by_id[m].addrs) for m in members)
-    return GroupSpec("g" * 32, members, addrs, tuple(partition_bounds(size, [1] * len(members))), codec), by_id
+    spec = GroupSpec("g" * 32, members, addrs, tuple(partition_bounds(size, [1] * len(members))), codec)
+    reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, **options) for m in members}
+    for reducer in reducers.values():
+        reducer.register_handlers()
+    return spec, reducers, by_id
+
+
+async def round_of(spec, reducers, vectors, weights, seconds=30):
+    """Every member runs the round at once; member -> (result, stats), or the ``RoundFailed``."""
+    from averaging.allreduce import RoundFailed
+    outcomes = {}
+
+    async def average(member):
+        try:
+            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member],
+                                                          weights[member], deadline=trio.current_time() + seconds)
+        except RoundFailed as exc:
+            outcomes[member] = exc
+
+    with trio.fail_after(2 * seconds):
+        async with trio.open_nursery() as rounds:
+            for member in spec.members:
+                rounds.start_soon(average, member)
+    return outcomes
 
 
 @pytest.mark.parametrize("codec,members", [("none", 2), ("int8", 2), ("int8", 3)])
@@ -71,23 +95,10 @@ async def test_a_member_sending_values_near_float32s_limit_is_left_out_and_nobod
     size = 4096
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, members)
-        spec, by_id = group_of(peers, size, codec)
-        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes) for m in spec.members}
-        for reducer in reducers.values():
-            reducer.register_handlers()
+        spec, reducers, _ = group_of(peers, size, codec)
         hostile = spec.members[1]
         vectors = {m: np.full(size, 3e38 if m == hostile else i + 1.0, np.float32) for i, m in enumerate(spec.members)}
-        outcomes = {}
-
-        async def average(member):
-            outcomes[member] = await reducers[member].run(
-                spec, spec.members.index(member), vectors[member], 5.0 if member == hostile else 1.0,
-                deadline=trio.current_time() + 30)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as rounds:
-                for member in spec.members:
-                    rounds.start_soon(average, member)
+        outcomes = await round_of(spec, reducers, vectors, {m: 5.0 if m == hostile else 1.0 for m in spec.members})
         honest = [m for m in spec.members if m != hostile]
         expected = np.mean([vectors[m][0] for m in honest])
         for member in honest:
@@ -101,21 +112,10 @@ async def test_a_contribution_weighs_no_more_than_a_peer_can_compute():
     size = 2048
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
-        spec, by_id = group_of(peers, size, "none")
-        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, max_weight=64) for m in spec.members}
-        for reducer in reducers.values():
-            reducer.register_handlers()
+        spec, reducers, _ = group_of(peers, size, "none", max_weight=64)
         vectors = {spec.members[0]: np.zeros(size, np.float32), spec.members[1]: np.ones(size, np.float32)}
         weights = {spec.members[0]: 64.0, spec.members[1]: 1e11}  # the second claims a huge weight
-        outcomes = {}
-
-        async def average(member):
-            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member],
-                                                          weights[member], deadline=trio.current_time() + 30)
-
-        async with trio.open_nursery() as rounds:
-            for member in spec.members:
-                rounds.start_soon(average, member)
+        outcomes = await round_of(spec, reducers, vectors, weights)
         for result, stats in outcomes.values():
             assert stats.outcome == "ok"
             np.testing.assert_allclose(result, 0.5)  # clipped to 64 each: the plain mean
@@ -126,23 +126,12 @@ async def test_a_member_scaling_its_update_inside_the_outlier_filter_counts_at_m
     size = 1 << 16
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 4)
-        spec, by_id = group_of(peers, size, "none")
-        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes) for m in spec.members}
-        for reducer in reducers.values():
-            reducer.register_handlers()
+        spec, reducers, _ = group_of(peers, size, "none")
         rng = np.random.default_rng(0)
         vectors = {m: rng.standard_normal(size).astype(np.float32) for m in spec.members}
         hostile = spec.members[2]
         vectors[hostile] *= 50  # inside the 100x outlier filter: counted, not dropped
-        outcomes = {}
-
-        async def average(member):
-            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member], 1.0,
-                                                          deadline=trio.current_time() + 60)
-
-        async with trio.open_nursery() as rounds:
-            for member in spec.members:
-                rounds.start_soon(average, member)
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0), seconds=60)
         honest_sum = sum(vectors[m] for m in spec.members if m != hostile)
         largest = max(np.linalg.norm(vectors[m]) for m in spec.members if m != hostile)
         for result, stats in outcomes.values():
@@ -154,37 +143,23 @@ async def test_a_member_scaling_its_update_inside_the_outlier_filter_counts_at_m
 
 
 async def test_a_member_that_contributes_nowhere_but_to_its_own_part_is_blamed_and_left_out():
-    from averaging.allreduce import RoundFailed
     size = 4096
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 4)
-        spec, by_id = group_of(peers, size, "none")
-        reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, wait_for_round=2) for m in spec.members}
-        for reducer in reducers.values():
-            reducer.register_handlers()
+        spec, reducers, by_id = group_of(peers, size, "none", wait_for_round=2)
         griefer = spec.members[1]
 
         async def silent(state, owner, deadline):
             await trio.sleep_until(deadline)
 
         reducers[griefer]._exchange_with_owner = silent
-        failures = {}
-
-        async def average(member):
-            try:
-                await reducers[member].run(spec, spec.members.index(member), np.ones(size, np.float32), 1.0,
-                                           deadline=trio.current_time() + 25)
-            except RoundFailed as exc:
-                failures[member] = exc.stats
-
-        async with trio.open_nursery() as rounds:
-            for member in spec.members:
-                rounds.start_soon(average, member)
+        failures = await round_of(spec, reducers, dict.fromkeys(spec.members, np.ones(size, np.float32)),
+                                  dict.fromkeys(spec.members, 1.0), seconds=25)
         for member in spec.members:
             if member != griefer:
-                assert failures[member].blamed == [griefer], failures[member]
+                assert failures[member].stats.blamed == [griefer], failures[member]
         averager = Averager(by_id[spec.members[0]], target_group_size=4)
-        averager.matchmaker.exclude(failures[spec.members[0]].blamed)
+        averager.matchmaker.exclude(failures[spec.members[0]].stats.blamed)
         assert averager.matchmaker._excluded == {griefer: 5}
         nursery.cancel_scope.cancel()
 

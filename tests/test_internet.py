@@ -8,6 +8,7 @@ import multiaddr
 
 from swarm.local import training_summary
 from swarm.network import advertised_addrs
+from swarm.reducer import FAILURES_TO_WARN
 
 RUN = ["--model", "tiny", "--inner-steps", "5", "--batch-size", "8", "--rounds", "3"]
 PEER = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "3"]
@@ -62,9 +63,11 @@ def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero
         lines = process.output_lines(300)
         done = [json.loads(line[5:]) for line in lines if line.startswith("done ")]
         outcomes.append((process.proc.returncode, done[0], process.log_path.read_text(errors="replace")))
-    alone = [(code, log) for code, summary, log in outcomes if not summary["rounds_averaged"]]
+    alone = [(code, summary, log) for code, summary, log in outcomes if not summary["rounds_averaged"]]
     assert alone, [summary for _, summary, _ in outcomes]
-    for code, log in alone:
-        assert code == 3 and "trained alone" in log and "averaged nothing with the swarm" in log
+    for code, summary, log in alone:
+        assert code == 3 and "trained alone" in log
+        # said during the run too, once FAILURES_TO_WARN rounds in a row averaged nothing
+        assert ("averaged nothing with the swarm" in log) == (summary["rounds_failed"] >= FAILURES_TO_WARN)
     for code, summary, _ in outcomes:
         assert code == (3 if not summary["rounds_averaged"] else 0)
