@@ -8,7 +8,7 @@ import statistics
 from averaging.codecs import BLOCK
 
 MAX_WEIGHT = 1e6  # a weight (Mbit/s, say) beyond this is not believed
-MAX_SHARE = 4.0  # a weight counts for at most this many times the median weight
+MAX_SHARE = 4.0  # a weight counts for at most this many times the median weight (capped_at_median)
 
 
 def partition_bounds(total: int, weights: list[float]) -> list[int]:
@@ -19,7 +19,7 @@ def partition_bounds(total: int, weights: list[float]) -> list[int]:
     known = [float(w) for w in weights if _usable(w)]
     fill = statistics.median(known) if known else 1.0
     # no member takes more than MAX_SHARE times the median's part, whatever it declares
-    weights = [min(float(w), MAX_SHARE * fill) if _usable(w) else fill for w in weights]
+    weights = capped_at_median([float(w) if _usable(w) else fill for w in weights])
     scale = total / sum(weights)
     bounds, acc = [0], 0.0
     for w in weights[:-1]:
@@ -27,6 +27,13 @@ def partition_bounds(total: int, weights: list[float]) -> list[int]:
         bounds.append(min(total, max(bounds[-1], int(round(acc / BLOCK)) * BLOCK)))
     bounds.append(total)
     return bounds
+
+
+def capped_at_median(values: list[float], ratio: float = MAX_SHARE) -> list[float]:
+    """``values`` (self-declared: bandwidths, capacities) each at most ``ratio`` times their
+    median, so that no peer's claim alone can take everything."""
+    limit = ratio * statistics.median(values)
+    return [min(v, limit) for v in values]
 
 
 def _usable(weight: object) -> bool:

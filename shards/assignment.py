@@ -3,7 +3,7 @@
 Each shard gets ``replicas`` owners by weighted rendezvous hashing: a peer's score for a shard is
 ``capacity / -ln(u)`` with ``u`` a hash of (run, shard, peer) in (0, 1); pairs are taken strongest
 first, ties by peer id. A peer owns its fair share, ``shards x replicas x capacity / total capacity``
-(capacities believed up to ``MAX_SHARE`` times the median)
+(capacities believed up to 4 times the median, ``averaging.partition.capped_at_median``)
 rounded to whole shards so the shares add up (swaps fill a shard the greedy pass leaves short; then
 shares rounded up, then wherever memory allows, fill what is left), and never more than its offered
 memory holds, so stronger peers own more and nobody owns everything. A peer
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from dataclasses import dataclass
 
+from averaging.partition import capped_at_median
 from shards.bids import Bid
 from shards.layout import ShardLayout
-
-MAX_SHARE = 4.0  # a bid's capacity counts for at most this many times the median bid's
 
 
 @dataclass(frozen=True)
@@ -38,14 +36,6 @@ def _score(salt: str, shard: int, peer_id: str, capacity: float) -> float:
     digest = hashlib.sha256(f"{salt}/{shard}/{peer_id}".encode()).digest()
     u = (int.from_bytes(digest[:8], "big") + 1) / (2 ** 64 + 2)
     return capacity / -math.log(u)
-
-
-def _believed_capacities(bids) -> dict[str, float]:
-    """Each bid's capacity, at most ``MAX_SHARE`` times the median bid's: bids are self-declared,
-    so one that claims 100 Gbit/s must not win a replica of every shard."""
-    capacities = {bid.peer_id: bid.capacity for bid in bids}
-    limit = MAX_SHARE * statistics.median(capacities.values())
-    return {peer: min(c, limit) for peer, c in capacities.items()}
 
 
 def _quotas(fair: dict[str, float], slots: int) -> dict[str, int]:
@@ -69,7 +59,8 @@ def assign(bids: list[Bid], layout: ShardLayout, replicas: int, *, state_bytes_p
     copies = min(replicas, len(by_peer))
     if not copies:
         return Assignment(tuple(() for _ in range(layout.count)))
-    capacity = _believed_capacities(by_peer.values())
+    # bids are self-declared: one claiming 100 Gbit/s must not win a replica of every shard
+    capacity = dict(zip(by_peer, capped_at_median([bid.capacity for bid in by_peer.values()])))
     total = sum(capacity.values())
     largest = max(layout.size(s) for s in range(layout.count)) * state_bytes_per_value
     room = {peer: bid.free_memory // largest for peer, bid in by_peer.items()}  # a hard bound

@@ -24,7 +24,6 @@ DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
 
 # The range of every number of a run (the model's sizes are bounded by GPTConfig.validate)
 BOUNDS: dict[str, tuple[float, float]] = {
-    "n_layer": (0, 256), "n_head": (0, 256), "n_embd": (0, 16384), "block_size": (0, 16384), "vocab_size": (1, 65536),
     "batch_size": (1, 4096), "accumulate": (1, 1024), "inner_steps": (1, 100_000), "inner_lr": (0, 10.0),
     "weight_decay": (0, 10.0), "outer_lr": (0, 10.0), "warmup_steps": (0, 1_000_000),
     "rounds": (0, 1 << 40), "seed": (0, (1 << 63) - 1), "eval_batches": (1, 1000), "group_size": (2, 64),
