@@ -65,6 +65,32 @@ NO_LANE_SECONDS = 300.0  # a peer whose lane failed gets libp2p streams for this
 Handler = Callable[[INetStream], Awaitable[None]]
 
 
+class Traffic:
+    """Bytes moved by one transport of a host's bulk protocols (``Lanes.traffic``)."""
+
+    def __init__(self) -> None:
+        self.sent = self.received = 0
+
+
+class CountedStream:
+    """A libp2p stream whose reads and writes add to a ``Traffic``; everything else is the stream's."""
+
+    def __init__(self, stream: INetStream, traffic: Traffic) -> None:
+        self._stream, self._traffic = stream, traffic
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self._stream.read(n)
+        self._traffic.received += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+        self._traffic.sent += len(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class LaneError(Exception):
     """A lane that cannot be set up, or whose bytes fail authentication."""
 
@@ -94,8 +120,10 @@ class Lane:
     with a frame naming its protocol): no new libp2p stream, TCP handshake or slow start per round.
     """
 
-    def __init__(self, sock: trio.SocketStream, peer_id: ID, send_key: bytes, receive_key: bytes) -> None:
+    def __init__(self, sock: trio.SocketStream, peer_id: ID, send_key: bytes, receive_key: bytes,
+                 traffic: Traffic | None = None) -> None:
         self.sock, self.peer_id = sock, peer_id
+        self.traffic = traffic or Traffic()  # shared by a host's lanes
         self._send, self._receive = AESGCM(send_key), AESGCM(receive_key)
         self._send_count = self._receive_count = 0
         self._inbox = bytearray(2 * (MAX_PLAIN + _TAG + _LENGTH.size))
@@ -132,6 +160,7 @@ class Lane:
                         part = frame[piece:piece + _SEND_PIECE]
                         await self.sock.send_all(part)
                         self.bytes_sent += len(part)
+                        self.traffic.sent += len(part)
                 except Exception as exc:
                     self._break(f"{type(exc).__name__}: {exc}")
                     raise LaneError(f"lane to {self.peer_id}: {self._broken}") from exc
@@ -209,6 +238,7 @@ class Lane:
                 return _END, b""
             self._end += got
             self.bytes_received += got
+            self.traffic.received += got
 
     def _break(self, reason: str) -> None:
         self._broken = self._broken or reason
@@ -302,10 +332,14 @@ class Lanes:
         self._no_lane: dict[str, float] = {}  # peer -> trio time until which libp2p is used
         self._idle: dict[str, list[tuple[float, Lane]]] = {}  # peer -> lanes we dialed, free again
         self._nursery: trio.Nursery | None = None
+        self.traffic = {"lane": Traffic(), "libp2p": Traffic()}  # bytes of the protocols served here
 
     def serve(self, protocol: str, handler: Handler) -> None:
         """Answer ``protocol`` with ``handler``, on libp2p streams and on lanes alike."""
-        self.host.set_stream_handler(protocol, handler)
+        async def counted(stream: INetStream) -> None:
+            await handler(CountedStream(stream, self.traffic["libp2p"]))
+
+        self.host.set_stream_handler(protocol, counted)
         self.handlers[protocol] = handler
 
     async def run(self, ip: str = "0.0.0.0", port: int = 0, *,
@@ -338,7 +372,7 @@ class Lanes:
                 if _unsupported(exc):  # a peer without lanes (--no-lanes, another implementation)
                     self._no_lane[key] = trio.current_time() + NO_LANE_SECONDS
                 log.debug("no lane to %s: %s: %s", peer, type(exc).__name__, exc)
-        return await self.host.new_stream(peer, [protocol])
+        return CountedStream(await self.host.new_stream(peer, [protocol]), self.traffic["libp2p"])
 
     async def _reuse(self, key: str, protocol: str) -> Lane | None:
         """An idle lane to ``key``, now carrying a new stream for ``protocol``, if one is left."""
@@ -392,7 +426,7 @@ class Lanes:
             await trio.aclose_forcefully(sock)
             raise
         to_listener, to_dialer = _keys(mine, theirs, lane_id)
-        lane = Lane(sock, peer, to_listener, to_dialer)
+        lane = Lane(sock, peer, to_listener, to_dialer, self.traffic["lane"])
         lane.on_idle = self._keep_idle
         return lane
 
@@ -452,7 +486,7 @@ class Lanes:
             log.info("dropped a lane connection from %s that presented no valid lane id", _remote(sock))
             return
         _, peer, protocol, send_key, receive_key = entry
-        lane = Lane(sock, peer, send_key, receive_key)
+        lane = Lane(sock, peer, send_key, receive_key, self.traffic["lane"])
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
         try:
             while protocol is not None:

@@ -44,6 +44,7 @@ class RecordDHT:
         self.replication = replication
         self.lookup_ttl = lookup_ttl
         self._lookups: dict[bytes, tuple[float, list[ID], int]] = {}  # key -> (expiry, peers, table size)
+        self.on_served: Callable[[float], None] | None = None  # given each inbound request's seconds
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
         self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
@@ -59,11 +60,14 @@ class RecordDHT:
         ``INBOUND_SLOTS`` handler slots, so a peer that opens streams and stays silent could
         starve the DHT. Each inbound stream gets ``2 × timeout`` in all, and no error escapes to
         the host."""
+        started = trio.current_time()
         with trio.move_on_after(2 * self.timeout) as scope:
             try:
                 await self.kad.handle_stream(stream)
             except Exception as exc:
                 log.debug("DHT stream from %s failed: %s", stream.muxed_conn.peer_id, exc)
+        if self.on_served is not None:
+            self.on_served(trio.current_time() - started)
         if scope.cancelled_caught:
             log.info("reset a DHT stream from %s that outlived its deadline", stream.muxed_conn.peer_id)
             with trio.move_on_after(1), contextlib.suppress(Exception):

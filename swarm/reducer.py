@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable
+
+import trio
 
 import torch
 
@@ -17,6 +20,19 @@ log = logging.getLogger(__name__)
 FAILURES_TO_WARN = 3  # rounds in a row that averaged nothing before the peer says so loudly
 
 
+@dataclass(frozen=True)
+class RoundReport:
+    """How one round went, for whoever watches the peer (metrics, the run board)."""
+
+    key: str
+    outcome: str  # averaged / alone / failed
+    seconds: float
+    members: list[str] = field(default_factory=list)  # the contributors of an averaged round
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # matchmaking, exchange, repair
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 class SwarmReducer:
     """Averages through an ``Averager`` with the peers of the same run, in groups keyed by round.
     Alone in the run it returns the tensors unchanged; when others train but no group averaged, None."""
@@ -26,6 +42,7 @@ class SwarmReducer:
         self.averager, self.run_id, self.expected_peers = averager, run_id, expected_peers
         self.max_group, self.timeout = max_group, timeout
         self.failures: list[str] = []  # why each round since the last one averaged failed
+        self.listeners: list[Callable[[RoundReport], None]] = []  # told of every round as it ends
 
     async def open_to_join(self, key: str) -> bool:
         """Whether peers of the run seek a group for round ``key`` now and wait for more peers."""
@@ -33,9 +50,12 @@ class SwarmReducer:
 
     async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
                        plan: RoundPlan | None = None) -> Reduced | None:
+        started = trio.current_time()
         expected = self.expected_peers()
         if expected < 2:
-            return Reduced(tensors if plan is None else await self.averager.transform_alone(tensors, plan), 1)
+            reduced = Reduced(tensors if plan is None else await self.averager.transform_alone(tensors, plan), 1)
+            self._report(RoundReport(key, "alone", trio.current_time() - started))
+            return reduced
         self.averager.matchmaker.target_size = min(self.max_group, expected)
         try:
             result = await self.averager.all_reduce(
@@ -43,16 +63,25 @@ class SwarmReducer:
                 matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan)
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
-            return self._failed(key, str(exc))
+            return self._failed(key, str(exc), started)
         except RoundFailed as exc:
             log.warning("round %s failed: %s", key, exc)
-            return self._failed(key, str(exc))
+            return self._failed(key, str(exc), started)
         self.failures.clear()
         stats = result.stats
+        seconds = trio.current_time() - started
+        phases = {"matchmaking": max(0.0, seconds - sum(stats.phase_seconds.values())), **stats.phase_seconds}
+        self._report(RoundReport(key, "averaged" if len(stats.contributors) > 1 else "alone", seconds,
+                                 list(stats.contributors), phases, stats.bytes_sent, stats.bytes_received))
         return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
 
-    def _failed(self, key: str, reason: str) -> None:
+    def _report(self, report: RoundReport) -> None:
+        for listener in self.listeners:
+            listener(report)
+
+    def _failed(self, key: str, reason: str, started: float) -> None:
         """Count a round that averaged nothing though others train; say so loudly once it repeats."""
+        self._report(RoundReport(key, "failed", trio.current_time() - started))
         self.failures.append(reason)
         if len(self.failures) in (FAILURES_TO_WARN, 4 * FAILURES_TO_WARN):
             log.error("this peer has averaged nothing with the swarm for %d rounds (last: %s). Peers behind "

@@ -11,6 +11,9 @@ from dht import RecordDHT
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
 
 
+MAX_GROUP = 64  # members of a published group (a round's group is at most RunConfig.group_size)
+
+
 def run_key(swarm: str) -> str:
     return f"/legion/{swarm}/run"
 
@@ -30,6 +33,11 @@ class Progress:
     bytes_received: int = 0
     group_size: int = 1
     training: bool = False  # False while joining or catching up
+    rounds_averaged: int = 0
+    rounds_alone: int = 0
+    rounds_failed: int = 0
+    group_key: str = ""  # the last round this peer averaged in ("diloco-12")...
+    group: list[str] = field(default_factory=list)  # ...and that round's contributors
     peer_id: str = field(default="", compare=False)
 
     def to_value(self) -> dict:
@@ -45,8 +53,16 @@ class Progress:
             progress = cls(**value, peer_id=peer_id)
         except TypeError as exc:
             raise ValueError(f"progress has unexpected fields: {exc}") from exc
+        numbers = (progress.step, progress.samples, progress.bytes_sent, progress.bytes_received, progress.group_size,
+                   progress.rounds_averaged, progress.rounds_alone, progress.rounds_failed)
         if not (isinstance(progress.run_id, str) and isinstance(progress.config, dict)
-                and isinstance(progress.round, int) and isinstance(progress.protocol, int)):
+                and isinstance(progress.round, int) and isinstance(progress.protocol, int)
+                and all(isinstance(n, int) and n >= 0 for n in numbers)
+                and all(x is None or isinstance(x, (int, float)) for x in (progress.loss, progress.val_loss))
+                and isinstance(progress.tokens_per_second, (int, float)) and isinstance(progress.training, bool)
+                and isinstance(progress.group_key, str) and len(progress.group_key) <= 64
+                and isinstance(progress.group, list) and len(progress.group) <= MAX_GROUP
+                and all(isinstance(m, str) and len(m) <= 64 for m in progress.group)):
             raise ValueError("progress has a field of the wrong type")
         return progress
 

@@ -17,7 +17,8 @@ from averaging.codecs import CodecError, get_codec
 from optim.model_config import SIZES, GPTConfig
 from optim.schedule import SCHEDULES
 
-PROTOCOL = 2  # bumped whenever peers of different versions could not train together (2: sharded rounds)
+PROTOCOL = 3  # bumped whenever peers of different versions could not train together (2: sharded rounds;
+# 3: run board entries carry round counts and the last group, which older peers reject)
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
 DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
 
@@ -53,7 +54,7 @@ class RunConfig:
     lr_schedule: str = "constant"  # or "cosine": to a tenth of inner_lr by the last round (runs with rounds > 0)
     weight_decay: float = 0.1
     outer_lr: float = 1.0
-    outer_momentum: float = 0.0  # measured better than the DiLoCo paper's 0.9 for runs of tens of rounds (README)
+    outer_momentum: float = 0.0  # measured better than the DiLoCo paper's 0.9 for runs of tens of rounds (docs/benchmarks.md, Convergence)
     codec: str = ""  # empty: the algorithm's default (DEFAULT_CODECS)
     overlap: bool = True
     warmup_steps: int = 50

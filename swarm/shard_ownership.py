@@ -11,7 +11,7 @@ from dht import RecordDHT
 from shards.assignment import Assignment, assign
 from shards.bids import DEFAULT_UPLOAD_MBIT, Bid, bids_key, read_bids
 from shards.layout import ShardLayout
-from swarm.run_board import read_board
+from swarm.run_board import Progress, read_board
 from swarm.run_config import RunConfig
 
 STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
@@ -44,16 +44,20 @@ def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_mem
     return Bid(peer_id, free_memory, upload_mbit or DEFAULT_UPLOAD_MBIT, started_at, time.time())
 
 
-async def fetch_shard_status(dht: RecordDHT, swarm: str) -> list[dict]:
-    """For every run the board shows: its shards, their owners and each owner's lease age."""
+async def fetch_shard_status(dht: RecordDHT, swarm: str, board: list[Progress] | None = None, *,
+                             sharded_only: bool = False) -> list[dict]:
+    """For every run the board shows (or ``board``, already read): its shards, their owners and
+    each owner's lease age."""
     runs: dict[str, RunConfig] = {}
-    for progress in await read_board(dht, swarm):
+    for progress in await read_board(dht, swarm) if board is None else board:
         if progress.run_id in runs:
             continue
         try:
-            runs[progress.run_id] = RunConfig.from_dict(progress.config, "run board").validate()
+            config = RunConfig.from_dict(progress.config, "run board").validate()
         except ValueError:
             continue  # a peer of another version; `status` lists it anyway
+        if config.sharded or not sharded_only:
+            runs[progress.run_id] = config
     now = time.time()
     out = []
     for run_id, config in runs.items():

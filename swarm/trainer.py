@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import trio
@@ -34,8 +35,8 @@ from shards.bids import Bid
 from shards.outer import ShardedOuter
 from swarm import resources
 from swarm.peer import Peer
-from swarm.reducer import SwarmReducer
-from swarm.run_board import Progress, choose_run, read_board, run_key
+from swarm.reducer import RoundReport, SwarmReducer
+from swarm.run_board import MAX_GROUP, Progress, choose_run, read_board, run_key
 from swarm.run_config import PROTOCOL, RunConfig
 from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 
@@ -115,6 +116,7 @@ class Trainer:
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
+        self.round_listeners: list[Callable[[RoundReport], None]] = [self._on_round]  # told of every round
         self._stop = threading.Event()
         self.finished = trio.Event()
 
@@ -155,6 +157,7 @@ class Trainer:
                             max_weight=max_round_samples(config))
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
+        reducer.listeners = self.round_listeners
         if config.sharded:
             self.sharded = self._sharded_outer(config)
         async with trio.open_nursery() as nursery:
@@ -506,10 +509,17 @@ class Trainer:
         return bool(self._others_training()) and self._swarm_round() - optimizer.round >= 2
 
     def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
-        stats = optimizer.stats
-        self.progress.round = optimizer.round
-        self.progress.bytes_sent, self.progress.bytes_received = stats.bytes_sent, stats.bytes_received
-        self.progress.group_size = stats.last_group_size
+        stats, progress = optimizer.stats, self.progress
+        progress.round = optimizer.round
+        progress.bytes_sent, progress.bytes_received = stats.bytes_sent, stats.bytes_received
+        progress.group_size = stats.last_group_size
+        progress.rounds_averaged, progress.rounds_alone = stats.rounds_averaged, stats.rounds_alone
+        progress.rounds_failed = stats.rounds_failed
+
+    def _on_round(self, report: RoundReport) -> None:
+        """Publish the group of the last averaged round (the dashboard shows recent groups)."""
+        if report.outcome == "averaged":
+            self.progress.group_key, self.progress.group = report.key, sorted(report.members)[:MAX_GROUP]
 
     def _record(self, event: dict) -> None:
         """A line of ``metrics.jsonl`` (from the training thread or the trio side)."""
