@@ -15,6 +15,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import swarm.trainer, dht, bootstrap, shards.outer, averaging.averager, optim.diloco, zstandard, libp2p, trio, torch, matplotlib, pytest_trio, hypothesis"
+    .venv/bin/python -c "import swarm.trainer, dht, bootstrap, shards.outer, averaging.averager, optim.diloco, zstandard, libp2p, trio, torch, matplotlib, pytest_trio, hypothesis, swarm.web, swarm.metrics, playwright.sync_api"
     echo "$want" > "$stamp"
 fi

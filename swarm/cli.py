@@ -7,9 +7,10 @@ import json
 import logging
 import signal
 import sys
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
@@ -24,13 +25,16 @@ from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
 from swarm.shard_ownership import fetch_shard_status, format_shard_table
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
+from swarm.swarm_view import SwarmView
+from swarm.web import AddressError, parse_address, serve_web, web_app
 
 if TYPE_CHECKING:
+    from swarm.metrics import PeerMetrics
     from swarm.trainer import Trainer
 
 log = logging.getLogger("swarm.cli")
-USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError, RunConfigError, DataError)
-COMMANDS = ("status", "new-swarm-key", "demo")
+USER_ERRORS = (BootstrapError, ConfigError, IdentityError, SwarmKeyError, RunConfigError, DataError, AddressError)
+COMMANDS = ("status", "dashboard", "new-swarm-key", "demo")
 EXIT_TRAINED_ALONE = 3  # the run ended, but this peer averaged none of its rounds with the others
 RUN_OPTIONS = [
     ("model", str, "model size: tiny, mini, small, medium, gpt2"),
@@ -56,7 +60,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="legion-peer",
-        description="Run a Legion peer. Other commands: legion-peer {status,new-swarm-key,demo} --help",
+        description="Run a Legion peer. Other commands: legion-peer {status,dashboard,new-swarm-key,demo} --help",
     )
     parser.add_argument("--seed", action="store_true", help="start a swarm: a stable peer others bootstrap from")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
@@ -76,12 +80,16 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-lanes", dest="lanes", action="store_false",
                         help="move bulk data (all-reduce, checkpoint chunks) on libp2p streams only, "
                              "not on direct encrypted TCP lanes")
+    parser.add_argument("--dashboard", metavar="HOST:PORT",
+                        help="serve the live swarm dashboard here (read-only; port 0: any free one)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--count", type=int, default=1,
                         help="run this many peers in this process (simulations and tests)")
     train = parser.add_argument_group(
         "training", "A seed, or any peer given --run or a run option, publishes that run; other peers "
                     "train the run the swarm publishes (waiting for one if there is none yet).")
-    train.add_argument("--run", type=Path, metavar="CONFIG.toml", help="run configuration (keys: see README)")
+    train.add_argument("--run", type=Path, metavar="CONFIG.toml", help="run configuration (keys: docs/operations.md)")
     for name, kind, text in RUN_OPTIONS:
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
     train.add_argument("--no-overlap", dest="overlap", action="store_const", const=False,
@@ -114,6 +122,19 @@ def status_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print a JSON list of peer objects")
     parser.add_argument("--shards", action="store_true",
                         help="show shard ownership of the swarm's runs instead (owners, replicas, lease age)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for each network step")
+    _common(parser)
+    return parser
+
+
+def dashboard_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="legion-peer dashboard",
+        description="Serve a live, read-only web view of a swarm, read from its DHT through any of its peers.")
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR")
+    parser.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                        help="where to serve the page (default 127.0.0.1:8080; 0.0.0.0:PORT for everyone)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between reads of the swarm")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for each network step")
     _common(parser)
     return parser
@@ -212,14 +233,45 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
             for i in range(args.count)]
 
 
-async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index: int, peers: list[Peer],
-                    trainers: list[Trainer], untrained: list[Peer], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+@dataclass
+class WebOptions:
+    dashboard: str | None  # HOST:PORT
+    metrics: str | None
+
+
+async def _serve_web(peer: Peer, web: WebOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The peer's dashboard and metrics servers, printing their URLs, until the peer stops;
+    ``task_status`` gets the ``PeerMetrics`` (None without ``--metrics``)."""
+    from swarm.metrics import PeerMetrics  # prometheus_client loads only where metrics are served
+
+    metrics = PeerMetrics(peer) if web.metrics else None
+    async with trio.open_nursery() as nursery:
+        if web.dashboard:
+            view = SwarmView(peer.dht, peer.config.swarm, timeout=peer.config.network_timeout)
+            nursery.start_soon(view.watch)
+            url = await nursery.start(serve_web, web_app(view), web.dashboard)
+            print(f"dashboard {url}", flush=True)
+        if metrics is not None:
+            url = await nursery.start(serve_web, web_app(registry=metrics.registry), web.metrics)
+            print(f"metrics {url}metrics", flush=True)
+        task_status.started(metrics)
+        await peer.stopped.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _run_peer(config: PeerConfig, training: TrainingOptions | None, web: WebOptions, index: int,
+                    peers: list[Peer], trainers: list[Trainer], untrained: list[Peer], *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run one peer; with ``training`` it trains, then leaves when its run is done (added to
-    ``untrained`` if it never averaged with the peers it trained beside)."""
+    ``untrained`` if it never averaged with the peers it trained beside). The first peer of the
+    process serves ``web``."""
     peer = Peer(config)
     peers.append(peer)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
+        metrics: PeerMetrics | None = None
+        if index == 0:
+            metrics = await nursery.start(_serve_web, peer, web)
         print(f"{'seed' if config.seed else 'peer'} {peer.peer_id} listening on "
               f"{' '.join(str(a) for a in peer.addrs)}", flush=True)
         if config.seed:
@@ -241,6 +293,8 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
                           keep_checkpoints=training.keep_checkpoints, max_upload_mbit=training.max_upload,
                           max_download_mbit=training.max_download)
         trainers.append(trainer)
+        if metrics is not None:
+            metrics.watch(trainer)
         summary = await trainer.run()
         print("done " + json.dumps({"peer_id": str(peer.peer_id), **summary}), flush=True)
         if summary["rounds_failed"] and not summary["rounds_averaged"]:
@@ -253,7 +307,7 @@ async def _run_peer(config: PeerConfig, training: TrainingOptions | None, index:
             exit_if_stuck(15.0)
 
 
-async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None) -> int:
+async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None, web: WebOptions) -> int:
     """Run the peers until a signal or until their training is done; the first starts alone, the
     others join through it at once. Returns how many trained alone although others trained too."""
     peers: list[Peer] = []
@@ -266,26 +320,57 @@ async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, peers, trainers, nursery)
         async with trio.open_nursery() as running:
-            first = await running.start(_run_peer, configs[0], training, 0, peers, trainers, untrained)
+            first = await running.start(_run_peer, configs[0], training, web, 0, peers, trainers, untrained)
             for index, config in enumerate(configs[1:], 1):
                 config.bootstrap = [str(first.addrs[-1]), *config.bootstrap]
-                running.start_soon(_run_peer, config, training, index, peers, trainers, untrained)
+                running.start_soon(_run_peer, config, training, web, index, peers, trainers, untrained)
         nursery.cancel_scope.cancel()
     return len(untrained)
 
 
-async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False):
-    """Join as a DHT client through ``bootstrap`` and read the swarm's live members (with
-    ``shards``: the shard ownership of its runs)."""
+@asynccontextmanager
+async def dht_client(bootstrap: list[str], psk: str | None, timeout: float) -> AsyncIterator[RecordDHT]:
+    """A DHT client with a throwaway identity, joined through ``bootstrap``: it reads, stores nothing."""
     key_pair = load_or_create_identity(None)
     host = build_host(key_pair, psk=psk, dial_timeout=timeout)
     dht = RecordDHT(host, key_pair, server=False, timeout=timeout)
     async with host.run([]), dht.running():
         for peer_id in await connect_bootstrap_peers(host, bootstrap, timeout):
             await dht.add_peer(peer_id)
+        yield dht
+
+
+async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False):
+    """Read the swarm's live members (with ``shards``: the shard ownership of its runs)."""
+    async with dht_client(bootstrap, psk, timeout) as dht:
         if shards:
             return await fetch_shard_status(dht, swarm)
         return await live_members(dht, swarm)
+
+
+async def serve_dashboard(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, listen: str,
+                          interval: float) -> None:
+    """``legion-peer dashboard``: serve the swarm's live view until SIGINT/SIGTERM."""
+    async with dht_client(bootstrap, psk, timeout) as dht, trio.open_nursery() as nursery:
+        view = SwarmView(dht, swarm, interval=interval, timeout=timeout)
+        nursery.start_soon(view.watch)
+        url = await nursery.start(serve_web, web_app(view), listen)
+        print(f"dashboard {url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _dashboard(argv: list[str]) -> int:
+    args = dashboard_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    parse_address(args.listen)
+    if not 0.2 <= args.interval <= 600:
+        raise ConfigError("--interval must lie in [0.2, 600] seconds")
+    psk = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    trio.run(serve_dashboard, args.bootstrap, args.swarm, psk, args.timeout, args.listen, args.interval)
+    return 0
 
 
 def _duration(seconds: float) -> str:
@@ -341,7 +426,11 @@ def _new_swarm_key(argv: list[str]) -> int:
 def _run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    untrained = trio.run(_run_peers, _peer_configs(args), _training_options(args))
+    web = WebOptions(args.dashboard, args.metrics)
+    for address in (web.dashboard, web.metrics):
+        if address is not None:
+            parse_address(address)
+    untrained = trio.run(_run_peers, _peer_configs(args), _training_options(args), web)
     return EXIT_TRAINED_ALONE if untrained else 0
 
 
@@ -351,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "status":
             return _status(argv[1:])
+        if command == "dashboard":
+            return _dashboard(argv[1:])
         if command == "new-swarm-key":
             return _new_swarm_key(argv[1:])
         if command == "demo":

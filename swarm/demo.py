@@ -95,6 +95,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--inner-steps", type=int, default=30)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--out", type=Path, help="directory for logs, metrics, models and the plot")
+    parser.add_argument("--dashboard", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the seed serves the live swarm dashboard (default: a free port on 127.0.0.1)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="legion-demo-"))
     outs = [out / f"peer{i}" for i in range(args.peers)]
@@ -104,8 +106,11 @@ def main(argv: list[str]) -> int:
           f"({args.rounds} rounds of {args.inner_steps} local steps, int8 pseudo-gradients). Output in {out}")
     try:
         processes = start_training_swarm(args.peers, ["--model", args.model, "--rounds", str(args.rounds),
-                                                      "--inner-steps", str(args.inner_steps)], out, extra=["--quiet"])
+                                                      "--inner-steps", str(args.inner_steps)], out, extra=["--quiet"],
+                                         seed_extra=["--dashboard", args.dashboard])
         print(f"seed {processes[0].addrs[0]}")
+        dashboard = next((line.split()[1] for line in processes[0].pending_lines if line.startswith("dashboard ")), None)
+        print(f"live dashboard (while the swarm trains): {dashboard}")
         started, shown, last_print = time.monotonic(), 0, 0.0
         while any(p.proc.poll() is None for p in processes):
             now = time.monotonic()

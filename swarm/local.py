@@ -129,11 +129,12 @@ def status_json(bootstrap: str, *extra: str, timeout: float = 60.0) -> list[dict
 
 
 def start_training_swarm(peers: int, run_args: list[str], out: Path, *, heartbeat: float = 2.0,
-                         extra: list[str] | None = None, identities: Path | None = None,
-                         timeout: float = 60.0) -> list[PeerProcess]:
+                         extra: list[str] | None = None, seed_extra: list[str] | None = None,
+                         identities: Path | None = None, timeout: float = 60.0) -> list[PeerProcess]:
     """A seed publishing the run ``run_args`` and ``peers - 1`` peers joining it, one process each,
     single-threaded torch, all starting together; peer i writes to ``out/peer{i}`` and, with
-    ``identities``, keeps its key in ``identities/id{i}.key`` (the same peer ids run after run)."""
+    ``identities``, keeps its key in ``identities/id{i}.key`` (the same peer ids run after run).
+    ``seed_extra`` are options of the seed alone (``--dashboard``, say)."""
     common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", str(heartbeat), "--threads", "1",
               "--wait-peers", str(peers), *(extra or [])]
 
@@ -141,7 +142,8 @@ def start_training_swarm(peers: int, run_args: list[str], out: Path, *, heartbea
         identity = ["--identity", str(identities / f"id{i}.key")] if identities else []
         return [*identity, "--out", str(out / f"peer{i}"), *common]
 
-    processes = [start_peer_process(["--seed", *run_args, *own(0)], log_dir=out / "logs", timeout=timeout)]
+    processes = [start_peer_process(["--seed", *run_args, *own(0), *(seed_extra or [])], log_dir=out / "logs",
+                                    timeout=timeout)]
     try:
         for i in range(1, peers):
             processes.append(start_peer_process(["--bootstrap", processes[0].addrs[0], *own(i)],

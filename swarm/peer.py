@@ -26,7 +26,7 @@ from swarm.swarm_key import read_swarm_key
 
 log = logging.getLogger(__name__)
 
-VERSION = package_version("legion")
+VERSION = package_version("legion-swarm")
 REACHABILITY_SECONDS = 60.0  # between dial-back checks once the answer is known
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
-from pathlib import Path
+import sys
 
 import psutil
 
@@ -19,13 +20,17 @@ def available_memory() -> int:
     return psutil.virtual_memory().available
 
 
+@functools.cache
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name, found without importing torch (which costs ~300 MB per peer):
-    from the Linux driver's files, else ``nvidia-smi`` where it is installed (any system)."""
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("Model:"):
-                return line.split(":", 1)[1].strip()
+    """The first CUDA GPU's name: torch's where torch is loaded (training peers load it first),
+    else ``nvidia-smi``'s where it is installed (any system), so that a peer that does not train
+    does not import torch (~300 MB) only to name its GPU. Asked once per process."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # a broken driver: no GPU to declare
+            return None
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

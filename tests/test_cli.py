@@ -114,7 +114,7 @@ def test_every_package_imports_where_fcntl_does_not_exist():
     import sys
     code = ("import sys; sys.modules['fcntl'] = None\n"
             "import swarm.cli, swarm.trainer, swarm.network, swarm.resources, averaging.averager, bootstrap.checkpoint_swarm, "
-            "shards.outer, dht, optim.diloco\n"
+            "shards.outer, dht, optim.diloco, swarm.metrics, swarm.web, swarm.swarm_view, swarm.demo\n"
             "from swarm import resources\n"
             "assert resources.ram_bytes() > 0 and 0 < resources.available_memory() <= resources.ram_bytes()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
