@@ -28,6 +28,7 @@ class Reduced:
     group_size: int
     bytes_sent: int = 0
     bytes_received: int = 0
+    members: tuple[str, ...] = ()  # the peers whose contributions the average holds (sorted)
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -96,6 +96,9 @@ class DiLoCo(SwarmOptimizer):
         self._join_round: int | None = None
         self.fetch_state: Callable[[int], tuple[int, dict[str, torch.Tensor]] | None] | None = None
         self.swarm_round: Callable[[], int | None] | None = None
+        # Told of every round's outcome once applied (the round, and the average or None): who
+        # watches the swarm's consistency compares the weights of a group's members after it.
+        self.on_applied: Callable[[int, Reduced | None], None] | None = None
         self.take_snapshot()
 
     def step(self, samples: int) -> bool:
@@ -185,6 +188,8 @@ class DiLoCo(SwarmOptimizer):
                                                         reduced.tensors[0].float())
         else:
             self.outer.step(self.global_weights, reduced.tensors[0].float())
+        if self.on_applied is not None:
+            self.on_applied(self.round, reduced)
         self.round += 1
         self.take_snapshot()
 

@@ -31,6 +31,7 @@ class RoundReport:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # matchmaking, exchange, repair
     bytes_sent: int = 0
     bytes_received: int = 0
+    reason: str = ""  # why a failed round failed
 
 
 class SwarmReducer:
@@ -73,7 +74,8 @@ class SwarmReducer:
         phases = {"matchmaking": max(0.0, seconds - sum(stats.phase_seconds.values())), **stats.phase_seconds}
         self._report(RoundReport(key, "averaged" if len(stats.contributors) > 1 else "alone", seconds,
                                  list(stats.contributors), phases, stats.bytes_sent, stats.bytes_received))
-        return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received)
+        return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received,
+                       tuple(sorted(stats.contributors)))
 
     def _report(self, report: RoundReport) -> None:
         for listener in self.listeners:
@@ -81,7 +83,7 @@ class SwarmReducer:
 
     def _failed(self, key: str, reason: str, started: float) -> None:
         """Count a round that averaged nothing though others train; say so loudly once it repeats."""
-        self._report(RoundReport(key, "failed", trio.current_time() - started))
+        self._report(RoundReport(key, "failed", trio.current_time() - started, reason=reason))
         self.failures.append(reason)
         if len(self.failures) in (FAILURES_TO_WARN, 4 * FAILURES_TO_WARN):
             log.error("this peer has averaged nothing with the swarm for %d rounds (last: %s). Peers behind "

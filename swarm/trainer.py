@@ -5,6 +5,7 @@ on the trio side."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from bootstrap.checkpoint_swarm import CheckpointSwarm
 from bootstrap.chunk_store import ChunkError, ChunkStore
 from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.swarm_download import DownloadError
-from optim.base import StateError, SwarmOptimizer
+from optim.base import Reduced, StateError, SwarmOptimizer
 from optim.data import Corpus, load_corpus
 from optim.diloco import ALIGN_LIMIT, DiLoCo
 from optim.model import GPT
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 EVAL_EVERY_STEPS = 50
 MAX_WITNESSES = 4  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
+BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
 
 
 def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery,
@@ -113,6 +115,7 @@ class Trainer:
         self.assignment: Assignment | None = None
         self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
         self.board: list[Progress] = []
+        self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -162,9 +165,12 @@ class Trainer:
             self.sharded = self._sharded_outer(config)
         async with trio.open_nursery() as nursery:
             optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery, self.sharded)
+            if isinstance(optimizer, DiLoCo) and self.out:
+                optimizer.on_applied = self._on_applied
             self.checkpoints.serve()
             nursery.start_soon(self.checkpoints.advertise_forever, self.peer.config.heartbeat, self.peer.ttl)
             nursery.start_soon(self._publish_progress)
+            nursery.start_soon(self._watch_board)
             await self._resume_from_disk(optimizer)
             await self._refresh_board()
             await self._wait_for_peers(training=False)
@@ -267,22 +273,39 @@ class Trainer:
         return [p.peer_id for p in sorted(ahead, key=lambda p: -p.round)][:MAX_WITNESSES]
 
     async def _refresh_board(self) -> None:
+        """Read the run board. An entry missing from one read (a slow or cut-off DHT node answered
+        late, a refresh that came late) stays on the board for ``BOARD_MEMORY_TTLS`` entry
+        lifetimes: a peer that saw the others vanish for one read would step alone, and its
+        weights would part from theirs for good."""
         # A read is a lookup, then one request to each of the closest peers, each step within the
         # network timeout; a bound of one timeout cut every read short on a loaded machine
         # (16 peers on 2 cores), and peers that never saw the last of the others waited forever.
         limit = 2 * self.peer.config.network_timeout + 1
+        read = None
         with trio.move_on_after(limit) as scope:
-            self.board = await read_board(self.peer.dht, self.peer.config.swarm)
+            read = await read_board(self.peer.dht, self.peer.config.swarm)
         if scope.cancelled_caught:
             log.info("reading the run board took over %.0f s; keeping the last one read", limit)
+        now = trio.current_time()
+        for progress in read or []:
+            self._board_seen[progress.peer_id] = (now, progress)
+        memory = BOARD_MEMORY_TTLS * self.peer.ttl
+        self._board_seen = {peer: seen for peer, seen in self._board_seen.items() if now - seen[0] <= memory}
+        self.board = [progress for _, progress in self._board_seen.values()]
 
     async def _publish_once(self) -> None:
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
             await self.peer.dht.store(run_key(self.peer.config.swarm), self.progress.to_value(), self.peer.ttl)
 
     async def _publish_progress(self) -> None:
+        """This peer's board entry, refreshed every heartbeat on its own: a slow board read must
+        not delay it past its lifetime (the others would think this peer gone, and step alone)."""
         while True:
             await self._publish_once()
+            await trio.sleep(self.peer.config.heartbeat)
+
+    async def _watch_board(self) -> None:
+        while True:
             await self._refresh_board()
             if self.sharded:
                 await self._renew_bid()
@@ -413,12 +436,22 @@ class Trainer:
         if fetched is not None:
             await trio.to_thread.run_sync(self._adopt, optimizer, fetched)
 
-    @staticmethod
-    def _adopt(optimizer: SwarmOptimizer, fetched: tuple[int, dict]) -> None:
+    def _adopt(self, optimizer: SwarmOptimizer, fetched: tuple[int, dict]) -> None:
         try:
             optimizer.load_state(*fetched)
         except StateError as exc:  # a donor with another model, or a hostile one
             log.warning("ignoring a peer's state: %s", exc)
+            return
+        if isinstance(optimizer, DiLoCo):
+            self._record({"event": "adopted", "round": optimizer.round, "digest": _digest(optimizer.global_weights)})
+
+    def _on_applied(self, round_: int, reduced: Reduced | None) -> None:
+        """A line per round applied (DiLoCo, with ``out``): the members of the group whose average
+        it was (none: the round failed) and a digest of the swarm weights after it, so that a
+        watcher can check that every member of a group holds the same weights (``bench/chaos.py``)."""
+        optimizer = self.optimizer
+        self._record({"event": "applied", "round": round_, "members": list(reduced.members) if reduced else [],
+                      "digest": _digest(optimizer.global_weights)})
 
     # ----- the training thread
     def _train(self, model: GPT, corpus: Corpus, optimizer: SwarmOptimizer) -> dict:
@@ -488,6 +521,7 @@ class Trainer:
                        "wait_fraction": optimizer.stats.wait_seconds / elapsed,
                        "rounds_averaged": optimizer.stats.rounds_averaged,
                        "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed,
+                       "checkpoint_bytes_fetched": self.checkpoints.download_limit.total,
                        **self._outer_summary(optimizer)}
             self._record(summary)
             if self.out:
@@ -517,12 +551,21 @@ class Trainer:
         progress.rounds_failed = stats.rounds_failed
 
     def _on_round(self, report: RoundReport) -> None:
-        """Publish the group of the last averaged round (the dashboard shows recent groups)."""
+        """Publish the group of the last averaged round (the dashboard shows recent groups), and
+        record every round's outcome."""
         if report.outcome == "averaged":
             self.progress.group_key, self.progress.group = report.key, sorted(report.members)[:MAX_GROUP]
+        self._record({"event": "reduced", "key": report.key, "outcome": report.outcome,
+                      "members": sorted(report.members), "seconds": round(report.seconds, 3),
+                      **({"reason": report.reason[:300]} if report.reason else {})})
 
     def _record(self, event: dict) -> None:
         """A line of ``metrics.jsonl`` (from the training thread or the trio side)."""
         if self.out:
             with self._metrics_lock, (self.out / "metrics.jsonl").open("a") as metrics:
                 metrics.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def _digest(weights: torch.Tensor) -> str:
+    """A short digest of a flat float tensor's exact bits."""
+    return hashlib.blake2b(weights.detach().cpu().numpy().tobytes(), digest_size=12).hexdigest()
