@@ -8,10 +8,15 @@ schedule the controller faults ``churn`` x N peers per 10 rounds, with kinds dra
 
 - ``restart``: ``kill -9``, down 1-4 s, restarted with the same identity and disk;
 - ``restart-truncated``: the same, with a checkpoint chunk on its disk cut in half while it is down;
+- ``restart-while-joining``: restarted, killed again 1-3 s later while it loads its disk and fetches
+  the swarm's state, then restarted once more;
 - ``replace``: ``kill -9`` for good; a fresh peer (new identity, empty disk) joins on that host;
 - ``stop``: SIGSTOP for longer than the round deadline, then SIGCONT;
 - ``cut``: every packet to and from the peer's host dropped for a while;
 - ``partition`` (with ``--partition``): the swarm split into two halves for a while.
+
+Faults strike at random moments (``--aim random``) or the moment the first peer has finished a
+round's all-reduce, while the others are still exchanging theirs (``--aim averaging``).
 
 Oracles, checked as the peers' ``metrics.jsonl`` lines arrive (``reduced``: a round's outcome and
 contributors; ``applied``: the swarm weights' digest after each round):
@@ -53,7 +58,8 @@ from swarm.local import PeerProcess, PeerProcessError  # noqa: E402
 from tests.netns_helpers import Lab  # noqa: E402
 
 PORT, LANE_PORT = 4001, 4002
-KINDS = ("restart", "restart-truncated", "replace", "stop", "cut")
+KINDS = ("restart", "restart-truncated", "restart-while-joining", "replace", "stop", "cut")
+RESTARTS = ("restart", "restart-truncated", "restart-while-joining", "replace")
 REJOIN_GRACE = 45.0
 
 
@@ -97,6 +103,8 @@ class Fault:
     round: int
     heal_at: float | None = None
     restarted_at: float | None = None  # a killed peer's new process started
+    rekill_at: float | None = None  # restart-while-joining: when the restarted peer is killed again
+    at_rekill: bool = False  # ... which happens once
     recovered_at: float | None = None  # the swarm's next averaged round
     rejoined_at: float | None = None  # a restarted or replacing peer's first averaged round
 
@@ -222,7 +230,7 @@ class ChaosSwarm:
         else:
             slot = self.rng.choice(live)
             fault = Fault(kind, [slot.index], now, self.swarm_round)
-            if kind in ("restart", "restart-truncated", "replace"):
+            if kind in RESTARTS:
                 self._kill(slot)
                 fault.heal_at = now + self.rng.uniform(1, 4)
             elif kind == "stop":
@@ -239,6 +247,11 @@ class ChaosSwarm:
     def heal_due(self) -> None:
         now = time.monotonic()
         for fault in self.faults:
+            if fault.rekill_at is not None and fault.rekill_at <= now:
+                self._kill(self.slots[fault.slots[0]])
+                fault.rekill_at, fault.restarted_at = None, None
+                fault.heal_at = now + self.rng.uniform(1, 2)
+                continue
             if fault.heal_at is None or fault.heal_at > now:
                 continue
             fault.heal_at = None
@@ -246,8 +259,10 @@ class ChaosSwarm:
             if fault.kind == "partition":
                 slots = self.slots
             for slot in slots:
-                if fault.kind in ("restart", "restart-truncated"):
+                if fault.kind in ("restart", "restart-truncated", "restart-while-joining"):
                     self._restart(slot, fault.kind == "restart-truncated")
+                    if fault.kind == "restart-while-joining" and fault.restarted_at is None and not fault.at_rekill:
+                        fault.rekill_at, fault.at_rekill = now + self.rng.uniform(1, 3), True
                 elif fault.kind == "replace":
                     slot.replaced += 1
                     self._launch(slot, self._bootstrap(slot))
@@ -256,7 +271,7 @@ class ChaosSwarm:
                     slot.stopped = False
                 else:
                     self._iptables(slot, "-F", "CHAOS")
-            if fault.kind in ("restart", "restart-truncated", "replace"):
+            if fault.kind in RESTARTS:
                 fault.restarted_at = time.monotonic()
 
     def busy(self) -> bool:
@@ -264,8 +279,9 @@ class ChaosSwarm:
         ``REJOIN_GRACE`` seconds): the next fault waits for it (a peer restarted into a partition
         would find no bootstrap peer, and rightly exit)."""
         now = time.monotonic()
-        return any(f.heal_at is not None or (f.restarted_at is not None and f.rejoined_at is None
-                                             and now - f.restarted_at < REJOIN_GRACE) for f in self.faults)
+        return any(f.heal_at is not None or f.rekill_at is not None
+                   or (f.restarted_at is not None and f.rejoined_at is None and now - f.restarted_at < REJOIN_GRACE)
+                   for f in self.faults)
 
     def _iptables(self, slot: Slot, *rule: str) -> None:
         subprocess.run(["ip", "netns", "exec", self.lab.hosts[slot.host], "iptables", *rule], check=True,
@@ -349,10 +365,13 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
         schedule = [(r, kinds[i % len(kinds)]) for i, r in enumerate(at_rounds)]
         started = time.monotonic()
         swarm.oracles.last_averaged = started
+        seen_round = 0
         while any(s.alive for s in swarm.slots):
             swarm.observe()
             swarm.heal_due()
-            if schedule and swarm.swarm_round >= schedule[0][0] and not swarm.busy():
+            new_round, seen_round = swarm.swarm_round > seen_round, swarm.swarm_round
+            if schedule and swarm.swarm_round >= schedule[0][0] and not swarm.busy() \
+                    and (args.aim == "random" or new_round):
                 swarm.inject(schedule.pop(0)[1], args.stop_seconds, args.network_seconds)
             if time.monotonic() - swarm.oracles.last_averaged > args.watchdog:
                 swarm.oracles.violations.append(f"watchdog: no round averaged anywhere for {args.watchdog:.0f} s")
@@ -363,7 +382,7 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
             if not swarm.busy() and not schedule and all(
                     not s.alive or s.process.proc.poll() is not None for s in swarm.slots):
                 break
-            time.sleep(0.25)
+            time.sleep(0.1)
         swarm.finish(timeout=max(30.0, 3 * args.round_timeout))
         return report(swarm, args, time.monotonic() - started)
     finally:
@@ -383,7 +402,7 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, seconds: float) -> dict:
     final_digests = {d for r, d in finals.values() if r == last_round}
     recovery = [f.recovered_at - f.at for f in swarm.faults if f.recovered_at is not None]
     rejoin = [f.rejoined_at - f.restarted_at for f in swarm.faults if f.restarted_at and f.rejoined_at]
-    restarted = [f for f in swarm.faults if f.kind in ("restart", "restart-truncated", "replace")]
+    restarted = [f for f in swarm.faults if f.kind in RESTARTS]
     return {
         "peers": args.peers, "rounds": args.rounds, "churn": args.churn, "seconds": round(seconds, 1),
         "faults": len(swarm.faults), "fault_kinds": dict(Counter(f.kind for f in swarm.faults)),
@@ -415,6 +434,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--network-seconds", type=float, default=10.0, help="how long a cut or a partition lasts")
     p.add_argument("--watchdog", type=float, default=120.0, help="fail if no round averages for this long")
     p.add_argument("--timeout", type=float, default=1800.0, help="fail if the run takes longer")
+    p.add_argument("--aim", choices=("random", "averaging"), default="random",
+                   help="fault at random moments, or as the first peer finishes a round's all-reduce")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-clean", action="store_true", help="skip the fault-free run")
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep the peers' logs and metrics in DIR")

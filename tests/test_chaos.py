@@ -1,0 +1,54 @@
+"""A training swarm under faults of every kind, on hosts in network namespaces, with the chaos
+controller's oracles (``bench/chaos.py``): group members hold bit-identical weights after every
+round, no peer prints a traceback or hangs, restarted peers rejoin, survivors end alike."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+import chaos  # noqa: E402
+
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None,
+    reason="network namespaces need root, iproute2 and iptables (CI runs as root; .ci/run installs them)")
+
+
+def _check(result: dict, rounds: int) -> None:
+    assert result["violations"] == [], result
+    assert result["tracebacks"] == [] and result["hung"] == [], result
+    assert result["identical_after_every_round"] and result["groups_checked"] > rounds, result
+    assert result["survivors_same_weights"], result
+    assert result["rounds_completed"] == rounds and result["survivors"] >= 3, result
+    assert result["not_rejoined"] == 0, result
+    assert result["val_loss"] < 4.0, result  # it learned (5.37 at the start)
+
+
+@needs_namespaces
+def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
+    kinds = [*chaos.KINDS, "partition"]
+    args = chaos.parser().parse_args([
+        "--peers", "4", "--rounds", "18", "--churn", str(len(kinds) * 10 / (4 * 18)), "--partition",
+        "--inner-steps", "5", "--round-timeout", "8", "--stop-seconds", "10", "--network-seconds", "6",
+        "--watchdog", "60", "--timeout", "600", "--seed", "1"])
+    result = chaos.run(args, tmp_path, faults=True)
+    assert result["fault_kinds"] == {kind: 1 for kind in kinds}, result
+    _check(result, 18)
+
+
+@needs_namespaces
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_half_hour_soak_with_churn_and_partitions(tmp_path):
+    args = chaos.parser().parse_args([
+        "--peers", "6", "--rounds", "400", "--churn", "0.3", "--partition", "--aim", "averaging",
+        "--inner-steps", "10", "--round-timeout", "10", "--stop-seconds", "12", "--network-seconds", "8",
+        "--watchdog", "300", "--timeout", "3300", "--seed", "7"])
+    result = chaos.run(args, tmp_path, faults=True)
+    _check(result, 400)
+    assert result["faults"] >= 60, result
