@@ -63,19 +63,25 @@ class Averager:
 
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
                          timeout: float = 120.0, group_key: str = "default",
-                         matchmaking_timeout: float | None = None, plan: RoundPlan | None = None) -> AveragingResult:
+                         matchmaking_timeout: float | None = None, plan: RoundPlan | None = None,
+                         base: str = "") -> AveragingResult:
         """The weighted mean of ``tensors`` over the group's contributors, or ``RoundFailed`` /
         ``MatchmakingFailed`` (then nothing was changed and the caller may retry). Finding the
-        group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``).
+        group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``); the round
+        itself then has ``timeout`` seconds from the moment its group formed. (Counted from the
+        start, a group that formed late, as under churn when expected peers do not show, had a
+        second or two left, and every round of the swarm failed; ``bench/chaos.py``.)
+
+        Only peers that give the same ``base`` (``Matchmaker.find_group``) average together.
 
         With ``plan`` every part's result is its reducer's transform of the mean (``RoundPlan``);
         every member of the group must average with a plan. Results then carry no error feedback:
         the transform's reducer changes from round to round."""
-        deadline = trio.current_time() + timeout
         flat = await trio.to_thread.run_sync(_flatten, tensors)
         spec = await self.matchmaker.find_group(
-            group_key, len(flat), codec, min(deadline, trio.current_time() + (matchmaking_timeout or timeout)),
-            order=plan.order if plan is not None else None)
+            group_key, len(flat), codec, trio.current_time() + (matchmaking_timeout or timeout),
+            order=plan.order if plan is not None else None, base=base)
+        deadline = trio.current_time() + timeout
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
                  len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")

@@ -63,15 +63,18 @@ def _salted(salt: str, peer: str) -> bytes:
 
 
 def form_groups(peers: list[str], distance: Callable[[str, str], float], target: int, min_size: int,
-                salt: str, mix: bool = False) -> list[list[str]]:
+                salt: str, mix: bool = False, private: frozenset[str] = frozenset()) -> list[list[str]]:
     """Split ``peers`` into groups of ``target`` (the last ones may hold up to ``target + min_size - 1``).
 
     Deterministic in its inputs. Seeds are taken in salted-hash order; each seed takes the nearest
     unassigned peers (``distance``; ignored when ``mix``). Leftovers too few for a group of
-    ``min_size`` join their nearest groups."""
+    ``min_size`` join their nearest groups. With ``private`` peers (behind NAT: no one can dial
+    them) see ``_groups_with_private``."""
     if target < 1 or min_size < 1:
         raise ValueError("group sizes must be positive")
     order = sorted(set(peers), key=lambda p: _salted(salt, p))
+    if private & set(order):
+        return _groups_with_private(order, private, target)
     unassigned = list(order)
     groups: list[list[str]] = []
     while len(unassigned) >= min(min_size, len(order)) and unassigned:
@@ -89,3 +92,23 @@ def form_groups(peers: list[str], distance: Callable[[str, str], float], target:
         nearest = min(groups, key=lambda g: (0 if mix else min(distance(p, q) for q in g), len(g)))
         nearest.append(p)
     return [sorted(g) for g in groups]
+
+
+def _groups_with_private(order: list[str], private: frozenset[str], target: int) -> list[list[str]]:
+    """Groups in which no two peers are private: two peers behind NAT cannot connect to each
+    other, and one such pair makes the whole group's round fail. Each private peer gets a group
+    of its own among the public ones (more, smaller groups where there are many private peers:
+    as many as there are private peers, up to one per public peer); private peers beyond that are
+    left in groups of one (their rounds fail, and they say so). ``order`` is salted, so which
+    public peers meet rotates between rounds."""
+    public = [p for p in order if p not in private]
+    behind = [p for p in order if p in private]
+    count = min(len(public), max(-(-len(order) // target), len(behind)))
+    if count == 0:
+        return [[p] for p in behind]
+    groups: list[list[str]] = [[] for _ in range(count)]
+    for i, peer in enumerate(public):
+        groups[i % count].append(peer)
+    for group, peer in zip(groups, behind):
+        group.append(peer)
+    return [sorted(g) for g in groups] + [[p] for p in behind[count:]]

@@ -19,9 +19,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from averaging.allreduce import GroupSpec, SpecError
 from averaging.groups import Coordinates, form_groups
@@ -53,6 +55,7 @@ class _Seeking:
     total: int
     codec: str
     order: GroupOrder | None = None
+    base: str = ""  # what the caller's vector was computed from; only peers of the same base group
     committed: bool = False
     spec: GroupSpec | None = None
     found: trio.Event = field(default_factory=trio.Event)
@@ -83,10 +86,12 @@ def _declaration(value: object) -> dict | None:
     if not (isinstance(addrs, list) and len(addrs) <= MAX_DECLARED_ADDRS and all(isinstance(a, str) for a in addrs)
             and type(total) is int and isinstance(codec, str)):
         return None
-    target = value.get("target")
+    target, reach, base = value.get("target"), value.get("reach"), value.get("base", "")
     return {"addrs": addrs, "total": total, "codec": codec, "coords": value.get("coords"),
             "upload_mbps": upload if type(upload) in (int, float) and math.isfinite(upload) and upload > 0 else None,
-            "target": target if type(target) is int else None}
+            "target": target if type(target) is int else None,
+            "reach": reach if reach in ("public", "private") else "unknown",
+            "base": base if isinstance(base, str) and len(base) <= 64 else None}
 
 
 class Matchmaker:
@@ -103,6 +108,9 @@ class Matchmaker:
         self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._rounds = 0
         self._excluded: dict[str, int] = {}  # peer -> the matchmaking round until which it is left out
+        # whether others can dial this peer (public / private / unknown), declared so that groups
+        # never hold two private peers (``averaging.groups``)
+        self.reachability: Callable[[], str] = lambda: "unknown"
 
     def register_handlers(self) -> None:
         self.host.set_stream_handler(PROTOCOL, self._limited(self._serve_invitation))
@@ -128,17 +136,22 @@ class Matchmaker:
         return f"/legion/{self.swarm}/mm/{group_key}"
 
     async def find_group(self, group_key: str, total: int, codec: str, deadline: float,
-                         order: GroupOrder | None = None) -> GroupSpec:
+                         order: GroupOrder | None = None, base: str = "") -> GroupSpec:
         """Declare, wait for candidates, then lead or follow; retries until ``deadline``. A group
-        this peer leads takes its order and bounds from ``order``, if given."""
+        this peer leads takes its order and bounds from ``order``, if given. With ``base`` (say a
+        digest of the weights a pseudo-gradient was taken from) only peers declaring the same base
+        form a group: a mean of updates to different weights would leave the members with
+        different weights after it."""
         key = self._key(group_key)
-        seeking = self._seeking = _Seeking(key, total, codec, order)
+        seeking = self._seeking = _Seeking(key, total, codec, order, base)
         self._rounds += 1
         try:
             with trio.move_on_at(deadline):
                 while True:
                     spec = await self._attempt(seeking, deadline)
                     if spec is not None:
+                        if self.reachability() == "private":
+                            await self._connect_members(spec)
                         return spec
                     seeking.committed, seeking.leader = False, None
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline")
@@ -150,7 +163,7 @@ class Matchmaker:
     async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
         declaration = {"addrs": [str(a) for a in self.host.get_addrs()], "total": seeking.total,
                        "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
-                       "target": self.target_size}
+                       "target": self.target_size, "reach": self.reachability(), "base": seeking.base}
         await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
         started = trio.current_time()
         while True:
@@ -174,8 +187,9 @@ class Matchmaker:
         mix = self.mix_every > 0 and int(hashlib.sha256(salt.encode()).hexdigest(), 16) % self.mix_every == 0
         coords = {p: Coordinates.from_wire(e["coords"]) for p, e in candidates.items()}
         coords[self.me] = self.coords
+        private = frozenset(p for p, e in candidates.items() if e["reach"] == "private")
         groups = form_groups(names, lambda a, b: coords[a].distance(coords[b]),
-                             self.target_size, self.min_size, salt, mix)
+                             self.target_size, self.min_size, salt, mix, private)
         mine = next(g for g in groups if self.me in g)
         seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:
@@ -188,6 +202,18 @@ class Matchmaker:
             log.info("leader %s of %s never invited; leaving it out", mine[0], seeking.key)
             seeking.suspects.add(mine[0])
         return seeking.spec
+
+    async def _connect_members(self, spec: GroupSpec) -> None:
+        """A peer behind NAT opens a connection to every member first: they can then reach it over
+        that connection (they cannot dial it), as owners must."""
+        async def connect(member: str, addrs: tuple[str, ...]) -> None:
+            with trio.move_on_after(3), contextlib.suppress(Exception):
+                await self.host.connect(PeerInfo(ID.from_base58(member), [multiaddr.Multiaddr(a) for a in addrs]))
+
+        async with trio.open_nursery() as nursery:
+            for member, addrs in zip(spec.members, spec.addrs):
+                if member != self.me:
+                    nursery.start_soon(connect, member, addrs)
 
     def exclude(self, peers: list[str], rounds: int = EXCLUDE_ROUNDS) -> None:
         """Leave ``peers`` out of the groups of the next ``rounds`` rounds this peer seeks (they made
@@ -216,7 +242,8 @@ class Matchmaker:
             if peer in seeking.suspects or self._excluded.get(peer, -1) >= self._rounds:
                 continue
             value = _declaration(entry.value)
-            if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec:
+            if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec \
+                    and value["base"] == seeking.base:
                 out[peer] = {**value, "t": entry.timestamp}
         return out, left
 

@@ -318,9 +318,10 @@ class ChaosSwarm:
                     and any(self.slots[i].peer_id == peer for i in fault.slots):
                 fault.rejoined_at = now
 
-    def finish(self, timeout: float) -> None:
-        """Wait for every live peer to end its run; collect summaries, tracebacks and hangs."""
-        deadline = time.monotonic() + timeout
+    def finish(self, timeout: float, aborted: bool = False) -> None:
+        """Wait for every live peer to end its run; collect summaries, tracebacks and hangs (an
+        ``aborted`` run's peers are still training: they are stopped, not counted as hung)."""
+        deadline = time.monotonic() + (0 if aborted else timeout)
         for slot in self.slots:
             if slot.stopped:
                 os.kill(slot.process.pid, signal.SIGCONT)
@@ -331,7 +332,8 @@ class ChaosSwarm:
             try:
                 lines = slot.process.output_lines(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.hung.append(slot.peer_id)
+                if not aborted:
+                    self.hung.append(slot.peer_id)
                 slot.process.kill()
                 continue
             self.summaries += [json.loads(line[5:]) for line in lines if line.startswith("done ")]
@@ -365,7 +367,7 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
         schedule = [(r, kinds[i % len(kinds)]) for i, r in enumerate(at_rounds)]
         started = time.monotonic()
         swarm.oracles.last_averaged = started
-        seen_round = 0
+        seen_round, aborted = 0, False
         while any(s.alive for s in swarm.slots):
             swarm.observe()
             swarm.heal_due()
@@ -375,15 +377,17 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
                 swarm.inject(schedule.pop(0)[1], args.stop_seconds, args.network_seconds)
             if time.monotonic() - swarm.oracles.last_averaged > args.watchdog:
                 swarm.oracles.violations.append(f"watchdog: no round averaged anywhere for {args.watchdog:.0f} s")
+                aborted = True
                 break
             if time.monotonic() - started > args.timeout:
                 swarm.oracles.violations.append(f"the run did not end within {args.timeout:.0f} s")
+                aborted = True
                 break
             if not swarm.busy() and not schedule and all(
                     not s.alive or s.process.proc.poll() is not None for s in swarm.slots):
                 break
             time.sleep(0.1)
-        swarm.finish(timeout=max(30.0, 3 * args.round_timeout))
+        swarm.finish(timeout=max(30.0, 3 * args.round_timeout), aborted=aborted)
         return report(swarm, args, time.monotonic() - started)
     finally:
         lab.close()

@@ -7,6 +7,8 @@ worker thread (``trio.to_thread.run_sync``); they reach the network on the trio 
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -154,14 +156,15 @@ class SwarmOptimizer:
         return reduced
 
     def _reduce_blocking(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
-                         plan: object = None) -> "Reduced | None":
+                         plan: object = None, base: str = "") -> "Reduced | None":
         """From the training thread: average on the trio side and wait for the answer."""
-        return self._received(self._wait_on_network(self._reducer_for(plan), tensors, weight, codec, key))
+        return self._received(self._wait_on_network(self._reducer_for(plan, base), tensors, weight, codec, key))
 
-    def _reducer_for(self, plan: object) -> Reducer:
-        """The reducer, given ``plan`` (as a keyword) only if there is one: a reducer of four
-        arguments serves every round without a plan."""
-        return self.reducer if plan is None else partial(self.reducer, plan=plan)
+    def _reducer_for(self, plan: object, base: str = "") -> Reducer:
+        """The reducer, given ``plan`` and ``base`` (as keywords) only where set: a reducer of
+        four arguments serves every round without them."""
+        options = {name: value for name, value in (("plan", plan), ("base", base)) if value}
+        return partial(self.reducer, **options) if options else self.reducer
 
     def step(self, samples: int) -> bool:
         """One local step after ``backward()``; returns True when the step ended a swarm round."""
@@ -203,3 +206,8 @@ class SwarmOptimizer:
 
     def finish(self) -> None:
         """Wait for averaging still in flight (training is over)."""
+
+
+def weights_digest(weights: torch.Tensor) -> str:
+    """A short digest of a flat float tensor's exact bits."""
+    return hashlib.blake2b(weights.detach().cpu().numpy().tobytes(), digest_size=12).hexdigest()

@@ -17,7 +17,7 @@ import torch
 import trio
 
 from optim.base import Reduced, Reducer, StateError, SwarmOptimizer, assign_flat, check_optimizer_tensors, \
-    check_state, flatten, load_optimizer_tensors, optimizer_tensors
+    check_state, flatten, load_optimizer_tensors, optimizer_tensors, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class DiLoCo(SwarmOptimizer):
         self.phase_steps = 0  # local steps since this round's start
         self.samples = 0
         self._pending: tuple[trio.Event, list] | None = None  # (done, [Reduced | None])
+        self._pending_base = ""  # the base the pending round averages under (``_base``)
         # After adopting a peer's state R mid-run the swarm's pending round is not ours: the next
         # round ends when the swarm seeks a group this peer can join (``swarm_round()``: R, R+1 or
         # R+2, -1 while there is none, None when no other peer trains). For R (the swarm is late)
@@ -99,6 +100,9 @@ class DiLoCo(SwarmOptimizer):
         # Told of every round's outcome once applied (the round, and the average or None): who
         # watches the swarm's consistency compares the weights of a group's members after it.
         self.on_applied: Callable[[int, Reduced | None], None] | None = None
+        # Average only with peers holding the same swarm weights (their digest goes with each
+        # round's matchmaking): set by swarm trainers, whose peers may part after failures.
+        self.agree_on_weights = False
         self.take_snapshot()
 
     def step(self, samples: int) -> bool:
@@ -128,7 +132,8 @@ class DiLoCo(SwarmOptimizer):
         delta = self.round_start - flatten(self.params)
         weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
-            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan()))
+            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan(),
+                                              self._base()))
         else:
             if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
                 # the swarm's newer state, whose round this delta joins; without one (every peer
@@ -142,9 +147,9 @@ class DiLoCo(SwarmOptimizer):
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None]
-            self._pending = (done, slot)
+            self._pending, self._pending_base = (done, slot), self._base()
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
-                                      delta, weight, f"diloco-{self.round}", self._plan(), done, slot)
+                                      delta, weight, f"diloco-{self.round}", self._plan(), self._pending_base, done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
 
@@ -159,10 +164,14 @@ class DiLoCo(SwarmOptimizer):
         """How this round is averaged: as every round, unless the owners step (``OwnerSteps``)."""
         return None if self.sharded is None else self.sharded.plan(self.round)
 
-    async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str, plan: Any,
+    def _base(self) -> str:
+        """What this round's pseudo-gradient is an update to: the swarm weights its mean applies to."""
+        return weights_digest(self.global_weights) if self.agree_on_weights else ""
+
+    async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str, plan: Any, base: str,
                                      done: trio.Event, slot: list) -> None:
         try:
-            slot[0] = await self._reducer_for(plan)([delta], weight, self.codec, key)
+            slot[0] = await self._reducer_for(plan, base)([delta], weight, self.codec, key)
         finally:
             done.set()
 
@@ -216,6 +225,8 @@ class DiLoCo(SwarmOptimizer):
         A state that does not fit raises ``StateError`` and changes nothing."""
         same_round = round_ == self.round and self._pending is not None
         self._load(round_, state)
+        if same_round and self.agree_on_weights and self._base() != self._pending_base:
+            same_round = False  # the mean being averaged updates other weights than these
         if not same_round:
             self._pending = None
         assign_flat(self.params, self.global_weights)

@@ -50,7 +50,7 @@ class SwarmReducer:
         return await self.averager.matchmaker.waiting_for_more(f"{self.run_id}/{key}")
 
     async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
-                       plan: RoundPlan | None = None) -> Reduced | None:
+                       plan: RoundPlan | None = None, base: str = "") -> Reduced | None:
         started = trio.current_time()
         expected = self.expected_peers()
         if expected < 2:
@@ -61,7 +61,7 @@ class SwarmReducer:
         try:
             result = await self.averager.all_reduce(
                 tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
-                matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan)
+                matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan, base=base)
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
             return self._failed(key, str(exc), started)

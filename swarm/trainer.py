@@ -5,7 +5,6 @@ on the trio side."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from bootstrap.checkpoint_swarm import CheckpointSwarm
 from bootstrap.chunk_store import ChunkError, ChunkStore
 from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.swarm_download import DownloadError
-from optim.base import Reduced, StateError, SwarmOptimizer
+from optim.base import Reduced, StateError, SwarmOptimizer, weights_digest
 from optim.data import Corpus, load_corpus
 from optim.diloco import ALIGN_LIMIT, DiLoCo
 from optim.model import GPT
@@ -44,7 +43,7 @@ from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
-MAX_WITNESSES = 4  # peers asked at once for their state when catching up
+MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
 
@@ -158,6 +157,7 @@ class Trainer:
         budget = 10.0 if config.algorithm == "diloco" else 3.0
         averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget,
                             max_weight=max_round_samples(config))
+        averager.matchmaker.reachability = lambda: self.peer.reachability.status
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
         reducer.listeners = self.round_listeners
@@ -165,8 +165,10 @@ class Trainer:
             self.sharded = self._sharded_outer(config)
         async with trio.open_nursery() as nursery:
             optimizer = self.optimizer = build_optimizer(config, model, reducer, nursery, self.sharded)
-            if isinstance(optimizer, DiLoCo) and self.out:
-                optimizer.on_applied = self._on_applied
+            if isinstance(optimizer, DiLoCo):
+                optimizer.agree_on_weights = True
+                if self.out:
+                    optimizer.on_applied = self._on_applied
             self.checkpoints.serve()
             nursery.start_soon(self.checkpoints.advertise_forever, self.peer.config.heartbeat, self.peer.ttl)
             nursery.start_soon(self._publish_progress)
@@ -443,7 +445,7 @@ class Trainer:
             log.warning("ignoring a peer's state: %s", exc)
             return
         if isinstance(optimizer, DiLoCo):
-            self._record({"event": "adopted", "round": optimizer.round, "digest": _digest(optimizer.global_weights)})
+            self._record({"event": "adopted", "round": optimizer.round, "digest": weights_digest(optimizer.global_weights)})
 
     def _on_applied(self, round_: int, reduced: Reduced | None) -> None:
         """A line per round applied (DiLoCo, with ``out``): the members of the group whose average
@@ -451,7 +453,7 @@ class Trainer:
         watcher can check that every member of a group holds the same weights (``bench/chaos.py``)."""
         optimizer = self.optimizer
         self._record({"event": "applied", "round": round_, "members": list(reduced.members) if reduced else [],
-                      "digest": _digest(optimizer.global_weights)})
+                      "digest": weights_digest(optimizer.global_weights)})
 
     # ----- the training thread
     def _train(self, model: GPT, corpus: Corpus, optimizer: SwarmOptimizer) -> dict:
@@ -565,7 +567,3 @@ class Trainer:
             with self._metrics_lock, (self.out / "metrics.jsonl").open("a") as metrics:
                 metrics.write(json.dumps({"time": time.time(), **event}) + "\n")
 
-
-def _digest(weights: torch.Tensor) -> str:
-    """A short digest of a flat float tensor's exact bits."""
-    return hashlib.blake2b(weights.detach().cpu().numpy().tobytes(), digest_size=12).hexdigest()

@@ -53,3 +53,20 @@ def test_partition_bounds_follow_bandwidth_on_block_boundaries():
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]
     assert bounds[0] == 0 and bounds[-1] == 1_000_000 and all(b % 256 == 0 for b in bounds[1:-1])
     assert abs(sizes[1] / sizes[0] - 3) < 0.01 and abs(sizes[2] - sizes[3]) <= 256
+
+
+def test_no_group_holds_two_private_peers_and_each_private_peer_gets_public_ones():
+    public, private = [f"pub{i}" for i in range(5)], [f"home{i}" for i in range(3)]
+    for salt in ("r1", "r2", "r3"):
+        groups = form_groups([*public, *private], lambda a, b: 0.0, target=16, min_size=2, salt=salt,
+                             private=frozenset(private))
+        assert sorted(p for g in groups for p in g) == sorted([*public, *private])
+        assert all(sum(p in private for p in g) <= 1 for g in groups)
+        assert all(len(g) >= 2 for g in groups)  # three private peers, three groups with public peers
+    # more private peers than public ones: the rest are alone (their rounds fail, loudly)
+    groups = form_groups(["pub0", "home0", "home1"], lambda a, b: 0.0, target=16, min_size=2, salt="r",
+                         private=frozenset({"home0", "home1"}))
+    assert sorted(map(len, groups)) == [1, 2] and all(sum(p.startswith("home") for p in g) <= 1 for g in groups)
+    # without private peers nothing changes
+    assert form_groups(public, lambda a, b: 0.0, 16, 2, "r") == form_groups(public, lambda a, b: 0.0, 16, 2, "r",
+                                                                             private=frozenset({"elsewhere"}))

@@ -5,6 +5,7 @@ import json
 import time
 
 import multiaddr
+import pytest
 
 from swarm.local import training_summary
 from swarm.network import advertised_addrs
@@ -71,3 +72,28 @@ def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero
         assert ("averaged nothing with the swarm" in log) == (summary["rounds_failed"] >= FAILURES_TO_WARN)
     for code, summary, _ in outcomes:
         assert code == (3 if not summary["rounds_averaged"] else 0)
+
+
+@pytest.mark.timeout(480)
+def test_two_public_and_two_home_peers_all_average_in_groups_with_one_home_peer_each(lab, tmp_path):
+    """Two home peers behind NATs cannot reach each other, so a group holding both failed every
+    round for all four peers. Declared reachability keeps them in different groups. (Not every
+    round averages yet: peers whose views of the matchmaking key differ compute different splits.)"""
+    lab.add_host("pub1", 1)
+    lab.add_host("pub2", 2)
+    lab.add_home("home1", 1)
+    lab.add_home("home2", 2)
+    run = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8", "--rounds", "6"]
+    peer = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "4"]
+    seed = lab.start_peer("pub1", ["--seed", *run, *peer, "--out", str(tmp_path / "pub1")], tmp_path / "logs")
+    others = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], *peer, "--out", str(tmp_path / name)],
+                                   tmp_path / "logs") for name in ("pub2", "home1", "home2")}
+    homes = {others["home1"].peer_ids[0], others["home2"].peer_ids[0]}
+    summaries = {name: training_summary(process, 400) for name, process in {"pub1": seed, **others}.items()}
+    for name, summary in summaries.items():
+        assert summary["rounds_averaged"] >= 1, (name, summary)
+    for name in summaries:
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for event in events:
+            if event["event"] == "reduced" and event["outcome"] == "averaged":
+                assert len(homes & set(event["members"])) <= 1, event
