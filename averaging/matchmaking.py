@@ -94,6 +94,15 @@ def _declaration(value: object) -> dict | None:
             "base": base if isinstance(base, str) and len(base) <= 64 else None}
 
 
+def _forget_failed_dials(host: IHost, peer: str) -> None:
+    """py-libp2p refuses every dial to a peer for 60 s after one dial to it failed. A peer that
+    has just declared itself here is alive (restarted at its address, or its link is back): under
+    churn that refusal kept such peers out of every group for a minute (``bench/chaos.py``)."""
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is not None and hasattr(cache, "evict"):
+        cache.evict(peer)
+
+
 class Matchmaker:
     def __init__(self, host: IHost, dht: RecordDHT, swarm: str, *, target_size: int = 8, min_size: int = 2,
                  budget: float = 5.0, mix_every: int = 4, upload_mbps: float | None = None,
@@ -245,6 +254,7 @@ class Matchmaker:
             if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec \
                     and value["base"] == seeking.base:
                 out[peer] = {**value, "t": entry.timestamp}
+                _forget_failed_dials(self.host, peer)
         return out, left
 
     async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],

@@ -19,9 +19,6 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 DIAL_TIMEOUT = 5.0
 
 
-FAILED_DIAL_SECONDS = 5.0  # a peer whose every address failed is not dialled again for this long
-
-
 def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = DIAL_TIMEOUT,
                announce: list[multiaddr.Multiaddr] = ()) -> IHost:
     """A host that offers only Noise (py-libp2p's default list includes plaintext and secio) and
@@ -33,16 +30,9 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout,
                               outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout)
-    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+    return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
                     addrs_factory=partial(advertised_addrs, announce=list(announce)))
-    # py-libp2p refuses every dial to a peer for 60 s after one dial to it failed. Under churn that
-    # kept a restarted peer (same address) or one whose link came back out of every group for a
-    # minute (bench/chaos.py); a failed dial already costs its timeout.
-    cache = getattr(host.get_network(), "_negative_peer_cache", None)
-    if cache is not None and hasattr(cache, "_ttl"):
-        cache._ttl = FAILED_DIAL_SECONDS
-    return host
 
 
 def _interface_ipv4s() -> list[str]:

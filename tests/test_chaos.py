@@ -33,12 +33,12 @@ def _check(result: dict, rounds: int) -> None:
 def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
     kinds = [*chaos.KINDS, "partition"]
     args = chaos.parser().parse_args([
-        "--peers", "4", "--rounds", "18", "--churn", str(len(kinds) * 10 / (4 * 18)), "--partition",
-        "--inner-steps", "5", "--round-timeout", "8", "--stop-seconds", "10", "--network-seconds", "6",
+        "--peers", "4", "--rounds", "16", "--churn", str(len(kinds) * 10 / (4 * 16)), "--partition",
+        "--inner-steps", "5", "--round-timeout", "8", "--stop-seconds", "9", "--network-seconds", "5",
         "--watchdog", "60", "--timeout", "600", "--seed", "1"])
     result = chaos.run(args, tmp_path, faults=True)
     assert result["fault_kinds"] == {kind: 1 for kind in kinds}, result
-    _check(result, 18)
+    _check(result, 16)
 
 
 @needs_namespaces

@@ -74,6 +74,7 @@ def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero
         assert code == (3 if not summary["rounds_averaged"] else 0)
 
 
+@pytest.mark.slow  # 2-3 minutes
 @pytest.mark.timeout(480)
 def test_two_public_and_two_home_peers_all_average_in_groups_with_one_home_peer_each(lab, tmp_path):
     """Two home peers behind NATs cannot reach each other, so a group holding both failed every
