@@ -31,17 +31,10 @@ sys.path.append(str(Path(__file__).resolve().parent))  # for report.py and attac
 
 from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
 from report import print_result  # noqa: E402
+from run_file import run_file  # noqa: E402
 from swarm.local import READY, PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
 
 ATTACKER = Path(__file__).resolve().parent / "attacker.py"
-
-
-def run_file(args: argparse.Namespace, work: Path) -> Path:
-    path = work / "run.toml"
-    path.write_text(f'model = "tiny"\ninner_steps = {args.inner_steps}\nbatch_size = 8\nrounds = {args.rounds}\n'
-                    f'round_timeout = {args.round_timeout}\nsharded = {str(args.sharded).lower()}\n'
-                    f'outer_momentum = {0.9 if args.sharded else 0.0}\n')
-    return path
 
 
 def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:

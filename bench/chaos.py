@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # for report.py, after the packages
 
 from report import print_result  # noqa: E402
+from run_file import run_file  # noqa: E402
 from swarm.local import PeerProcess, PeerProcessError  # noqa: E402
 from tests.netns_helpers import Lab  # noqa: E402
 
@@ -65,13 +66,13 @@ REJOIN_GRACE = 45.0
 
 @dataclass
 class Slot:
-    """A host and the peer on it (a new ``generation`` after each restart or replacement)."""
+    """A host and the peer on it (a new process after each restart, a new identity and disk
+    after each replacement)."""
 
     index: int
     host: str
     ip: str
     work: Path
-    generation: int = 0
     replaced: int = 0  # a new identity and disk after each replacement
     process: PeerProcess | None = None
     peer_id: str = ""
@@ -117,7 +118,6 @@ class Oracles:
     groups: dict[tuple[int, str], tuple[str, ...]] = field(default_factory=dict)  # (round, peer) -> averaged set
     violations: list[str] = field(default_factory=list)
     last_averaged: float = 0.0
-    averaged: dict[int, set[str]] = field(default_factory=dict)  # round -> peers that averaged it
     failed: Counter = field(default_factory=Counter)  # reason -> rounds
     checked: int = 0
 
@@ -140,7 +140,6 @@ class Oracles:
             return
         members = tuple(event["members"])
         self.last_averaged = now
-        self.averaged.setdefault(round_, set()).add(peer)
         self.groups[(round_, peer)] = members
         for other in members:
             theirs = self.groups.get((round_, other))
@@ -202,7 +201,6 @@ class ChaosSwarm:
             os.kill(slot.process.pid, signal.SIGCONT)
         slot.process.kill()
         self._gone.append(slot.process)
-        slot.generation += 1
 
     def _restart(self, slot: Slot, truncate: bool) -> None:
         if truncate:
@@ -261,7 +259,7 @@ class ChaosSwarm:
             for slot in slots:
                 if fault.kind in ("restart", "restart-truncated", "restart-while-joining"):
                     self._restart(slot, fault.kind == "restart-truncated")
-                    if fault.kind == "restart-while-joining" and fault.restarted_at is None and not fault.at_rekill:
+                    if fault.kind == "restart-while-joining" and not fault.at_rekill:
                         fault.rekill_at, fault.at_rekill = now + self.rng.uniform(1, 3), True
                 elif fault.kind == "replace":
                     slot.replaced += 1
@@ -341,14 +339,6 @@ class ChaosSwarm:
         for process in [*self._gone, *(s.process for s in self.slots if s.process)]:
             if "Traceback" in process.log_path.read_text(errors="replace"):
                 self.tracebacks.append(str(process.log_path))
-
-
-def run_file(args: argparse.Namespace, work: Path) -> Path:
-    path = work / "run.toml"
-    path.write_text(f'model = "tiny"\ninner_steps = {args.inner_steps}\nbatch_size = 8\nrounds = {args.rounds}\n'
-                    f'round_timeout = {args.round_timeout}\nsharded = {str(args.sharded).lower()}\n'
-                    f'outer_momentum = {0.9 if args.sharded else 0.0}\n')
-    return path
 
 
 def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:

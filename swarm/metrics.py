@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swarm.peer import VERSION
 from swarm.reducer import RoundReport
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class _PeerState(Collector):
     def collect(self) -> Iterator[Metric]:
         peer, trainer = self.metrics.peer, self.metrics.trainer
         info = GaugeMetricFamily("legion_peer_info", "This peer: id, role and version", labels=["peer_id", "role", "version"])
-        info.add_metric([str(peer.peer_id), "seed" if peer.config.seed else "peer", peer.announcement().version], 1)
+        info.add_metric([str(peer.peer_id), "seed" if peer.config.seed else "peer", VERSION], 1)
         yield info
         yield GaugeMetricFamily("legion_uptime_seconds", "Seconds since this peer started",
                                 value=time.time() - peer.started_at)
