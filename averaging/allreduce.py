@@ -4,7 +4,8 @@ Reduce-scatter: member i streams part j of its vector (encoded, in chunks) to ow
 owner j answers every sender on the same stream with the encoded average and the exact set of
 contributors it used, chunk k as soon as every contributor's chunk k is in, so the two halves
 overlap (``_OwnerState``). A member that misses a part (its owner died while answering) asks the
-other members for it (repair).
+other members for it (repair). Every part ends with its owner's signature over the part's digest,
+so a part relayed by another member is taken only as its owner made it.
 
 Outcome, the same on every survivor of crash faults: success when every part is present and all
 owners report the same contributor set; otherwise the round fails everywhere. Survivors hold the
@@ -15,13 +16,14 @@ A member that is killed or hung mid-round costs the others at most the round's d
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 from collections import Counter
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import multiaddr
 import numpy as np
@@ -32,11 +34,13 @@ from libp2p.peer.id import ID
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
 from averaging.wire import FrameError, PerPeerLimit, read_frame, read_frame_within, stream_peer, write_frame_within
+from dht.records import RecordError, ed25519_key
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/allreduce/1.0.0"
-REPAIR_PROTOCOL = "/legion/allreduce-repair/1.0.0"
+# 1.1: a part's chunks are followed by its owner's signature (``_part_digest``)
+PROTOCOL = "/legion/allreduce/1.1.0"
+REPAIR_PROTOCOL = "/legion/allreduce-repair/1.1.0"
 CHUNK_VALUES = 1 << 18  # values per streamed chunk (1 MiB as float32), a multiple of BLOCK
 MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-k at ratio 1)
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
@@ -177,10 +181,40 @@ class RoundFailed(Exception):
 
 @dataclass
 class _Part:
-    """A finished part as every member receives it: the owner's encoded average and contributors."""
+    """A finished part as every member receives it: the owner's encoded average and contributors,
+    and the owner's signature over them (``_part_digest``)."""
 
     contributors: tuple[int, ...]
     chunks: list[bytes]
+    signature: bytes
+
+
+def _part_digest(group_id: str, owner: int, contributors: tuple[int, ...], chunks: list[bytes]) -> bytes:
+    """What an owner signs: the round, its index, the contributors and every encoded chunk."""
+    digest = hashlib.blake2b(f"legion-part\0{group_id}\0{owner}\0{contributors}".encode(), digest_size=32)
+    for chunk in chunks:
+        digest.update(len(chunk).to_bytes(8, "little"))
+        digest.update(chunk)
+    return digest.digest()
+
+
+def _check_part_signature(spec: GroupSpec, owner: int, part: _Part) -> None:
+    """``FrameError`` unless ``part`` carries its owner's valid signature."""
+    try:
+        key = ed25519_key(ID.from_base58(spec.members[owner]).to_bytes())
+    except RecordError as exc:
+        raise FrameError(f"owner {owner} cannot sign its part: {exc}") from exc
+    if not key.verify(_part_digest(spec.group_id, owner, part.contributors, part.chunks), part.signature):
+        raise FrameError(f"part {owner} does not carry its owner's signature")
+
+
+def add_addrs(host: IHost, peer: str, addrs: Sequence[str], ttl: float) -> None:
+    """Put the addresses a peer declared (in a group spec, a matchmaking entry) in the peerstore;
+    malformed ones are ignored."""
+    try:
+        host.get_peerstore().add_addrs(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs], ttl)
+    except Exception as exc:
+        log.debug("ignoring addresses of %s: %s", peer, exc)
 
 
 def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
@@ -483,6 +517,7 @@ class AllReduce:
                         await _write_chunk(stream, state, sent, owner.result_chunks[sent], "result")
                         sent += 1
                     elif sent == n and owner.result is not None:
+                        await self._write_signature(stream, state, owner.result)
                         return
                     else:
                         with trio.move_on_after(KEEPALIVE) as idle:
@@ -578,7 +613,10 @@ class AllReduce:
                     continue
             owner.result_chunks.append(self._encode_result_chunk(state, index))
             if len(owner.result_chunks) == n:
-                owner.result = state.parts[state.me] = _Part(contributors, list(owner.result_chunks))
+                digest = await trio.to_thread.run_sync(
+                    _part_digest, spec.group_id, state.me, contributors, owner.result_chunks)
+                signature = self.host.get_private_key().sign(digest)
+                owner.result = state.parts[state.me] = _Part(contributors, list(owner.result_chunks), signature)
             owner.notify()
 
     @staticmethod
@@ -626,11 +664,18 @@ class AllReduce:
             "t": "result", "contributors": list(contributors), "chunks": chunks}, what="a result header")
         state.stats.bytes_sent += sent
 
+    @staticmethod
+    async def _write_signature(stream: INetStream, state: RoundState, part: _Part) -> None:
+        sent = await write_frame_within(stream, state.chunk_timeout, {"t": "signed", "sig": part.signature},
+                                        what="a part's signature")
+        state.stats.bytes_sent += sent
+
     async def _send_part(self, stream: INetStream, state: RoundState, part: _Part) -> None:
-        """A final part, whole (repair)."""
+        """A final part, whole, with its owner's signature (repair)."""
         await self._write_result_header(stream, state, part.contributors, len(part.chunks))
         for index, chunk in enumerate(part.chunks):
             await _write_chunk(stream, state, index, chunk, "result")
+        await self._write_signature(stream, state, part)
 
     # ---- member side --------------------------------------------------------------------------
 
@@ -678,14 +723,16 @@ class AllReduce:
             exchange.cancel()  # the owner is done with our contribution, or gone
 
     async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
-        """Read ``owner``'s part: a result header and its chunks, skipping keepalives and starting
-        over at a new header (the owner's contributors changed); decode it into our output."""
+        """Read ``owner``'s part: a result header, its chunks and the owner's signature, skipping
+        keepalives and starting over at a new header (the owner's contributors changed); check the
+        signature (the part may come from another member) and decode the part into our output."""
         spec = state.spec
         start, end = spec.part(owner)
         ranges = _chunk_ranges(start, end)
         contributors: list[int] | None = None
         chunks: list[bytes] = []
-        while contributors is None or len(chunks) < len(ranges):
+        signature: bytes | None = None
+        while signature is None:
             header, payload = await read_frame_within(stream, state.chunk_timeout, MAX_PAYLOAD,
                                                       what=f"owner {owner}'s result")
             kind = header.get("t")
@@ -702,15 +749,22 @@ class AllReduce:
                 continue
             if contributors is None:
                 raise FrameError("result chunk before its header")
-            a, b = ranges[len(chunks)]
-            chunks.append(_take_chunk(state, header, payload, len(chunks), b - a, "result"))
+            if len(chunks) < len(ranges):
+                a, b = ranges[len(chunks)]
+                chunks.append(_take_chunk(state, header, payload, len(chunks), b - a, "result"))
+            elif kind == "signed" and type(header.get("sig")) is bytes and len(header["sig"]) <= 256:
+                signature = header["sig"]
+            else:
+                raise FrameError("no owner's signature after a part")
         if owner in state.parts:
             return
+        part = _Part(tuple(sorted(set(contributors))), chunks, signature)
+        await trio.to_thread.run_sync(_check_part_signature, spec, owner, part)
         # straight into the output: a part that fails to decode there is overwritten by a repaired
         # copy, or the round fails and the output is dropped
         await trio.to_thread.run_sync(self._decode_part, state.codec, chunks, ranges, state.output[start:end])
         if owner not in state.parts:
-            state.parts[owner] = _Part(tuple(sorted(set(contributors))), chunks)
+            state.parts[owner] = part
 
     async def _repair(self, state: RoundState, owner: int, deadline: float) -> None:
         """Ask the members, the owner first, for a part until one sends it or none can have it."""
@@ -810,7 +864,7 @@ class AllReduce:
         self._round_started.pop(spec.group_id, trio.Event()).set()
         for member, addrs in zip(spec.members, spec.addrs):
             if member != spec.members[me] and addrs:
-                self._add_addrs(member, addrs)
+                add_addrs(self.host, member, addrs, 600)
         started = trio.current_time()
         # A chunk shares the link with the other members' streams both ways: allow 8x its share.
         state.chunk_timeout = 3 + STALL_SLACK * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
@@ -918,12 +972,6 @@ class AllReduce:
             stats.contributors = [spec.members[i] for i in sets.pop()]
             return state.output
         raise RoundFailed(stats.reason, stats)
-
-    def _add_addrs(self, member: str, addrs: tuple[str, ...]) -> None:
-        try:
-            self.host.get_peerstore().add_addrs(ID.from_base58(member), [multiaddr.Multiaddr(a) for a in addrs], 600)
-        except Exception as exc:
-            log.debug("ignoring addresses of %s: %s", member, exc)
 
     def _forget_if_finished(self, state: RoundState) -> None:
         """Drop a round every member has finished: nobody will ask to repair from it (holding

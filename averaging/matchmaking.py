@@ -25,7 +25,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from averaging.allreduce import GroupSpec, SpecError
+from averaging.allreduce import GroupSpec, SpecError, add_addrs
 from averaging.groups import Coordinates, form_groups
 from averaging.partition import partition_bounds
 from averaging.wire import FrameError, PerPeerLimit, read_frame, write_frame
@@ -39,6 +39,9 @@ PING_PROTOCOL = "/legion/ping/1.0.0"
 
 # A peer alone under a key that others have left waits this long for a newcomer before it gives up
 LATE_GRACE = 1.0
+LEAD_INVITE_SECONDS = 3.0  # a leader's bound on one invitation
+INVITE_SECONDS = 5.0  # a follower waits this long for its leader's invitation
+RELAYED_INVITE_SECONDS = 8.0  # both, this much more where a member may have to be reached through a relay
 
 
 class MatchmakingFailed(Exception):
@@ -90,7 +93,7 @@ def _declaration(value: object) -> dict | None:
     return {"addrs": addrs, "total": total, "codec": codec, "coords": value.get("coords"),
             "upload_mbps": upload if type(upload) in (int, float) and math.isfinite(upload) and upload > 0 else None,
             "target": target if type(target) is int else None,
-            "reach": reach if reach in ("public", "private") else "unknown",
+            "reach": reach if reach in ("public", "private", "relayed") else "unknown",
             "base": base if isinstance(base, str) and len(base) <= 64 else None}
 
 
@@ -101,6 +104,11 @@ def _forget_failed_dials(host: IHost, peer: str) -> None:
     cache = getattr(host.get_network(), "_negative_peer_cache", None)
     if cache is not None and hasattr(cache, "evict"):
         cache.evict(peer)
+
+
+def _behind_nat(declaration: dict) -> bool:
+    """Whether a candidate declared it cannot be dialled (it may be reached through a relay)."""
+    return declaration.get("reach") in ("relayed", "private")
 
 
 class Matchmaker:
@@ -120,6 +128,8 @@ class Matchmaker:
         # whether others can dial this peer (public / private / unknown), declared so that groups
         # never hold two private peers (``averaging.groups``)
         self.reachability: Callable[[], str] = lambda: "unknown"
+        # addresses through relays (``swarm.relay``), declared after the host's own
+        self.relayed: Callable[[], list[str]] = list
 
     def register_handlers(self) -> None:
         self.host.set_stream_handler(PROTOCOL, self._limited(self._serve_invitation))
@@ -159,7 +169,7 @@ class Matchmaker:
                 while True:
                     spec = await self._attempt(seeking, deadline)
                     if spec is not None:
-                        if self.reachability() == "private":
+                        if self.reachability() in ("private", "relayed"):
                             await self._connect_members(spec)
                         return spec
                     seeking.committed, seeking.leader = False, None
@@ -170,7 +180,8 @@ class Matchmaker:
                 await self.dht.withdraw(key, self.budget + 10)
 
     async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
-        declaration = {"addrs": [str(a) for a in self.host.get_addrs()], "total": seeking.total,
+        addrs = [*(str(a) for a in self.host.get_addrs()), *self.relayed()][:MAX_DECLARED_ADDRS]
+        declaration = {"addrs": addrs, "total": seeking.total,
                        "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
                        "target": self.target_size, "reach": self.reachability(), "base": seeking.base}
         await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
@@ -181,7 +192,13 @@ class Matchmaker:
             candidates, left = await self._candidates(seeking)
             seeking.seen = frozenset(candidates)
             waited = trio.current_time() - started
-            if len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
+            if self.me not in candidates:
+                # our declaration is not where we read (its store failed, or the nodes holding the
+                # key changed): nobody else sees it either, so declare again rather than group
+                # without ourselves (a chaos run crashed there, on a loaded machine)
+                log.info("own declaration under %s not found; declaring again", seeking.key)
+                await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
+            elif len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
                 break
             if left and set(candidates) <= {self.me} and waited >= LATE_GRACE and not seeking.committed:
                 # the others sought here and left (their groups formed, or they gave up) and no
@@ -203,7 +220,8 @@ class Matchmaker:
         seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
-        with trio.move_on_after(min(5.0, max(0.0, deadline - trio.current_time()))):
+        wait = INVITE_SECONDS + (RELAYED_INVITE_SECONDS if any(_behind_nat(candidates[m]) for m in mine) else 0)
+        with trio.move_on_after(min(wait, max(0.0, deadline - trio.current_time()))):
             await seeking.found.wait()
         if not seeking.found.is_set():
             # A killed peer's declaration outlives it; were it the leader, every retry would wait
@@ -263,7 +281,11 @@ class Matchmaker:
         accepted: dict[str, INetStream] = {}
 
         async def invite(member: str) -> None:
-            with trio.move_on_after(3):
+            # where the member says it can be reached (through a relay, say: a circuit first, after a
+            # direct try); no other address of it may be known yet
+            declared = candidates.get(member, {})
+            add_addrs(self.host, member, declared.get("addrs", []), self.budget + 30)
+            with trio.move_on_after(LEAD_INVITE_SECONDS + (RELAYED_INVITE_SECONDS if _behind_nat(declared) else 0)):
                 try:
                     stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
                 except Exception as exc:  # gone, unreachable: libp2p raises many kinds
@@ -311,7 +333,7 @@ class Matchmaker:
         peer = stream.muxed_conn.peer_id.to_base58()
         seeking = None
         try:
-            with trio.fail_after(10):
+            with trio.fail_after(INVITE_SECONDS + 2 * RELAYED_INVITE_SECONDS):
                 invitation, _ = await read_frame(stream, 0)
                 candidate = self._seeking
                 if candidate is not None and candidate.leader is None and peer not in candidate.seen:

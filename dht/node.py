@@ -13,6 +13,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -25,6 +26,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 INBOUND_SLOTS = 64  # inbound Kademlia streams served at once
+UNREACHABLE_SECONDS = 60.0  # a peer a lookup could not dial is left out of lookups this long
+LOOKUP_DIAL_SECONDS = 2.5  # a lookup's dial of a peer it is not connected to (TCP, Noise, Yamux)
+UNREACHABLE_CAP = 4096  # peers remembered as undialable
 
 
 class RecordDHT:
@@ -44,6 +48,7 @@ class RecordDHT:
         self.replication = replication
         self.lookup_ttl = lookup_ttl
         self._lookups: dict[bytes, tuple[float, list[ID], int]] = {}  # key -> (expiry, peers, table size)
+        self._unreachable: dict[ID, float] = {}  # peer -> until when lookups skip it
         self.on_served: Callable[[float], None] | None = None  # given each inbound request's seconds
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
@@ -52,6 +57,8 @@ class RecordDHT:
         # on 2 cores exceeded that all the time, their reads came back short and no peer ever saw
         # all the others. Silent streams still cannot hold the slots: each gets 2 x timeout.
         self.kad._inbound_limiter = trio.CapacityLimiter(INBOUND_SLOTS)
+        self._query_for_closest = self.kad.peer_routing._query_peer_for_closest
+        self.kad.peer_routing._query_peer_for_closest = self._query_dialable_for_closest
         if server:
             host.set_stream_handler(PROTOCOL_ID, self._handle_inbound)
 
@@ -77,6 +84,27 @@ class RecordDHT:
     async def running(self) -> AsyncIterator["RecordDHT"]:
         async with background_trio_service(self.kad):
             yield self
+
+    @property
+    def server(self) -> bool:
+        return self.kad.mode == DHTMode.SERVER
+
+    async def set_server(self, server: bool) -> None:
+        """Serve the DHT to others (a dialable peer) or only use it (a client: a peer behind NAT,
+        which others could not reach to store or read, and whose failures would slow them). Not
+        ``KadDHT.switch_mode``: that empties the routing table, which a client still needs. The
+        connected peers are told at once (Identify push), so they can ask a new server; they go on
+        asking a former server, as py-libp2p's Identify push adds protocols but removes none."""
+        if server == self.server:
+            return
+        self.kad.mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        if server:
+            self.host.set_stream_handler(PROTOCOL_ID, self._handle_inbound)
+        else:
+            self.host.remove_stream_handler(PROTOCOL_ID)
+        log.info("DHT: %s mode", "server" if server else "client")
+        with trio.move_on_after(self.timeout):
+            await self.host._push_identify_to_all_peers()
 
     async def add_peer(self, peer_id: ID) -> bool:
         return await self.kad.add_peer(peer_id, skip_server_mode_check=True)
@@ -169,17 +197,60 @@ class RecordDHT:
             return cached[1]
         me = self.host.get_id()
         peers: list[ID] | None = None
+        started = trio.current_time()
         with trio.move_on_after(self.timeout):
             peers = await self.kad.peer_routing.find_closest_peers_network(key_bytes)
+        log.debug("closest-peer lookup for %s: %.1f s", key_bytes.decode(errors="replace"), trio.current_time() - started)
         if peers is None:
             log.debug("closest-peer lookup timed out; using the routing table")
             peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
-        peers = [p for p in peers if p != me][: self.replication]
+        peers = [p for p in peers if p != me and self._may_serve(p) and self._dialable(p)][: self.replication]
         table = self.routing_table_size()
         # An answer short of both the factor and the table may mean peers that did not answer: look again sooner.
         ttl = self.lookup_ttl if len(peers) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)
         self._lookups[key_bytes] = (trio.current_time() + ttl, peers, table)
         return peers
+
+    async def _query_dialable_for_closest(self, peer: ID, key_bytes: bytes) -> list[ID]:
+        """py-libp2p's FIND_NODE query, skipping peers that do not serve or could not be dialled
+        lately. A lookup waits for every query of a round, and a peer behind NAT (learnt from the
+        peerstore or from another node's answer) would cost each lookup a dial timeout: long
+        enough that heartbeat refreshes gave up and peers' entries expired."""
+        if not self._may_serve(peer) or not self._dialable(peer):
+            return []
+        if peer not in self.host.get_connected_peers():
+            if len(self._unreachable) >= UNREACHABLE_CAP:
+                self._unreachable.clear()
+            # marked before the dial, so a lookup cancelled mid-dial still counts it as failed
+            self._unreachable[peer] = trio.current_time() + UNREACHABLE_SECONDS
+            with trio.move_on_after(min(self.timeout, LOOKUP_DIAL_SECONDS)):
+                with contextlib.suppress(Exception):
+                    await self.host.connect(PeerInfo(peer, self.host.get_peerstore().addrs(peer)))
+                    del self._unreachable[peer]
+            if peer in self._unreachable:
+                log.debug("DHT lookup: could not dial %s; skipping it for %.0f s", peer, UNREACHABLE_SECONDS)
+                self.kad.routing_table.remove_peer(peer)
+                return []
+        return await self._query_for_closest(peer, key_bytes)
+
+    def _dialable(self, peer: ID) -> bool:
+        until = self._unreachable.get(peer)
+        if until is not None and trio.current_time() >= until:
+            del self._unreachable[peer]
+            return True
+        return until is None
+
+    def _may_serve(self, peer: ID) -> bool:
+        """False for a peer whose Identify says it does not serve the DHT: a client, which
+        py-libp2p puts in the routing table when it sends a request."""
+        try:
+            protocols = self.host.get_peerstore().get_protocols(peer)
+        except Exception:  # nothing known of it
+            return True
+        if protocols and PROTOCOL_ID not in protocols:
+            self.kad.routing_table.remove_peer(peer)
+            return False
+        return True
 
     def _forget(self, key_bytes: bytes, peer: ID) -> None:
         cached = self._lookups.get(key_bytes)

@@ -23,6 +23,7 @@ from swarm.members import Announcement, live_members
 from swarm.network import build_host
 from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
+from swarm.relay import RelayLimitsConfig
 from swarm.shard_ownership import fetch_shard_status, format_shard_table
 from swarm.swarm_key import SwarmKeyError, read_swarm_key, write_swarm_key
 from swarm.swarm_view import SwarmView
@@ -72,6 +73,13 @@ def run_parser() -> argparse.ArgumentParser:
                              "(repeatable); listen and observed addresses follow, wildcards expanded")
     parser.add_argument("--lane-port", type=int, default=0, metavar="PORT",
                         help="TCP port of the lane listener (default: any free one); fix it to forward it")
+    parser.add_argument("--relay-service", action=argparse.BooleanOptionalAction, default=None,
+                        help="relay connections for peers behind NAT (Circuit Relay v2) while this peer "
+                             "is dialable (default: on for a seed, off otherwise)")
+    parser.add_argument("--relay-limits", type=_relay_limits, default=RelayLimitsConfig(),
+                        metavar="RESERVATIONS,CIRCUITS,SECONDS,MIB",
+                        help="what this peer's relay grants: peers holding a slot, circuits at once, and each "
+                             "circuit's lifetime and MiB (default 64,32,600,64)")
     parser.add_argument("--identity", type=Path, help="Ed25519 key file, created (0600) on first run")
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between announcements")
     parser.add_argument("--upload-mbps", type=float, help="declared upload bandwidth, Mbit/s")
@@ -229,8 +237,19 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
                        identity=args.identity, swarm_key=args.swarm_key, swarm=args.swarm,
                        heartbeat=args.heartbeat, upload_mbps=args.upload_mbps,
                        download_mbps=args.download_mbps, gpu=args.gpu, lanes=args.lanes,
-                       lane_port=args.lane_port if i == 0 else 0, announce=list(args.announce))
+                       lane_port=args.lane_port if i == 0 else 0, announce=list(args.announce),
+                       relay_service=args.relay_service, relay_limits=args.relay_limits)
             for i in range(args.count)]
+
+
+def _relay_limits(text: str) -> RelayLimitsConfig:
+    try:
+        reservations, circuits, seconds, mib = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("four integers: RESERVATIONS,CIRCUITS,SECONDS,MIB") from None
+    if not (0 < reservations <= 4096 and 0 < circuits <= 4096 and 0 < seconds <= 86400 and 0 < mib <= 1 << 20):
+        raise argparse.ArgumentTypeError("relay limits out of range")
+    return RelayLimitsConfig(reservations, circuits, seconds, mib << 20)
 
 
 @dataclass

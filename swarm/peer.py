@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
@@ -21,7 +22,8 @@ from swarm import resources
 from swarm.identity import load_or_create_identity
 from swarm.members import Announcement, members_key
 from swarm.network import build_host
-from swarm.reachability import Reachability
+from swarm.reachability import PRIVATE, PUBLIC, UNKNOWN, Reachability
+from swarm.relay import CHECK_SECONDS, RelayLimitsConfig, Relays
 from swarm.swarm_key import read_swarm_key
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class PeerConfig:
     lanes: bool = True  # bulk data (all-reduce, chunks) on direct encrypted TCP lanes (averaging.lanes)
     lane_port: int = 0  # the lane listener's TCP port (0: any free one); fix it to forward it
     announce: list[str] = field(default_factory=list)  # addresses to advertise first (port forwards, VPS)
+    relay_service: bool | None = None  # relay for peers behind NAT while dialable (None: seeds only)
+    relay_limits: RelayLimitsConfig = field(default_factory=RelayLimitsConfig)
 
     def validate(self) -> None:
         if not self.seed and not self.bootstrap:
@@ -88,7 +92,12 @@ class Peer:
         psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
         self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout,
                                announce=[multiaddr.Multiaddr(a) for a in config.announce])
-        self.dht = RecordDHT(self.host, self.key_pair, server=True, timeout=config.network_timeout)
+        serve = config.seed if config.relay_service is None else config.relay_service
+        self.relays = Relays(self.host, serve=serve, limits=config.relay_limits)
+        # a client until others' dial-backs show it can be dialled (a seed serves from the start):
+        # a peer behind NAT that had served would stay in others' routing tables, costing them a
+        # failed dial per request (py-libp2p's Identify push adds protocols but never removes one)
+        self.dht = RecordDHT(self.host, self.key_pair, server=config.seed, timeout=config.network_timeout)
         self.lanes = Lanes(self.host, timeout=config.network_timeout)
         self.reachability = Reachability(self.host)
         self.started_at = time.time()
@@ -104,14 +113,20 @@ class Peer:
     def ttl(self) -> float:
         return self.config.heartbeat * self.config.ttl_heartbeats
 
+    @property
+    def reach(self) -> str:
+        """public, private (nobody can dial it), relayed (private, reachable through a relay) or unknown."""
+        status = self.reachability.status
+        return "relayed" if status == PRIVATE and self.relays.addrs else status
+
     def announcement(self) -> Announcement:
         declared = self.config.upload_mbps is not None or self.config.download_mbps is not None
         return Announcement(
-            addrs=[str(a) for a in self.addrs], role="seed" if self.config.seed else "peer",
+            addrs=[str(a) for a in [*self.addrs, *self.relays.addrs]], role="seed" if self.config.seed else "peer",
             version=VERSION, started_at=self.started_at, cpu_cores=resources.cpu_cores(),
             ram_bytes=resources.ram_bytes(), gpu=self.config.gpu or resources.gpu_name(),
             upload_mbps=self.config.upload_mbps, download_mbps=self.config.download_mbps,
-            bandwidth_source="declared" if declared else "unknown", reachability=self.reachability.status)
+            bandwidth_source="declared" if declared else "unknown", reachability=self.reach)
 
     async def run(self, *, task_status: trio.TaskStatus["Peer"] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -124,6 +139,7 @@ class Peer:
         async with self.host.run(listen), self.dht.running(), trio.open_nursery() as nursery:
             if self.config.lanes:
                 await nursery.start(self.lanes.run, self._lane_ip(listen), self.config.lane_port)
+            await nursery.start(self.relays.run)
             self.addrs = self.host.get_addrs()
             if self.config.bootstrap:
                 reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
@@ -155,11 +171,26 @@ class Peer:
 
     async def _check_reachability(self) -> None:
         """Whether others can dial this peer: asked soon after joining (again while no peer
-        answers), then every ``REACHABILITY_SECONDS``."""
+        answers), then every ``REACHABILITY_SECONDS``. A peer others cannot dial uses the DHT as a
+        client and keeps slots on relays (checked every ``relay.CHECK_SECONDS``)."""
+        checked = -math.inf
         while True:
-            await trio.sleep(2.0)
-            if await self.reachability.check() != "unknown":
-                await trio.sleep(REACHABILITY_SECONDS)
+            if trio.current_time() - checked >= REACHABILITY_SECONDS or self.reachability.status == UNKNOWN:
+                status = await self.reachability.check()
+                checked = trio.current_time()
+                if status != UNKNOWN:
+                    await self.dht.set_server(status == PUBLIC)
+            if self.reachability.status == PRIVATE:
+                await self.relays.keep_reservations(self._relay_candidates())
+            await trio.sleep(2.0 if self.reachability.status == UNKNOWN else CHECK_SECONDS)
+
+    def _relay_candidates(self) -> list[ID]:
+        """Peers that may relay for this one: the bootstrap peers first, then the others connected."""
+        first = []
+        for addr in self.config.bootstrap:
+            with contextlib.suppress(Exception):
+                first.append(ID.from_base58(multiaddr.Multiaddr(addr).get_peer_id()))
+        return [*first, *(p for p in self.host.get_connected_peers() if p not in first)]
 
     @staticmethod
     def _lane_ip(listen: list[multiaddr.Multiaddr]) -> str:

@@ -21,6 +21,8 @@ class Lab:
         self.tag = uuid.uuid4().hex[:6]
         self.hub = f"lg{self.tag}-hub"
         self.hosts: dict[str, str] = {}  # name -> namespace
+        self._routers: dict[str, str] = {}  # home -> its router's name
+        self.links: dict[str, tuple[str, str, str]] = {}  # name -> (namespace, its uplink, the hub's end)
         self.processes: list[PeerProcess] = []
         _ip("netns", "add", self.hub)
         self.exec_hub("ip", "link", "add", "br0", "type", "bridge")
@@ -43,12 +45,23 @@ class Lab:
                         ["ip", "link", "set", "lo", "up"]):
             subprocess.run(["ip", "netns", "exec", ns, *command], check=True, capture_output=True)
         self.hosts[name] = ns
+        self.links[name] = (ns, inner, outer)
         return address
 
-    def add_home(self, name: str, index: int) -> str:
+    def shape(self, name: str, down_mbit: float, up_mbit: float) -> None:
+        """Rate-limit ``name``'s access link (a home's: its router's), each way, with ``tbf``
+        (this kernel has no ``netem``, so no added delay or loss)."""
+        ns, uplink, hub_end = self.links.get(name) or self.links[self._routers[name]]
+        for where, device, mbit in ((ns, uplink, up_mbit), (self.hub, hub_end, down_mbit)):
+            subprocess.run(["ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", device, "root", "tbf",
+                            "rate", f"{mbit}mbit", "burst", "64kb", "latency", "200ms"], check=True, capture_output=True)
+
+    def add_home(self, name: str, index: int, random_ports: bool = False) -> str:
         """A host ``name`` at 192.168.``index``.10 behind a home router (WAN 10.201.0.``100 + index``)
         that masquerades, forwards no port and drops every connection not opened from inside;
-        returns the router's WAN address."""
+        returns the router's WAN address. Linux keeps a connection's source port where it can
+        (hole punching works); with ``random_ports`` every connection gets a random one, as
+        symmetric and carrier-grade NATs do (hole punching fails)."""
         wan = f"10.201.0.{100 + index}"
         self.add_host(f"r{index}", 100 + index)
         router = self.hosts[f"r{index}"]
@@ -61,7 +74,8 @@ class Lab:
         wan_dev = f"h{self.tag}{100 + index}"
         for command in (["ip", "addr", "add", f"192.168.{index}.1/24", "dev", outer], ["ip", "link", "set", outer, "up"],
                         ["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                        ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan_dev, "-j", "MASQUERADE"],
+                        ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan_dev, "-j", "MASQUERADE",
+                         *(["--random-fully"] if random_ports else [])],
                         ["iptables", "-P", "FORWARD", "DROP"],
                         ["iptables", "-A", "FORWARD", "-i", outer, "-o", wan_dev, "-j", "ACCEPT"],
                         ["iptables", "-A", "FORWARD", "-i", wan_dev, "-o", outer, "-m", "conntrack",
@@ -74,6 +88,7 @@ class Lab:
                         ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", f"192.168.{index}.1"]):
             subprocess.run(["ip", "netns", "exec", home, *command], check=True, capture_output=True)
         self.hosts[name] = home
+        self._routers[name] = f"r{index}"
         return wan
 
     def start_peer(self, host: str, args: list[str], log_dir, timeout: float = 60.0) -> PeerProcess:

@@ -77,7 +77,7 @@ def _assert_consistent(reports, survivors, tmp_path):
     return outcomes.pop()
 
 
-@pytest.mark.parametrize("fault", ["kill", "stop"])
+@pytest.mark.parametrize("fault", ["kill", pytest.param("stop", marks=pytest.mark.slow)])  # SIGSTOP: also in the chaos test
 def test_a_member_killed_or_hung_mid_round_leaves_survivors_consistent(seed, spawned, tmp_path, fault):
     size = 4_000_000  # 16 MB: the round lasts long enough to be interrupted
     workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, extra=["--timeout", "40"])

@@ -164,6 +164,50 @@ async def test_a_member_that_contributes_nowhere_but_to_its_own_part_is_blamed_a
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("relay", ["honest", "forging"])
+async def test_a_part_repaired_through_another_member_is_taken_only_as_its_owner_signed_it(relay):
+    from averaging.allreduce import FrameError, _Part
+    size = 4096
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        spec, reducers, _ = group_of(peers, size, "none")
+        needy, relayer, owner = spec.members
+        lost = spec.members.index(owner)
+        start, end = spec.part(lost)
+        receive_result = reducers[needy]._receive_result
+
+        async def lose_the_part(stream, state, from_owner, exchange):
+            await receive_result(stream, state, from_owner, exchange)
+            if from_owner == lost:  # as if the owner had died while answering: repair must bring it
+                state.parts.pop(lost, None)
+                state.output[start:end] = np.nan
+
+        async def gone(stream, state, part):
+            raise FrameError("the owner is gone")
+
+        send_part = reducers[relayer]._send_part
+
+        async def forge(stream, state, part):
+            forged = [np.full(len(c) // 4, 1000.0, np.float32).tobytes() for c in part.chunks]
+            await send_part(stream, state, _Part(part.contributors, forged, part.signature))
+
+        reducers[needy]._receive_result = lose_the_part
+        reducers[owner]._send_part = gone
+        if relay == "forging":
+            reducers[relayer]._send_part = forge
+        vectors = {m: np.full(size, float(i), np.float32) for i, m in enumerate(spec.members)}
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0), seconds=10)
+        for member in (relayer, owner):
+            result, stats = outcomes[member]
+            assert stats.outcome == "ok" and np.allclose(result, 1.0)
+        if relay == "honest":
+            result, stats = outcomes[needy]
+            assert stats.outcome == "ok" and np.allclose(result, 1.0)
+        else:  # the forged part is refused: the round fails for the needy member, nothing forged is kept
+            assert "never arrived" in str(outcomes[needy]), outcomes[needy]
+        nursery.cancel_scope.cancel()
+
+
 def valid_spec_wire():
     members = sorted(ID.from_pubkey(create_new_key_pair().public_key).to_base58() for _ in range(2))
     return {"group": "g", "members": members, "addrs": [[], []], "bounds": [0, 256, 512], "codec": "int8",

@@ -15,6 +15,17 @@ RUN = ["--model", "tiny", "--inner-steps", "5", "--batch-size", "8", "--rounds",
 PEER = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "3"]
 
 
+def reachability_shown(lab, seed, expected: dict, seconds: float = 60) -> dict:
+    """Each peer's reachability as ``status`` (run on the seed's host) shows it, once it is
+    ``expected`` or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        shown = {p["peer_id"]: p["reachability"] for p in lab.status("pub", seed.addrs[0])}
+        if shown == expected or time.monotonic() > deadline:
+            return shown
+        time.sleep(2)
+
+
 def test_a_wildcard_is_advertised_as_the_interfaces_public_first_and_announced_addresses_lead():
     addrs = [str(a) for a in advertised_addrs([multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001"),
                                                 multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4002")],
@@ -42,23 +53,18 @@ def test_three_hosts_with_the_default_listen_address_train_together(lab, tmp_pat
 
 
 def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero(lab, tmp_path):
-    """Two home peers behind NATs that forward nothing cannot reach each other (and no relay or
-    hole punching helps them yet): nobody may end with a quiet ``done``."""
+    """Two home peers behind NATs that forward nothing cannot reach each other (and the seed
+    relays for nobody here): nobody may end with a quiet ``done``."""
     lab.add_host("pub", 1)
     lab.add_home("home1", 1)
     lab.add_home("home2", 2)
-    seed = lab.start_peer("pub", ["--seed", *RUN, *PEER, "--out", str(tmp_path / "pub")], tmp_path / "logs")
+    seed = lab.start_peer("pub", ["--seed", "--no-relay-service", *RUN, *PEER, "--out", str(tmp_path / "pub")],
+                          tmp_path / "logs")
     homes = [lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)], tmp_path / "logs")
              for name in ("home1", "home2")]
     # other peers' dial-backs tell each peer whether it can be dialled; status shows it
     expected = {seed.peer_ids[0]: "public", homes[0].peer_ids[0]: "private", homes[1].peer_ids[0]: "private"}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        shown = {p["peer_id"]: p["reachability"] for p in lab.status("pub", seed.addrs[0])}
-        if shown == expected:
-            break
-        time.sleep(2)
-    assert shown == expected
+    assert reachability_shown(lab, seed, expected) == expected
     outcomes = []
     for process in (seed, *homes):
         lines = process.output_lines(300)
@@ -77,8 +83,8 @@ def test_peers_behind_separate_nats_that_cannot_average_say_so_and_exit_non_zero
 @pytest.mark.slow  # 2-3 minutes
 @pytest.mark.timeout(480)
 def test_two_public_and_two_home_peers_all_average_in_groups_with_one_home_peer_each(lab, tmp_path):
-    """Two home peers behind NATs cannot reach each other, so a group holding both failed every
-    round for all four peers. Declared reachability keeps them in different groups. (Not every
+    """Two home peers behind NATs cannot reach each other (no relay here), so a group holding both
+    failed every round for all four peers. Declared reachability keeps them in different groups. (Not every
     round averages yet: peers whose views of the matchmaking key differ compute different splits.)"""
     lab.add_host("pub1", 1)
     lab.add_host("pub2", 2)
@@ -86,7 +92,8 @@ def test_two_public_and_two_home_peers_all_average_in_groups_with_one_home_peer_
     lab.add_home("home2", 2)
     run = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8", "--rounds", "6"]
     peer = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "4"]
-    seed = lab.start_peer("pub1", ["--seed", *run, *peer, "--out", str(tmp_path / "pub1")], tmp_path / "logs")
+    seed = lab.start_peer("pub1", ["--seed", "--no-relay-service", *run, *peer, "--out", str(tmp_path / "pub1")],
+                          tmp_path / "logs")
     others = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], *peer, "--out", str(tmp_path / name)],
                                    tmp_path / "logs") for name in ("pub2", "home1", "home2")}
     homes = {others["home1"].peer_ids[0], others["home2"].peer_ids[0]}
@@ -98,3 +105,36 @@ def test_two_public_and_two_home_peers_all_average_in_groups_with_one_home_peer_
         for event in events:
             if event["event"] == "reduced" and event["outcome"] == "averaged":
                 assert len(homes & set(event["members"])) <= 1, event
+
+
+@pytest.mark.parametrize("nat", [
+    "port-preserving",
+    pytest.param("port-random", marks=pytest.mark.slow),  # 1-3 minutes; the default run has the other
+])
+def test_two_peers_behind_separate_nats_average_together(lab, tmp_path, nat):
+    """The seed relays (Circuit Relay v2, on by default for seeds): each home peer finds it is
+    private, reserves a slot and declares a circuit address, so the two reach each other through
+    the seed and all three average in one group. Behind port-preserving NATs hole punching (DCUtR)
+    then gives them a direct connection; behind port-random ones they stay relayed."""
+    random_ports = nat == "port-random"
+    lab.add_host("pub", 1)
+    lab.add_home("home1", 1, random_ports)
+    lab.add_home("home2", 2, random_ports)
+    run = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8", "--rounds", "6"]
+    seed = lab.start_peer("pub", ["--seed", *run, *PEER, "--out", str(tmp_path / "pub")], tmp_path / "logs")
+    homes = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)],
+                                  tmp_path / "logs") for name in ("home1", "home2")}
+    expected = {seed.peer_ids[0]: "public", **{p.peer_ids[0]: "relayed" for p in homes.values()}}
+    assert reachability_shown(lab, seed, expected) == expected
+    summaries = {name: training_summary(process, 300) for name, process in {"pub": seed, **homes}.items()}
+    both = {p.peer_ids[0] for p in homes.values()}
+    for name, summary in summaries.items():
+        assert summary["rounds_averaged"] >= 1, (name, summary)
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        together = [e for e in events if e["event"] == "reduced" and e["outcome"] == "averaged"
+                    and both <= set(e["members"])]
+        assert together, (name, summary)
+    logs = [p.log_path.read_text(errors="replace") for p in homes.values()]
+    assert all("reserved a relay slot" in log and "Traceback" not in log for log in logs)
+    assert any("through a relay" in log for log in logs)
+    assert any("(hole punched)" in log for log in logs) == (not random_ports)

@@ -32,3 +32,45 @@ async def test_a_latecomer_sees_whether_a_group_still_waits_and_fails_fast_once_
         with pytest.raises(MatchmakingFailed, match="formed without this peer"):
             await late.all_reduce([torch.ones(1000)], group_key="k", timeout=30)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_cannot_read_its_own_declaration_declares_again_and_never_groups_without_itself():
+    """A chaos run crashed a peer (StopIteration) when its read of the matchmaking key lacked its
+    own entry (a store that failed on a loaded machine), held enough others to split, and split
+    them without itself."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        # the first splits as soon as it reads two peers; the others wait for all three
+        first = Averager(peers[0], target_group_size=2, matchmaking_budget=5)
+        second, third = (Averager(p, target_group_size=3, matchmaking_budget=5) for p in peers[1:])
+        candidates = first.matchmaker._candidates
+        reads = []
+
+        async def without_own_entry_at_first(seeking):
+            found, left = await candidates(seeking)
+            if len(reads) < 3:
+                found.pop(first.matchmaker.me, None)
+            reads.append(set(found))
+            return found, left
+
+        first.matchmaker._candidates = without_own_entry_at_first
+        outcomes = {}
+
+        async def average(name, averager, value):
+            try:
+                outcomes[name] = await averager.all_reduce([torch.full((100,), value)], group_key="k", timeout=20)
+            except MatchmakingFailed as exc:
+                outcomes[name] = exc
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as group:
+                group.start_soon(average, "second", second, 3.0)
+                group.start_soon(average, "third", third, 5.0)
+                with trio.fail_after(10):  # both others declared: the first's reads hold two peers
+                    while len(await second.matchmaker.dht.get(second.matchmaker._key("k"))) < 2:
+                        await trio.sleep(0.05)
+                group.start_soon(average, "first", first, 1.0)
+        assert reads and len(reads[0]) == 2 and first.matchmaker.me not in reads[0]
+        averaged = [o for o in outcomes.values() if not isinstance(o, Exception)]
+        assert len(outcomes) == 3 and len(averaged) >= 2, outcomes
+        nursery.cancel_scope.cancel()

@@ -2,7 +2,9 @@
 
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
+import multiaddr
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -12,6 +14,9 @@ from dht import RecordDHT
 from swarm.local import status_json
 from swarm.members import live_members
 from swarm.network import build_host
+from swarm.peer import Peer, PeerConfig
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 @asynccontextmanager
@@ -73,3 +78,81 @@ async def test_thirteen_peers_in_four_processes_see_each_other_and_notice_a_kill
             nursery.start_soon(watch, "b", view_b)
     for name, seconds in detection.items():
         assert seconds is not None and seconds <= 3 * HEARTBEAT, f"view {name}: killed peers listed for {seconds}s"
+
+
+async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached_through_a_relay():
+    """What a peer behind NAT does (``Peer._check_reachability``, here with the dial-backs'
+    verdict given): it never serves the DHT, so servers leave it out of their requests, yet its
+    records reach them; it reserves a slot on the seed's relay and advertises the circuit, and a
+    peer that cannot dial it directly reaches it through the relay."""
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID
+    from libp2p.peer.peerinfo import PeerInfo
+    from swarm.peer import Peer, PeerConfig
+    from swarm.relay import Relays
+
+    async with trio.open_nursery() as nursery:
+        seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
+        server = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
+        home = Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1))
+
+        async def private():
+            home.reachability.status = "private"
+            return "private"
+
+        home.reachability.check = private
+        await nursery.start(home.run)
+        with trio.fail_after(20):
+            while home.reach != "relayed" or not server.dht.server:
+                await trio.sleep(0.1)
+        assert not home.dht.server and PROTOCOL_ID not in home.host.get_mux().handlers
+        assert seed.dht._may_serve(server.peer_id) and not seed.dht._may_serve(home.peer_id)
+        key = "/legion/default/test/client"
+        assert await home.dht.store(key, {"from": "home"}, 30) >= 1
+        assert await server.dht.store(key, {"from": "server"}, 30) >= 1
+        for reader in (seed, home):
+            entries = await reader.dht.get(key)
+            assert {e.value["from"] for e in entries.values()} == {"home", "server"}
+        # a newcomer that knows the home peer only by its addresses: direct ones fail, the circuit works
+        circuit = home.relays.addrs
+        assert circuit and str(circuit[0]) == f"{seed.addrs[0]}/p2p-circuit/p2p/{home.peer_id}"
+        assert str(circuit[0]) in home.announcement().addrs
+        host = build_host(create_new_key_pair())
+        relays = Relays(host, serve=False)
+        async with host.run([multiaddr.Multiaddr(a) for a in LOOPBACK]):
+            await nursery.start(relays.run)
+            await host.connect(PeerInfo(seed.peer_id, seed.addrs))
+            host.get_peerstore().add_addrs(home.peer_id, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/9"), *circuit], 60)
+            with trio.fail_after(20):
+                stream = await host.new_stream(home.peer_id, ["/ipfs/ping/1.0.0"])
+            await stream.close()
+            assert relays.relayed_dials == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lookup_skips_a_peer_it_could_not_dial_for_a_while():
+    """A peer behind NAT that a lookup learns of (from its peerstore or another node's answer)
+    stalled every lookup for a dial timeout; heartbeat refreshes gave up and peers' entries expired.
+    Here the undialable peer is a port that accepts and never speaks."""
+    from libp2p.peer.id import ID
+
+    accepted = 0
+
+    async def silent(stream):
+        nonlocal accepted
+        accepted += 1
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
+        async with dht_client(str(seed.addrs[0])) as client:
+            client.timeout = 2.0
+            silent_peer = ID.from_pubkey(create_new_key_pair().public_key)
+            client.host.get_peerstore().add_addrs(silent_peer, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 600)
+            assert await client.store("/legion/default/test/first", 1, 30) == 1
+            assert accepted == 1
+            assert await client.store("/legion/default/test/second", 2, 30) == 1
+            assert accepted == 1  # not dialled again
+            assert set(await seed.dht.get("/legion/default/test/second")) == {client.host.get_id().to_base58()}
+        nursery.cancel_scope.cancel()
