@@ -108,6 +108,7 @@ class Fault:
     at_rekill: bool = False  # ... which happens once
     recovered_at: float | None = None  # the swarm's next averaged round
     rejoined_at: float | None = None  # a restarted or replacing peer's first averaged round
+    after_end: bool = False  # due when peers had finished the run: no restart (nobody left to join)
 
 
 @dataclass
@@ -175,6 +176,7 @@ class ChaosSwarm:
         self._peer_of: dict[Path, str] = {}
         self._gone: list[PeerProcess] = []  # killed processes, whose logs are still checked
         self.swarm_round = 0
+        self.run_ended = False  # some peer finished its last round
 
     # ----- peers
     def start(self) -> None:
@@ -256,6 +258,9 @@ class ChaosSwarm:
             slots = [self.slots[i] for i in fault.slots]
             if fault.kind == "partition":
                 slots = self.slots
+            if fault.kind in RESTARTS and self.run_ended:
+                fault.after_end = True  # its peers would find the others leaving, and rightly exit
+                continue
             for slot in slots:
                 if fault.kind in ("restart", "restart-truncated", "restart-while-joining"):
                     self._restart(slot, fault.kind == "restart-truncated")
@@ -300,6 +305,8 @@ class ChaosSwarm:
             self._offsets[path] = self._offsets.get(path, 0) + len(complete)
             for line in complete.decode().splitlines():
                 event = json.loads(line)
+                if event["event"] == "done":
+                    self.run_ended = True
                 if event["event"] == "applied":
                     self.oracles.applied(peer, event)
                 elif event["event"] == "reduced":
@@ -386,17 +393,17 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
 def report(swarm: ChaosSwarm, args: argparse.Namespace, seconds: float) -> dict:
     survivors = swarm.summaries
     finals = {}
-    for slot in swarm.slots:  # the digest of each survivor's last applied round
+    for slot in swarm.slots:  # the digest of each survivor's last applied round, or of the state it adopted last
         path = slot.out / "metrics.jsonl"
-        applied = [json.loads(line) for line in path.read_text().splitlines()
-                   if '"applied"' in line] if path.exists() else []
+        applied = [event for event in map(json.loads, path.read_text().splitlines())
+                   if event["event"] in ("applied", "adopted")] if path.exists() else []
         if applied and slot.peer_id not in swarm.hung:
             finals[slot.peer_id] = (applied[-1]["round"], applied[-1]["digest"])
     last_round = max((r for r, _ in finals.values()), default=0)
     final_digests = {d for r, d in finals.values() if r == last_round}
     recovery = [f.recovered_at - f.at for f in swarm.faults if f.recovered_at is not None]
     rejoin = [f.rejoined_at - f.restarted_at for f in swarm.faults if f.restarted_at and f.rejoined_at]
-    restarted = [f for f in swarm.faults if f.kind in RESTARTS]
+    restarted = [f for f in swarm.faults if f.kind in RESTARTS and not f.after_end]
     return {
         "peers": args.peers, "rounds": args.rounds, "churn": args.churn, "seconds": round(seconds, 1),
         "faults": len(swarm.faults), "fault_kinds": dict(Counter(f.kind for f in swarm.faults)),
@@ -407,6 +414,7 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, seconds: float) -> dict:
         "max_recovery_seconds": round(max(recovery), 1) if recovery else None,
         "recovery_seconds": [round(r, 1) for r in recovery],
         "rejoin_seconds": [round(r, 1) for r in rejoin], "not_rejoined": len(restarted) - len(rejoin),
+        "not_restarted_after_the_end": sum(f.after_end for f in swarm.faults),
         "bytes_refetched": sum(s.get("checkpoint_bytes_fetched", 0) for s in survivors),
         "momentum_lost": sum(s.get("momentum_lost", 0) for s in survivors),
         "groups_checked": swarm.oracles.checked,

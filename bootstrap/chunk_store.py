@@ -9,6 +9,7 @@ that nobody else writes into it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -148,13 +149,15 @@ class ChunkStore:
         self._leases[mid] = max(self._leases.get(mid, 0.0), time.monotonic() + seconds)
 
     def manifests(self, run_id: str | None = None) -> list[SignedManifest]:
-        """Manifests on disk (of ``run_id``), newest round first."""
+        """Manifests on disk (of ``run_id``), newest round first; of one round, the last saved
+        first (a state adopted at the end of a run replaces the peer's own)."""
         found = []
         for path in self.manifest_dir.iterdir():
             if len(path.name) == 64 and (signed := self.manifest(bytes.fromhex(path.name))) is not None:
                 if run_id is None or signed.manifest.run_id == run_id:
-                    found.append(signed)
-        return sorted(found, key=lambda s: -s.manifest.round)
+                    with contextlib.suppress(OSError):
+                        found.append((-signed.manifest.round, -path.stat().st_mtime_ns, signed))
+        return [signed for *_, signed in sorted(found, key=lambda item: item[:2])]
 
     def missing(self, signed: SignedManifest) -> list[ChunkRef]:
         return [ref for ref in signed.manifest.unique_chunks().values() if ref.id not in self._held]

@@ -38,6 +38,8 @@ class Progress:
     rounds_failed: int = 0
     group_key: str = ""  # the last round this peer averaged in ("diloco-12")...
     group: list[str] = field(default_factory=list)  # ...and that round's contributors
+    final: str = ""  # once finished: the digest of its final weights (swarm.final_weights)...
+    settled: bool = False  # ...and whether they are the ones it leaves with
     peer_id: str = field(default="", compare=False)
 
     def to_value(self) -> dict:
@@ -62,7 +64,9 @@ class Progress:
                 and isinstance(progress.tokens_per_second, (int, float)) and isinstance(progress.training, bool)
                 and isinstance(progress.group_key, str) and len(progress.group_key) <= 64
                 and isinstance(progress.group, list) and len(progress.group) <= MAX_GROUP
-                and all(isinstance(m, str) and len(m) <= 64 for m in progress.group)):
+                and all(isinstance(m, str) and len(m) <= 64 for m in progress.group)
+                and isinstance(progress.final, str) and len(progress.final) <= 64
+                and isinstance(progress.settled, bool)):
             raise ValueError("progress has a field of the wrong type")
         return progress
 

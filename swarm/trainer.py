@@ -35,6 +35,7 @@ from shards.bids import Bid
 from shards.outer import ShardedOuter
 from swarm import resources
 from swarm.peer import Peer
+from swarm.final_weights import agreed_digest
 from swarm.reducer import RoundReport, SwarmReducer
 from swarm.run_board import MAX_GROUP, Progress, choose_run, read_board, run_key
 from swarm.run_config import PROTOCOL, RunConfig
@@ -46,6 +47,13 @@ EVAL_EVERY_STEPS = 50
 MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
+FINAL_HEARTBEATS = 4  # with a round timeout: how long peers settle on their final weights at the end
+
+
+def _weights_digest(signed: SignedManifest) -> str:
+    """The digest of a state's weights (``final`` on the run board); peers holding the same weights
+    give the same digest whatever else their states hold."""
+    return (signed.manifest.segment_digest("weights") or b"").hex()
 
 
 def build_optimizer(config: RunConfig, model: GPT, reducer, nursery: trio.Nursery,
@@ -157,7 +165,8 @@ class Trainer:
         budget = 10.0 if config.algorithm == "diloco" else 3.0
         averager = Averager(self.peer, target_group_size=config.group_size, matchmaking_budget=budget,
                             max_weight=max_round_samples(config))
-        averager.matchmaker.reachability = lambda: self.peer.reachability.status
+        averager.matchmaker.reachability = lambda: self.peer.reach
+        averager.matchmaker.relayed = lambda: [str(a) for a in self.peer.relays.addrs]
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
         reducer.listeners = self.round_listeners
@@ -188,8 +197,17 @@ class Trainer:
             await self._publish_once()
             await self._wait_for_peers(training=True)
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
-            await self._publish_once()
-            await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
+            if isinstance(optimizer, DiLoCo):
+                summary["final_weights"] = await self._settle_final_weights(optimizer)
+                if summary["final_weights"] == "adopted":
+                    summary["val_loss"] = await trio.to_thread.run_sync(
+                        evaluate, model, corpus, config.eval_batches, config.batch_size)
+                    self._record({"event": "final", **summary})
+                    if self.out:
+                        torch.save(model.state_dict(), self.out / "model.pt")
+            else:
+                await self._publish_once()
+                await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
             await averager.linger()  # members of the last round may still need our part
             nursery.cancel_scope.cancel()
         return summary
@@ -235,7 +253,11 @@ class Trainer:
 
     def _others_training(self) -> list[Progress]:
         """The board's entries of the other peers training this run."""
-        return [p for p in self.board if p.run_id == self.config.run_id and p.training and p.peer_id != self.me]
+        return [p for p in self._run_peers() if p.training]
+
+    def _run_peers(self) -> list[Progress]:
+        """The board's entries of the other peers of this run, training or finished."""
+        return [p for p in self.board if p.run_id == self.config.run_id and p.peer_id != self.me]
 
     def _expected_peers(self) -> int:
         """Peers expected in a round: all that train the run. Rounds can be faster than the board
@@ -376,17 +398,19 @@ class Trainer:
     async def _fetch_from_swarm(self, min_round: int) -> tuple[int, dict] | None:
         """The newest state of the most advanced peer if it is at ``min_round`` or later, else None.
         Its chunks come from every peer holding them; those held already stay. The board lags the
-        peers by up to a heartbeat, so a donor a round short is asked again."""
-        signed = None
-        with trio.move_on_after(2 * self.peer.config.heartbeat):
-            while signed is None:
-                await self._refresh_board()
-                donors = self._donors(0)
-                if not donors:
-                    return None
-                signed = await self._attested_state(donors, min_round)
-                if signed is None:
-                    await trio.sleep(0.5)
+        peers by up to a heartbeat, so a donor a round short is asked again, for two heartbeats. The
+        first asking is not cut short: through a relay, dialling the donors alone can take longer
+        than two heartbeats, and a relayed peer whose asking was cut there never caught up."""
+        deadline = trio.current_time() + 2 * self.peer.config.heartbeat
+        while True:
+            await self._refresh_board()
+            donors = self._donors(0)
+            if not donors:
+                return None
+            signed = await self._attested_state(donors, min_round)
+            if signed is not None or trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.5)
         if signed is None:
             log.warning("no state of round %d or later that %s attest alike; not adopting any",
                         min_round, "two peers" if len(self._others_training()) > 1 else "the other peer")
@@ -409,17 +433,7 @@ class Trainer:
         """A state of round ``min_round`` or later whose weights two of ``donors`` hold alike (one,
         if only one other peer trains): a single peer cannot make others adopt weights it made
         up. The newest such state; its signer is the donor."""
-        offers: list[SignedManifest] = []
-
-        async def ask(peer: str) -> None:
-            offered = await self.checkpoints.fetch_manifest(peer, run_id=self.config.run_id,
-                                                            timeout=self.peer.config.network_timeout * 2)
-            if offered is not None and offered.manifest.round >= min_round:
-                offers.append(offered)
-
-        async with trio.open_nursery() as nursery:
-            for peer in donors:
-                nursery.start_soon(ask, peer)
+        offers = [o for o in await self._offered_states(donors) if o.manifest.round >= min_round]
         witnesses = min(2, len(self._others_training()))
         alike: dict[tuple[int, bytes | None], list[SignedManifest]] = {}
         for offer in offers:
@@ -433,19 +447,107 @@ class Trainer:
             return None
         return random.choice(max(attested, key=lambda group: group[0].manifest.round))
 
+    async def _offered_states(self, peers: list[str]) -> list[SignedManifest]:
+        """The newest state of this run each of ``peers`` offers (asked all at once)."""
+        offers: list[SignedManifest] = []
+
+        async def ask(peer: str) -> None:
+            offered = await self.checkpoints.fetch_manifest(peer, run_id=self.config.run_id,
+                                                            timeout=self.peer.config.network_timeout * 2)
+            if offered is not None:
+                offers.append(offered)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+        return offers
+
     async def _catch_up(self, optimizer: SwarmOptimizer) -> None:
         fetched = await self._fetch_from_swarm(optimizer.round + 1)
         if fetched is not None:
             await trio.to_thread.run_sync(self._adopt, optimizer, fetched)
 
-    def _adopt(self, optimizer: SwarmOptimizer, fetched: tuple[int, dict]) -> None:
+    def _adopt(self, optimizer: SwarmOptimizer, fetched: tuple[int, dict]) -> bool:
         try:
             optimizer.load_state(*fetched)
         except StateError as exc:  # a donor with another model, or a hostile one
             log.warning("ignoring a peer's state: %s", exc)
-            return
+            return False
         if isinstance(optimizer, DiLoCo):
             self._record({"event": "adopted", "round": optimizer.round, "digest": weights_digest(optimizer.global_weights)})
+        return True
+
+    # ----- the end of a run
+    async def _settle_final_weights(self, optimizer: DiLoCo) -> str:
+        """Settle with the other peers on one set of final weights (``swarm.final_weights``):
+        publish this peer's, wait until the others finished (or a deadline), fetch the agreed
+        weights if this peer holds others (a peer restarted late may have stepped its last
+        rounds alone), then stay while the others settle (up to a second deadline), as they may
+        fetch from it. Returns ``own`` (kept its weights), ``adopted``, or ``differs`` (could not fetch the
+        agreed weights: said in the log)."""
+        final_round = optimizer.round
+        self.progress.final = await self._save_final_state(optimizer)
+        await self._publish_once()
+        heartbeat = self.peer.config.heartbeat
+        allowance = self.config.round_timeout + FINAL_HEARTBEATS * heartbeat
+        deadline = trio.current_time() + allowance
+        while True:
+            await self._refresh_board()
+            if not self._others_training() or trio.current_time() >= deadline:
+                break
+            await trio.sleep(min(1.0, heartbeat))
+        finals = {p.peer_id: p.final for p in self._run_peers() if p.final and p.round == final_round}
+        agreed = agreed_digest(self.progress.final, finals)
+        log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the agreed ones",
+                 final_round, sum(d == self.progress.final for d in finals.values()), len(finals),
+                 sum(d == agreed for d in finals.values()))
+        outcome = "own"
+        if agreed != self.progress.final:
+            holders = [peer for peer, digest in finals.items() if digest == agreed]
+            outcome = "adopted" if await self._adopt_final(optimizer, final_round, agreed, holders) else "differs"
+            if outcome == "adopted":
+                self.progress.final = await self._save_final_state(optimizer)
+                await self._publish_once()
+            log.info("final weights: %s those %d of %d other peers hold", "adopted" if outcome == "adopted"
+                     else "could not fetch", len(holders), len(finals))
+        self.progress.settled = True
+        await self._publish_once()
+        # A peer that finished later may still decide, then fetch from here; one not yet showing
+        # its final weights may be between its last round and publishing them.
+        deadline += allowance
+        while self.progress.final == agreed and trio.current_time() < deadline and any(
+                p.training or not p.final or (p.final != agreed and not p.settled) for p in self._run_peers()):
+            await trio.sleep(min(1.0, heartbeat))
+            await self._refresh_board()
+        return outcome
+
+    async def _save_final_state(self, optimizer: DiLoCo) -> str:
+        """Checkpoint the final state (signed by this peer: what a restart resumes from and what
+        others fetch) and return its weights' digest, as the run board shows it."""
+        async with self._checkpoint_lock:
+            self._checkpoint = await trio.to_thread.run_sync(
+                lambda: self.store.save(optimizer.state_tensors(), self.config.run_id, optimizer.round,
+                                        self.peer.key_pair, meta={"config": self.config.to_dict()}))
+        return _weights_digest(self._checkpoint)
+
+    async def _adopt_final(self, optimizer: DiLoCo, final_round: int, digest: str, holders: list[str]) -> bool:
+        """Fetch the final state whose weights' digest is ``digest`` from the peers that hold it."""
+        offers = [o for o in await self._offered_states(holders[:MAX_WITNESSES])
+                  if o.manifest.round == final_round and _weights_digest(o) == digest]
+        if not offers:
+            log.warning("no peer offers the final weights the others settled on (%s); this peer's differ", digest[:16])
+            return False
+        random.shuffle(offers)
+        for offer in offers:  # the rest of a state (optimizer moments) only its signer holds
+            try:
+                await self.checkpoints.download(offer, [offer.signer, *(h for h in holders if h != offer.signer)],
+                                                timeout=self.config.round_timeout * 2)
+                tensors = await trio.to_thread.run_sync(self.store.load, offer)
+            except (DownloadError, ChunkError, ManifestError) as exc:
+                log.warning("fetching the final weights the others settled on from %s failed: %s", offer.signer, exc)
+                continue
+            return await trio.to_thread.run_sync(self._adopt, optimizer, (final_round, tensors))
+        return False
 
     def _on_applied(self, round_: int, reduced: Reduced | None) -> None:
         """A line per round applied (DiLoCo, with ``out``): the members of the group whose average

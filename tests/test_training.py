@@ -44,6 +44,7 @@ def test_three_peers_train_together_and_end_with_the_same_lower_loss(tmp_path):
     assert max(s["bytes_sent"] for s in summaries) < 4 * 1.3e6
 
 
+@pytest.mark.slow  # ~55 s; tests/test_chaos.py's restart faults cover a kill -9 and a restart from the same disk
 def test_a_killed_peer_does_not_stop_the_others_and_resumes_from_disk_when_restarted(tmp_path, spawn):
     processes = start_training_swarm(3, [*RUN, "--rounds", "12"], tmp_path)
     try:
@@ -101,6 +102,7 @@ def test_a_late_joiner_fetches_the_state_catches_up_and_contributes(tmp_path, sp
     assert 3 in groups  # the joiner took part in averaging rounds
 
 
+@pytest.mark.slow  # ~55 s; tests/test_shards.py covers a killed owner's momentum handover in-process
 def test_sharded_momentum_survives_a_killed_owner_and_status_shows_the_owners(tmp_path):
     """Three peers hold the outer momentum in 16 shards, two replicas each; one is killed: the
     others take over its shards from the surviving replicas, lose no momentum and end identical."""

@@ -1,0 +1,58 @@
+"""Peers whose last rounds ended differently settle on one set of final weights at the end of a run."""
+
+import trio
+
+from optim.base import weights_digest
+from peer_helpers import start_peers
+from swarm.final_weights import agreed_digest
+from swarm.run_config import RunConfig
+from swarm.trainer import Trainer
+
+
+def test_the_digest_most_peers_hold_wins_and_ties_go_to_the_smaller():
+    assert agreed_digest("aa", {"p": "bb", "q": "bb"}) == "bb"
+    assert agreed_digest("bb", {"p": "aa", "q": "bb"}) == "bb"
+    assert agreed_digest("bb", {"p": "aa"}) == "aa"  # one other peer: its word is enough
+    assert agreed_digest("aa", {"p": "bb"}) == "aa"
+    assert agreed_digest("cc", {"p": "aa", "q": "bb"}) == "cc"  # nobody else backs another digest
+
+
+def test_one_peer_cannot_outvote_with_weights_it_made_up():
+    # three others: a digest that only one of them claims is not a candidate, however small
+    assert agreed_digest("bb", {"p": "00", "q": "cc", "r": "dd"}) == "bb"
+
+
+async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold(tmp_path):
+    """Fault injected at a chosen point: one peer's weights are changed after its last round (as if
+    that round had failed for it alone). At the end all three hold the same weights, on disk too."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=2, round_timeout=20)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers)]
+        train = trainers[2]._train
+
+        def last_round_failed(model, corpus, optimizer):
+            summary = train(model, corpus, optimizer)
+            optimizer.global_weights.add_(1e-3)
+            optimizer.finish()
+            return summary
+
+        trainers[2]._train = last_round_failed
+        summaries = [None] * 3
+
+        async def run(index):
+            summaries[index] = await trainers[index].run()
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as training:
+                for index in range(3):
+                    training.start_soon(run, index)
+        nursery.cancel_scope.cancel()
+    assert [s["final_weights"] for s in summaries] == ["own", "own", "adopted"], summaries
+    digests = {weights_digest(t.optimizer.global_weights) for t in trainers}
+    assert len(digests) == 1
+    assert len({s["val_loss"] for s in summaries}) == 1
+    # what a restart of the adopting peer resumes from: the agreed weights, signed by itself
+    saved = trainers[2].store.complete(config.run_id)[0]
+    assert saved.signer == trainers[2].me
+    assert weights_digest(trainers[2].store.load(saved)["weights"]) == digests.pop()
