@@ -6,6 +6,12 @@ between two candidates estimates their RTT without anyone measuring all pairs. G
 around seeds taken in an order salted by the round, so membership rotates from round to round
 (Moshpit-style), and every ``mix_every``-th round ignores latency so that regional groups still
 mix globally.
+
+Nothing in a split may depend on how much of the swarm a peer happens to see: peers read the
+matchmaking entries from the DHT, and views that differ by one entry must still agree on almost
+every group. So the salt is the round's key alone, and from twice the target size on, peers are
+spread over buckets (``bucket_of``) by a hash of their own id and the round: each bucket has its own
+DHT key, holds about one group, and a missing entry changes only the group it belonged to.
 """
 
 from __future__ import annotations
@@ -60,6 +66,30 @@ class Coordinates:
 
 def _salted(salt: str, peer: str) -> bytes:
     return hashlib.sha256(f"{salt}/{peer}".encode()).digest()
+
+
+def bucket_count(swarm_size: int, target: int) -> int:
+    """How many matchmaking buckets a round of ``swarm_size`` peers uses: one below twice the
+    target, else a power of two that leaves ``target / 2 .. target`` peers in each on average. A
+    power of two, so two peers whose estimates of the swarm straddle a doubling still nest: a
+    bucket of the smaller count is exactly two of the larger."""
+    if swarm_size < 2 * target:
+        return 1
+    return 1 << math.ceil(math.log2(swarm_size / target))
+
+
+def bucket_of(peer: str, salt: str, count: int) -> int:
+    """The bucket ``peer`` seeks a group in: a hash of its id and the round, so it is the same in
+    every peer's view and membership rotates from round to round."""
+    return int.from_bytes(_salted(salt, peer)[:8], "big") % count
+
+
+def plan_groups(names: list[str], distance: Callable[[str, str], float], target: int, min_size: int,
+                key: str, mix_every: int, private: frozenset[str] = frozenset()) -> list[list[str]]:
+    """The split every peer seeking under ``key`` computes from the names it sees: salted by the
+    key alone (the round and bucket), every ``mix_every``-th key a mixing one."""
+    mix = mix_every > 0 and int(hashlib.sha256(key.encode()).hexdigest(), 16) % mix_every == 0
+    return form_groups(names, distance, target, min_size, key, mix, private)
 
 
 def form_groups(peers: list[str], distance: Callable[[str, str], float], target: int, min_size: int,

@@ -1,8 +1,9 @@
 """Finding a group through the DHT, without a server.
 
 Peers that want to average under a key declare themselves in one DHT key (an entry each, with
-addresses, upload bandwidth, Vivaldi coordinates and what they average), and read it until the
-target group size is reached or the time budget ends. Every peer then computes the same
+addresses, upload bandwidth, Vivaldi coordinates and what they average; in a large swarm, the key
+of their bucket: ``groups.bucket_of``), and read it until the target group size is reached or the
+time budget ends. Every peer then computes the same
 latency-aware split (``groups.form_groups``); the smallest peer id of each group leads it: it
 invites the members over a direct stream, and those that accept (a peer accepts one invitation per
 round) receive the final ``GroupSpec`` with bounds proportional to their bandwidth (or the order
@@ -26,14 +27,14 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from averaging.allreduce import GroupSpec, SpecError, add_addrs
-from averaging.groups import Coordinates, form_groups
+from averaging.groups import Coordinates, bucket_count, bucket_of, plan_groups
 from averaging.partition import partition_bounds
 from averaging.wire import FrameError, PerPeerLimit, read_frame, write_frame
 from dht import RecordDHT
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/matchmaking/1.0.0"
+PROTOCOL = "/legion/matchmaking/1.1.0"  # 1.1: splits salted by the key alone, buckets from 2x the target size
 PING_PROTOCOL = "/legion/ping/1.0.0"
 
 
@@ -42,6 +43,7 @@ LATE_GRACE = 1.0
 LEAD_INVITE_SECONDS = 3.0  # a leader's bound on one invitation
 INVITE_SECONDS = 5.0  # a follower waits this long for its leader's invitation
 RELAYED_INVITE_SECONDS = 8.0  # both, this much more where a member may have to be reached through a relay
+READY_PING_SECONDS = 0.5  # pings to new candidates once a group can form
 
 
 class MatchmakingFailed(Exception):
@@ -119,6 +121,9 @@ class Matchmaker:
         self.send_concurrency = send_concurrency  # what this peer sets in the groups it leads
         self.target_size, self.min_size, self.budget, self.mix_every = target_size, min_size, budget, mix_every
         self.upload_mbps = upload_mbps
+        # how many peers seek groups each round (the caller's estimate, say from the run board):
+        # from twice the target size on they seek in buckets, each under its own key
+        self.swarm_size = 0
         self.coords = Coordinates()
         self._rtt_ms: dict[str, float] = {}
         self._seeking: _Seeking | None = None
@@ -152,7 +157,11 @@ class Matchmaker:
         return self.host.get_id().to_base58()
 
     def _key(self, group_key: str) -> str:
-        return f"/legion/{self.swarm}/mm/{group_key}"
+        """The DHT key this peer seeks a group for ``group_key`` under: its bucket's, where there are
+        several (``groups.bucket_count``)."""
+        key = f"/legion/{self.swarm}/mm/{group_key}"
+        count = bucket_count(self.swarm_size, self.target_size)
+        return key if count == 1 else f"{key}/{count}.{bucket_of(self.me, key, count)}"
 
     async def find_group(self, group_key: str, total: int, codec: str, deadline: float,
                          order: GroupOrder | None = None, base: str = "") -> GroupSpec:
@@ -199,6 +208,10 @@ class Matchmaker:
                 log.info("own declaration under %s not found; declaring again", seeking.key)
                 await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
             elif len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
+                # a few pings first, briefly: otherwise, where groups fill at once (a large swarm),
+                # coordinates stop learning and latency-aware grouping turns random
+                with trio.move_on_after(READY_PING_SECONDS):
+                    await self._ping_some(candidates)
                 break
             if left and set(candidates) <= {self.me} and waited >= LATE_GRACE and not seeking.committed:
                 # the others sought here and left (their groups formed, or they gave up) and no
@@ -208,14 +221,11 @@ class Matchmaker:
             await self._ping_some(candidates)
             with trio.move_on_after(0.3):
                 await seeking.found.wait()
-        names = sorted(candidates)
-        salt = f"{seeking.key}/{min(int(e['t']) for e in candidates.values()) // 60}/{len(names)}"
-        mix = self.mix_every > 0 and int(hashlib.sha256(salt.encode()).hexdigest(), 16) % self.mix_every == 0
         coords = {p: Coordinates.from_wire(e["coords"]) for p, e in candidates.items()}
         coords[self.me] = self.coords
         private = frozenset(p for p, e in candidates.items() if e["reach"] == "private")
-        groups = form_groups(names, lambda a, b: coords[a].distance(coords[b]),
-                             self.target_size, self.min_size, salt, mix, private)
+        groups = plan_groups(sorted(candidates), lambda a, b: coords[a].distance(coords[b]),
+                             self.target_size, self.min_size, seeking.key, self.mix_every, private)
         mine = next(g for g in groups if self.me in g)
         seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:

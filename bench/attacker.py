@@ -94,7 +94,7 @@ def forged_round() -> None:
 def hijack() -> None:
     import averaging.matchmaking as matchmaking
 
-    def everyone_is_mine(names, distance, target, min_size, salt, mix=False):
+    def everyone_is_mine(names, distance, target, min_size, key, mix_every, private=frozenset()):
         me = matchmaking.HIJACKER
         return [[me, *sorted(n for n in names if n != me)]]
 
@@ -105,7 +105,7 @@ def hijack() -> None:
         matchmaking.HIJACKER = host.get_id().to_base58()
 
     matchmaking.Matchmaker.__init__ = remember
-    matchmaking.form_groups = everyone_is_mine
+    matchmaking.plan_groups = everyone_is_mine
 
 
 def grief() -> None:

@@ -58,6 +58,7 @@ class SwarmReducer:
             self._report(RoundReport(key, "alone", trio.current_time() - started))
             return reduced
         self.averager.matchmaker.target_size = min(self.max_group, expected)
+        self.averager.matchmaker.swarm_size = expected
         try:
             result = await self.averager.all_reduce(
                 tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",

@@ -2,7 +2,7 @@
 
 import random
 
-from averaging.groups import Coordinates, form_groups
+from averaging.groups import Coordinates, bucket_count, bucket_of, form_groups, plan_groups
 from averaging.partition import partition_bounds
 
 REGIONS = {"eu": 10, "us": 100, "asia": 200}  # one-way offsets: RTT within a region ~5 ms, across 90+ ms
@@ -70,3 +70,41 @@ def test_no_group_holds_two_private_peers_and_each_private_peer_gets_public_ones
     # without private peers nothing changes
     assert form_groups(public, lambda a, b: 0.0, 16, 2, "r") == form_groups(public, lambda a, b: 0.0, 16, 2, "r",
                                                                              private=frozenset({"elsewhere"}))
+
+
+def test_buckets_nest_rotate_and_hold_about_one_group():
+    assert bucket_count(31, 16) == 1 and bucket_count(32, 16) == 2 and bucket_count(1000, 16) == 64
+    names = [f"peer{i}" for i in range(1000)]
+    for count in (2, 8, 64):
+        sizes = [0] * count
+        for name in names:
+            bucket = bucket_of(name, "/mm/run/diloco-3", count)
+            sizes[bucket] += 1
+            # a peer that estimates half the swarm seeks in the union of two of these buckets
+            assert bucket_of(name, "/mm/run/diloco-3", count // 2) == bucket % (count // 2)
+        assert 1000 / count * 0.5 < sum(sizes) / count <= 1000 / count
+    moved = sum(bucket_of(n, "/mm/run/diloco-3", 64) != bucket_of(n, "/mm/run/diloco-4", 64) for n in names)
+    assert moved > 900  # membership rotates from round to round
+
+
+def test_a_view_missing_one_entry_changes_only_the_groups_of_that_entrys_bucket():
+    """The split's salt is the key alone (it used to count the names seen, so two peers whose views
+    differed by one entry computed unrelated splits), and each bucket is split on its own."""
+    names = [f"peer{i:03d}" for i in range(200)]
+    count = bucket_count(len(names), 16)
+
+    def groups(seen: list[str]) -> dict[int, list[list[str]]]:
+        buckets: dict[int, list[str]] = {}
+        for name in seen:
+            buckets.setdefault(bucket_of(name, "/mm/run/diloco-1", count), []).append(name)
+        return {b: plan_groups(sorted(m), lambda a, c: 0.0, 16, 2, f"/mm/run/diloco-1/{count}.{b}", 4)
+                for b, m in buckets.items()}
+
+    full = groups(names)
+    assert count == 16 and all(len(g) >= 2 for split in full.values() for g in split)
+    for missing in names[::9]:
+        partial = groups([n for n in names if n != missing])
+        home = bucket_of(missing, "/mm/run/diloco-1", count)
+        assert {b: s for b, s in partial.items() if b != home} == {b: s for b, s in full.items() if b != home}
+        if len(full[home]) == 1:  # the bucket held one group: it lost that entry, nothing else
+            assert partial[home] == [[n for n in full[home][0] if n != missing]]

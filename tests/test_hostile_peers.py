@@ -53,7 +53,7 @@ from libp2p.peer.id import ID  # noqa: E402
 
 from averaging.allreduce import AllReduce, GroupSpec, SpecError  # noqa: E402
 from averaging.averager import Averager  # noqa: E402
-from averaging.matchmaking import _declaration  # noqa: E402
+from averaging.matchmaking import PROTOCOL as MATCHMAKING_PROTOCOL, _declaration  # noqa: E402
 from averaging.partition import partition_bounds  # noqa: E402
 from averaging.wire import read_frame, write_frame  # noqa: E402
 from peer_helpers import start_peers  # noqa: E402
@@ -260,7 +260,7 @@ async def test_only_the_leader_a_peer_derives_may_invite_it_and_a_bad_spec_frees
         full_key = averager.matchmaker._key(key)
 
         async def invite(inviter, spec_wire):
-            stream = await inviter.host.new_stream(follower.peer_id, ["/legion/matchmaking/1.0.0"])
+            stream = await inviter.host.new_stream(follower.peer_id, [MATCHMAKING_PROTOCOL])
             await write_frame(stream, {"t": "invite", "key": full_key, "leader": inviter.peer_id.to_base58()})
             answer, _ = await read_frame(stream, 0)
             if answer.get("t") == "accept":

@@ -74,3 +74,34 @@ async def test_a_peer_that_cannot_read_its_own_declaration_declares_again_and_ne
         averaged = [o for o in outcomes.values() if not isinstance(o, Exception)]
         assert len(outcomes) == 3 and len(averaged) >= 2, outcomes
         nursery.cancel_scope.cancel()
+
+
+async def test_a_large_swarm_seeks_in_buckets_each_under_its_own_key_and_each_bucket_averages():
+    """From twice the target size on, peers seek groups in buckets (``groups.bucket_of``): 8 peers
+    with groups of 2 use 4 keys, and each peer averages with the peers of its own bucket only."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 8)
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers]
+        for averager in averagers:
+            averager.matchmaker.swarm_size = 8
+        # a round whose buckets all hold two or more peers (a bucket of one has nobody to average with)
+        for round_ in range(5000):  # two in each bucket: 1 round in 26
+            keys = [a.matchmaker._key(f"r{round_}") for a in averagers]
+            if len(set(keys)) == 4 and all(keys.count(k) == 2 for k in keys):
+                break
+        assert len(set(keys)) == 4 and all(k.endswith(("/4.0", "/4.1", "/4.2", "/4.3")) for k in keys)
+        results = {}
+
+        async def average(index: int) -> None:
+            results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
+                                                               group_key=f"r{round_}", timeout=30)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as group:
+                for index in range(8):
+                    group.start_soon(average, index)
+        for index, result in results.items():
+            bucket = [i for i in range(8) if keys[i] == keys[index]]
+            assert sorted(result.stats.contributors) == sorted(str(peers[i].peer_id) for i in bucket)
+            assert torch.allclose(result.tensors[0], torch.full((100,), sum(bucket) / len(bucket)))
+        nursery.cancel_scope.cancel()
