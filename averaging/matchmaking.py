@@ -230,6 +230,9 @@ class Matchmaker:
         seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
+        if self.reachability() in ("private", "relayed"):
+            # the leader cannot dial this peer: its invitation comes over a connection this peer opened
+            await self._connect([(mine[0], tuple(candidates[mine[0]]["addrs"]))])
         wait = INVITE_SECONDS + (RELAYED_INVITE_SECONDS if any(_behind_nat(candidates[m]) for m in mine) else 0)
         with trio.move_on_after(min(wait, max(0.0, deadline - trio.current_time()))):
             await seeking.found.wait()
@@ -243,14 +246,17 @@ class Matchmaker:
     async def _connect_members(self, spec: GroupSpec) -> None:
         """A peer behind NAT opens a connection to every member first: they can then reach it over
         that connection (they cannot dial it), as owners must."""
-        async def connect(member: str, addrs: tuple[str, ...]) -> None:
+        await self._connect([(m, a) for m, a in zip(spec.members, spec.addrs) if m != self.me])
+
+    async def _connect(self, peers: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Connect to each of ``peers`` (id, declared addresses) not connected yet, at once, bounded."""
+        async def connect(peer: str, addrs: tuple[str, ...]) -> None:
             with trio.move_on_after(3), contextlib.suppress(Exception):
-                await self.host.connect(PeerInfo(ID.from_base58(member), [multiaddr.Multiaddr(a) for a in addrs]))
+                await self.host.connect(PeerInfo(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs]))
 
         async with trio.open_nursery() as nursery:
-            for member, addrs in zip(spec.members, spec.addrs):
-                if member != self.me:
-                    nursery.start_soon(connect, member, addrs)
+            for peer, addrs in peers:
+                nursery.start_soon(connect, peer, addrs)
 
     def exclude(self, peers: list[str], rounds: int = EXCLUDE_ROUNDS) -> None:
         """Leave ``peers`` out of the groups of the next ``rounds`` rounds this peer seeks (they made

@@ -2,13 +2,15 @@
 
     python bench/internet.py [--rounds 8] [--down 50] [--up 15] [--json]
 
-Topology (``tests/netns_helpers.Lab``, its own namespaces; needs root, iproute2 and iptables):
-``pub1`` (the seed, which relays) and ``pub2`` on the "internet" bridge; ``home1`` and ``home2`` each
-behind a home router that masquerades keeping source ports (hole punching can work); ``home3`` and
-``home4`` behind routers that pick a random port per connection, as symmetric and carrier-grade NATs
-do (hole punching fails; they stay relayed). Every access link is rate-limited with ``tbf`` (``--down``
-/ ``--up`` Mbit/s); this kernel has no ``netem``, so no delay or loss is added. The same six peers then
-train again with every host public, for the all-reduce time ratio.
+Topology (``tests/netns_helpers.Lab``, its own namespaces on a public-looking "internet",
+11.201.0.0/24; needs root, iproute2, iptables, nftables and miniupnpd): ``pub1`` (the seed, which
+relays) and ``pub2`` on the internet; ``home1`` and ``home2`` each behind a home router that
+masquerades keeping source ports (hole punching can work); ``home3`` behind one that picks a random
+port per connection, as symmetric NATs do (hole punching fails); ``home4`` behind a home router
+behind a carrier-grade NAT (100.64.0.0/10, port-random); ``home5`` behind a router with UPnP
+(miniupnpd), which forwards its ports when asked. Every access link is rate-limited with ``tbf``
+(``--down`` / ``--up`` Mbit/s); this kernel has no ``netem``, so no delay or loss is added. The same
+seven peers then train again with every host public, for the all-reduce time ratio.
 
 Reports per peer: reachability (as ``status`` showed it), rounds averaged of rounds run, and how it
 reached the peers it dialled through a relay (``relayed``, or ``hole punched`` once a direct
@@ -34,21 +36,23 @@ from report import print_result  # noqa: E402
 from swarm.local import training_summary  # noqa: E402
 from tests.netns_helpers import Lab  # noqa: E402
 
-HOMES = {"home1": False, "home2": False, "home3": True, "home4": True}  # name -> port-random NAT
+HOMES = {"home1": {}, "home2": {}, "home3": {"random_ports": True}, "home4": {"cgnat": True},
+         "home5": {"upnp": True}}  # name -> its router (``Lab.add_home``)
+INTERNET = "11.201.0"  # public-looking: miniupnpd forwards nothing on a private WAN address
 PUBLIC = ("pub1", "pub2")
 RELAYED = re.compile(r"connected to (\S+) through a relay")
 PUNCHED = re.compile(r"direct connection to (\S+) \(hole punched\)")
 
 
 def run(args: argparse.Namespace, work: Path, all_public: bool) -> dict:
-    lab = Lab()
+    lab = Lab(INTERNET)
     try:
         names = [*PUBLIC, *HOMES]
         for index, name in enumerate(names, 1):
             if all_public or name in PUBLIC:
                 lab.add_host(name, index)
             else:
-                lab.add_home(name, index, random_ports=HOMES[name])
+                lab.add_home(name, index, **HOMES[name])
             lab.shape(name, args.down, args.up)
         common = ["--threads", "1", "--heartbeat", "2", "--wait-peers", str(len(names))]
         train = ["--model", "tiny", "--inner-steps", str(args.inner_steps), "--batch-size", "8",

@@ -73,6 +73,9 @@ def run_parser() -> argparse.ArgumentParser:
                              "(repeatable); listen and observed addresses follow, wildcards expanded")
     parser.add_argument("--lane-port", type=int, default=0, metavar="PORT",
                         help="TCP port of the lane listener (default: any free one); fix it to forward it")
+    parser.add_argument("--upnp", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask a UPnP home router to forward the libp2p and lane ports, and announce its "
+                             "external address (default: on, where this host has a private address)")
     parser.add_argument("--relay-service", action=argparse.BooleanOptionalAction, default=None,
                         help="relay connections for peers behind NAT (Circuit Relay v2) while this peer "
                              "is dialable (default: on for a seed, off otherwise)")
@@ -238,7 +241,7 @@ def _peer_configs(args: argparse.Namespace) -> list[PeerConfig]:
                        heartbeat=args.heartbeat, upload_mbps=args.upload_mbps,
                        download_mbps=args.download_mbps, gpu=args.gpu, lanes=args.lanes,
                        lane_port=args.lane_port if i == 0 else 0, announce=list(args.announce),
-                       relay_service=args.relay_service, relay_limits=args.relay_limits)
+                       relay_service=args.relay_service, relay_limits=args.relay_limits, upnp=args.upnp)
             for i in range(args.count)]
 
 

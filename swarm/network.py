@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
-from functools import partial
+import time
+from typing import Callable
 
 import multiaddr
 import psutil
@@ -20,9 +22,11 @@ DIAL_TIMEOUT = 5.0
 
 
 def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = DIAL_TIMEOUT,
-               announce: list[multiaddr.Multiaddr] = ()) -> IHost:
+               announce: list[multiaddr.Multiaddr] = (),
+               mapped: Callable[[], list[multiaddr.Multiaddr]] = list) -> IHost:
     """A host that offers only Noise (py-libp2p's default list includes plaintext and secio) and
-    advertises addresses others can dial (``advertised_addrs``, ``announce`` first).
+    advertises addresses others can dial (``advertised_addrs``: ``announce`` first, then what
+    ``mapped`` gives at the time, a router's forwards, say).
 
     ``max_connections_per_peer=1`` avoids the ~250 ms stall py-libp2p 0.8.1 adds to every dial.
     ``psk`` (64 hex digits) makes the host a member of a libp2p private network.
@@ -30,9 +34,41 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout,
                               outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout)
-    return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
-                    addrs_factory=partial(advertised_addrs, announce=list(announce)))
+                    addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
+    _rank_dialled_addrs(host)
+    return host
+
+
+def _rank_dialled_addrs(host: IHost) -> None:
+    """py-libp2p 0.8.1 dials one TCP address per peer: the first its peerstore holds, in the
+    order learnt. A home peer's LAN address, learnt first, then hid the router's forwarded one,
+    and every dial of it timed out. So the peerstore hands addresses out ranked (``_dial_rank``)."""
+    peerstore = host.get_peerstore()
+    addrs = peerstore.addrs
+    peerstore.addrs = lambda peer_id: sorted(addrs(peer_id), key=_dial_rank)
+
+
+_local_networks: tuple[float, list[ipaddress.IPv4Network]] = (-math.inf, [])
+
+
+def _dial_rank(addr: multiaddr.Multiaddr) -> int:
+    """0: on a network of our own interfaces (the same LAN), 1: public (or not IPv4), 2: loopback,
+    3: private elsewhere (another home's LAN: unroutable from here, a dial that only times out)."""
+    global _local_networks
+    try:
+        ip = ipaddress.ip_address(addr.value_for_protocol("ip4"))
+    except Exception:  # dns, ip6
+        return 1
+    if time.monotonic() - _local_networks[0] > 30:
+        networks = [ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False)
+                    for addrs in psutil.net_if_addrs().values() for a in addrs
+                    if a.family == socket.AF_INET and a.netmask]
+        _local_networks = (time.monotonic(), networks)
+    if any(ip in network for network in _local_networks[1] if not network.is_loopback):
+        return 0
+    return {0: 1, 2: 2}.get(_reach(str(ip)), 3)
 
 
 def _interface_ipv4s() -> list[str]:
@@ -52,6 +88,21 @@ def _reach(ip: str) -> int:
 
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598, not counted private by ipaddress
+
+
+def behind_router(listen: list[multiaddr.Multiaddr]) -> bool:
+    """Whether a host listening on ``listen`` sits on a private network, where a home router may
+    forward ports to it: a listen address, or with a wildcard an interface, that is private (not
+    loopback, not public)."""
+    for addr in listen:
+        try:
+            ip = addr.value_for_protocol("ip4")
+        except Exception:  # not IPv4
+            continue
+        ips = _interface_ipv4s() if ip == "0.0.0.0" else [ip]
+        if any(_reach(i) == 1 for i in ips):
+            return True
+    return False
 
 
 def advertised_addrs(candidates: list[multiaddr.Multiaddr], announce: list[multiaddr.Multiaddr] = ()

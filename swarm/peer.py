@@ -21,7 +21,8 @@ from dht import RecordDHT
 from swarm import resources
 from swarm.identity import load_or_create_identity
 from swarm.members import Announcement, members_key
-from swarm.network import build_host
+from swarm.network import behind_router, build_host
+from swarm.port_mapping import PortMapping
 from swarm.reachability import PRIVATE, PUBLIC, UNKNOWN, Reachability
 from swarm.relay import CHECK_SECONDS, RelayLimitsConfig, Relays
 from swarm.swarm_key import read_swarm_key
@@ -58,6 +59,7 @@ class PeerConfig:
     announce: list[str] = field(default_factory=list)  # addresses to advertise first (port forwards, VPS)
     relay_service: bool | None = None  # relay for peers behind NAT while dialable (None: seeds only)
     relay_limits: RelayLimitsConfig = field(default_factory=RelayLimitsConfig)
+    upnp: bool = True  # ask a UPnP home router to forward the libp2p and lane ports (swarm.port_mapping)
 
     def validate(self) -> None:
         if not self.seed and not self.bootstrap:
@@ -90,8 +92,11 @@ class Peer:
         self.config = config
         self.key_pair = key_pair or load_or_create_identity(config.identity)
         psk = read_swarm_key(config.swarm_key) if config.swarm_key else None
+        self._reachability_changed = trio.Event()
+        self.port_mapping = PortMapping(on_change=lambda: self._reachability_changed.set())
         self.host = build_host(self.key_pair, psk=psk, dial_timeout=config.network_timeout,
-                               announce=[multiaddr.Multiaddr(a) for a in config.announce])
+                               announce=[multiaddr.Multiaddr(a) for a in config.announce],
+                               mapped=lambda: self.port_mapping.addrs)
         serve = config.seed if config.relay_service is None else config.relay_service
         self.relays = Relays(self.host, serve=serve, limits=config.relay_limits)
         # a client until others' dial-backs show it can be dialled (a seed serves from the start):
@@ -122,7 +127,7 @@ class Peer:
     def announcement(self) -> Announcement:
         declared = self.config.upload_mbps is not None or self.config.download_mbps is not None
         return Announcement(
-            addrs=[str(a) for a in [*self.addrs, *self.relays.addrs]], role="seed" if self.config.seed else "peer",
+            addrs=[str(a) for a in [*self.host.get_addrs(), *self.relays.addrs]], role="seed" if self.config.seed else "peer",
             version=VERSION, started_at=self.started_at, cpu_cores=resources.cpu_cores(),
             ram_bytes=resources.ram_bytes(), gpu=self.config.gpu or resources.gpu_name(),
             upload_mbps=self.config.upload_mbps, download_mbps=self.config.download_mbps,
@@ -141,6 +146,10 @@ class Peer:
                 await nursery.start(self.lanes.run, self._lane_ip(listen), self.config.lane_port)
             await nursery.start(self.relays.run)
             self.addrs = self.host.get_addrs()
+            if self.config.upnp and behind_router(listen):
+                ports = self._listening_ports()
+                nursery.start_soon(self.port_mapping.run, [*ports, *([self.lanes.port] if self.lanes.port else [])],
+                                   ports)
             if self.config.bootstrap:
                 reached = await connect_bootstrap_peers(self.host, self.config.bootstrap,
                                                         self.config.network_timeout)
@@ -182,7 +191,11 @@ class Peer:
                     await self.dht.set_server(status == PUBLIC)
             if self.reachability.status == PRIVATE:
                 await self.relays.keep_reservations(self._relay_candidates())
-            await trio.sleep(2.0 if self.reachability.status == UNKNOWN else CHECK_SECONDS)
+            with trio.move_on_after(2.0 if self.reachability.status == UNKNOWN else CHECK_SECONDS):
+                await self._reachability_changed.wait()
+            if self._reachability_changed.is_set():  # a router now forwards a port: ask again at once
+                self._reachability_changed = trio.Event()
+                checked = -math.inf
 
     def _relay_candidates(self) -> list[ID]:
         """Peers that may relay for this one: the bootstrap peers first, then the others connected."""
@@ -191,6 +204,15 @@ class Peer:
             with contextlib.suppress(Exception):
                 first.append(ID.from_base58(multiaddr.Multiaddr(addr).get_peer_id()))
         return [*first, *(p for p in self.host.get_connected_peers() if p not in first)]
+
+    def _listening_ports(self) -> list[int]:
+        """The TCP ports the libp2p host listens on."""
+        ports = []
+        for listener in self.host.get_network().listeners.values():
+            for addr in listener.get_addrs():
+                with contextlib.suppress(Exception):
+                    ports.append(int(addr.value_for_protocol("tcp")))
+        return sorted(set(ports))
 
     @staticmethod
     def _lane_ip(listen: list[multiaddr.Multiaddr]) -> str:

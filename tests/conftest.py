@@ -46,3 +46,15 @@ def lab():
     network = Lab()
     yield network
     network.close()
+
+
+@pytest.fixture
+def upnp_lab(lab):
+    """A lab whose "internet" has public-looking addresses, for home routers that run miniupnpd
+    (which forwards nothing on a private WAN address)."""
+    if shutil.which("miniupnpd") is None or shutil.which("nft") is None:
+        pytest.skip("a UPnP router needs miniupnpd and nft (.ci/run installs them)")
+    lab.close()
+    network = Lab(internet="11.201.0")
+    yield network
+    network.close()

@@ -6,24 +6,31 @@ import time
 
 import multiaddr
 import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from swarm.local import training_summary
-from swarm.network import advertised_addrs
+from swarm.network import advertised_addrs, build_host
 from swarm.reducer import FAILURES_TO_WARN
 
 RUN = ["--model", "tiny", "--inner-steps", "5", "--batch-size", "8", "--rounds", "3"]
 PEER = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "3"]
 
 
-def reachability_shown(lab, seed, expected: dict, seconds: float = 60) -> dict:
-    """Each peer's reachability as ``status`` (run on the seed's host) shows it, once it is
-    ``expected`` or after ``seconds``."""
+def status_rows(lab, seed, expected: dict, seconds: float = 60) -> dict:
+    """The peers' rows of ``status`` (run on the seed's host), by peer id, once each peer's
+    reachability is as ``expected`` or after ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
-        shown = {p["peer_id"]: p["reachability"] for p in lab.status("pub", seed.addrs[0])}
-        if shown == expected or time.monotonic() > deadline:
-            return shown
+        rows = {p["peer_id"]: p for p in lab.status("pub", seed.addrs[0])}
+        if {p: r["reachability"] for p, r in rows.items()} == expected or time.monotonic() > deadline:
+            return rows
         time.sleep(2)
+
+
+def reachability_shown(lab, seed, expected: dict, seconds: float = 60) -> dict:
+    """Each peer's reachability as ``status`` shows it (``status_rows``)."""
+    return {p: r["reachability"] for p, r in status_rows(lab, seed, expected, seconds).items()}
 
 
 def test_a_wildcard_is_advertised_as_the_interfaces_public_first_and_announced_addresses_lead():
@@ -32,6 +39,17 @@ def test_a_wildcard_is_advertised_as_the_interfaces_public_first_and_announced_a
                                                [multiaddr.Multiaddr("/ip4/203.0.113.7/tcp/4001")])]
     assert addrs[0] == "/ip4/203.0.113.7/tcp/4001" and addrs[-1] == "/ip4/127.0.0.1/tcp/4002"
     assert not any("0.0.0.0" in a for a in addrs)
+
+
+def test_the_peerstore_hands_out_a_peers_public_address_before_another_networks_private_one():
+    """py-libp2p dials one TCP address per peer, the first its peerstore holds: a home peer's LAN
+    address, learnt before its router's forwarded one, hid the forward and every dial timed out."""
+    host = build_host(create_new_key_pair())
+    peer = create_new_key_pair().public_key
+    peer_id = ID.from_pubkey(peer)
+    learnt = ["/ip4/127.0.0.1/tcp/4001", "/ip4/192.168.77.10/tcp/4001", "/ip4/11.201.0.101/tcp/4001"]
+    host.get_peerstore().add_addrs(peer_id, [multiaddr.Multiaddr(a) for a in learnt], 60)
+    assert [str(a) for a in host.get_peerstore().addrs(peer_id)] == [learnt[2], learnt[0], learnt[1]]
 
 
 def test_three_hosts_with_the_default_listen_address_train_together(lab, tmp_path):
@@ -138,3 +156,31 @@ def test_two_peers_behind_separate_nats_average_together(lab, tmp_path, nat):
     assert all("reserved a relay slot" in log and "Traceback" not in log for log in logs)
     assert any("through a relay" in log for log in logs)
     assert any("(hole punched)" in log for log in logs) == (not random_ports)
+
+
+def test_a_home_peer_behind_a_upnp_router_gets_its_ports_forwarded_and_can_be_dialled(upnp_lab, tmp_path):
+    """home1's router runs miniupnpd: home1 has it forward its libp2p and lane ports, announces the
+    router's address, and others' dial-backs find it public. home2's router forwards nothing and the
+    seed relays for nobody, so home2 averages with home1 only because home1 can now be dialled."""
+    lab = upnp_lab
+    lab.add_host("pub", 1)
+    router = lab.add_home("home1", 1, upnp=True)
+    lab.add_home("home2", 2)
+    run = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8", "--rounds", "4"]
+    seed = lab.start_peer("pub", ["--seed", "--no-relay-service", *run, *PEER, "--out", str(tmp_path / "pub")],
+                          tmp_path / "logs")
+    homes = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], *PEER, "--out", str(tmp_path / name)],
+                                  tmp_path / "logs") for name in ("home1", "home2")}
+    expected = {seed.peer_ids[0]: "public", homes["home1"].peer_ids[0]: "public", homes["home2"].peer_ids[0]: "private"}
+    rows = status_rows(lab, seed, expected)
+    assert {p: r["reachability"] for p, r in rows.items()} == expected
+    assert any(a.startswith(f"/ip4/{router}/tcp/") for a in rows[homes["home1"].peer_ids[0]]["addrs"]), rows
+    summaries = {name: training_summary(process, 300) for name, process in {"pub": seed, **homes}.items()}
+    everyone = {seed.peer_ids[0], *(p.peer_ids[0] for p in homes.values())}
+    for name, summary in summaries.items():
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "reduced" and e["outcome"] == "averaged" and set(e["members"]) == everyone
+                   for e in events), (name, summary)
+    log = homes["home1"].log_path.read_text(errors="replace")
+    assert f"UPnP: router {router} forwards ports" in log and "Traceback" not in log
+    assert "UPnP: no router offers port forwarding" in homes["home2"].log_path.read_text(errors="replace")
