@@ -156,3 +156,34 @@ async def test_a_lookup_skips_a_peer_it_could_not_dial_for_a_while():
             assert accepted == 1  # not dialled again
             assert set(await seed.dht.get("/legion/default/test/second")) == {client.host.get_id().to_base58()}
         nursery.cancel_scope.cancel()
+
+
+async def test_dial_backs_speak_autonat_v1_and_refuse_forged_or_malformed_requests():
+    """Reachability is AutoNAT v1 (go-libp2p's peers ask and answer the same messages): a peer
+    listening on a reachable port is dialled back and told OK; a request naming another peer id,
+    or bytes that are no message, get an error reply, and the server goes on serving."""
+    from libp2p.host.autonat.pb.autonat_pb2 import Message
+    from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+    from swarm.reachability import PROTOCOL, PUBLIC
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], seed=True, heartbeat=1)).run)
+        asker = await nursery.start(Peer(PeerConfig(listen=["/ip4/127.0.0.1/tcp/0"], heartbeat=1,
+                                                    bootstrap=[str(server.addrs[0])])).run)
+
+        async def ask(payload: bytes) -> Message:
+            stream = await asker.host.new_stream(server.peer_id, [PROTOCOL])
+            await stream.write(encode_varint_prefixed(payload))
+            reply = Message.FromString(await read_varint_prefixed_bytes_limited(stream, 8192))
+            await stream.close()
+            return reply
+
+        forged = Message(type=Message.DIAL)
+        forged.dial.peer.id = server.peer_id.to_bytes()  # not the asker
+        forged.dial.peer.addrs.append(asker.addrs[0].to_bytes())
+        with trio.fail_after(20):
+            assert (await ask(forged.SerializeToString())).dialResponse.status == Message.E_DIAL_REFUSED
+            assert (await ask(b"\xff\xff not a protobuf")).dialResponse.status == Message.E_BAD_REQUEST
+            assert await asker.reachability.check() == PUBLIC  # its port on 127.0.0.1 was reached
+        nursery.cancel_scope.cancel()
