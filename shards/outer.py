@@ -13,8 +13,10 @@ Traffic is an ordinary all-reduce: no weights or momentum move except at a hando
 
 A peer that becomes an owner asks the other owners, then any peer, for the shard's momentum, over
 ``/legion/shards/2.0.0``; with nobody left holding it the momentum restarts from zero and
-``momentum_lost`` counts it. A peer keeps momentum of the last two rounds, so a former owner can
-hand a shard over after it stops owning it.
+``momentum_lost`` counts it (unless the holders answer that they are past that round: then the
+asking peer is behind the swarm and will fetch its state). A peer keeps momentum of the last two rounds, and goes on advancing a
+shard's for two rounds after it stopped owning it, so a former owner can hand the shard over at the
+round the new owner asks for.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ShardedOuter:
         self.me = host.get_id().to_base58()
         self.history: dict[int, dict[int, torch.Tensor]] = {}  # shard -> {round: momentum before its step}
         self._reduced: dict[int, set[int]] = {}  # round -> shards this peer reduced
+        self._held_until: dict[int, int] = {}  # shard -> the last round this peer owned or reduced it
         self._stepped: dict[int, trio.Event] = {}  # round -> set once its momentum updates are made
         self._shard_at = {layout.bounds(shard): shard for shard in range(layout.count)}
         self.stats = ShardStats()
@@ -149,7 +152,16 @@ class ShardedOuter:
         await self._take_missing(round_ + 1)
 
     def _advance(self, round_: int, update: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
-        kept = set(self.assignment().shards_of(self.me)) | self._reduced.pop(round_, set())
+        """Move the momentum of the shards this peer owns or reduced to round ``round_ + 1``, and of
+        those it owned or reduced in the last ``KEEP_ROUNDS`` rounds: a new owner asks for the
+        current round, and a former owner that stopped at the round it lost the shard answered
+        "none" (a chaos run lost momentum so, every other replica being the new owner itself). Every
+        member applies the same update, so a former owner's copy stays bit-identical."""
+        current = set(self.assignment().shards_of(self.me)) | self._reduced.pop(round_, set())
+        for shard in current:
+            self._held_until[shard] = round_
+        kept = current | {s for s, until in self._held_until.items() if until >= round_ - KEEP_ROUNDS}
+        self._held_until = {s: until for s, until in self._held_until.items() if s in kept}
         for shard in kept:
             momentum = self.history.get(shard, {}).get(round_)
             if momentum is not None:
@@ -174,9 +186,12 @@ class ShardedOuter:
             return torch.zeros(size)
         owners = assignment.owners[shard]
         answers: dict[str, torch.Tensor] = {}
+        misses: dict[str, str] = {}  # peer -> why it gave nothing
         for peer in self._candidates(shard, assignment):
             reply = await self._request(peer, {"t": "state", "run": self.run_id, "round": round_, "shard": shard}, size)
-            if reply is not None:
+            if isinstance(reply, str):
+                misses[peer] = reply
+            else:
                 answers[peer] = reply
             # an owner's copy is checked against a second holder's where one answers: replicas are
             # bit-identical, so one that differs was forged (or is stale)
@@ -190,15 +205,25 @@ class ShardedOuter:
             self.stats.momentum_handovers += 1
             log.info("took over shard %d at round %d with momentum from %s", shard, round_, peer)
             return chosen
+        why = ", ".join(f"{peer[-6:]} {reason}" for peer, reason in misses.items()) or "nobody to ask"
+        if any(reason.startswith("past it") for reason in misses.values()):
+            # holders have moved on by more rounds than they keep: this peer is behind the swarm (say
+            # it restarted from an old checkpoint) and will fetch its state; the momentum lives on
+            log.info("shard %d's momentum at round %d is gone from its holders, who are past that round "
+                     "(%s): this peer is behind the swarm", shard, round_, why)
+            return torch.zeros(size)
         self.stats.momentum_lost += 1
-        log.warning("nobody holds shard %d's momentum at round %d: it restarts from zero", shard, round_)
+        log.warning("nobody holds shard %d's momentum at round %d: it restarts from zero (owners %s; %s)",
+                    shard, round_, ", ".join(p[-6:] for p in owners) or "none", why)
         return torch.zeros(size)
 
     def _candidates(self, shard: int, assignment: Assignment) -> list[str]:
         owners = [p for p in assignment.owners[shard] if p != self.me]
         return owners + sorted(p for p in self.peers() if p != self.me and p not in owners)
 
-    async def _request(self, peer: str, request: dict, size: int) -> torch.Tensor | None:
+    async def _request(self, peer: str, request: dict, size: int) -> torch.Tensor | str:
+        """The momentum ``peer`` sends, or why there is none ("none held", "past it: at round N",
+        "failed: ...", "dropped")."""
         try:
             with trio.fail_after(self.timeout):
                 stream = await self.host.new_stream(ID.from_base58(peer), [PROTOCOL])
@@ -210,13 +235,16 @@ class ShardedOuter:
                         await stream.close()
         except Exception as exc:  # dial failures, resets, deadlines: libp2p raises many kinds
             log.debug("shard request to %s failed: %s", peer, exc)
-            return None
+            return f"failed: {type(exc).__name__}"
+        newest = reply.get("newest")
+        if reply.get("t") == "none" and type(newest) is int and newest > request["round"]:
+            return f"past it: at round {newest}"
         if reply.get("t") != "ok" or len(payload) != size * 4:
-            return None
+            return "none held"
         values = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).copy())
         if not torch.isfinite(values).all() or (size and float(values.abs().max()) > MAX_ABS_VALUE):
             log.warning("dropped momentum from %s: not finite, or beyond %g", peer, MAX_ABS_VALUE)
-            return None
+            return "dropped"
         return values
 
     def _forget_before(self, round_: int) -> None:
@@ -233,8 +261,10 @@ class ShardedOuter:
             with trio.fail_after(self.timeout + 2):
                 request, _ = await read_frame(stream, 0)
                 payload = await self._answer(request)
-            await write_frame_within(stream, self.timeout, {"t": "ok" if payload is not None else "none"},
-                                     payload or b"", what="a shard reply")
+            shard = request.get("shard")
+            newest = max(self.history.get(shard, {}), default=None) if isinstance(shard, int) else None
+            header = {"t": "ok"} if payload is not None else {"t": "none", **({"newest": newest} if newest is not None else {})}
+            await write_frame_within(stream, self.timeout, header, payload or b"", what="a shard reply")
         except (FrameError, trio.TooSlowError) as exc:
             log.debug("shard request ended: %s", exc)
         except Exception:  # an escaping exception would tear down the host

@@ -15,6 +15,7 @@ from swarm.run_board import Progress, read_board
 from swarm.run_config import RunConfig
 
 STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
+LEASE_LIFETIMES = 3  # a bid no read shows any more still counts this many lease lifetimes
 
 
 def run_assignment(config: RunConfig, bids: list[Bid]) -> tuple[ShardLayout, Assignment]:
@@ -27,15 +28,19 @@ async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid
                          seen: dict[str, Bid]) -> Assignment:
     """Renew this peer's bid (its lease) and return the owners every peer computes from the bids.
 
-    ``seen`` keeps the newest bid read from each peer until its lease (``ttl`` from its renewal)
-    runs out: a DHT read that misses some bids (a loaded node answering late) must not shrink this
-    peer's view, or it would assign itself shards the other peers give to the missing bidders."""
+    ``seen`` keeps the newest bid read from each peer for ``LEASE_LIFETIMES`` of its lease (``ttl``
+    from its renewal): a DHT read that misses some bids (a loaded node answering late, a renewal
+    that took a few seconds) must not shrink this peer's view, or it would assign itself shards the
+    other peers give to the missing bidders. With one lifetime, a chaos run on 2 cores saw a peer's
+    view flip between 16 shards, 4 and 5 within 15 s, every flip a handover and some a shard whose
+    momentum nobody held any more; a bidder that is really gone now keeps its shards ~3 lifetimes,
+    while its replica serves them."""
     with trio.move_on_after(ttl / 2):
         await dht.store(bids_key(swarm, config.run_id), bid.to_value(), ttl)
     for read in await read_bids(dht, swarm, config.run_id):
         if read.peer_id != bid.peer_id and (read.peer_id not in seen or seen[read.peer_id].renewed < read.renewed):
             seen[read.peer_id] = read
-    for peer_id in [p for p, b in seen.items() if b.renewed + ttl < bid.renewed]:
+    for peer_id in [p for p, b in seen.items() if b.renewed + LEASE_LIFETIMES * ttl < bid.renewed]:
         del seen[peer_id]
     return run_assignment(config, [*seen.values(), bid])[1]
 

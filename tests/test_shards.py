@@ -302,11 +302,11 @@ def test_the_layout_counts_the_models_parameters_without_torch():
 
 async def test_a_peer_keeps_the_bids_it_has_seen_until_their_leases_end():
     """A DHT read that misses a bid (a loaded node answering late) does not shrink a peer's view of
-    the owners; the bid leaves the view once its lease has run out."""
+    the owners; the bid leaves the view once its lease has run out ``LEASE_LIFETIMES`` times."""
     from dataclasses import replace
 
     from swarm.run_config import RunConfig
-    from swarm.shard_ownership import bid_and_assign
+    from swarm.shard_ownership import LEASE_LIFETIMES, bid_and_assign
 
     config = RunConfig(sharded=True).validate()
     async with trio.open_nursery() as nursery:
@@ -321,7 +321,29 @@ async def test_a_peer_keeps_the_bids_it_has_seen_until_their_leases_end():
         assert [b.peer_id for b in await read_bids(other.dht, "default", config.run_id)] == [other_id]
         second = await bid_and_assign(other.dht, "default", config, mine, 10.0, seen)
         assert second.owners == first.owners  # the read that missed the seed's bid changed nothing
-        later = replace(mine, renewed=NOW + 11)  # the seed's lease (10 s from its renewal) is over
-        third = await bid_and_assign(other.dht, "default", config, later, 10.0, seen)
+        # the seed's lease (10 s from its renewal) is over, but a late renewal may still come
+        later = replace(mine, renewed=NOW + 11)
+        assert (await bid_and_assign(other.dht, "default", config, later, 10.0, seen)).owners == first.owners
+        much_later = replace(mine, renewed=NOW + 10 * LEASE_LIFETIMES + 1)  # gone for good
+        third = await bid_and_assign(other.dht, "default", config, much_later, 10.0, seen)
         assert seen == {} and all(tuple(o) == (other_id,) for o in third.owners)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_behind_the_holders_is_told_so_and_does_not_count_the_momentum_lost():
+    """Holders keep two rounds. A peer that asks for an older round (it restarted from an old
+    checkpoint, say) used to count the shard's momentum lost though its replicas live on; holders
+    now answer that they are past that round. A round nobody has reached is still "none"."""
+    torch = pytest.importorskip("torch")
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        ids = [p.peer_id.to_base58() for p in peers]
+        view = outer_owners([bid(i) for i in ids], 2)
+        holder, asker = sharded_outers(peers, lambda: view, lambda: ids)
+        size = OUTER_LAYOUT.size(3)
+        holder.history[3] = {7: torch.ones(size), 8: torch.ones(size)}
+        assert await asker._request(ids[0], {"t": "state", "run": "r", "round": 5, "shard": 3}, size) == "past it: at round 8"
+        assert await asker._request(ids[0], {"t": "state", "run": "r", "round": 9, "shard": 3}, size) == "none held"
+        assert torch.equal(await asker._acquire(5, 3, view), torch.zeros(size)) and asker.stats.momentum_lost == 0
+        assert torch.equal(await asker._acquire(7, 3, view), torch.ones(size)) and asker.stats.momentum_handovers == 1
         nursery.cancel_scope.cancel()
