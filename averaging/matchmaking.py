@@ -108,9 +108,10 @@ def _forget_failed_dials(host: IHost, peer: str) -> None:
         cache.evict(peer)
 
 
-def _behind_nat(declaration: dict) -> bool:
-    """Whether a candidate declared it cannot be dialled (it may be reached through a relay)."""
-    return declaration.get("reach") in ("relayed", "private")
+def _behind_nat(reach: str | None) -> bool:
+    """Whether a peer's reachability (its own, or what a candidate declared) says it cannot be
+    dialled (it may be reached through a relay)."""
+    return reach in ("relayed", "private")
 
 
 class Matchmaker:
@@ -178,7 +179,7 @@ class Matchmaker:
                 while True:
                     spec = await self._attempt(seeking, deadline)
                     if spec is not None:
-                        if self.reachability() in ("private", "relayed"):
+                        if _behind_nat(self.reachability()):
                             await self._connect_members(spec)
                         return spec
                     seeking.committed, seeking.leader = False, None
@@ -230,10 +231,10 @@ class Matchmaker:
         seeking.leader = mine[0]
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
-        if self.reachability() in ("private", "relayed"):
+        if _behind_nat(self.reachability()):
             # the leader cannot dial this peer: its invitation comes over a connection this peer opened
             await self._connect([(mine[0], tuple(candidates[mine[0]]["addrs"]))])
-        wait = INVITE_SECONDS + (RELAYED_INVITE_SECONDS if any(_behind_nat(candidates[m]) for m in mine) else 0)
+        wait = INVITE_SECONDS + (RELAYED_INVITE_SECONDS if any(_behind_nat(candidates[m]["reach"]) for m in mine) else 0)
         with trio.move_on_after(min(wait, max(0.0, deadline - trio.current_time()))):
             await seeking.found.wait()
         if not seeking.found.is_set():
@@ -301,7 +302,7 @@ class Matchmaker:
             # direct try); no other address of it may be known yet
             declared = candidates.get(member, {})
             add_addrs(self.host, member, declared.get("addrs", []), self.budget + 30)
-            with trio.move_on_after(LEAD_INVITE_SECONDS + (RELAYED_INVITE_SECONDS if _behind_nat(declared) else 0)):
+            with trio.move_on_after(LEAD_INVITE_SECONDS + (RELAYED_INVITE_SECONDS if _behind_nat(declared.get("reach")) else 0)):
                 try:
                     stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
                 except Exception as exc:  # gone, unreachable: libp2p raises many kinds

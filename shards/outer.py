@@ -261,9 +261,10 @@ class ShardedOuter:
             with trio.fail_after(self.timeout + 2):
                 request, _ = await read_frame(stream, 0)
                 payload = await self._answer(request)
-            shard = request.get("shard")
-            newest = max(self.history.get(shard, {}), default=None) if isinstance(shard, int) else None
-            header = {"t": "ok"} if payload is not None else {"t": "none", **({"newest": newest} if newest is not None else {})}
+            header = {"t": "ok"}
+            if payload is None:  # with the newest round held, if any: the asker may be behind
+                rounds = self.history.get(request["shard"], {}) if type(request.get("shard")) is int else {}
+                header = {"t": "none", **({"newest": max(rounds)} if rounds else {})}
             await write_frame_within(stream, self.timeout, header, payload or b"", what="a shard reply")
         except (FrameError, trio.TooSlowError) as exc:
             log.debug("shard request ended: %s", exc)

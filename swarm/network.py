@@ -62,22 +62,25 @@ def _dial_rank(addr: multiaddr.Multiaddr) -> int:
     except Exception:  # dns, ip6
         return 1
     if time.monotonic() - _local_networks[0] > 30:
-        networks = [ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False)
-                    for addrs in psutil.net_if_addrs().values() for a in addrs
-                    if a.family == socket.AF_INET and a.netmask]
+        networks = [ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False) for a in _interface_ipv4_addrs()
+                    if a.netmask]
         _local_networks = (time.monotonic(), networks)
     if any(ip in network for network in _local_networks[1] if not network.is_loopback):
         return 0
-    return {0: 1, 2: 2}.get(_reach(str(ip)), 3)
+    return {0: 1, 2: 2}.get(reach_of(str(ip)), 3)
+
+
+def _interface_ipv4_addrs() -> list:
+    """psutil's IPv4 address entries (address, netmask) of the local interfaces."""
+    return [a for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
 
 
 def _interface_ipv4s() -> list[str]:
     """IPv4 addresses of the local interfaces."""
-    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
-    return addresses or ["127.0.0.1"]
+    return [a.address for a in _interface_ipv4_addrs()] or ["127.0.0.1"]
 
 
-def _reach(ip: str) -> int:
+def reach_of(ip: str) -> int:
     """0: public, 1: private (a LAN, carrier-grade NAT's 100.64/10, link-local), 2: loopback."""
     address = ipaddress.ip_address(ip)
     if address.is_loopback:
@@ -100,7 +103,7 @@ def behind_router(listen: list[multiaddr.Multiaddr]) -> bool:
         except Exception:  # not IPv4
             continue
         ips = _interface_ipv4s() if ip == "0.0.0.0" else [ip]
-        if any(_reach(i) == 1 for i in ips):
+        if any(reach_of(i) == 1 for i in ips):
             return True
     return False
 
@@ -116,14 +119,14 @@ def advertised_addrs(candidates: list[multiaddr.Multiaddr], announce: list[multi
     for addr in candidates:
         text = str(addr)
         if "/ip4/0.0.0.0/" in text:
-            ips = [ip for ip in _interface_ipv4s() if _reach(ip) < 2] or ["127.0.0.1"]
+            ips = [ip for ip in _interface_ipv4s() if reach_of(ip) < 2] or ["127.0.0.1"]
             expanded += [multiaddr.Multiaddr(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/")) for ip in ips]
         else:
             expanded.append(addr)
 
     def rank(addr: multiaddr.Multiaddr) -> int:
         try:
-            return _reach(addr.value_for_protocol("ip4"))
+            return reach_of(addr.value_for_protocol("ip4"))
         except Exception:  # not an IPv4 address (dns, ip6): as if public
             return 0
 

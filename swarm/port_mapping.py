@@ -21,6 +21,8 @@ import miniupnpc
 import multiaddr
 import trio
 
+from swarm.network import reach_of
+
 log = logging.getLogger(__name__)
 
 DISCOVER_MS = 2000  # how long discovery listens for routers' SSDP answers
@@ -76,7 +78,7 @@ class PortMapping:
         if external.version != 4 or external.is_unspecified:
             log.info("UPnP: the router's external address %s is not one to announce; no port forwarding", external)
             return None
-        if external.is_private or external in ipaddress.ip_network("100.64.0.0/10"):
+        if reach_of(str(external)) == 1:  # a LAN's, carrier-grade NAT's or link-local address
             log.info("UPnP: the router's external address %s is private (a second NAT beyond it?); "
                      "forwarding anyway, dial-backs will tell", external)
         self.external_ip = str(external)
