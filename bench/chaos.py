@@ -22,7 +22,7 @@ Oracles, checked as the peers' ``metrics.jsonl`` lines arrive (``reduced``: a ro
 contributors; ``applied``: the swarm weights' digest after each round):
 
 - every peer that applied the same group's average of a round holds bit-identical swarm weights;
-- peers that report a round averaged and name each other report the same contributor set;
+- the members of a group that report its round averaged report the same contributor set;
 - some round averages somewhere at least every ``--watchdog`` seconds;
 - no peer prints a traceback, and every live peer exits within its deadline once the run is done;
 - a restarted or replacing peer averages with the swarm again (its rejoin time is reported);
@@ -116,7 +116,7 @@ class Oracles:
     """What the peers' metrics lines must satisfy, checked as they arrive."""
 
     digests: dict[tuple[int, tuple[str, ...]], str] = field(default_factory=dict)
-    groups: dict[tuple[int, str], tuple[str, ...]] = field(default_factory=dict)  # (round, peer) -> averaged set
+    contributors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group id -> its contributor set
     violations: list[str] = field(default_factory=list)
     last_averaged: float = 0.0
     failed: Counter = field(default_factory=Counter)  # reason -> rounds
@@ -133,20 +133,21 @@ class Oracles:
                                    f"another member of its group {known[:8]}")
 
     def reduced(self, peer: str, event: dict, now: float) -> None:
-        round_ = int(event["key"].rsplit("-", 1)[-1])
         if event["outcome"] == "failed":
             self.failed[_reason(event.get("reason", ""))] += 1
             return
         if event["outcome"] != "averaged":
             return
-        members = tuple(event["members"])
         self.last_averaged = now
-        self.groups[(round_, peer)] = members
-        for other in members:
-            theirs = self.groups.get((round_, other))
-            if theirs is not None and peer in theirs and theirs != members:
-                self.violations.append(f"round {round_}: {peer[-6:]} and {other[-6:]} averaged over different "
-                                       f"contributor sets ({len(members)} and {len(theirs)} peers)")
+        # keyed by group, not round: a peer that adopts the swarm's state while its own group
+        # still averages that round finishes the group (its result dropped), then averages the
+        # round again with the swarm, in another group
+        contributors = tuple(event["members"])
+        known = self.contributors.setdefault(event["group"], contributors)
+        if known != contributors:
+            round_ = int(event["key"].rsplit("-", 1)[-1])
+            self.violations.append(f"round {round_}: {peer[-6:]} averaged over {len(contributors)} contributors, "
+                                   f"another member of its group over a different set of {len(known)}")
 
 
 def _reason(text: str) -> str:

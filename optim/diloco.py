@@ -223,11 +223,15 @@ class DiLoCo(SwarmOptimizer):
         except for a state of this peer's own round (a refetch after a failed round): the round
         being averaged is then the swarm's too, and its mean applies to these weights.
         A state that does not fit raises ``StateError`` and changes nothing."""
-        same_round = round_ == self.round and self._pending is not None
+        same_round, pending_round = round_ == self.round and self._pending is not None, self.round
         self._load(round_, state)
         if same_round and self.agree_on_weights and self._base() != self._pending_base:
             same_round = False  # the mean being averaged updates other weights than these
-        if not same_round:
+        if not same_round and self._pending is not None:
+            # its group may still be averaging: the peer finishes its part there (leaving would
+            # fail the round for the others), and the result goes unused
+            log.info("round %d's average in flight is dropped: it updates weights this peer no longer holds",
+                     pending_round)
             self._pending = None
         assign_flat(self.params, self.global_weights)
         self.round_start = self.global_weights.clone()

@@ -32,6 +32,7 @@ class RoundReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     reason: str = ""  # why a failed round failed
+    group: str = ""  # the group's id (averaged rounds): one round may be averaged in two groups
 
 
 class SwarmReducer:
@@ -74,7 +75,8 @@ class SwarmReducer:
         seconds = trio.current_time() - started
         phases = {"matchmaking": max(0.0, seconds - sum(stats.phase_seconds.values())), **stats.phase_seconds}
         self._report(RoundReport(key, "averaged" if len(stats.contributors) > 1 else "alone", seconds,
-                                 list(stats.contributors), phases, stats.bytes_sent, stats.bytes_received))
+                                 list(stats.contributors), phases, stats.bytes_sent, stats.bytes_received,
+                                 group=stats.group_id))
         return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received,
                        tuple(sorted(stats.contributors)))
 

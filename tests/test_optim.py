@@ -138,6 +138,35 @@ async def test_a_state_that_does_not_fit_is_refused_and_changes_nothing():
         assert opt.round == 9
 
 
+async def test_a_round_in_flight_for_weights_replaced_by_an_adopted_state_is_averaged_again_and_its_mean_unused():
+    """A peer that adopts the swarm's state of its own round while its group (holding the old
+    weights) still averages that round lets the group finish, never applies that mean, and
+    averages the round again from the adopted weights (chaos soak: one round, two groups)."""
+    keys, release = [], trio.Event()
+
+    async def reducer(tensors, weight, codec, key, base=""):
+        keys.append((key, base))
+        if len(keys) == 1:
+            await release.wait()
+            return Reduced([t * 1e3 for t in tensors], 2)  # the stale group's mean: must go unused
+        return Reduced([t.clone() for t in tensors], 2)
+
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, reducer, inner_steps=2, nursery=nursery)
+        opt.agree_on_weights = True
+        await trio.to_thread.run_sync(lambda: [opt.step(1) for _ in range(2)])
+        assert opt.round == 0 and opt._pending is not None  # diloco-0 averaging in the background
+        swarm_state = {**opt.state_tensors(), "weights": opt.global_weights + 0.01}
+        await trio.to_thread.run_sync(opt.load_state, 0, swarm_state)
+        release.set()
+        await trio.sleep(0.1)
+        await trio.to_thread.run_sync(train, opt, model, batches(2))
+    assert [key for key, _ in keys] == ["diloco-0", "diloco-0"] and keys[0][1] != keys[1][1]
+    assert opt.round == 1 and opt.stats.rounds_averaged == 1
+    assert (opt.global_weights - swarm_state["weights"]).abs().max() < 1.0
+
+
 def test_the_cosine_schedule_decays_to_a_tenth_and_the_constant_one_stays():
     factors = [lr_factor("cosine", i / 10) for i in range(11)]
     assert factors[0] == 1.0 and abs(factors[-1] - 0.1) < 1e-12 and abs(factors[5] - 0.55) < 1e-12
