@@ -1,6 +1,8 @@
-"""Scale simulator, first part: matchmaking at N peers whose views of the DHT differ.
+"""Scale simulator: matchmaking at N peers whose views of the DHT differ, and the load Legion's
+DHT keys put on the nodes holding them (``dht_load.py``).
 
-    python bench/scale.py [--peers 100 1000 10000] [--miss 0.001 0.01] [--rounds 3] [--json]
+    python bench/scale.py [--peers 100 1000 10000] [--miss 0.001 0.01] [--rounds 3]
+                          [--churn 0.2] [--fanout 20] [--only matchmaking|dht] [--json]
 
 Every peer reads the matchmaking entries of a round from the DHT; at scale no two peers read
 exactly the same set (entries still propagating, a replica that missed a store, a bundle over its
@@ -20,8 +22,12 @@ Two protocols side by side:
 
 Reports per protocol and N: the fraction grouped on the first try, group sizes, the largest key's
 entries (what each reader of it fetches, every 0.3 s while it waits) and the CPU seconds of one
-peer's split (its work per round). Not modelled yet: the DHT's nodes and links, churn, bids,
-catch-up (issue 20's full simulator).
+peer's split (its work per round).
+
+Then the DHT's load (``dht_load.simulate``, per protocol, N and churn): the busiest node's
+Mbit/s up and down and share of a core, the median node's, each peer's own background traffic,
+the largest key, and how well a peer's bucket estimates N. Not modelled: links (RTT, loss),
+shard bids and assignment, catch-up downloads.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # for report.py, after the packages
 
 from averaging.groups import Coordinates, bucket_count, bucket_of, form_groups, plan_groups  # noqa: E402
+from dht_load import K, calibrate, microseconds, simulate as simulate_dht  # noqa: E402
 from report import print_result  # noqa: E402
 
 TARGET, MIN_SIZE, MIX_EVERY = 16, 2, 4  # the reducer's group size cap, the matchmaker's defaults
@@ -148,18 +155,32 @@ def main() -> int:
     parser.add_argument("--flat-max", type=int, default=1000,
                         help="largest N to run the flat protocol at (each split is O(N^2 / target))")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--churn", type=float, default=0.2, help="joins (and leaves) per peer per hour")
+    parser.add_argument("--fanout", type=int, default=K, help="holders a DHT read asks (RecordDHT asks all K)")
+    parser.add_argument("--beats", type=int, default=2, help="heartbeats measured in the DHT simulation")
+    parser.add_argument("--only", choices=["matchmaking", "dht"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = []
-    for n in args.peers:
-        for miss in args.miss:
+    result: dict = {}
+    if args.only != "dht":
+        result["matchmaking"] = []
+        for n in args.peers:
+            for miss in args.miss:
+                for protocol in ("flat", "buckets"):
+                    if protocol == "flat" and n > args.flat_max:
+                        continue
+                    result["matchmaking"].append(simulate(protocol, n, miss, args.rounds, args.sample, args.seed))
+                    if not args.json:
+                        print(result["matchmaking"][-1], flush=True)
+    if args.only != "matchmaking":
+        costs = calibrate()
+        result["dht_costs_microseconds"], result["dht"] = microseconds(costs), []
+        for n in args.peers:
             for protocol in ("flat", "buckets"):
-                if protocol == "flat" and n > args.flat_max:
-                    continue
-                results.append(simulate(protocol, n, miss, args.rounds, args.sample, args.seed))
+                result["dht"].append(simulate_dht(protocol, n, args.churn, costs, args.fanout, args.beats, args.seed))
                 if not args.json:
-                    print(results[-1], flush=True)
-    print_result({"matchmaking": results}, args.json)
+                    print(result["dht"][-1], flush=True)
+    print_result(result, args.json)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Which checkpoint versions a peer holds, advertised in the DHT.
 
 Under ``/legion/<swarm>/checkpoints`` each peer's signed entry lists the versions it holds (run,
-manifest id, round, chunks held of total). A joiner reads this to find every peer it can fetch a
-version from; which chunks exactly a peer holds it asks that peer (the chunk protocol's "have").
+manifest id, round, chunks held of total). A joiner reads this to find peers it can fetch a
+version from (in a swarm of more than 64 peers, those of its bucket: ``dht.buckets``); which
+chunks exactly a peer holds it asks that peer (the chunk protocol's "have").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from bootstrap.manifest import ID_BYTES
 from dht import RecordDHT
+from dht.buckets import BucketRead, read_buckets
 
 MAX_VERSIONS = 16
 
@@ -51,6 +53,9 @@ def parse_holdings(peer_id: str, value: Any) -> list[Holding]:
     return out
 
 
-async def find_holdings(dht: RecordDHT, swarm: str) -> list[Holding]:
-    entries = await dht.get_parsed(holdings_key(swarm), parse_holdings, "checkpoint holdings")
-    return [holding for entry in entries for holding in entry]
+async def find_holdings(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None, *,
+                        probe_below: bool = False) -> BucketRead[Holding]:
+    """The versions the peers of ``me``'s bucket hold (every peer's, in a swarm of up to 64)."""
+    read = await read_buckets(dht, holdings_key(swarm), parse_holdings, "checkpoint holdings", me=me, level=level,
+                              probe_below=probe_below)
+    return BucketRead([holding for entry in read.entries for holding in entry], read.estimate, read.level)

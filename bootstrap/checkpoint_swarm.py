@@ -19,6 +19,7 @@ from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.rate_limit import RateLimiter
 from bootstrap.swarm_download import DownloadStats, ProgressCallback, SwarmDownload
 from dht import RecordDHT
+from dht.buckets import LEVEL_READ_BEATS, own_bucket_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class CheckpointSwarm:
         self.download_limit = RateLimiter.from_mbit(max_download_mbit)
         self.server = ChunkServer(store, self.upload_limit, self.download_limit, latest=latest)
         self.max_state_bytes, self.stall_timeout = max_state_bytes, stall_timeout
+        self.holdings_level: int | None = None  # the level of this peer's bucket of the holdings (dht.buckets)
 
     def serve(self) -> None:
         self.lanes.serve(PROTOCOL, self.server.handle)
@@ -54,18 +56,32 @@ class CheckpointSwarm:
         return out
 
     async def advertise(self, ttl: float) -> None:
-        await self.dht.store(holdings_key(self.swarm), holdings_value(self.holdings()), ttl)
+        if self.holdings_level is None:  # found before the first write: in a large swarm the unsplit key is empty
+            await self._read_holdings()
+        me = self.host.get_id().to_base58()
+        await self.dht.store(own_bucket_key(holdings_key(self.swarm), me, self.holdings_level or 0),
+                             holdings_value(self.holdings()), ttl)
 
     async def advertise_forever(self, heartbeat: float, ttl: float) -> None:
+        beats = 0
         while True:
             with trio.move_on_after(max(heartbeat, ttl - heartbeat)):
+                if beats % LEVEL_READ_BEATS == 0:  # the level of its bucket follows the swarm's size
+                    await self._read_holdings(probe_below=True)
                 await self.advertise(ttl)
+            beats += 1
             await trio.sleep(heartbeat)
+
+    async def _read_holdings(self, probe_below: bool = False) -> list[Holding]:
+        read = await find_holdings(self.dht, self.swarm, self.host.get_id().to_base58(), self.holdings_level,
+                                   probe_below=probe_below)
+        self.holdings_level = read.level
+        return read.entries
 
     async def holders(self, run_id: str) -> list[Holding]:
         """Peers holding any version of ``run_id`` (they may share chunks with the one wanted),
-        those with most of it first."""
-        found = [h for h in await find_holdings(self.dht, self.swarm) if h.run_id == run_id]
+        those with most of it first (of this peer's bucket, in a large swarm)."""
+        found = [h for h in await self._read_holdings() if h.run_id == run_id]
         return sorted(found, key=lambda h: (-h.round, -h.held))
 
     # ----- fetching

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -17,6 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
 
+from dht.buckets import parse_entries
 from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
 from dht.store import MergingValueStore
 from dht.validator import LegionValidator
@@ -29,6 +31,7 @@ INBOUND_SLOTS = 64  # inbound Kademlia streams served at once
 UNREACHABLE_SECONDS = 60.0  # a peer a lookup could not dial is left out of lookups this long
 LOOKUP_DIAL_SECONDS = 2.5  # a lookup's dial of a peer it is not connected to (TCP, Noise, Yamux)
 UNREACHABLE_CAP = 4096  # peers remembered as undialable
+READ_FANOUT = 3  # replicas whose records a read merges (asked at a time, and more where one has none)
 
 
 class RecordDHT:
@@ -38,11 +41,13 @@ class RecordDHT:
     ``timeout`` bounds every network step: a lookup, and each single peer's get or put. The closest
     peers of a key are looked up at most every ``lookup_ttl`` seconds (a peer that fails a request
     is dropped from the cached set), so a heartbeat costs one round of requests, not a lookup too.
+    A write goes to all of them, a read to ``read_fanout`` of them (``get``).
     """
 
     def __init__(self, host: IHost, key_pair: KeyPair, *, server: bool = True, timeout: float = 5.0,
-                 replication: int = BUCKET_SIZE, lookup_ttl: float = 30.0) -> None:
+                 replication: int = BUCKET_SIZE, lookup_ttl: float = 30.0, read_fanout: int = READ_FANOUT) -> None:
         self.host = host
+        self.read_fanout = read_fanout
         self.key_pair = key_pair
         self.timeout = timeout
         self.replication = replication
@@ -145,36 +150,40 @@ class RecordDHT:
     async def get(self, key: str, *, withdrawn: bool = False) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
-        fail validation are dropped and logged."""
+        fail validation are dropped and logged. The closest nodes are asked in random order,
+        ``read_fanout`` at a time, until ``read_fanout`` of them sent a record: every store goes
+        to all of them, so a few replicas' union holds nearly every entry, and asking all 20 of a
+        large swarm would cost each read 20 bundles (and each holder every reader's)."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
-
-        async def get_from(peer: ID) -> None:
-            with trio.move_on_after(self.timeout):
-                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
-                if record is not None:  # signatures checked off the event loop: a bundle holds thousands
-                    groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
-                return
-            self._forget(key_bytes, peer)
-
         peers = await self._closest_peers(key_bytes)
+        waiting = random.sample(peers, len(peers))
+        answered = 0
+
+        async def get_from(peer: ID, nursery: trio.Nursery) -> None:
+            nonlocal answered
+            record = None
+            with trio.move_on_after(self.timeout) as scope:
+                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
+            if scope.cancelled_caught:
+                self._forget(key_bytes, peer)
+            if record is not None:  # signatures checked off the event loop: a bundle holds thousands
+                answered += 1
+                groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
+            elif waiting and answered < self.read_fanout:  # none, failed or silent: ask another
+                nursery.start_soon(get_from, waiting.pop(), nursery)
+
         async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(get_from, peer)
+            for _ in range(min(self.read_fanout, len(waiting))):
+                nursery.start_soon(get_from, waiting.pop(), nursery)
         return {sub: e for sub, e in merge(*groups).items() if withdrawn or not e.withdrawn}
 
     async def get_parsed(self, key: str, parse: Callable[[str, Any], T], what: str) -> list[T]:
         """Every live entry under ``key`` as ``parse(subkey, value)``; a value that ``parse``
         rejects with ``ValueError`` is dropped and logged as an ignored ``what``."""
-        parsed = []
-        for subkey, entry in (await self.get(key)).items():
-            try:
-                parsed.append(parse(subkey, entry.value))
-            except ValueError as exc:
-                log.warning("ignoring %s of %s: %s", what, subkey, exc)
-        return parsed
+        return parse_entries(await self.get(key), parse, what)
 
     @staticmethod
     def _decode(key: str, data: bytes, source: str) -> list[Entry]:

@@ -17,6 +17,7 @@ push others' entries out by writing a big one.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -63,9 +64,12 @@ class Entry:
     def newer_than(self, other: "Entry") -> bool:
         return (self.timestamp, self.expiration) > (other.timestamp, other.expiration)
 
+    @functools.cached_property
+    def _subkey_bytes(self) -> bytes:  # a store re-encodes its bundle on every put: decode the id once
+        return ID.from_base58(self.subkey).to_bytes()
+
     def to_wire(self) -> list:
-        return [ID.from_base58(self.subkey).to_bytes(), self.value_bytes, self.timestamp,
-                self.expiration, self.signature]
+        return [self._subkey_bytes, self.value_bytes, self.timestamp, self.expiration, self.signature]
 
 
 _PACKED_NONE = msgpack.packb(None)
@@ -231,10 +235,10 @@ def entry_bytes(entry: Entry) -> int:
     return len(entry.subkey) + len(entry.value_bytes) + len(entry.signature) + 32
 
 
-def fit_bundle(entries: dict[str, Entry]) -> bytes:
-    """Encode the merged entries; if the bundle would be too large, the largest entries are left
-    out (each writer has one entry per key, so a writer of small entries is never pushed out by
-    one of large entries)."""
+def fit_bundle(entries: dict[str, Entry]) -> tuple[bytes, list[Entry]]:
+    """Encode the merged entries, and return those kept: if the bundle would be too large, the
+    largest entries are left out (each writer has one entry per key, so a writer of small entries
+    is never pushed out by one of large entries)."""
     kept, size = [], 8
     for entry in sorted(entries.values(), key=lambda e: (entry_bytes(e), e.subkey)):
         size += entry_bytes(entry)
@@ -245,4 +249,4 @@ def fit_bundle(entries: dict[str, Entry]) -> bytes:
     while len(data) > MAX_BUNDLE_BYTES:  # the estimate fell short: drop from the large end
         kept = kept[: len(kept) - max(1, len(kept) // 100)]
         data = encode_bundle(kept)
-    return data
+    return data, kept

@@ -31,7 +31,8 @@ def _entries(key: bytes, record: Record | None) -> list[Entry]:
 
 class MergingValueStore(ValueStore):
     """Stored ``/legion/`` bundles are merged per subkey on every put and pruned of expired entries
-    on every read. The merged record carries no outer signature (Kademlia's is optional): each entry
+    on every read. The entries of each key are kept decoded beside its encoded bundle, so a put
+    decodes only the entries it brings (a peer's heartbeat: one), not the whole bundle again. The merged record carries no outer signature (Kademlia's is optional): each entry
     inside keeps its writer's signature, which is what every reader checks, so re-signing every
     merge would only cost a signature here and a verification at every reader.
 
@@ -46,6 +47,7 @@ class MergingValueStore(ValueStore):
         self._keys_of: dict[str, set[bytes]] = {}  # subkey -> keys holding one of its entries
         self._sizes: dict[bytes, int] = {}  # key -> bytes of its stored bundle
         self._expiry: dict[bytes, float] = {}  # key -> when its last entry expires
+        self._entries: dict[bytes, list[Entry]] = {}  # key -> the entries its stored bundle holds
 
     def put_record(self, key: bytes, record: Record) -> None:
         if not key.startswith(_PREFIX):
@@ -58,13 +60,13 @@ class MergingValueStore(ValueStore):
         if stored is None and not self._room_for_a_key():
             log.info("refused a new DHT key: %d keys / %d bytes held", len(self._sizes), sum(self._sizes.values()))
             return
-        self._store_entries(key, merge(_entries(key, stored[0] if stored else None), incoming))
+        self._store_entries(key, merge(self._entries.get(key, []) if stored else [], incoming))
 
     def get(self, key: bytes) -> Record | None:
         record = super().get(key)
         if record is None or not key.startswith(_PREFIX):
             return record
-        live = merge(_entries(key, record))
+        live = merge(self._entries.get(key, []))
         if not live:
             self.remove(key)
             return None
@@ -95,13 +97,15 @@ class MergingValueStore(ValueStore):
                     del self._keys_of[subkey]
         self._sizes.pop(key, None)
         self._expiry.pop(key, None)
+        self._entries.pop(key, None)
 
     def _store_entries(self, key: bytes, entries: dict[str, Entry]) -> Record:
-        record = Record(key=key, value=fit_bundle(entries))
+        value, kept = fit_bundle(entries)
+        record = Record(key=key, value=value)
         record.timeReceived = format_time_rfc3339()
         super().put_record(key, record)
-        kept = _entries(key, record)
         self._forget(key)
+        self._entries[key] = kept
         self._writers[key] = frozenset(e.subkey for e in kept)
         for entry in kept:
             self._keys_of.setdefault(entry.subkey, set()).add(key)

@@ -56,7 +56,7 @@ async def main() -> None:
 
         async def count_members() -> None:  # how many peers a round should wait for
             while True:
-                members[0] = max(1, len(await live_members(peer.dht, "regression")))
+                members[0] = max(1, (await live_members(peer.dht, "regression")).estimate)
                 await trio.sleep(2)
 
         nursery.start_soon(count_members)

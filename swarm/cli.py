@@ -19,7 +19,7 @@ from dht import RecordDHT
 from optim.data import DataError
 from swarm.exit_guard import exit_if_stuck
 from swarm.identity import IdentityError, load_or_create_identity
-from swarm.members import Announcement, live_members
+from swarm.members import Announcement, every_member, live_members
 from swarm.network import build_host
 from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
@@ -133,6 +133,8 @@ def status_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print a JSON list of peer objects")
     parser.add_argument("--shards", action="store_true",
                         help="show shard ownership of the swarm's runs instead (owners, replicas, lease age)")
+    parser.add_argument("--all", action="store_true",
+                        help="every peer of a swarm of more than 64 (read bucket by bucket; else one bucket is shown)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed for each network step")
     _common(parser)
     return parser
@@ -362,12 +364,14 @@ async def dht_client(bootstrap: list[str], psk: str | None, timeout: float) -> A
         yield dht
 
 
-async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False):
-    """Read the swarm's live members (with ``shards``: the shard ownership of its runs)."""
+async def fetch_status(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, shards: bool = False,
+                       every: bool = False):
+    """Read the swarm's live members, a bucket of them in a large swarm unless ``every`` (with
+    ``shards``: the shard ownership of its runs)."""
     async with dht_client(bootstrap, psk, timeout) as dht:
         if shards:
             return await fetch_shard_status(dht, swarm)
-        return await live_members(dht, swarm)
+        return await (every_member(dht, swarm) if every else live_members(dht, swarm))
 
 
 async def serve_dashboard(bootstrap: list[str], swarm: str, psk: str | None, timeout: float, listen: str,
@@ -424,11 +428,14 @@ def _status(argv: list[str]) -> int:
         runs = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout, True)
         print(json.dumps(runs, indent=2) if args.json else format_shard_table(runs))
         return 0
-    members = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout)
+    members = trio.run(fetch_status, args.bootstrap, args.swarm, psk, args.timeout, False, args.all)
     if args.json:
-        print(json.dumps([m.as_json() for m in members], indent=2))
+        print(json.dumps([m.as_json() for m in members.entries], indent=2))
     else:
-        print(format_table(members))
+        print(format_table(members.entries))
+        if members.level > 0 and not args.all:
+            print(f"about {members.estimate} peers in the swarm; these {len(members.entries)} are one bucket of "
+                  "them (--all lists every one)")
     return 0
 
 

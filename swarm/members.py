@@ -1,4 +1,5 @@
-"""The swarm's member list: one DHT key, one signed entry per live peer."""
+"""The swarm's member list: one signed entry per live peer, under one DHT key split into buckets
+in a swarm of more than 64 peers (``dht.buckets``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dht import RecordDHT
+from dht.buckets import BucketRead, read_buckets, read_every_bucket
 
 ROLES = ("seed", "peer")
 
@@ -68,7 +70,18 @@ class Announcement:
         return {"peer_id": self.peer_id, **self.to_value(), "uptime_seconds": round(max(0.0, now - self.started_at), 1)}
 
 
-async def live_members(dht: RecordDHT, swarm: str) -> list[Announcement]:
-    """Unexpired announcements of the swarm's peers, seeds first, malformed ones dropped and logged."""
-    members = await dht.get_parsed(members_key(swarm), Announcement.from_value, "announcement")
-    return sorted(members, key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
+async def live_members(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None, *,
+                       probe_below: bool = False) -> BucketRead[Announcement]:
+    """Unexpired announcements of ``me``'s bucket of the swarm (all of them in a swarm of up to
+    64 peers; a random bucket without ``me``), seeds first, malformed ones dropped and logged."""
+    read = await read_buckets(dht, members_key(swarm), Announcement.from_value, "announcement", me=me, level=level,
+                              probe_below=probe_below)
+    read.entries.sort(key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
+    return read
+
+
+async def every_member(dht: RecordDHT, swarm: str) -> BucketRead[Announcement]:
+    """Every live announcement, read bucket by bucket (``legion-peer status --all``)."""
+    read = await read_every_bucket(dht, members_key(swarm), Announcement.from_value, "announcement")
+    read.entries.sort(key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
+    return read

@@ -1,6 +1,8 @@
-"""The run board: one DHT key where every training peer publishes its run's configuration and its
-progress (round, loss, throughput, traffic). Peers read it to learn what to train, how many peers
-to expect in a round, which round the swarm is in, and whom to fetch the state from."""
+"""The run board: where every training peer publishes its run's configuration and its progress
+(round, loss, throughput, traffic). Peers read it to learn what to train, how many peers to
+expect in a round, which round the swarm is in, and whom to fetch the state from. In a swarm of
+more than 64 peers each peer reads only its bucket of the board, which also estimates the
+swarm's size (``dht.buckets``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from dht import RecordDHT
+from dht.buckets import BucketRead, own_bucket_key, read_buckets
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
 
 
@@ -15,7 +18,13 @@ MAX_GROUP = 64  # members of a published group (a round's group is at most RunCo
 
 
 def run_key(swarm: str) -> str:
+    """The run board's key (split into buckets in a large swarm: ``dht.buckets``)."""
     return f"/legion/{swarm}/run"
+
+
+def own_board_key(swarm: str, peer_id: str, level: int) -> str:
+    """Where ``peer_id`` writes its board entry at ``level``."""
+    return own_bucket_key(run_key(swarm), peer_id, level)
 
 
 @dataclass
@@ -71,8 +80,9 @@ class Progress:
         return progress
 
 
-async def read_board(dht: RecordDHT, swarm: str) -> list[Progress]:
-    return await dht.get_parsed(run_key(swarm), Progress.from_value, "run board entry")
+async def read_board(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None) -> BucketRead[Progress]:
+    """``me``'s bucket of the board at ``level`` (``dht.buckets.read_buckets``)."""
+    return await read_buckets(dht, run_key(swarm), Progress.from_value, "run board entry", me=me, level=level)
 
 
 def choose_run(board: list[Progress]) -> RunConfig:

@@ -54,7 +54,7 @@ async def fetch_shard_status(dht: RecordDHT, swarm: str, board: list[Progress] |
     """For every run the board shows (or ``board``, already read): its shards, their owners and
     each owner's lease age."""
     runs: dict[str, RunConfig] = {}
-    for progress in await read_board(dht, swarm) if board is None else board:
+    for progress in (await read_board(dht, swarm)).entries if board is None else board:
         if progress.run_id in runs:
             continue
         try:

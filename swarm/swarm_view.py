@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any
@@ -59,9 +60,13 @@ class SwarmView:
         self._rounds: dict[str, OrderedDict[int, dict[str, tuple[float | None, float | None]]]] = {}
         self._throughput: dict[str, list[list[float]]] = {}  # run -> [[unix time, tokens/s summed], ...]
         self._groups: OrderedDict[tuple[str, str], list[str]] = OrderedDict()  # (run, round key) -> members
+        # a large swarm's keys are read one bucket at a time, as a peer reads them: the view reads as this id
+        self._reader_id = secrets.token_hex(16)
+        self._board_level = self._members_level = self._holdings_level = None
 
     def _empty(self) -> dict[str, Any]:
-        return {"swarm": self.swarm, "version": 0, "updated": None, "peers": [], "runs": [], "groups": [],
+        return {"swarm": self.swarm, "version": 0, "updated": None, "peers": [], "board_estimate": 0,
+                "board_sampled": False, "runs": [], "groups": [],
                 "shards": [], "checkpoints": []}
 
     async def watch(self) -> None:
@@ -83,9 +88,12 @@ class SwarmView:
         return None
 
     async def refresh(self) -> None:
-        members = await live_members(self.dht, self.swarm)
-        board = await read_board(self.dht, self.swarm)
-        holdings = await find_holdings(self.dht, self.swarm)
+        read_members = await live_members(self.dht, self.swarm, self._reader_id, self._members_level)
+        self._members_level, members = read_members.level, read_members.entries
+        read = await read_board(self.dht, self.swarm, self._reader_id, self._board_level)
+        self._board_level, board = read.level, read.entries
+        read_holdings = await find_holdings(self.dht, self.swarm, self._reader_id, self._holdings_level)
+        self._holdings_level, holdings = read_holdings.level, read_holdings.entries
         runs = self._runs_followed(board)
         board = [p for p in board if p.run_id in runs]
         shards = await fetch_shard_status(self.dht, self.swarm, board, sharded_only=True)
@@ -107,6 +115,7 @@ class SwarmView:
         self.version += 1
         self.snapshot = {
             "swarm": self.swarm, "version": self.version, "updated": now, "peers": peers,
+            "board_estimate": read.estimate, "board_sampled": read.level > 0,
             "runs": [self._run_summary(run_id, [p for p in board if p.run_id == run_id]) for run_id in runs],
             "groups": [{"run_id": run, "key": key, "members": members}
                        for (run, key), members in reversed(self._groups.items())],

@@ -37,7 +37,7 @@ from swarm import resources
 from swarm.peer import Peer
 from swarm.final_weights import agreed_digest
 from swarm.reducer import RoundReport, SwarmReducer
-from swarm.run_board import MAX_GROUP, Progress, choose_run, read_board, run_key
+from swarm.run_board import MAX_GROUP, Progress, choose_run, own_board_key, read_board
 from swarm.run_config import PROTOCOL, RunConfig
 from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 
@@ -123,6 +123,8 @@ class Trainer:
         self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
         self.board: list[Progress] = []
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
+        self._board_level: int | None = None  # where this peer's board bucket is (None: not read yet)
+        self._board_estimate = 0  # peers on the whole board, as the last read estimated
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -216,9 +218,10 @@ class Trainer:
         """Wait until some peer publishes a run; a peer that cannot take part gets a clear error."""
         waited = 0.0
         while True:
-            board = await read_board(self.peer.dht, self.peer.config.swarm)
-            if board:
-                return choose_run(board)
+            board = await read_board(self.peer.dht, self.peer.config.swarm, self.me)
+            self._board_level = board.level
+            if board.entries:
+                return choose_run(board.entries)
             if waited == 0.0:
                 log.info("no training run published in swarm %r yet; waiting for one", self.peer.config.swarm)
             await trio.sleep(self.peer.config.heartbeat)
@@ -260,10 +263,12 @@ class Trainer:
         return [p for p in self.board if p.run_id == self.config.run_id and p.peer_id != self.me]
 
     def _expected_peers(self) -> int:
-        """Peers expected in a round: all that train the run. Rounds can be faster than the board
-        refreshes, so a board round says little about where a peer is now; one that is really
-        behind costs a matchmaking budget, then catches up from a peer's state."""
-        return 1 + len({p.peer_id for p in self._others_training()})
+        """Peers expected in a round: all that train the run (estimated, where this peer reads one
+        bucket of a large board). Rounds can be faster than the board refreshes, so a board round
+        says little about where a peer is now; one that is really behind costs a matchmaking
+        budget, then catches up from a peer's state."""
+        seen = 1 + len({p.peer_id for p in self._others_training()})
+        return max(seen, self._board_estimate) if self._board_level else seen
 
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
         """While the optimizer waits to join the swarm after adopting a peer's state R: the newest
@@ -306,12 +311,17 @@ class Trainer:
         # (16 peers on 2 cores), and peers that never saw the last of the others waited forever.
         limit = 2 * self.peer.config.network_timeout + 1
         read = None
-        with trio.move_on_after(limit) as scope:
-            read = await read_board(self.peer.dht, self.peer.config.swarm)
-        if scope.cancelled_caught:
+        with trio.move_on_after(limit):
+            read = await read_board(self.peer.dht, self.peer.config.swarm, self.me, self._board_level)
+        if read is None:
             log.info("reading the run board took over %.0f s; keeping the last one read", limit)
+        else:
+            if self._board_level is not None and read.level != self._board_level:
+                log.info("the run board holds about %d peers: this peer's entry moves to level %d",
+                         read.estimate, read.level)
+            self._board_level, self._board_estimate = read.level, read.estimate
         now = trio.current_time()
-        for progress in read or []:
+        for progress in read.entries if read is not None else []:
             self._board_seen[progress.peer_id] = (now, progress)
         memory = BOARD_MEMORY_TTLS * self.peer.ttl
         self._board_seen = {peer: seen for peer, seen in self._board_seen.items() if now - seen[0] <= memory}
@@ -319,7 +329,8 @@ class Trainer:
 
     async def _publish_once(self) -> None:
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
-            await self.peer.dht.store(run_key(self.peer.config.swarm), self.progress.to_value(), self.peer.ttl)
+            await self.peer.dht.store(own_board_key(self.peer.config.swarm, self.me, self._board_level or 0),
+                                      self.progress.to_value(), self.peer.ttl)
 
     async def _publish_progress(self) -> None:
         """This peer's board entry, refreshed every heartbeat on its own: a slow board read must
@@ -660,7 +671,7 @@ class Trainer:
         if report.outcome == "averaged":
             self.progress.group_key, self.progress.group = report.key, sorted(report.members)[:MAX_GROUP]
         self._record({"event": "reduced", "key": report.key, "outcome": report.outcome,
-                      "members": sorted(report.members), "seconds": round(report.seconds, 3),
+                      "members": sorted(report.members), "group": report.group, "seconds": round(report.seconds, 3),
                       **({"reason": report.reason[:300]} if report.reason else {})})
 
     def _record(self, event: dict) -> None:

@@ -136,9 +136,10 @@ def test_a_full_bundle_drops_its_largest_entries_so_no_writer_pushes_the_others_
     honest = [sign_entry(key, create_new_key_pair(), {"addrs": ["/ip4/198.18.0.10/tcp/4001"]}, ttl=10, now=now)
               for _ in range(200)]
     entries.update({e.subkey: e for e in honest})
-    data = fit_bundle(entries)
+    data, kept_entries = fit_bundle(entries)
     assert len(data) <= MAX_BUNDLE_BYTES
     kept = {e.subkey for e in decode_bundle_strict(key, data, now=now)}
+    assert kept == {e.subkey for e in kept_entries}
     assert {e.subkey for e in honest} <= kept
     assert 0 < len(kept - {e.subkey for e in honest}) < 12
 

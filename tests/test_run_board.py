@@ -1,8 +1,15 @@
 """Choosing the run to join from the run board."""
 
+import statistics
+import time
+
+import msgpack
+
 import pytest
 
-from swarm.run_board import Progress, choose_run
+from dht.buckets import BUCKET_ENTRIES, bucket_level, bucket_prefix, read_every_bucket
+from dht.records import Entry
+from swarm.run_board import Progress, choose_run, own_board_key, read_board, run_key
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig, RunConfigError
 
 
@@ -21,3 +28,72 @@ def test_a_joiner_picks_the_run_most_peers_train_and_explains_an_incompatible_sw
         choose_run([forged])
     with pytest.raises(ValueError):
         Progress.from_value("p5", {"run_id": 1, "protocol": 1, "config": {}, "bogus": True})
+
+
+class BoardKeys:
+    """The DHT as a reader of entries sees it once signatures are checked: keys holding one entry
+    per writer, and which keys were read."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[str, Entry]] = {}
+        self.reads: list[str] = []
+
+    def write(self, key: str, peer_id: str, value: dict) -> None:
+        now = time.time()
+        self.keys.setdefault(key, {})[peer_id] = Entry(peer_id, msgpack.packb(value), now, now + 30, b"")
+
+    async def get(self, key):
+        self.reads.append(key)
+        return dict(self.keys.get(key, {}))
+
+
+def _board_of(n: int, level_of=lambda peer, n: bucket_level(n)) -> tuple[BoardKeys, list[str]]:
+    config = RunConfig(model="tiny").validate()
+    dht, peers = BoardKeys(), [f"peer-{n}-{i}" for i in range(n)]
+    for peer in peers:
+        value = Progress(config.run_id, RUN_PROTOCOL, config.to_dict(), round=3, training=True).to_value()
+        dht.write(own_board_key("s", peer, level_of(peer, n)), peer, value)
+    return dht, peers
+
+
+async def test_a_small_board_is_one_key_read_whole():
+    dht, peers = _board_of(BUCKET_ENTRIES - 1)
+    assert list(dht.keys) == [run_key("s")]
+    read = await read_board(dht, "s", peers[0], 0)
+    assert dht.reads == [run_key("s")]  # one key, as before buckets
+    assert {p.peer_id for p in read.entries} == set(peers) and read.estimate == len(peers) and read.level == 0
+
+
+@pytest.mark.parametrize("n", [100, 1000, 10000])
+async def test_a_large_board_splits_into_bounded_buckets_and_one_bucket_estimates_the_swarm(n):
+    dht, peers = _board_of(n)
+    sizes = [len(entries) for entries in dht.keys.values()]
+    assert len(sizes) == 2 ** bucket_level(n) and statistics.mean(sizes) <= 2 * BUCKET_ENTRIES and max(sizes) < 4 * BUCKET_ENTRIES
+    for reader in peers[:: max(1, n // 50)]:
+        joining = await read_board(dht, "s", reader)  # no level yet: finds it
+        assert joining.level == bucket_level(n) or abs(joining.level - bucket_level(n)) == 1
+        dht.reads.clear()
+        read = await read_board(dht, "s", reader, bucket_level(n))
+        assert len(dht.reads) <= 4  # its bucket, the one above, its two halves below
+        assert n / 2 <= read.estimate <= 2 * n and n / 2 <= joining.estimate <= 2 * n
+        bucket = {p for p in peers if bucket_prefix(p, bucket_level(n)) == bucket_prefix(reader, bucket_level(n))}
+        assert bucket <= {p.peer_id for p in read.entries}
+
+
+async def test_peers_whose_estimates_differ_by_a_level_still_see_each_other():
+    """Near a level's edge some peers write one level deeper than others: a reader at either
+    level still sees every peer of its bucket."""
+    n = 300
+    dht, peers = _board_of(n, level_of=lambda peer, n: bucket_level(n) + int(peer[-1]) % 2)
+    level = bucket_level(n)
+    for reader in peers[:20]:
+        for reading_level in (level, level + 1):
+            read = await read_board(dht, "s", reader, reading_level)
+            bucket = {p for p in peers if bucket_prefix(p, reading_level) == bucket_prefix(reader, reading_level)}
+            assert bucket <= {p.peer_id for p in read.entries}
+
+
+async def test_an_operator_can_still_read_every_entry_bucket_by_bucket():
+    dht, peers = _board_of(1000)
+    read = await read_every_bucket(dht, run_key("s"), Progress.from_value, "run board entry")
+    assert {p.peer_id for p in read.entries} == set(peers) and read.estimate == 1000

@@ -33,7 +33,7 @@ async def dht_client(bootstrap: str):
 
 async def seconds_until(dht, predicate, timeout):
     started = trio.current_time()
-    while not predicate({m.peer_id for m in await live_members(dht, "default")}):
+    while not predicate({m.peer_id for m in (await live_members(dht, "default")).entries}):
         if trio.current_time() - started > timeout:
             return None
         await trio.sleep(0.05)

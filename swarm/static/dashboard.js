@@ -97,6 +97,8 @@ function render(s) {
   const totals = document.getElementById("totals");
   totals.replaceChildren(
     card("live peers", s.peers.length),
+    // a large swarm's board is read one bucket at a time: the peers shown are a sample
+    ...(s.board_sampled ? [card("peers in the run (estimate)", "~" + s.board_estimate)] : []),
     card("training", run ? run.training : 0),
     card("round", run ? run.round : "-"),
     card("tokens/s (swarm)", run ? Math.round(run.tokens_per_second) : "-"),

@@ -1,0 +1,308 @@
+"""Scale simulator, second part: what Legion's DHT keys cost the nodes that hold them, at N peers.
+
+Every peer, every heartbeat, does what the real code does: it writes its run-board entry, its
+member announcement and its checkpoint holdings (``swarm.trainer``, ``swarm.peer``,
+``bootstrap.checkpoint_swarm``), reads its view of the run board, follows the level of its member
+and holdings buckets every ``LEVEL_READ_BEATS`` heartbeats, declares in its round's matchmaking
+bucket and reads it; joining peers (``--churn``) find their levels first. The reads run the real
+``dht.buckets.read_buckets`` over a model DHT: each key is held by the ``K`` nodes whose ids are
+XOR-closest to its hash, a write goes to all of them and a read asks ``--fanout`` of them (the
+real ``RecordDHT.get`` asks all ``K``). The entries are real ``Entry`` objects holding real values
+(a board entry carries the run's whole configuration), so bytes are the real sizes.
+
+Costs are counted per node: bytes up and down (bundles served, entries stored; request framing
+left out) and CPU seconds at the per-entry costs measured on this machine with the real merging
+store and bundle decoder (``calibrate``). Two protocols side by side: ``flat``, every all-peer key
+one DHT key (before 2026-12-04), and ``buckets``, the board, members and holdings split
+(``dht.buckets``). Shard bids stay one key in both (sharded runs only; not counted here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from averaging.groups import bucket_count, bucket_of  # noqa: E402
+from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
+from dht.buckets import LEVEL_READ_BEATS, own_bucket_key, read_buckets  # noqa: E402
+from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
+from dht.store import MergingValueStore  # noqa: E402
+from swarm.members import Announcement, members_key  # noqa: E402
+from swarm.run_board import Progress, run_key  # noqa: E402
+from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig  # noqa: E402
+
+K = 20  # replicas per key (py-libp2p's bucket size)
+HEARTBEAT = 5.0  # PeerConfig's default
+TTL = 2.5 * HEARTBEAT
+SWARM = "sim"
+GROUP_TARGET = 16
+ROUND_SECONDS = 60.0  # a DiLoCo round of a few hundred inner steps
+MM_READS = 3  # reads of a round's matchmaking bucket before a large swarm's group is full
+SETTLE_BEATS = 8  # heartbeats not counted: every peer starts at once, and levels move one a read
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds of one core per entry, measured with the real code."""
+
+    put_per_stored_entry: float  # a node merging one writer's entry into a bundle it holds (besides verifying it)
+    get_per_stored_entry: float  # a node answering a read of a bundle it holds
+    verify_per_entry: float  # a reader checking an entry it has not seen (an Ed25519 verification)
+    decode_per_entry: float  # a reader decoding an entry it verified already (another replica's copy)
+
+
+def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
+    """Time the real ``MergingValueStore`` and bundle decoder on bundles of ``entries`` signed entries."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    key = "/legion/calibrate/run"
+    pairs = [create_new_key_pair() for _ in range(entries + 1)]
+    value = _board_value()
+    signed = [sign_entry(key, pair, value, 600) for pair in pairs]
+    store = MergingValueStore(host=None, local_peer_id=ID.from_pubkey(pairs[0].public_key))
+    key_bytes = key.encode()
+    from libp2p.kad_dht.pb.kademlia_pb2 import Record
+
+    store.put_record(key_bytes, Record(key=key_bytes, value=encode_bundle(signed[:entries])))
+    one = Record(key=key_bytes, value=encode_bundle(signed[entries:]))
+    store.put_record(key_bytes, one)  # its signature checked once: each put's verification is counted apart
+    started = time.perf_counter()
+    for _ in range(repeats):
+        store.put_record(key_bytes, one)
+    put = (time.perf_counter() - started) / repeats / entries
+    started = time.perf_counter()
+    for _ in range(repeats):
+        store.get(key_bytes)
+    get = (time.perf_counter() - started) / repeats / entries
+    fresh = [sign_entry(key, pair, value, 600) for pair in pairs[:entries]]  # not in the verified cache
+    bundle = encode_bundle(fresh)
+    started = time.perf_counter()
+    decode_bundle_lenient(key, bundle)
+    verify = (time.perf_counter() - started) / entries
+    started = time.perf_counter()
+    for _ in range(repeats):
+        decode_bundle_lenient(key, bundle)
+    decode = (time.perf_counter() - started) / repeats / entries
+    return Costs(put, get, verify, decode)
+
+
+def _board_value() -> dict:
+    config = RunConfig(model="tiny").validate()
+    return Progress(config.run_id, RUN_PROTOCOL, config.to_dict(), round=1234, step=56789, samples=10**6,
+                    loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
+                    group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
+                    group=[f"12D3KooW{'x' * 44}"] * 16).to_value()
+
+
+def _member_value() -> dict:
+    addrs = ["/ip4/203.0.113.7/tcp/31337", "/ip4/192.168.1.20/tcp/31337",
+             f"/ip4/198.51.100.1/tcp/4001/p2p/12D3KooW{'r' * 44}/p2p-circuit"]
+    return Announcement(addrs, "peer", "0.9.0", time.time(), 8, 16 << 30, None, 20.0, 100.0, "measured",
+                        "public").to_value()
+
+
+def _holdings_value() -> dict:
+    return holdings_value([Holding("", "0123456789abcdef", bytes(32), 1233 - i, 40, 40) for i in range(2)])
+
+
+def _mm_value() -> dict:
+    return {"addrs": _member_value()["addrs"], "total": 10**7, "codec": "int8", "coords": [12.5, -3.25, 8.0, 1.0],
+            "upload_mbps": 20.0, "target": GROUP_TARGET, "reach": "public", "base": "f" * 24}
+
+
+VALUES = {"board": _board_value, "members": _member_value, "holdings": _holdings_value, "mm": _mm_value}
+BASE_KEYS = {"board": run_key(SWARM), "members": members_key(SWARM), "holdings": holdings_key(SWARM)}
+
+
+@dataclass
+class LoadDHT:
+    """Keys at their ``K`` XOR-closest nodes, with per-node bytes and CPU seconds."""
+
+    peers: list[str]
+    costs: Costs
+    fanout: int = K
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    up: np.ndarray = field(init=False)
+    down: np.ndarray = field(init=False)
+    cpu: np.ndarray = field(init=False)
+    own_traffic: np.ndarray = field(init=False)  # bytes of each peer's own reads and writes (not its serving)
+    keys: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    key_bytes: dict[str, int] = field(default_factory=dict)
+    _holders: dict[str, np.ndarray] = field(default_factory=dict)
+    _index: dict[str, int] = field(default_factory=dict)
+    _templates: dict[str, Entry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.now = time.time()  # the simulated clock, a heartbeat a step (ahead of the real one)
+        n = len(self.peers)
+        self.up, self.down, self.cpu, self.own_traffic = (np.zeros(n) for _ in range(4))
+        self._ids = np.array([int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in self.peers],
+                             dtype=np.uint64)
+        self._index = {p: i for i, p in enumerate(self.peers)}
+
+    def holders(self, key: str) -> np.ndarray:
+        if key not in self._holders:
+            target = np.uint64(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+            distance = self._ids ^ target
+            k = min(K, len(self.peers))
+            self._holders[key] = np.argpartition(distance, k - 1)[:k]
+        return self._holders[key]
+
+    def entry(self, kind: str, peer: str) -> Entry:
+        """``peer``'s entry of ``kind``: the real value, a placeholder signature of the real length."""
+        if kind not in self._templates:
+            value = msgpack.packb(VALUES[kind](), use_bin_type=True)
+            self._templates[kind] = Entry("", value, 0.0, 0.0, bytes(64))
+        template = self._templates[kind]
+        return SimEntry(peer, template.value_bytes, self.now, self.now + TTL, template.signature)
+
+    def tick(self) -> None:
+        """A heartbeat later: entries not refreshed within their lifetime expire."""
+        self.now += HEARTBEAT
+        for key, bundle in list(self.keys.items()):
+            for peer in [p for p, e in bundle.items() if e.expiration <= self.now]:
+                self.key_bytes[key] -= entry_bytes(bundle.pop(peer))
+            if not bundle:
+                del self.keys[key], self.key_bytes[key]
+
+    def store(self, writer: str, key: str, entry: Entry) -> None:
+        size = entry_bytes(entry)
+        bundle = self.keys.setdefault(key, {})
+        old = bundle.get(writer)
+        holders = self.holders(key)
+        self.down[holders] += size
+        self.cpu[holders] += self.costs.verify_per_entry + self.costs.put_per_stored_entry * (len(bundle) + 1)
+        me = self._index[writer]
+        self.up[me] += size * len(holders)
+        self.own_traffic[me] += size * len(holders)
+        bundle[writer] = entry
+        self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
+
+    def charge_get(self, reader: str, key: str) -> None:
+        """A read of ``key``: ``fanout`` of its holders, drawn at random, each send the bundle (cut
+        at the bundle cap)."""
+        entries = len(self.keys.get(key, {}))
+        size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
+        holders = self.holders(key)
+        served = holders if self.fanout >= len(holders) else self.rng.choice(holders, self.fanout, replace=False)
+        self.up[served] += size
+        self.cpu[served] += self.costs.get_per_stored_entry * entries
+        me = self._index[reader]
+        self.down[me] += size * len(served)
+        self.own_traffic[me] += size * len(served)
+        shown = entries if not entries else min(entries, entries * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
+        self.cpu[me] += shown * (self.costs.verify_per_entry + (len(served) - 1) * self.costs.decode_per_entry)
+
+    def reader(self, peer: str) -> "ReaderView":
+        return ReaderView(self, peer)
+
+
+class SimEntry(Entry):
+    """An entry whose value the simulated readers do not decode (their parser ignores it)."""
+
+    @property
+    def value(self) -> None:
+        return None
+
+
+class ReaderView:
+    """``LoadDHT`` as one peer's ``RecordDHT``: what ``read_buckets`` calls."""
+
+    def __init__(self, dht: LoadDHT, peer: str) -> None:
+        self.dht, self.peer = dht, peer
+
+    async def get(self, key: str) -> dict[str, Entry]:
+        self.dht.charge_get(self.peer, key)
+        return self.dht.keys.get(key, {})
+
+
+async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], int | None], beat: int,
+                     joiners: set[str], estimates: list[float]) -> None:
+    """One heartbeat of every peer, as the real code does it."""
+    n = len(dht.peers)
+    for peer in dht.peers:
+        view = dht.reader(peer)
+        for kind in ("board", "members", "holdings"):
+            base = BASE_KEYS[kind]
+            if protocol == "flat":
+                if kind == "board":
+                    dht.charge_get(peer, base)
+                dht.store(peer, base, dht.entry(kind, peer))
+                continue
+            level = levels.get((peer, kind))
+            if peer in joiners or level is None:  # a peer finds its level before it writes
+                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer)
+                levels[(peer, kind)] = level = read.level
+            elif kind == "board":  # the trainer reads its bucket of the board every heartbeat
+                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level)
+                levels[(peer, kind)] = read.level
+                if beat == 0:
+                    estimates.append(read.estimate / n)
+            elif beat % LEVEL_READ_BEATS == hash(peer) % LEVEL_READ_BEATS:  # members, holdings: follow the level
+                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, probe_below=True)
+                levels[(peer, kind)] = read.level
+            dht.store(peer, own_bucket_key(base, peer, levels[(peer, kind)] or 0), dht.entry(kind, peer))
+    # matchmaking: a round every ROUND_SECONDS; a heartbeat's share of its declarations and reads
+    round_key = f"/legion/{SWARM}/mm/run/diloco-{beat}"
+    count = bucket_count(n, GROUP_TARGET) if protocol == "buckets" else 1
+    share = HEARTBEAT / ROUND_SECONDS
+    for peer in dht.peers[: max(1, round(n * share))]:
+        key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
+        dht.store(peer, key, dht.entry("mm", peer))
+    for peer in dht.peers[: max(1, round(n * share))]:
+        key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
+        for _ in range(MM_READS):
+            dht.charge_get(peer, key)
+
+
+def simulate(protocol: str, n: int, churn: float, costs: Costs, fanout: int, beats: int, seed: int) -> dict:
+    """``beats`` measured heartbeats after levels settle; ``churn``: joins (and as many leaves) per
+    peer per hour."""
+    peers = [hashlib.sha256(f"peer{seed}/{i}".encode()).hexdigest()[:40] for i in range(n)]
+    dht = LoadDHT(peers, costs, fanout=fanout)
+    levels: dict[tuple[str, str], int | None] = {}
+    estimates: list[float] = []
+    rng = np.random.default_rng(seed)
+    started = time.monotonic()
+
+    async def run() -> None:
+        for beat in range(-SETTLE_BEATS, beats):
+            dht.tick()
+            if beat == 0:
+                dht.up[:], dht.down[:], dht.cpu[:], dht.own_traffic[:] = 0, 0, 0, 0
+            joins = rng.poisson(n * churn / 3600 * HEARTBEAT) if beat >= 0 else 0
+            joiners = set(rng.choice(peers, size=min(n, joins), replace=False)) if joins else set()
+            for peer in joiners:  # a newcomer in a leaver's place: it knows no level yet
+                for kind in BASE_KEYS:
+                    levels.pop((peer, kind), None)
+            await _heartbeat(dht, protocol, levels, beat, joiners, estimates)
+
+    trio.run(run)
+    seconds = beats * HEARTBEAT
+    up_mbps, cpu = dht.up * 8 / seconds / 1e6, dht.cpu / seconds
+    legion_keys = [k for k in dht.keys if "/mm/" not in k]
+    return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "fanout": fanout,
+            "busiest_node_mbps": round(float(up_mbps.max()), 3),
+            "busiest_node_down_mbps": round(float((dht.down * 8 / seconds / 1e6).max()), 3),
+            "busiest_node_cpu": round(float(cpu.max()), 4),
+            "median_node_mbps": round(float(np.median(up_mbps)), 4),
+            "peer_background_kbps": round(float(np.median(dht.own_traffic)) * 8 / seconds / 1e3, 1),
+            "peer_background_kbps_max": round(float(dht.own_traffic.max()) * 8 / seconds / 1e3, 1),
+            "largest_key_entries": max(len(dht.keys[k]) for k in legion_keys),
+            "largest_key_kib": round(max(dht.key_bytes[k] for k in legion_keys) / 1024, 1),
+            "board_estimate_min_max": [round(min(estimates), 2), round(max(estimates), 2)] if estimates else None,
+            "sim_seconds": round(time.monotonic() - started, 1)}
+
+
+def microseconds(costs: Costs) -> dict:
+    return {name: round(value * 1e6, 2) for name, value in vars(costs).items()}
