@@ -4,17 +4,22 @@ Every peer, every heartbeat, does what the real code does: it writes its run-boa
 member announcement and its checkpoint holdings (``swarm.trainer``, ``swarm.peer``,
 ``bootstrap.checkpoint_swarm``), reads its view of the run board, follows the level of its member
 and holdings buckets every ``LEVEL_READ_BEATS`` heartbeats, declares in its round's matchmaking
-bucket and reads it; joining peers (``--churn``) find their levels first. The reads run the real
+bucket and reads it; a few peers publish the run's configuration; joining peers (``--churn``)
+find their levels first and read the configuration. The reads run the real
 ``dht.buckets.read_buckets`` over a model DHT: each key is held by the ``K`` nodes whose ids are
-XOR-closest to its hash, a write goes to all of them and a read asks ``--fanout`` of them (the
-real ``RecordDHT.get`` asks all ``K``). The entries are real ``Entry`` objects holding real values
-(a board entry carries the run's whole configuration), so bytes are the real sizes.
+XOR-closest to its hash, a write goes to all of them and a read asks some of them. The entries
+are real ``Entry`` objects holding real values, so bytes are the real sizes.
 
 Costs are counted per node: bytes up and down (bundles served, entries stored; request framing
 left out) and CPU seconds at the per-entry costs measured on this machine with the real merging
-store and bundle decoder (``calibrate``). Two protocols side by side: ``flat``, every all-peer key
-one DHT key (before 2026-12-04), and ``buckets``, the board, members and holdings split
-(``dht.buckets``). Shard bids stay one key in both (sharded runs only; not counted here).
+store and bundle decoder (``calibrate``). Two protocols side by side:
+
+- ``flat`` (until 2026-12-04): every all-peer key one DHT key, the run's configuration in every
+  board entry, a read asks all ``K`` holders;
+- ``buckets`` (now): the board, members and holdings split (``dht.buckets``), the configuration
+  under its own key, a read asks ``READ_FANOUT`` holders drawn at random (``RecordDHT.get``).
+
+Shard bids stay one key in both (sharded runs only; not counted here).
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from averaging.groups import bucket_count, bucket_of  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import LEVEL_READ_BEATS, own_bucket_key, read_buckets  # noqa: E402
+from dht.node import READ_FANOUT  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
-from swarm.run_board import Progress, run_key  # noqa: E402
+from swarm.run_board import RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig  # noqa: E402
 
 K = 20  # replicas per key (py-libp2p's bucket size)
@@ -96,12 +102,13 @@ def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
     return Costs(put, get, verify, decode)
 
 
-def _board_value() -> dict:
+def _board_value(with_config: bool = False) -> dict:
     config = RunConfig(model="tiny").validate()
-    return Progress(config.run_id, RUN_PROTOCOL, config.to_dict(), round=1234, step=56789, samples=10**6,
+    value = Progress(config.run_id, RUN_PROTOCOL, round=1234, step=56789, samples=10**6,
                     loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
                     group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
                     group=[f"12D3KooW{'x' * 44}"] * 16).to_value()
+    return {**value, "config": config.to_dict()} if with_config else value  # in every entry until 2026-12-04
 
 
 def _member_value() -> dict:
@@ -120,7 +127,8 @@ def _mm_value() -> dict:
             "upload_mbps": 20.0, "target": GROUP_TARGET, "reach": "public", "base": "f" * 24}
 
 
-VALUES = {"board": _board_value, "members": _member_value, "holdings": _holdings_value, "mm": _mm_value}
+VALUES = {"board": _board_value, "board-with-config": lambda: _board_value(True), "members": _member_value, "holdings": _holdings_value, "mm": _mm_value,
+          "config": lambda: RunConfig(model="tiny").validate().to_dict()}
 BASE_KEYS = {"board": run_key(SWARM), "members": members_key(SWARM), "holdings": holdings_key(SWARM)}
 
 
@@ -158,13 +166,13 @@ class LoadDHT:
             self._holders[key] = np.argpartition(distance, k - 1)[:k]
         return self._holders[key]
 
-    def entry(self, kind: str, peer: str) -> Entry:
+    def entry(self, kind: str, peer: str, ttl: float = TTL) -> Entry:
         """``peer``'s entry of ``kind``: the real value, a placeholder signature of the real length."""
         if kind not in self._templates:
             value = msgpack.packb(VALUES[kind](), use_bin_type=True)
             self._templates[kind] = Entry("", value, 0.0, 0.0, bytes(64))
         template = self._templates[kind]
-        return SimEntry(peer, template.value_bytes, self.now, self.now + TTL, template.signature)
+        return SimEntry(peer, template.value_bytes, self.now, self.now + ttl, template.signature)
 
     def tick(self) -> None:
         """A heartbeat later: entries not refreshed within their lifetime expire."""
@@ -237,7 +245,7 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
             if protocol == "flat":
                 if kind == "board":
                     dht.charge_get(peer, base)
-                dht.store(peer, base, dht.entry(kind, peer))
+                dht.store(peer, base, dht.entry("board-with-config" if kind == "board" else kind, peer))
                 continue
             level = levels.get((peer, kind))
             if peer in joiners or level is None:  # a peer finds its level before it writes
@@ -252,6 +260,14 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
                 read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, probe_below=True)
                 levels[(peer, kind)] = read.level
             dht.store(peer, own_bucket_key(base, peer, levels[(peer, kind)] or 0), dht.entry(kind, peer))
+    if protocol != "flat":  # (flat: the configuration came with every board entry)
+        # the run's configuration: a few peers publish it, refreshed at a third of its lifetime; joiners read it
+        config_ttl = RUN_CONFIG_HEARTBEATS * HEARTBEAT
+        for peer in dht.peers:
+            if publishes_config(peer, n) and beat % (RUN_CONFIG_HEARTBEATS // 3) == 0:
+                dht.store(peer, run_configs_key(SWARM), dht.entry("config", peer, config_ttl))
+        for peer in joiners:
+            dht.charge_get(peer, run_configs_key(SWARM))
     # matchmaking: a round every ROUND_SECONDS; a heartbeat's share of its declarations and reads
     round_key = f"/legion/{SWARM}/mm/run/diloco-{beat}"
     count = bucket_count(n, GROUP_TARGET) if protocol == "buckets" else 1
@@ -265,11 +281,11 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
             dht.charge_get(peer, key)
 
 
-def simulate(protocol: str, n: int, churn: float, costs: Costs, fanout: int, beats: int, seed: int) -> dict:
+def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed: int) -> dict:
     """``beats`` measured heartbeats after levels settle; ``churn``: joins (and as many leaves) per
     peer per hour."""
     peers = [hashlib.sha256(f"peer{seed}/{i}".encode()).hexdigest()[:40] for i in range(n)]
-    dht = LoadDHT(peers, costs, fanout=fanout)
+    dht = LoadDHT(peers, costs, fanout=K if protocol == "flat" else READ_FANOUT)
     levels: dict[tuple[str, str], int | None] = {}
     estimates: list[float] = []
     rng = np.random.default_rng(seed)
@@ -291,7 +307,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, fanout: int, bea
     seconds = beats * HEARTBEAT
     up_mbps, cpu = dht.up * 8 / seconds / 1e6, dht.cpu / seconds
     legion_keys = [k for k in dht.keys if "/mm/" not in k]
-    return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "fanout": fanout,
+    return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "read_fanout": dht.fanout,
             "busiest_node_mbps": round(float(up_mbps.max()), 3),
             "busiest_node_down_mbps": round(float((dht.down * 8 / seconds / 1e6).max()), 3),
             "busiest_node_cpu": round(float(cpu.max()), 4),

@@ -34,7 +34,7 @@ MAX_ENTRY_BYTES = 64 * 1024
 MAX_BUNDLE_BYTES = 512 * 1024
 MAX_TTL = 600.0  # Legion's entries live a few heartbeats (<= 25 s) and a matchmaking budget
 # The largest entry each kind of key takes (the path segment after the swarm's name); others MAX_ENTRY_BYTES
-KIND_ENTRY_BYTES = {"members": 8192, "run": 16384, "checkpoints": 4096, "mm": 8192, "shards": 2048}
+KIND_ENTRY_BYTES = {"members": 8192, "run": 8192, "runs": 16384, "checkpoints": 4096, "mm": 8192, "shards": 2048}
 CLOCK_SKEW = 30.0
 _SIGNATURE_DOMAIN = b"legion-record-v1"
 

@@ -1,20 +1,27 @@
-"""The run board: where every training peer publishes its run's configuration and its progress
-(round, loss, throughput, traffic). Peers read it to learn what to train, how many peers to
-expect in a round, which round the swarm is in, and whom to fetch the state from. In a swarm of
-more than 64 peers each peer reads only its bucket of the board, which also estimates the
-swarm's size (``dht.buckets``)."""
+"""The run board: where every training peer publishes its progress (run id, round, loss,
+throughput, traffic). Peers read it to learn what to train, how many peers to expect in a round,
+which round the swarm is in, and whom to fetch the state from. In a swarm of more than 64 peers
+each peer reads only its bucket of the board, which also estimates the swarm's size
+(``dht.buckets``). A run's configuration does not change: it is under a key of its own, written
+by about ``RUN_CONFIG_WRITERS`` of the peers training it, not in every board entry (a kilobyte
+each, read by every peer every heartbeat)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from dht import RecordDHT
-from dht.buckets import BucketRead, own_bucket_key, read_buckets
+from dht.buckets import BucketRead, bucket_prefix, own_bucket_key, read_buckets
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
+
+log = logging.getLogger(__name__)
 
 
 MAX_GROUP = 64  # members of a published group (a round's group is at most RunConfig.group_size)
+RUN_CONFIG_WRITERS = 16  # peers of a run that publish its configuration, about
+RUN_CONFIG_HEARTBEATS = 12  # the lifetime of a published configuration (refreshed at a third of it)
 
 
 def run_key(swarm: str) -> str:
@@ -27,11 +34,34 @@ def own_board_key(swarm: str, peer_id: str, level: int) -> str:
     return own_bucket_key(run_key(swarm), peer_id, level)
 
 
+def run_configs_key(swarm: str) -> str:
+    return f"/legion/{swarm}/runs"
+
+
+def publishes_config(peer_id: str, swarm_size: int) -> bool:
+    """Whether ``peer_id`` is one of the about ``RUN_CONFIG_WRITERS`` peers of a swarm of
+    ``swarm_size`` that publish their run's configuration (all of a small swarm)."""
+    return swarm_size <= RUN_CONFIG_WRITERS or bucket_prefix(peer_id, 32) * swarm_size < RUN_CONFIG_WRITERS << 32
+
+
+async def read_run_configs(dht: RecordDHT, swarm: str) -> dict[str, RunConfig]:
+    """The runs' configurations published, by run id (a configuration names itself: its id is a
+    hash of it, so a peer cannot publish another configuration under a run's id)."""
+    configs = {}
+    for peer_id, value in await dht.get_parsed(run_configs_key(swarm), lambda peer, v: (peer, v), "run configuration"):
+        try:
+            config = RunConfig.from_dict(value, f"the run configuration of {peer_id}")
+        except ValueError as exc:
+            log.warning("ignoring %s", exc)
+            continue
+        configs[config.run_id] = config
+    return configs
+
+
 @dataclass
 class Progress:
     run_id: str
     protocol: int
-    config: dict
     round: int = 0
     step: int = 0
     samples: int = 0
@@ -60,13 +90,15 @@ class Progress:
     def from_value(cls, peer_id: str, value) -> "Progress":
         if not isinstance(value, dict):
             raise ValueError("progress is not a map")
+        # entries of run protocol 3 carry the configuration too: read, choose_run names their protocol
+        value = {k: v for k, v in value.items() if k != "config"}
         try:
             progress = cls(**value, peer_id=peer_id)
         except TypeError as exc:
             raise ValueError(f"progress has unexpected fields: {exc}") from exc
         numbers = (progress.step, progress.samples, progress.bytes_sent, progress.bytes_received, progress.group_size,
                    progress.rounds_averaged, progress.rounds_alone, progress.rounds_failed)
-        if not (isinstance(progress.run_id, str) and isinstance(progress.config, dict)
+        if not (isinstance(progress.run_id, str) and len(progress.run_id) <= 64
                 and isinstance(progress.round, int) and isinstance(progress.protocol, int)
                 and all(isinstance(n, int) and n >= 0 for n in numbers)
                 and all(x is None or isinstance(x, (int, float)) for x in (progress.loss, progress.val_loss))
@@ -85,9 +117,10 @@ async def read_board(dht: RecordDHT, swarm: str, me: str = "", level: int | None
     return await read_buckets(dht, run_key(swarm), Progress.from_value, "run board entry", me=me, level=level)
 
 
-def choose_run(board: list[Progress]) -> RunConfig:
-    """The configuration most peers train (ties: the smaller run id), with a clear error when
-    there is none or this peer cannot take part."""
+def choose_run(board: list[Progress], configs: dict[str, RunConfig]) -> RunConfig | None:
+    """The configuration of the run most peers train (ties: the smaller run id), None while its
+    configuration is not read yet, with a clear error when there is no run or this peer cannot
+    take part."""
     if not board:
         raise RunConfigError("no peer of this swarm publishes a training run yet; start one with --run or --seed")
     compatible = [p for p in board if p.protocol == PROTOCOL]
@@ -96,9 +129,4 @@ def choose_run(board: list[Progress]) -> RunConfig:
         raise RunConfigError(f"this swarm trains with run protocol {protocols}; this peer (protocol {PROTOCOL}) "
                              "cannot join it: upgrade or downgrade legion to a matching version")
     counts = Counter(p.run_id for p in compatible)
-    run_id = min(counts, key=lambda r: (-counts[r], r))
-    progress = next(p for p in compatible if p.run_id == run_id)
-    config = RunConfig.from_dict(progress.config, f"the run published by {progress.peer_id}")
-    if config.run_id != run_id:
-        raise RunConfigError(f"the run published by {progress.peer_id} does not match its id")
-    return config
+    return configs.get(min(counts, key=lambda r: (-counts[r], r)))

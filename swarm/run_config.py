@@ -1,7 +1,8 @@
 """A training run's configuration: what model, data, algorithm and hyperparameters a swarm trains.
 
-It is given to the first peer (``--run CONFIG.toml`` or flags) and published in the DHT with every
-training peer's progress, so a peer started with only ``--bootstrap`` learns what to train."""
+It is given to the first peer (``--run CONFIG.toml`` or flags) and published in the DHT by a few of
+the peers training it (``swarm.run_board``), so a peer started with only ``--bootstrap`` learns
+what to train."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from averaging.codecs import CodecError, get_codec
 from optim.model_config import SIZES, GPTConfig
 from optim.schedule import SCHEDULES
 
-PROTOCOL = 3  # bumped whenever peers of different versions could not train together (2: sharded rounds;
-# 3: run board entries carry round counts and the last group, which older peers reject)
+PROTOCOL = 4  # bumped whenever peers of different versions could not train together (2: sharded rounds;
+# 3: run board entries carry round counts and the last group, which older peers reject; 4: the run's
+# configuration under its own key, not in every board entry)
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
 DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
 

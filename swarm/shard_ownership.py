@@ -11,7 +11,7 @@ from dht import RecordDHT
 from shards.assignment import Assignment, assign
 from shards.bids import DEFAULT_UPLOAD_MBIT, Bid, bids_key, read_bids
 from shards.layout import ShardLayout
-from swarm.run_board import Progress, read_board
+from swarm.run_board import read_run_configs
 from swarm.run_config import RunConfig
 
 STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
@@ -49,20 +49,12 @@ def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_mem
     return Bid(peer_id, free_memory, upload_mbit or DEFAULT_UPLOAD_MBIT, started_at, time.time())
 
 
-async def fetch_shard_status(dht: RecordDHT, swarm: str, board: list[Progress] | None = None, *,
+async def fetch_shard_status(dht: RecordDHT, swarm: str, configs: dict[str, RunConfig] | None = None, *,
                              sharded_only: bool = False) -> list[dict]:
-    """For every run the board shows (or ``board``, already read): its shards, their owners and
+    """For every run published (or of ``configs``, already read): its shards, their owners and
     each owner's lease age."""
-    runs: dict[str, RunConfig] = {}
-    for progress in (await read_board(dht, swarm)).entries if board is None else board:
-        if progress.run_id in runs:
-            continue
-        try:
-            config = RunConfig.from_dict(progress.config, "run board").validate()
-        except ValueError:
-            continue  # a peer of another version; `status` lists it anyway
-        if config.sharded or not sharded_only:
-            runs[progress.run_id] = config
+    configs = await read_run_configs(dht, swarm) if configs is None else configs
+    runs = {run_id: config for run_id, config in configs.items() if config.sharded or not sharded_only}
     now = time.time()
     out = []
     for run_id, config in runs.items():

@@ -20,7 +20,7 @@ import trio
 from bootstrap.advert import find_holdings
 from dht import RecordDHT
 from swarm.members import live_members
-from swarm.run_board import Progress, read_board
+from swarm.run_board import Progress, read_board, read_run_configs
 from swarm.run_config import RunConfig
 from swarm.shard_ownership import fetch_shard_status
 
@@ -36,16 +36,6 @@ MAX_VERSIONS = 12  # checkpoint versions shown
 def finite(value: Any) -> float | None:
     """A number fit for JSON, or None (NaN and infinities are not JSON)."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _config(board: list[Progress]) -> dict[str, Any]:
-    """The run's configuration as a publisher of it states it (validated: it came from the network)."""
-    for progress in board:
-        try:
-            return RunConfig.from_dict(progress.config, "run board").to_dict()
-        except ValueError:
-            continue
-    return {}
 
 
 class SwarmView:
@@ -96,7 +86,9 @@ class SwarmView:
         self._holdings_level, holdings = read_holdings.level, read_holdings.entries
         runs = self._runs_followed(board)
         board = [p for p in board if p.run_id in runs]
-        shards = await fetch_shard_status(self.dht, self.swarm, board, sharded_only=True)
+        configs = {run_id: config for run_id, config in (await read_run_configs(self.dht, self.swarm)).items()
+                   if run_id in runs}
+        shards = await fetch_shard_status(self.dht, self.swarm, configs, sharded_only=True)
         now = time.time()
         self._record(board, now)
         by_peer = {p.peer_id: p for p in board}
@@ -116,7 +108,8 @@ class SwarmView:
         self.snapshot = {
             "swarm": self.swarm, "version": self.version, "updated": now, "peers": peers,
             "board_estimate": read.estimate, "board_sampled": read.level > 0,
-            "runs": [self._run_summary(run_id, [p for p in board if p.run_id == run_id]) for run_id in runs],
+            "runs": [self._run_summary(run_id, [p for p in board if p.run_id == run_id], configs.get(run_id))
+                     for run_id in runs],
             "groups": [{"run_id": run, "key": key, "members": members}
                        for (run, key), members in reversed(self._groups.items())],
             "shards": shards, "checkpoints": self._versions(holdings, runs)}
@@ -153,7 +146,7 @@ class SwarmView:
         while len(self._groups) > MAX_GROUPS:
             self._groups.popitem(last=False)
 
-    def _run_summary(self, run_id: str, board: list[Progress]) -> dict[str, Any]:
+    def _run_summary(self, run_id: str, board: list[Progress], config: RunConfig | None) -> dict[str, Any]:
         def mean(values: list[float | None]) -> float | None:
             known = [v for v in values if v is not None]
             return sum(known) / len(known) if known else None
@@ -163,7 +156,7 @@ class SwarmView:
                  for round_, by_peer in sorted(self._rounds.get(run_id, {}).items())]
         training = [p for p in board if p.training]
         return {
-            "run_id": run_id, "config": _config(board), "peers": len(board), "training": len(training),
+            "run_id": run_id, "config": config.to_dict() if config else {}, "peers": len(board), "training": len(training),
             "round": max((p.round for p in board), default=0),
             "tokens_per_second": sum(finite(p.tokens_per_second) or 0.0 for p in training),
             "bytes_sent": sum(p.bytes_sent for p in board), "bytes_received": sum(p.bytes_received for p in board),

@@ -33,11 +33,13 @@ from optim.synchronous import SyncOptimizer
 from shards.assignment import Assignment
 from shards.bids import Bid
 from shards.outer import ShardedOuter
+from dht.records import MAX_TTL
 from swarm import resources
 from swarm.peer import Peer
 from swarm.final_weights import agreed_digest
 from swarm.reducer import RoundReport, SwarmReducer
-from swarm.run_board import MAX_GROUP, Progress, choose_run, own_board_key, read_board
+from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress, choose_run, own_board_key,
+                             publishes_config, read_board, read_run_configs, run_configs_key)
 from swarm.run_config import PROTOCOL, RunConfig
 from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 
@@ -125,6 +127,7 @@ class Trainer:
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board_level: int | None = None  # where this peer's board bucket is (None: not read yet)
         self._board_estimate = 0  # peers on the whole board, as the last read estimated
+        self._config_published_at = -math.inf  # when this peer last published the run's configuration
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
@@ -159,7 +162,7 @@ class Trainer:
         corpus.check(config.model_config().block_size, config.vocab_size)
         torch.manual_seed(config.seed)  # every peer starts from the same weights
         model = GPT(config.model_config()).to(self.device)
-        self.progress = Progress(config.run_id, PROTOCOL, config.to_dict())
+        self.progress = Progress(config.run_id, PROTOCOL)
         log.info("training run %s: %s GPT (%.2fM parameters), %s, corpus %s (%d tokens)", config.run_id,
                  config.model, model.num_params() / 1e6, config.algorithm, corpus.description, len(corpus.train))
         # How long a round waits for expected peers that do not show: DiLoCo rounds are long and
@@ -221,9 +224,12 @@ class Trainer:
             board = await read_board(self.peer.dht, self.peer.config.swarm, self.me)
             self._board_level = board.level
             if board.entries:
-                return choose_run(board.entries)
+                config = choose_run(board.entries, await read_run_configs(self.peer.dht, self.peer.config.swarm))
+                if config is not None:
+                    return config
             if waited == 0.0:
-                log.info("no training run published in swarm %r yet; waiting for one", self.peer.config.swarm)
+                log.info("no training run (with its configuration) published in swarm %r yet; waiting for one",
+                         self.peer.config.swarm)
             await trio.sleep(self.peer.config.heartbeat)
             waited += self.peer.config.heartbeat
 
@@ -328,9 +334,18 @@ class Trainer:
         self.board = [progress for _, progress in self._board_seen.values()]
 
     async def _publish_once(self) -> None:
+        """This peer's board entry, and the run's configuration where this peer is one of its few
+        publishers (``run_board.publishes_config``)."""
+        swarm = self.peer.config.swarm
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
-            await self.peer.dht.store(own_board_key(self.peer.config.swarm, self.me, self._board_level or 0),
-                                      self.progress.to_value(), self.peer.ttl)
+            await self.peer.dht.store(own_board_key(swarm, self.me, self._board_level or 0), self.progress.to_value(),
+                                      self.peer.ttl)
+            # it never changes: a long lifetime, refreshed rarely
+            lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)
+            if publishes_config(self.me, self._expected_peers()) and \
+                    trio.current_time() - self._config_published_at >= lifetime / 3:
+                await self.peer.dht.store(run_configs_key(swarm), self.config.to_dict(), lifetime)
+                self._config_published_at = trio.current_time()
 
     async def _publish_progress(self) -> None:
         """This peer's board entry, refreshed every heartbeat on its own: a slow board read must

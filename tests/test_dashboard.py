@@ -18,7 +18,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.local import PeerProcessError, peer_command, start_process, start_training_swarm
-from swarm.run_board import run_key
+from swarm.run_board import run_configs_key, run_key
 from swarm.swarm_view import SwarmView
 from swarm.web import AddressError, parse_address
 from tests.peer_helpers import start_peers
@@ -160,6 +160,7 @@ async def test_the_view_turns_hostile_board_entries_into_json_a_browser_can_pars
                  "val_loss": math.inf, "tokens_per_second": -math.inf, "training": True,
                  "group_key": "diloco-3", "group": ["x" * 60] * 64}
         await liar.dht.store(run_key("default"), value, 30)
+        await liar.dht.store(run_configs_key("default"), {"model": b"\xff" * 10}, 30)
         view = SwarmView(seed.dht, "default")
         await view.refresh()
         text = json.dumps(view.snapshot, allow_nan=False)

@@ -1,4 +1,5 @@
-"""Choosing the run to join from the run board."""
+"""The run board: choosing the run to join, the run configurations, and the board's buckets
+(``dht.buckets``) over a stand-in for the DHT's reads."""
 
 import statistics
 import time
@@ -7,27 +8,53 @@ import msgpack
 
 import pytest
 
-from dht.buckets import BUCKET_ENTRIES, bucket_level, bucket_prefix, read_every_bucket
+from dht.buckets import BUCKET_ENTRIES, bucket_level, bucket_prefix, parse_entries, read_every_bucket
 from dht.records import Entry
-from swarm.run_board import Progress, choose_run, own_board_key, read_board, run_key
+from swarm.run_board import (Progress, choose_run, own_board_key, publishes_config, read_board, read_run_configs,
+                             run_configs_key, run_key)
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig, RunConfigError
 
 
 def test_a_joiner_picks_the_run_most_peers_train_and_explains_an_incompatible_swarm():
     a, b = RunConfig(model="tiny").validate(), RunConfig(model="mini").validate()
-    board = [Progress(a.run_id, RUN_PROTOCOL, a.to_dict(), peer_id="p1"),
-             Progress(b.run_id, RUN_PROTOCOL, b.to_dict(), peer_id="p2"),
-             Progress(b.run_id, RUN_PROTOCOL, b.to_dict(), peer_id="p3")]
-    assert choose_run(board) == b
+    configs = {a.run_id: a, b.run_id: b}
+    board = [Progress(a.run_id, RUN_PROTOCOL, peer_id="p1"), Progress(b.run_id, RUN_PROTOCOL, peer_id="p2"),
+             Progress(b.run_id, RUN_PROTOCOL, peer_id="p3")]
+    assert choose_run(board, configs) == b
+    assert choose_run(board, {a.run_id: a}) is None  # b's configuration not read yet: wait for it
     with pytest.raises(RunConfigError, match="cannot join"):
-        choose_run([Progress("x", RUN_PROTOCOL + 1, {}, peer_id="p9")])
+        choose_run([Progress("x", RUN_PROTOCOL + 1, peer_id="p9")], configs)
     with pytest.raises(RunConfigError, match="no peer of this swarm publishes"):
-        choose_run([])
-    forged = Progress("0" * 16, RUN_PROTOCOL, a.to_dict(), peer_id="p4")
-    with pytest.raises(RunConfigError, match="does not match its id"):
-        choose_run([forged])
+        choose_run([], configs)
     with pytest.raises(ValueError):
-        Progress.from_value("p5", {"run_id": 1, "protocol": 1, "config": {}, "bogus": True})
+        Progress.from_value("p5", {"run_id": 1, "protocol": 1, "bogus": True})
+    # an entry of run protocol 3 (its configuration inside) is read, so the joiner can say why it cannot join
+    old = Progress.from_value("p6", {"run_id": a.run_id, "protocol": 3, "config": a.to_dict()})
+    with pytest.raises(RunConfigError, match=r"protocol \[3\]"):
+        choose_run([old], configs)
+
+
+async def test_a_run_configuration_is_published_by_a_few_peers_and_names_itself():
+    assert all(publishes_config(f"p{i}", 16) for i in range(16))
+    writers = sum(publishes_config(f"p{i}", 10_000) for i in range(10_000))
+    assert 4 <= writers <= 40, writers
+    a = RunConfig(model="tiny").validate()
+    dht = BoardKeys()
+    dht.write(run_configs_key("s"), "honest", a.to_dict())
+    dht.write(run_configs_key("s"), "liar", {"model": b"\xff"})
+    dht.write(run_configs_key("s"), "other", {**a.to_dict(), "batch_size": 9})
+    configs = await read_run_configs(DHTReads(dht), "s")
+    assert configs[a.run_id] == a and len(configs) == 2  # the malformed one dropped, the other under its own id
+
+
+class DHTReads:
+    """``get_parsed`` over ``BoardKeys``, as ``RecordDHT`` gives it."""
+
+    def __init__(self, keys: "BoardKeys") -> None:
+        self.keys = keys
+
+    async def get_parsed(self, key, parse, what):
+        return parse_entries(await self.keys.get(key), parse, what)
 
 
 class BoardKeys:
@@ -51,7 +78,7 @@ def _board_of(n: int, level_of=lambda peer, n: bucket_level(n)) -> tuple[BoardKe
     config = RunConfig(model="tiny").validate()
     dht, peers = BoardKeys(), [f"peer-{n}-{i}" for i in range(n)]
     for peer in peers:
-        value = Progress(config.run_id, RUN_PROTOCOL, config.to_dict(), round=3, training=True).to_value()
+        value = Progress(config.run_id, RUN_PROTOCOL, round=3, training=True).to_value()
         dht.write(own_board_key("s", peer, level_of(peer, n)), peer, value)
     return dht, peers
 

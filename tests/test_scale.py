@@ -20,8 +20,8 @@ def test_matchmaking_in_buckets_groups_nearly_every_peer_on_the_first_try():
 
 def test_bucketed_keys_bound_what_a_node_holds_and_serves_and_estimate_the_swarm():
     costs = dht_load.calibrate(entries=64, repeats=2)
-    flat = dht_load.simulate("flat", 200, 0.2, costs, fanout=20, beats=1, seed=1)
-    buckets = dht_load.simulate("buckets", 200, 0.2, costs, fanout=3, beats=1, seed=1)
+    flat = dht_load.simulate("flat", 200, 0.2, costs, beats=1, seed=1)
+    buckets = dht_load.simulate("buckets", 200, 0.2, costs, beats=1, seed=1)
     assert flat["largest_key_entries"] == 200 and buckets["largest_key_entries"] <= 2 * BUCKET_ENTRIES + 16
     low, high = buckets["board_estimate_min_max"]
     assert 0.5 <= low <= high <= 2.0, buckets
