@@ -229,8 +229,8 @@ class ReaderView:
     def __init__(self, dht: LoadDHT, peer: str) -> None:
         self.dht, self.peer = dht, peer
 
-    async def get(self, key: str) -> dict[str, Entry]:
-        self.dht.charge_get(self.peer, key)
+    async def get(self, key: str, *, probe: bool = False) -> dict[str, Entry]:
+        self.dht.charge_get(self.peer, key)  # an empty key costs requests, no bundle bytes
         return self.dht.keys.get(key, {})
 
 
@@ -251,13 +251,14 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
             if peer in joiners or level is None:  # a peer finds its level before it writes
                 read = await read_buckets(view, base, lambda s, v: s, kind, me=peer)
                 levels[(peer, kind)] = level = read.level
-            elif kind == "board":  # the trainer reads its bucket of the board every heartbeat
-                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level)
+            elif kind == "board":  # the trainer reads its bucket of the board every heartbeat (the level found every few)
+                finding = (beat + int(peer[:8], 16)) % LEVEL_READ_BEATS == 0
+                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, find_level=finding)
                 levels[(peer, kind)] = read.level
                 if beat == 0:
                     estimates.append(read.estimate / n)
-            elif beat % LEVEL_READ_BEATS == hash(peer) % LEVEL_READ_BEATS:  # members, holdings: follow the level
-                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, probe_below=True)
+            elif (beat + int(peer[:8], 16)) % LEVEL_READ_BEATS == 0:  # members, holdings: follow the level
+                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, find_level=True)
                 levels[(peer, kind)] = read.level
             dht.store(peer, own_bucket_key(base, peer, levels[(peer, kind)] or 0), dht.entry(kind, peer))
     if protocol != "flat":  # (flat: the configuration came with every board entry)

@@ -53,9 +53,9 @@ def parse_holdings(peer_id: str, value: Any) -> list[Holding]:
     return out
 
 
-async def find_holdings(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None, *,
-                        probe_below: bool = False) -> BucketRead[Holding]:
+async def find_holdings(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
+                        find_level: bool = False) -> BucketRead[Holding]:
     """The versions the peers of ``me``'s bucket hold (every peer's, in a swarm of up to 64)."""
     read = await read_buckets(dht, holdings_key(swarm), parse_holdings, "checkpoint holdings", me=me, level=level,
-                              probe_below=probe_below)
+                              find_level=find_level)
     return BucketRead([holding for entry in read.entries for holding in entry], read.estimate, read.level)

@@ -67,14 +67,14 @@ class CheckpointSwarm:
         while True:
             with trio.move_on_after(max(heartbeat, ttl - heartbeat)):
                 if beats % LEVEL_READ_BEATS == 0:  # the level of its bucket follows the swarm's size
-                    await self._read_holdings(probe_below=True)
+                    await self._read_holdings(find_level=True)
                 await self.advertise(ttl)
             beats += 1
             await trio.sleep(heartbeat)
 
-    async def _read_holdings(self, probe_below: bool = False) -> list[Holding]:
+    async def _read_holdings(self, find_level: bool = False) -> list[Holding]:
         read = await find_holdings(self.dht, self.swarm, self.host.get_id().to_base58(), self.holdings_level,
-                                   probe_below=probe_below)
+                                   find_level=find_level)
         self.holdings_level = read.level
         return read.entries
 

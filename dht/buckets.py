@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 BUCKET_ENTRIES = 32  # a bucket holds this many entries to twice as many
 MAX_LEVEL = 12  # 4,096 buckets: 131,072 to 262,144 writers
-LEVEL_READ_BEATS = 6  # a writer that reads its bucket only to follow its level does so every this many heartbeats
+LEVEL_READ_BEATS = 6  # reads (or heartbeats, for a writer that reads only to follow its level) between finding the level
+FIND_LEVELS = 4  # levels above its own a reader finding its level looks at
 
 
 class EntryReader(Protocol):
-    async def get(self, key: str) -> dict[str, Entry]: ...
+    async def get(self, key: str, *, probe: bool = False) -> dict[str, Entry]: ...
 
 
 def bucket_level(estimate: int) -> int:
@@ -69,35 +70,51 @@ class BucketRead(Generic[T]):
 
 
 async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T], what: str, *, me: str = "",
-                       level: int | None = None, probe_below: bool = False) -> BucketRead[T]:
+                       level: int | None = None, find_level: bool = False) -> BucketRead[T]:
     """The entries of ``me``'s bucket of ``key`` (a random bucket without ``me``) at ``level``, the
     keys one level up and down included, as ``parse(subkey, value)`` (a ``ValueError`` drops the
     entry, logged as an ignored ``what``). At level 0 the keys below are read only once the
-    unsplit key holds a bucket's worth (or with ``probe_below``): peers that moved down leave
-    their entries there for a lifetime, so a reader that reads every lifetime follows them;
-    one that reads more rarely probes. Without ``level`` (a peer joining, or ``status``): the
-    unsplit key, and where that is empty or holds a bucket's worth, ``me``'s bucket at every
-    level (a peer finds its level before it writes, so in a large swarm the unsplit key is empty)."""
+    unsplit key holds a bucket's worth: peers that moved down leave their entries there for a
+    lifetime, and a reader that reads every lifetime follows them.
+
+    Without ``level`` (a peer joining, ``status``) the level is found first: the unsplit key's,
+    if it holds some entries but not two buckets' worth, else the one of ``me``'s bucket keys at
+    every level that holds the most entries. With ``find_level`` (every ``LEVEL_READ_BEATS``
+    reads), the keys of the ``FIND_LEVELS`` levels above are looked at too: a peer that drifted
+    below the level the swarm writes at (it moved down when its first reads showed few peers)
+    sees almost nobody there, and would take them for the whole swarm."""
     me = me or secrets.token_hex(16)
+    read: dict[str, dict[str, Entry]] = {}
+    probed: list[int] = []
     if level is None:
-        read = await _read_keys(dht, key, me, [0])
-        if sum(map(len, read.values())) >= BUCKET_ENTRIES or not any(read.values()):
-            read.update(await _read_keys(dht, key, me, list(range(1, MAX_LEVEL + 1))))
-        # the peers write at the level whose key holds the most entries
-        counted = max(range(MAX_LEVEL + 1), key=lambda lv: (len(read.get(own_bucket_key(key, me, lv), {})), -lv))
-    else:
-        read = await _read_keys(dht, key, me, list(range(max(0, level - 1), level + 1)))
-        if level > 0 or probe_below or sum(map(len, read.values())) >= BUCKET_ENTRIES:
-            read.update(await _read_keys(dht, key, me, [level + 1], both_halves=True))
-        counted = level
+        read, level = await _read_keys(dht, key, me, [0]), 0
+        if not 0 < len(read[key]) < 2 * BUCKET_ENTRIES:
+            probed = list(range(1, MAX_LEVEL + 1))
+    elif find_level:
+        probed = list(range(level + 1, min(MAX_LEVEL, level + FIND_LEVELS) + 1))
+    if probed:  # most of these keys are empty: probes
+        read.update(await _read_keys(dht, key, me, probed, probe=True))
+        level = max([level, *probed], key=lambda lv: (len(read.get(own_bucket_key(key, me, lv), {})), -lv))
+    read.update(await _read_keys(dht, key, me, list(range(max(0, level - 1), level + 1)), known=read))
+    if level > 0 or sum(map(len, read.values())) >= BUCKET_ENTRIES:
+        read.update(await _read_keys(dht, key, me, [level + 1], both_halves=True, known=read))
     newest = merge(*(entries.values() for entries in read.values()))  # a peer that moved levels: its newest
-    # every writer of this bucket at the level counted was read, whichever of the levels it writes at
-    prefix = bucket_prefix(me, counted)
-    estimate = sum(1 for peer in newest if bucket_prefix(peer, counted) == prefix) << counted
-    new_level = bucket_level(estimate)
-    if level is not None:  # one step a read: the next read covers the level written at
-        new_level = min(level + 1, max(level - 1, new_level))
-    return BucketRead(parse_entries(newest, parse, what), estimate, new_level)
+    # every writer of this bucket at this level was read, whichever of the levels it writes at
+    prefix = bucket_prefix(me, level)
+    estimate = sum(1 for peer in newest if bucket_prefix(peer, level) == prefix) << level
+    return BucketRead(parse_entries(newest, parse, what), estimate, _next_level(level, estimate))
+
+
+def _next_level(level: int, estimate: int) -> int:
+    """The level to write at next: a step toward ``bucket_level(estimate)`` once the estimate is
+    a quarter past the edge of this level's range (a bucket's count is noisy: peers near an edge
+    would go back and forth every read)."""
+    target = bucket_level(estimate)
+    if target > level and estimate < (BUCKET_ENTRIES << (level + 1)) * 5 // 4:
+        target = level
+    if target < level and estimate >= (BUCKET_ENTRIES << level) * 3 // 4:
+        target = level
+    return min(level + 1, max(level - 1, target))
 
 
 async def read_every_bucket(dht: EntryReader, key: str, parse: Callable[[str, Any], T], what: str) -> BucketRead[T]:
@@ -130,10 +147,11 @@ def parse_entries(entries: dict[str, Entry], parse: Callable[[str, Any], T], wha
     return parsed
 
 
-async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int],
-                     both_halves: bool = False) -> dict[str, dict[str, Entry]]:
+async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int], both_halves: bool = False,
+                     known: dict[str, dict[str, Entry]] | None = None,
+                     probe: bool = False) -> dict[str, dict[str, Entry]]:
     """The entries under ``me``'s bucket key at each of ``levels`` (and its sibling's, with
-    ``both_halves``), read at once."""
+    ``both_halves``), read at once; keys in ``known`` are not read again."""
     keys = set()
     for level in levels:
         prefix = bucket_prefix(me, level)
@@ -143,9 +161,9 @@ async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int],
     read: dict[str, dict[str, Entry]] = {}
 
     async def read_key(one: str) -> None:
-        read[one] = await dht.get(one)
+        read[one] = await dht.get(one, probe=probe)
 
     async with trio.open_nursery() as nursery:
-        for one in sorted(keys):
+        for one in sorted(keys - set(known or ())):
             nursery.start_soon(read_key, one)
     return read

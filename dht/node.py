@@ -147,36 +147,42 @@ class RecordDHT:
         """Replace this peer's entry with a tombstone that outlives it."""
         return await self.store(key, None, ttl)
 
-    async def get(self, key: str, *, withdrawn: bool = False) -> dict[str, Entry]:
+    async def get(self, key: str, *, withdrawn: bool = False, probe: bool = False) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
         fail validation are dropped and logged. The closest nodes are asked in random order,
         ``read_fanout`` at a time, until ``read_fanout`` of them sent a record: every store goes
         to all of them, so a few replicas' union holds nearly every entry, and asking all 20 of a
-        large swarm would cost each read 20 bundles (and each holder every reader's)."""
+        large swarm would cost each read 20 bundles (and each holder every reader's). A replica
+        without the key is passed over (a young entry may not have reached it), so reading an
+        empty key asks them all; with ``probe`` (is anything here?) one replica is asked, and
+        only if it holds the key, more."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
         peers = await self._closest_peers(key_bytes)
         waiting = random.sample(peers, len(peers))
-        answered = 0
+        records = 0  # replicas that sent a record
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
-            nonlocal answered
-            record = None
+            nonlocal records
+            record, closer = None, []
             with trio.move_on_after(self.timeout) as scope:
-                record = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
+                record, closer = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True,
+                                                                           return_closer_peers=True)
             if scope.cancelled_caught:
                 self._forget(key_bytes, peer)
             if record is not None:  # signatures checked off the event loop: a bundle holds thousands
-                answered += 1
+                records += 1
                 groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
-            elif waiting and answered < self.read_fanout:  # none, failed or silent: ask another
-                nursery.start_soon(get_from, waiting.pop(), nursery)
+            # (a replica that answered sends closer peers with no record; a failed request, neither)
+            holds_none = record is None and bool(closer)
+            if waiting and records < self.read_fanout and not (probe and holds_none and not records):
+                nursery.start_soon(get_from, waiting.pop(), nursery)  # ask another
 
         async with trio.open_nursery() as nursery:
-            for _ in range(min(self.read_fanout, len(waiting))):
+            for _ in range(min(1 if probe else self.read_fanout, len(waiting))):
                 nursery.start_soon(get_from, waiting.pop(), nursery)
         return {sub: e for sub, e in merge(*groups).items() if withdrawn or not e.withdrawn}
 

@@ -70,12 +70,12 @@ class Announcement:
         return {"peer_id": self.peer_id, **self.to_value(), "uptime_seconds": round(max(0.0, now - self.started_at), 1)}
 
 
-async def live_members(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None, *,
-                       probe_below: bool = False) -> BucketRead[Announcement]:
+async def live_members(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
+                       find_level: bool = False) -> BucketRead[Announcement]:
     """Unexpired announcements of ``me``'s bucket of the swarm (all of them in a swarm of up to
     64 peers; a random bucket without ``me``), seeds first, malformed ones dropped and logged."""
     read = await read_buckets(dht, members_key(swarm), Announcement.from_value, "announcement", me=me, level=level,
-                              probe_below=probe_below)
+                              find_level=find_level)
     read.entries.sort(key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
     return read
 

@@ -179,7 +179,7 @@ class Peer:
                 beats += 1
                 if beats % LEVEL_READ_BEATS == 0:
                     with trio.move_on_after(self.config.heartbeat):
-                        level = (await live_members(self.dht, self.config.swarm, me, level, probe_below=True)).level
+                        level = (await live_members(self.dht, self.config.swarm, me, level, find_level=True)).level
                         key = own_bucket_key(members_key(self.config.swarm), me, level)
                 value = self.announcement().to_value()  # its reachability may be known by now
                 # A slow refresh still counts while the previous entry lives (ttl - heartbeat).

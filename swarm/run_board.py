@@ -112,9 +112,11 @@ class Progress:
         return progress
 
 
-async def read_board(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None) -> BucketRead[Progress]:
+async def read_board(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
+                     find_level: bool = False) -> BucketRead[Progress]:
     """``me``'s bucket of the board at ``level`` (``dht.buckets.read_buckets``)."""
-    return await read_buckets(dht, run_key(swarm), Progress.from_value, "run board entry", me=me, level=level)
+    return await read_buckets(dht, run_key(swarm), Progress.from_value, "run board entry", me=me, level=level,
+                              find_level=find_level)
 
 
 def choose_run(board: list[Progress], configs: dict[str, RunConfig]) -> RunConfig | None:

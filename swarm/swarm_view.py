@@ -19,6 +19,7 @@ import trio
 
 from bootstrap.advert import find_holdings
 from dht import RecordDHT
+from dht.buckets import LEVEL_READ_BEATS
 from swarm.members import live_members
 from swarm.run_board import Progress, read_board, read_run_configs
 from swarm.run_config import RunConfig
@@ -78,11 +79,12 @@ class SwarmView:
         return None
 
     async def refresh(self) -> None:
-        read_members = await live_members(self.dht, self.swarm, self._reader_id, self._members_level)
+        finding = self.version % LEVEL_READ_BEATS == 0  # the levels found anew every few reads
+        read_members = await live_members(self.dht, self.swarm, self._reader_id, self._members_level, finding)
         self._members_level, members = read_members.level, read_members.entries
-        read = await read_board(self.dht, self.swarm, self._reader_id, self._board_level)
+        read = await read_board(self.dht, self.swarm, self._reader_id, self._board_level, finding)
         self._board_level, board = read.level, read.entries
-        read_holdings = await find_holdings(self.dht, self.swarm, self._reader_id, self._holdings_level)
+        read_holdings = await find_holdings(self.dht, self.swarm, self._reader_id, self._holdings_level, finding)
         self._holdings_level, holdings = read_holdings.level, read_holdings.entries
         runs = self._runs_followed(board)
         board = [p for p in board if p.run_id in runs]

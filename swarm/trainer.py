@@ -33,6 +33,7 @@ from optim.synchronous import SyncOptimizer
 from shards.assignment import Assignment
 from shards.bids import Bid
 from shards.outer import ShardedOuter
+from dht.buckets import LEVEL_READ_BEATS
 from dht.records import MAX_TTL
 from swarm import resources
 from swarm.peer import Peer
@@ -127,6 +128,7 @@ class Trainer:
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board_level: int | None = None  # where this peer's board bucket is (None: not read yet)
         self._board_estimate = 0  # peers on the whole board, as the last read estimated
+        self._board_reads = 0
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
@@ -317,8 +319,10 @@ class Trainer:
         # (16 peers on 2 cores), and peers that never saw the last of the others waited forever.
         limit = 2 * self.peer.config.network_timeout + 1
         read = None
+        self._board_reads += 1  # every few reads, the level is found anew (dht.buckets.read_buckets)
         with trio.move_on_after(limit):
-            read = await read_board(self.peer.dht, self.peer.config.swarm, self.me, self._board_level)
+            read = await read_board(self.peer.dht, self.peer.config.swarm, self.me, self._board_level,
+                                    find_level=self._board_reads % LEVEL_READ_BEATS == 0)
         if read is None:
             log.info("reading the run board took over %.0f s; keeping the last one read", limit)
         else:

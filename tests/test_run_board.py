@@ -69,7 +69,7 @@ class BoardKeys:
         now = time.time()
         self.keys.setdefault(key, {})[peer_id] = Entry(peer_id, msgpack.packb(value), now, now + 30, b"")
 
-    async def get(self, key):
+    async def get(self, key, *, probe=False):
         self.reads.append(key)
         return dict(self.keys.get(key, {}))
 
