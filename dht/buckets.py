@@ -92,17 +92,41 @@ async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T
             probed = list(range(1, MAX_LEVEL + 1))
     elif find_level:
         probed = list(range(level + 1, min(MAX_LEVEL, level + FIND_LEVELS) + 1))
-    if probed:  # most of these keys are empty: probes
-        read.update(await _read_keys(dht, key, me, probed, probe=True))
-        level = max([level, *probed], key=lambda lv: (len(read.get(own_bucket_key(key, me, lv), {})), -lv))
+    if probed:
+        level = await _busiest_level(dht, key, me, level, probed, read)
+    newest = await _bucket_at(dht, key, me, level, read)
+    if level > 0 and _in_bucket(me, level, newest) < BUCKET_ENTRIES // 4:
+        # a bucket this thin at a split level: this peer is not where the swarm writes (it moved
+        # while the others moved the other way): every level is probed
+        level = await _busiest_level(dht, key, me, level, [lv for lv in range(MAX_LEVEL + 1) if lv != level], read)
+        newest = await _bucket_at(dht, key, me, level, read)
+    estimate = _in_bucket(me, level, newest) << level
+    return BucketRead(parse_entries(newest, parse, what), estimate, _next_level(level, estimate))
+
+
+async def _busiest_level(dht: EntryReader, key: str, me: str, level: int, probed: list[int],
+                         read: dict[str, dict[str, Entry]]) -> int:
+    """Of ``level`` and ``probed``, the level whose key of ``me``'s bucket holds the most entries
+    (the probes' answers go into ``read``)."""
+    read.update(await _read_keys(dht, key, me, probed, probe=True, known=read))  # most are empty: probes
+    return max([level, *probed], key=lambda lv: (len(read.get(own_bucket_key(key, me, lv), {})), -lv))
+
+
+async def _bucket_at(dht: EntryReader, key: str, me: str, level: int,
+                     read: dict[str, dict[str, Entry]]) -> dict[str, Entry]:
+    """The newest entry of each writer of ``me``'s bucket at ``level`` and the keys one level up
+    and down (read into ``read``, where not read already)."""
     read.update(await _read_keys(dht, key, me, list(range(max(0, level - 1), level + 1)), known=read))
     if level > 0 or sum(map(len, read.values())) >= BUCKET_ENTRIES:
         read.update(await _read_keys(dht, key, me, [level + 1], both_halves=True, known=read))
-    newest = merge(*(entries.values() for entries in read.values()))  # a peer that moved levels: its newest
-    # every writer of this bucket at this level was read, whichever of the levels it writes at
+    return merge(*(entries.values() for entries in read.values()))  # a peer that moved levels: its newest
+
+
+def _in_bucket(me: str, level: int, entries: dict[str, Entry]) -> int:
+    """Writers of ``entries`` in ``me``'s bucket at ``level`` (every one of them was read, at
+    whichever of the levels next to it they write)."""
     prefix = bucket_prefix(me, level)
-    estimate = sum(1 for peer in newest if bucket_prefix(peer, level) == prefix) << level
-    return BucketRead(parse_entries(newest, parse, what), estimate, _next_level(level, estimate))
+    return sum(1 for peer in entries if bucket_prefix(peer, level) == prefix)
 
 
 def _next_level(level: int, estimate: int) -> int:
