@@ -153,16 +153,19 @@ class RecordDHT:
         fail validation are dropped and logged. The closest nodes are asked in random order,
         ``read_fanout`` at a time, until ``read_fanout`` of them sent a record: every store goes
         to all of them, so a few replicas' union holds nearly every entry, and asking all 20 of a
-        large swarm would cost each read 20 bundles (and each holder every reader's). A replica
-        without the key is passed over (a young entry may not have reached it), so reading an
-        empty key asks them all; with ``probe`` (is anything here?) one replica is asked, and
-        only if it holds the key, more."""
+        large swarm would cost each read 20 bundles (and each holder every reader's); of 6 or
+        fewer, all are read. A replica without the key is passed over (a young entry may not
+        have reached it), so reading an empty key asks them all; with ``probe`` (is anything
+        here?) one replica is asked, and only if it holds the key, more."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
         peers = await self._closest_peers(key_bytes)
         waiting = random.sample(peers, len(peers))
+        # a small swarm's few replicas are all read: cheap there, and its young entries may have
+        # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
+        fanout = self.read_fanout if len(peers) > 2 * self.read_fanout else len(peers)
         records = 0  # replicas that sent a record
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
@@ -178,11 +181,11 @@ class RecordDHT:
                 groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
             # (a replica that answered sends closer peers with no record; a failed request, neither)
             holds_none = record is None and bool(closer)
-            if waiting and records < self.read_fanout and not (probe and holds_none and not records):
+            if waiting and records < fanout and not (probe and holds_none and not records):
                 nursery.start_soon(get_from, waiting.pop(), nursery)  # ask another
 
         async with trio.open_nursery() as nursery:
-            for _ in range(min(1 if probe else self.read_fanout, len(waiting))):
+            for _ in range(min(1 if probe else fanout, len(waiting))):
                 nursery.start_soon(get_from, waiting.pop(), nursery)
         return {sub: e for sub, e in merge(*groups).items() if withdrawn or not e.withdrawn}
 
