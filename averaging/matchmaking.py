@@ -271,13 +271,13 @@ class Matchmaker:
     async def waiting_for_more(self, group_key: str) -> bool:
         """Whether peers seek a group under ``group_key`` now and wait for more peers than there
         are (their target size is larger): a newcomer can still join."""
-        entries = await self.dht.get(self._key(group_key))
+        entries = await self.dht.get(self._key(group_key), every_replica=True)
         targets = [d["target"] for d in map(_declaration, (e.value for e in entries.values())) if d]
         return any(t is not None and t > len(entries) for t in targets)
 
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left."""
-        entries = await self.dht.get(seeking.key, withdrawn=True)
+        entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True)
         out, left = {}, 0
         for peer, entry in entries.items():
             if entry.withdrawn:

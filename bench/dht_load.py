@@ -198,13 +198,14 @@ class LoadDHT:
         bundle[writer] = entry
         self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
 
-    def charge_get(self, reader: str, key: str) -> None:
+    def charge_get(self, reader: str, key: str, every_replica: bool = False) -> None:
         """A read of ``key``: ``fanout`` of its holders, drawn at random, each send the bundle (cut
         at the bundle cap)."""
         entries = len(self.keys.get(key, {}))
         size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
         holders = self.holders(key)
-        served = holders if self.fanout >= len(holders) else self.rng.choice(holders, self.fanout, replace=False)
+        served = holders if every_replica or self.fanout >= len(holders) else \
+            self.rng.choice(holders, self.fanout, replace=False)
         self.up[served] += size
         self.cpu[served] += self.costs.get_per_stored_entry * entries
         me = self._index[reader]
@@ -281,7 +282,7 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
     for peer in dht.peers[: max(1, round(n * share))]:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         for _ in range(MM_READS):
-            dht.charge_get(peer, key)
+            dht.charge_get(peer, key, every_replica=True)
 
 
 def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed: int) -> dict:

@@ -147,7 +147,8 @@ class RecordDHT:
         """Replace this peer's entry with a tombstone that outlives it."""
         return await self.store(key, None, ttl)
 
-    async def get(self, key: str, *, withdrawn: bool = False, probe: bool = False) -> dict[str, Entry]:
+    async def get(self, key: str, *, withdrawn: bool = False, probe: bool = False,
+                  every_replica: bool = False) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
         fail validation are dropped and logged. The closest nodes are asked in random order,
@@ -156,7 +157,9 @@ class RecordDHT:
         large swarm would cost each read 20 bundles (and each holder every reader's); of 6 or
         fewer, all are read. A replica without the key is passed over (a young entry may not
         have reached it), so reading an empty key asks them all; with ``probe`` (is anything
-        here?) one replica is asked, and only if it holds the key, more."""
+        here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
+        all are read: a round's matchmaking key is seconds old, its entries still arriving, and
+        peers whose views differ form different groups."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
@@ -165,7 +168,7 @@ class RecordDHT:
         waiting = random.sample(peers, len(peers))
         # a small swarm's few replicas are all read: cheap there, and its young entries may have
         # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
-        fanout = self.read_fanout if len(peers) > 2 * self.read_fanout else len(peers)
+        fanout = self.read_fanout if len(peers) > 2 * self.read_fanout and not every_replica else len(peers)
         records = 0  # replicas that sent a record
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
