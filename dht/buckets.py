@@ -145,16 +145,8 @@ async def read_every_bucket(dht: EntryReader, key: str, parse: Callable[[str, An
     """Every entry of ``key``, bucket by bucket (the levels next to the one found included): an
     operator's whole view, ``2^level`` reads and more, never a peer's heartbeat."""
     found = await read_buckets(dht, key, lambda subkey, value: subkey, what)
-    keys = {bucket_key(key, level, prefix) for level in range(max(0, found.level - 1), found.level + 2)
-            for prefix in range(1 << level)}
-    read: dict[str, dict[str, Entry]] = {}
-
-    async def read_key(one: str) -> None:
-        read[one] = await dht.get(one)
-
-    async with trio.open_nursery() as nursery:
-        for one in sorted(keys):
-            nursery.start_soon(read_key, one)
+    read = await _get_all(dht, {bucket_key(key, level, prefix) for level in range(max(0, found.level - 1), found.level + 2)
+                                for prefix in range(1 << level)})
     newest = merge(*(entries.values() for entries in read.values()))
     return BucketRead(parse_entries(newest, parse, what), len(newest), found.level)
 
@@ -182,12 +174,17 @@ async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int], bot
         keys.add(bucket_key(key, level, prefix))
         if both_halves and level > 0:
             keys.add(bucket_key(key, level, prefix ^ 1))
+    return await _get_all(dht, keys - set(known or ()), probe)
+
+
+async def _get_all(dht: EntryReader, keys: set[str], probe: bool = False) -> dict[str, dict[str, Entry]]:
+    """The entries under each of ``keys``, read at once."""
     read: dict[str, dict[str, Entry]] = {}
 
     async def read_key(one: str) -> None:
         read[one] = await dht.get(one, probe=probe)
 
     async with trio.open_nursery() as nursery:
-        for one in sorted(keys - set(known or ())):
+        for one in sorted(keys):
             nursery.start_soon(read_key, one)
     return read
