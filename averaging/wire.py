@@ -79,14 +79,21 @@ def abort_connection(stream: INetStream) -> bool:
         abort()
         log.info("aborted the lane to %s: it stopped reading", stream_peer(stream))
         return True
-    layer: Any = getattr(stream, "muxed_conn", None)
+    if close_socket_under(getattr(stream, "muxed_conn", None)):
+        log.info("aborted the connection to %s: it stopped reading", stream.muxed_conn.peer_id)
+        return True
+    return False
+
+
+def close_socket_under(muxed_conn: Any) -> bool:
+    """Close the TCP socket under a libp2p (yamux) connection; True if one was found."""
+    layer = muxed_conn
     for _ in range(8):
         if isinstance(layer, trio.SocketStream):
             layer.socket.close()
-            log.info("aborted the connection to %s: it stopped reading", stream.muxed_conn.peer_id)
             return True
         layer = next((getattr(layer, name) for name in _LOWER_LAYER if hasattr(layer, name)), None)
-    log.warning("found no socket under a stream to abort (py-libp2p layout changed?)")
+    log.warning("found no socket under a connection to close (py-libp2p layout changed?)")
     return False
 
 

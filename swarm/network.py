@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import socket
 import time
@@ -10,6 +11,7 @@ from typing import Callable
 
 import multiaddr
 import psutil
+import trio
 from libp2p import create_yamux_muxer_option, new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
@@ -17,8 +19,17 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from averaging.wire import close_socket_under
+
+log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 5.0
+# Longest a yamux frame (64 KiB at most) may take to leave: a peer that takes none of it for this
+# long is hung, and its connection is closed.
+FRAME_STALL_SECONDS = 10.0
 
 
 def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = DIAL_TIMEOUT,
@@ -34,11 +45,39 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout,
                               outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout)
+    _write_yamux_frames_whole()
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
                     addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
     _rank_dialled_addrs(host)
     return host
+
+
+def _write_yamux_frames_whole() -> None:
+    """py-libp2p 0.8.1 lets a cancelled task stop inside a frame's write: after Noise has
+    encrypted it (its nonce is spent) or partway through the bytes. The other side then fails to
+    authenticate the next frame and drops the connection, with every stream on it: a DHT read
+    cancelled once it had enough answers cost a group its round, 2 in 6 runs of 8 peers on one
+    machine. So a frame, once its turn to write came, is written whole: shielded from
+    cancellation (the canceller sees it when the frame is out), but a peer that has not taken it
+    within ``FRAME_STALL_SECONDS`` gets its connection closed instead."""
+    if getattr(Yamux, "_frames_whole", False):
+        return
+
+    async def write_frame(self: Yamux, data: bytes) -> None:
+        async with self._write_lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FRAME_STALL_SECONDS) as stalled:
+                    await self.secured_conn.write(data)
+            if stalled.cancelled_caught:
+                close_socket_under(self)
+                log.info("closed the connection to %s: a frame stalled for %.0f s", self.peer_id,
+                         FRAME_STALL_SECONDS)
+                raise MuxedConnUnavailable("a frame's write stalled")
+        await trio.lowlevel.checkpoint()
+
+    Yamux._write_frame = write_frame
+    Yamux._frames_whole = True
 
 
 def _rank_dialled_addrs(host: IHost) -> None:
