@@ -229,7 +229,8 @@ class ChaosSwarm:
                         self._iptables(slot, "-A", "CHAOS", "-d", target.ip, "-j", "DROP")
             fault = Fault(kind, [s.index for s in half], now, self.swarm_round, heal_at=now + network_seconds)
         else:
-            slot = self.rng.choice(live)
+            joining = self.joining()
+            slot = self.rng.choice([s for s in live if s.index not in joining])
             fault = Fault(kind, [slot.index], now, self.swarm_round)
             if kind in RESTARTS:
                 self._kill(slot)
@@ -279,13 +280,26 @@ class ChaosSwarm:
                 fault.restarted_at = time.monotonic()
 
     def busy(self) -> bool:
-        """Whether a fault is still in effect, or a restarted peer is still joining (up to
-        ``REJOIN_GRACE`` seconds): the next fault waits for it (a peer restarted into a partition
-        would find no bootstrap peer, and rightly exit)."""
+        """Whether a fault is still in effect, or a restarted peer is still joining."""
+        return any(f.heal_at is not None or f.rekill_at is not None for f in self.faults) or bool(self.joining())
+
+    def ready_for(self, kind: str) -> bool:
+        """Whether a fault of ``kind`` may start now: no fault is in effect, and a partition also
+        waits for restarted peers to join (up to ``REJOIN_GRACE`` seconds: one restarted into a
+        partition would find no bootstrap peer, and rightly exit); other kinds hit a peer that is
+        not joining, so faults overlap rejoins (one after another, 7 faults did not fit into 16
+        rounds of 5 s)."""
+        if any(f.heal_at is not None or f.rekill_at is not None for f in self.faults):
+            return False
+        joining = self.joining()
+        return not joining if kind == "partition" else any(
+            s.alive and not s.stopped and s.index not in joining for s in self.slots)
+
+    def joining(self) -> set[int]:
+        """The slots of peers restarted less than ``REJOIN_GRACE`` seconds ago that have not yet averaged."""
         now = time.monotonic()
-        return any(f.heal_at is not None or f.rekill_at is not None
-                   or (f.restarted_at is not None and f.rejoined_at is None and now - f.restarted_at < REJOIN_GRACE)
-                   for f in self.faults)
+        return {i for f in self.faults if f.restarted_at is not None and f.rejoined_at is None
+                and now - f.restarted_at < REJOIN_GRACE for i in f.slots}
 
     def _iptables(self, slot: Slot, *rule: str) -> None:
         subprocess.run(["ip", "netns", "exec", self.lab.hosts[slot.host], "iptables", *rule], check=True,
@@ -370,7 +384,7 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
             swarm.observe()
             swarm.heal_due()
             new_round, seen_round = swarm.swarm_round > seen_round, swarm.swarm_round
-            if schedule and swarm.swarm_round >= schedule[0][0] and not swarm.busy() \
+            if schedule and swarm.swarm_round >= schedule[0][0] and swarm.ready_for(schedule[0][1]) \
                     and (args.aim == "random" or new_round):
                 swarm.inject(schedule.pop(0)[1], args.stop_seconds, args.network_seconds)
             if time.monotonic() - swarm.oracles.last_averaged > args.watchdog:
@@ -386,12 +400,12 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
                 break
             time.sleep(0.1)
         swarm.finish(timeout=max(30.0, 3 * args.round_timeout), aborted=aborted)
-        return report(swarm, args, time.monotonic() - started)
+        return report(swarm, args, started)
     finally:
         lab.close()
 
 
-def report(swarm: ChaosSwarm, args: argparse.Namespace, seconds: float) -> dict:
+def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
     survivors = swarm.summaries
     finals = {}
     for slot in swarm.slots:  # the digest of each survivor's last applied round, or of the state it adopted last
@@ -406,8 +420,10 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, seconds: float) -> dict:
     rejoin = [f.rejoined_at - f.restarted_at for f in swarm.faults if f.restarted_at and f.rejoined_at]
     restarted = [f for f in swarm.faults if f.kind in RESTARTS and not f.after_end]
     return {
-        "peers": args.peers, "rounds": args.rounds, "churn": args.churn, "seconds": round(seconds, 1),
+        "peers": args.peers, "rounds": args.rounds, "churn": args.churn,
+        "seconds": round(time.monotonic() - started, 1),
         "faults": len(swarm.faults), "fault_kinds": dict(Counter(f.kind for f in swarm.faults)),
+        "fault_times": [[f.kind, f.round, round(f.at - started, 1)] for f in swarm.faults],
         "rounds_completed": max((s["round"] for s in survivors), default=0),
         "rounds_failed": sum(swarm.oracles.failed.values()), "failure_reasons": dict(swarm.oracles.failed.most_common(6)),
         "val_loss": statistics.mean(s["val_loss"] for s in survivors) if survivors else None,
