@@ -6,7 +6,7 @@ member announcement and its checkpoint holdings (``swarm.trainer``, ``swarm.peer
 and holdings buckets every ``LEVEL_READ_BEATS`` heartbeats, declares in its round's matchmaking
 bucket and reads it; a few peers publish the run's configuration; joining peers (``--churn``)
 find their levels first and read the configuration. The reads run the real
-``dht.buckets.read_buckets`` over a model DHT: each key is held by the ``K`` nodes whose ids are
+``dht.buckets.BucketPlace`` reads over a model DHT: each key is held by the ``K`` nodes whose ids are
 XOR-closest to its hash, a write goes to all of them and a read asks some of them. The entries
 are real ``Entry`` objects holding real values, so bytes are the real sizes.
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.groups import bucket_count, bucket_of  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
-from dht.buckets import LEVEL_READ_BEATS, own_bucket_key, read_buckets  # noqa: E402
+from dht.buckets import BucketPlace  # noqa: E402
 from dht.node import READ_FANOUT  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
@@ -227,7 +227,7 @@ class SimEntry(Entry):
 
 
 class ReaderView:
-    """``LoadDHT`` as one peer's ``RecordDHT``: what ``read_buckets`` calls."""
+    """``LoadDHT`` as one peer's ``RecordDHT``: what ``BucketPlace`` reads call."""
 
     def __init__(self, dht: LoadDHT, peer: str) -> None:
         self.dht, self.peer = dht, peer
@@ -237,7 +237,7 @@ class ReaderView:
         return self.dht.keys.get(key, {})
 
 
-async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], int | None], beat: int,
+async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], BucketPlace], beat: int,
                      joiners: set[str], estimates: list[float]) -> None:
     """One heartbeat of every peer, as the real code does it."""
     n = len(dht.peers)
@@ -250,20 +250,17 @@ async def _heartbeat(dht: LoadDHT, protocol: str, levels: dict[tuple[str, str], 
                     dht.charge_get(peer, base)
                 dht.store(peer, base, dht.entry("board-with-config" if kind == "board" else kind, peer))
                 continue
-            level = levels.get((peer, kind))
-            if peer in joiners or level is None:  # a peer finds its level before it writes
-                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer)
-                levels[(peer, kind)] = level = read.level
-            elif kind == "board":  # the trainer reads its bucket of the board every heartbeat (the level found every few)
-                finding = (beat + int(peer[:8], 16)) % LEVEL_READ_BEATS == 0
-                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, find_level=finding)
-                levels[(peer, kind)] = read.level
-                if beat == 0:
+            place = places.get((peer, kind))
+            if place is None:  # a newcomer (or one in a leaver's place): it finds its level before it writes
+                place = places[(peer, kind)] = BucketPlace(base, lambda s, v: s, kind, peer)
+            if kind == "board":  # the trainer reads its bucket of the board every heartbeat
+                known = place.level is not None
+                read = await place.read(view)
+                if beat == 0 and known:
                     estimates.append(read.estimate / n)
-            elif (beat + int(peer[:8], 16)) % LEVEL_READ_BEATS == 0:  # members, holdings: follow the level
-                read = await read_buckets(view, base, lambda s, v: s, kind, me=peer, level=level, find_level=True)
-                levels[(peer, kind)] = read.level
-            dht.store(peer, own_bucket_key(base, peer, levels[(peer, kind)] or 0), dht.entry(kind, peer))
+            else:  # members, holdings: written every heartbeat, read to follow the level
+                await place.follow(view)
+            dht.store(peer, place.own_key, dht.entry(kind, peer))
     if protocol != "flat":  # (flat: the configuration came with every board entry)
         # the run's configuration: a few peers publish it, refreshed at a third of its lifetime; joiners read it
         config_ttl = RUN_CONFIG_HEARTBEATS * HEARTBEAT
@@ -290,7 +287,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
     peer per hour."""
     peers = [hashlib.sha256(f"peer{seed}/{i}".encode()).hexdigest()[:40] for i in range(n)]
     dht = LoadDHT(peers, costs, fanout=K if protocol == "flat" else READ_FANOUT)
-    levels: dict[tuple[str, str], int | None] = {}
+    places: dict[tuple[str, str], BucketPlace] = {}  # (peer, kind) -> where that peer reads and writes
     estimates: list[float] = []
     rng = np.random.default_rng(seed)
     started = time.monotonic()
@@ -304,8 +301,8 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
             joiners = set(rng.choice(peers, size=min(n, joins), replace=False)) if joins else set()
             for peer in joiners:  # a newcomer in a leaver's place: it knows no level yet
                 for kind in BASE_KEYS:
-                    levels.pop((peer, kind), None)
-            await _heartbeat(dht, protocol, levels, beat, joiners, estimates)
+                    places.pop((peer, kind), None)
+            await _heartbeat(dht, protocol, places, beat, joiners, estimates)
 
     trio.run(run)
     seconds = beats * HEARTBEAT

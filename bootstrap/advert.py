@@ -13,7 +13,7 @@ from typing import Any
 
 from bootstrap.manifest import ID_BYTES
 from dht import RecordDHT
-from dht.buckets import BucketRead, read_buckets
+from dht.buckets import BucketPlace
 
 MAX_VERSIONS = 16
 
@@ -53,9 +53,11 @@ def parse_holdings(peer_id: str, value: Any) -> list[Holding]:
     return out
 
 
-async def find_holdings(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
-                        find_level: bool = False) -> BucketRead[Holding]:
-    """The versions the peers of ``me``'s bucket hold (every peer's, in a swarm of up to 64)."""
-    read = await read_buckets(dht, holdings_key(swarm), parse_holdings, "checkpoint holdings", me=me, level=level,
-                              find_level=find_level)
-    return BucketRead([holding for entry in read.entries for holding in entry], read.estimate, read.level)
+def holdings_place(swarm: str, me: str = "") -> BucketPlace[list[Holding]]:
+    """``me``'s place in the swarm's checkpoint holdings, kept from read to read."""
+    return BucketPlace(holdings_key(swarm), parse_holdings, "checkpoint holdings", me)
+
+
+async def find_holdings(dht: RecordDHT, place: BucketPlace[list[Holding]]) -> list[Holding]:
+    """The versions the peers of ``place``'s bucket hold (every peer's, in a swarm of up to 64)."""
+    return [holding for entry in (await place.read(dht)).entries for holding in entry]

@@ -11,7 +11,7 @@ from libp2p.abc import IHost
 
 from averaging.lanes import Lanes
 from averaging.wire import FrameError
-from bootstrap.advert import Holding, find_holdings, holdings_key, holdings_value
+from bootstrap.advert import Holding, find_holdings, holdings_place, holdings_value
 from bootstrap.chunk_protocol import PROTOCOL, ChunkServer, LatestSource, ProtocolError, ask_manifest, \
     open_chunk_stream
 from bootstrap.chunk_store import ChunkStore
@@ -19,7 +19,6 @@ from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.rate_limit import RateLimiter
 from bootstrap.swarm_download import DownloadStats, ProgressCallback, SwarmDownload
 from dht import RecordDHT
-from dht.buckets import LEVEL_READ_BEATS, own_bucket_key
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ class CheckpointSwarm:
         self.download_limit = RateLimiter.from_mbit(max_download_mbit)
         self.server = ChunkServer(store, self.upload_limit, self.download_limit, latest=latest)
         self.max_state_bytes, self.stall_timeout = max_state_bytes, stall_timeout
-        self.holdings_level: int | None = None  # the level of this peer's bucket of the holdings (dht.buckets)
+        self.holdings_place = holdings_place(swarm, host.get_id().to_base58())
 
     def serve(self) -> None:
         self.lanes.serve(PROTOCOL, self.server.handle)
@@ -56,32 +55,21 @@ class CheckpointSwarm:
         return out
 
     async def advertise(self, ttl: float) -> None:
-        if self.holdings_level is None:  # found before the first write: in a large swarm the unsplit key is empty
-            await self._read_holdings()
-        me = self.host.get_id().to_base58()
-        await self.dht.store(own_bucket_key(holdings_key(self.swarm), me, self.holdings_level or 0),
-                             holdings_value(self.holdings()), ttl)
+        if self.holdings_place.level is None:  # found before the first write: in a large swarm the unsplit key is empty
+            await self.holdings_place.follow(self.dht)
+        await self.dht.store(self.holdings_place.own_key, holdings_value(self.holdings()), ttl)
 
     async def advertise_forever(self, heartbeat: float, ttl: float) -> None:
-        beats = 0
         while True:
             with trio.move_on_after(max(heartbeat, ttl - heartbeat)):
-                if beats % LEVEL_READ_BEATS == 0:  # the level of its bucket follows the swarm's size
-                    await self._read_holdings(find_level=True)
+                await self.holdings_place.follow(self.dht)  # the level of its bucket follows the swarm's size
                 await self.advertise(ttl)
-            beats += 1
             await trio.sleep(heartbeat)
-
-    async def _read_holdings(self, find_level: bool = False) -> list[Holding]:
-        read = await find_holdings(self.dht, self.swarm, self.host.get_id().to_base58(), self.holdings_level,
-                                   find_level=find_level)
-        self.holdings_level = read.level
-        return read.entries
 
     async def holders(self, run_id: str) -> list[Holding]:
         """Peers holding any version of ``run_id`` (they may share chunks with the one wanted),
         those with most of it first (of this peer's bucket, in a large swarm)."""
-        found = [h for h in await self._read_holdings() if h.run_id == run_id]
+        found = [h for h in await find_holdings(self.dht, self.holdings_place) if h.run_id == run_id]
         return sorted(found, key=lambda h: (-h.round, -h.held))
 
     # ----- fetching

@@ -69,6 +69,46 @@ class BucketRead(Generic[T]):
     level: int  # the level to write and read at next
 
 
+class BucketPlace(Generic[T]):
+    """One peer's place in a key every peer writes: the level its last read found (None before the
+    first, which finds it), the writers that read estimated, and where it writes its own entry.
+    Its entries are ``parse(subkey, value)``; one that raises ``ValueError`` is dropped and logged
+    as an ignored ``what``."""
+
+    def __init__(self, key: str, parse: Callable[[str, Any], T], what: str, me: str = "") -> None:
+        self.key, self.parse, self.what = key, parse, what
+        self.me = me or secrets.token_hex(16)  # a reader that writes nothing reads a random bucket
+        self.level: int | None = None
+        self.estimate = 0
+        # peers started together would otherwise all look at the levels above at the same reads
+        self._turn = _hash64(self.me) % LEVEL_READ_BEATS
+
+    @property
+    def own_key(self) -> str:
+        """Where this peer writes its entry: its bucket at its level (the unsplit key before its first read)."""
+        return own_bucket_key(self.key, self.me, self.level or 0)
+
+    async def read(self, dht: EntryReader, *, find_level: bool | None = None) -> BucketRead[T]:
+        """The entries of this peer's bucket (``read_buckets``), looking at the levels above every
+        ``LEVEL_READ_BEATS`` reads unless ``find_level`` says otherwise."""
+        if find_level is None:
+            find_level = self._turn % LEVEL_READ_BEATS == 0
+        self._turn += 1
+        read = await read_buckets(dht, self.key, self.parse, self.what, me=self.me, level=self.level,
+                                  find_level=find_level)
+        self.level, self.estimate = read.level, read.estimate
+        return read
+
+    async def follow(self, dht: EntryReader) -> None:
+        """Once a heartbeat, for a peer that writes the key but does not otherwise read it: a read
+        before its first write and then every ``LEVEL_READ_BEATS`` heartbeats, looking at the levels
+        above, keeps its entry at the level the swarm writes at."""
+        if self.level is None or self._turn % LEVEL_READ_BEATS == 0:
+            await self.read(dht, find_level=True)
+        else:
+            self._turn += 1
+
+
 async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T], what: str, *, me: str = "",
                        level: int | None = None, find_level: bool = False) -> BucketRead[T]:
     """The entries of ``me``'s bucket of ``key`` (a random bucket without ``me``) at ``level``, the

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dht import RecordDHT
-from dht.buckets import BucketRead, read_buckets, read_every_bucket
+from dht.buckets import BucketPlace, BucketRead, read_every_bucket
 
 ROLES = ("seed", "peer")
 
@@ -70,18 +70,23 @@ class Announcement:
         return {"peer_id": self.peer_id, **self.to_value(), "uptime_seconds": round(max(0.0, now - self.started_at), 1)}
 
 
-async def live_members(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
-                       find_level: bool = False) -> BucketRead[Announcement]:
+def member_place(swarm: str, me: str = "") -> BucketPlace[Announcement]:
+    """``me``'s place in the swarm's member list, kept from read to read (a random bucket without ``me``)."""
+    return BucketPlace(members_key(swarm), Announcement.from_value, "announcement", me)
+
+
+def seeds_first(members: list[Announcement]) -> list[Announcement]:
+    return sorted(members, key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
+
+
+async def live_members(dht: RecordDHT, swarm: str, me: str = "") -> BucketRead[Announcement]:
     """Unexpired announcements of ``me``'s bucket of the swarm (all of them in a swarm of up to
     64 peers; a random bucket without ``me``), seeds first, malformed ones dropped and logged."""
-    read = await read_buckets(dht, members_key(swarm), Announcement.from_value, "announcement", me=me, level=level,
-                              find_level=find_level)
-    read.entries.sort(key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
-    return read
+    read = await member_place(swarm, me).read(dht)
+    return BucketRead(seeds_first(read.entries), read.estimate, read.level)
 
 
 async def every_member(dht: RecordDHT, swarm: str) -> BucketRead[Announcement]:
     """Every live announcement, read bucket by bucket (``legion-peer status --all``)."""
     read = await read_every_bucket(dht, members_key(swarm), Announcement.from_value, "announcement")
-    read.entries.sort(key=lambda a: (a.role != "seed", a.started_at, a.peer_id))
-    return read
+    return BucketRead(seeds_first(read.entries), read.estimate, read.level)

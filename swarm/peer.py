@@ -18,10 +18,9 @@ from libp2p.peer.id import ID
 from averaging.lanes import Lanes
 from bootstrap.join import connect_bootstrap_peers
 from dht import RecordDHT
-from dht.buckets import LEVEL_READ_BEATS, own_bucket_key
 from swarm import resources
 from swarm.identity import load_or_create_identity
-from swarm.members import Announcement, live_members, members_key
+from swarm.members import Announcement, member_place
 from swarm.network import behind_router, build_host
 from swarm.port_mapping import PortMapping
 from swarm.reachability import PRIVATE, PUBLIC, UNKNOWN, Reachability
@@ -158,29 +157,27 @@ class Peer:
                     await self.dht.add_peer(peer_id)
             # the level of this peer's bucket of the member list follows the swarm's size: found
             # before announcing (in a large swarm the unsplit key stays empty), then checked every
-            # LEVEL_READ_BEATS heartbeats
-            me, level = self.peer_id.to_base58(), 0
+            # few heartbeats
+            members = member_place(self.config.swarm, self.peer_id.to_base58())
             with trio.move_on_after(2 * self.config.network_timeout):
-                level = (await live_members(self.dht, self.config.swarm, me)).level
-            key = own_bucket_key(members_key(self.config.swarm), me, level)
+                await members.follow(self.dht)
+            key = members.own_key
             await self.dht.store(key, self.announcement().to_value(), self.ttl)
             log.info("peer %s announced in swarm %r (%d in routing table)", self.peer_id,
                      self.config.swarm, self.dht.routing_table_size())
             self.reachability.serve()
             nursery.start_soon(self._check_reachability)
             task_status.started(self)
-            next_beat, beats = trio.current_time(), 0
+            next_beat = trio.current_time()
             while not self._stopping.is_set():
                 next_beat += self.config.heartbeat
                 with trio.move_on_at(next_beat):
                     await self._stopping.wait()
                 if self._stopping.is_set():
                     break
-                beats += 1
-                if beats % LEVEL_READ_BEATS == 0:
-                    with trio.move_on_after(self.config.heartbeat):
-                        level = (await live_members(self.dht, self.config.swarm, me, level, find_level=True)).level
-                        key = own_bucket_key(members_key(self.config.swarm), me, level)
+                with trio.move_on_after(self.config.heartbeat):
+                    await members.follow(self.dht)
+                key = members.own_key
                 value = self.announcement().to_value()  # its reachability may be known by now
                 # A slow refresh still counts while the previous entry lives (ttl - heartbeat).
                 with trio.move_on_after(self.ttl - self.config.heartbeat):

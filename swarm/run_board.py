@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from dht import RecordDHT
-from dht.buckets import BucketRead, bucket_prefix, own_bucket_key, read_buckets
+from dht.buckets import BucketPlace, BucketRead, bucket_prefix
 from swarm.run_config import PROTOCOL, RunConfig, RunConfigError
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,6 @@ RUN_CONFIG_HEARTBEATS = 12  # the lifetime of a published configuration (refresh
 def run_key(swarm: str) -> str:
     """The run board's key (split into buckets in a large swarm: ``dht.buckets``)."""
     return f"/legion/{swarm}/run"
-
-
-def own_board_key(swarm: str, peer_id: str, level: int) -> str:
-    """Where ``peer_id`` writes its board entry at ``level``."""
-    return own_bucket_key(run_key(swarm), peer_id, level)
 
 
 def run_configs_key(swarm: str) -> str:
@@ -112,11 +107,14 @@ class Progress:
         return progress
 
 
-async def read_board(dht: RecordDHT, swarm: str, me: str = "", level: int | None = None,
-                     find_level: bool = False) -> BucketRead[Progress]:
-    """``me``'s bucket of the board at ``level`` (``dht.buckets.read_buckets``)."""
-    return await read_buckets(dht, run_key(swarm), Progress.from_value, "run board entry", me=me, level=level,
-                              find_level=find_level)
+def board_place(swarm: str, me: str = "") -> BucketPlace[Progress]:
+    """``me``'s place on the run board, kept from read to read (a random bucket without ``me``)."""
+    return BucketPlace(run_key(swarm), Progress.from_value, "run board entry", me)
+
+
+async def read_board(dht: RecordDHT, swarm: str, me: str = "") -> BucketRead[Progress]:
+    """``me``'s bucket of the board, read once (its level found first)."""
+    return await board_place(swarm, me).read(dht)
 
 
 def choose_run(board: list[Progress], configs: dict[str, RunConfig]) -> RunConfig | None:

@@ -55,12 +55,14 @@ def corrupt_chunks(store: ChunkStore, signed: SignedManifest, count: int) -> Non
         path.write_bytes(bytes(data))
 
 
-async def fetch_newest(checkpoints: CheckpointSwarm, run_id: str, timeout: float) -> tuple[SignedManifest, dict]:
-    """Wait for holders of ``run_id`` in the DHT, take the newest version one of them offers, download it."""
+async def fetch_newest(checkpoints: CheckpointSwarm, run_id: str, timeout: float,
+                       min_holders: int = 1) -> tuple[SignedManifest, dict]:
+    """Wait for ``min_holders`` holders of ``run_id`` in the DHT, take the newest version one of
+    them offers, download it."""
     with trio.fail_after(timeout):
         while True:
             holders = await checkpoints.holders(run_id)
-            for holding in holders:
+            for holding in holders if len(holders) >= min_holders else []:
                 signed = await checkpoints.fetch_manifest(holding.peer_id, manifest_id=holding.manifest_id)
                 if signed is not None:
                     break
@@ -100,7 +102,7 @@ async def run(args: argparse.Namespace) -> None:
         print(json.dumps(ready), flush=True)
         if args.fetch:
             try:
-                signed, stats = await fetch_newest(checkpoints, RUN_ID, args.timeout)
+                signed, stats = await fetch_newest(checkpoints, RUN_ID, args.timeout, args.min_holders)
             except (DownloadError, trio.TooSlowError) as exc:
                 print(json.dumps({"error": str(exc) or "no holder found in time"}), flush=True)
                 sys.exit(1)
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--corrupt", type=int, default=0, metavar="N", help="damage N of the saved chunks on disk")
     parser.add_argument("--fetch", action="store_true", help="fetch the newest synthetic version held in the swarm")
+    parser.add_argument("--min-holders", type=int, default=1, help="wait until this many peers hold the run")
     parser.add_argument("--exit-after-fetch", action="store_true")
     parser.add_argument("--max-upload", type=float, metavar="MBIT")
     parser.add_argument("--max-download", type=float, metavar="MBIT")

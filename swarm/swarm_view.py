@@ -17,11 +17,10 @@ from typing import Any
 
 import trio
 
-from bootstrap.advert import find_holdings
+from bootstrap.advert import find_holdings, holdings_place
 from dht import RecordDHT
-from dht.buckets import LEVEL_READ_BEATS
-from swarm.members import live_members
-from swarm.run_board import Progress, read_board, read_run_configs
+from swarm.members import member_place, seeds_first
+from swarm.run_board import Progress, board_place, read_run_configs
 from swarm.run_config import RunConfig
 from swarm.shard_ownership import fetch_shard_status
 
@@ -51,9 +50,10 @@ class SwarmView:
         self._rounds: dict[str, OrderedDict[int, dict[str, tuple[float | None, float | None]]]] = {}
         self._throughput: dict[str, list[list[float]]] = {}  # run -> [[unix time, tokens/s summed], ...]
         self._groups: OrderedDict[tuple[str, str], list[str]] = OrderedDict()  # (run, round key) -> members
-        # a large swarm's keys are read one bucket at a time, as a peer reads them: the view reads as this id
-        self._reader_id = secrets.token_hex(16)
-        self._board_level = self._members_level = self._holdings_level = None
+        # a large swarm's keys are read one bucket at a time, as a peer reads them: the view reads as one id
+        reader = secrets.token_hex(16)
+        self._members, self._board = member_place(swarm, reader), board_place(swarm, reader)
+        self._holdings = holdings_place(swarm, reader)
 
     def _empty(self) -> dict[str, Any]:
         return {"swarm": self.swarm, "version": 0, "updated": None, "peers": [], "board_estimate": 0,
@@ -79,13 +79,10 @@ class SwarmView:
         return None
 
     async def refresh(self) -> None:
-        finding = self.version % LEVEL_READ_BEATS == 0  # the levels found anew every few reads
-        read_members = await live_members(self.dht, self.swarm, self._reader_id, self._members_level, finding)
-        self._members_level, members = read_members.level, read_members.entries
-        read = await read_board(self.dht, self.swarm, self._reader_id, self._board_level, finding)
-        self._board_level, board = read.level, read.entries
-        read_holdings = await find_holdings(self.dht, self.swarm, self._reader_id, self._holdings_level, finding)
-        self._holdings_level, holdings = read_holdings.level, read_holdings.entries
+        members = seeds_first((await self._members.read(self.dht)).entries)
+        read = await self._board.read(self.dht)
+        board = read.entries
+        holdings = await find_holdings(self.dht, self._holdings)
         runs = self._runs_followed(board)
         board = [p for p in board if p.run_id in runs]
         configs = {run_id: config for run_id, config in (await read_run_configs(self.dht, self.swarm)).items()

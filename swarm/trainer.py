@@ -33,14 +33,13 @@ from optim.synchronous import SyncOptimizer
 from shards.assignment import Assignment
 from shards.bids import Bid
 from shards.outer import ShardedOuter
-from dht.buckets import LEVEL_READ_BEATS
 from dht.records import MAX_TTL
 from swarm import resources
 from swarm.peer import Peer
 from swarm.final_weights import agreed_digest
 from swarm.reducer import RoundReport, SwarmReducer
-from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress, choose_run, own_board_key,
-                             publishes_config, read_board, read_run_configs, run_configs_key)
+from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress, board_place, choose_run,
+                             publishes_config, read_run_configs, run_configs_key)
 from swarm.run_config import PROTOCOL, RunConfig
 from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
 
@@ -126,9 +125,7 @@ class Trainer:
         self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
         self.board: list[Progress] = []
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
-        self._board_level: int | None = None  # where this peer's board bucket is (None: not read yet)
-        self._board_estimate = 0  # peers on the whole board, as the last read estimated
-        self._board_reads = 0
+        self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
         self._joinable_round: int | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
@@ -223,8 +220,7 @@ class Trainer:
         """Wait until some peer publishes a run; a peer that cannot take part gets a clear error."""
         waited = 0.0
         while True:
-            board = await read_board(self.peer.dht, self.peer.config.swarm, self.me)
-            self._board_level = board.level
+            board = await self._board.read(self.peer.dht)
             if board.entries:
                 config = choose_run(board.entries, await read_run_configs(self.peer.dht, self.peer.config.swarm))
                 if config is not None:
@@ -276,7 +272,7 @@ class Trainer:
         says little about where a peer is now; one that is really behind costs a matchmaking
         budget, then catches up from a peer's state."""
         seen = 1 + len({p.peer_id for p in self._others_training()})
-        return max(seen, self._board_estimate) if self._board_level else seen
+        return max(seen, self._board.estimate) if self._board.level else seen
 
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
         """While the optimizer waits to join the swarm after adopting a peer's state R: the newest
@@ -318,18 +314,13 @@ class Trainer:
         # network timeout; a bound of one timeout cut every read short on a loaded machine
         # (16 peers on 2 cores), and peers that never saw the last of the others waited forever.
         limit = 2 * self.peer.config.network_timeout + 1
-        read = None
-        self._board_reads += 1  # every few reads, the level is found anew (dht.buckets.read_buckets)
+        read, level = None, self._board.level
         with trio.move_on_after(limit):
-            read = await read_board(self.peer.dht, self.peer.config.swarm, self.me, self._board_level,
-                                    find_level=self._board_reads % LEVEL_READ_BEATS == 0)
+            read = await self._board.read(self.peer.dht)
         if read is None:
             log.info("reading the run board took over %.0f s; keeping the last one read", limit)
-        else:
-            if self._board_level is not None and read.level != self._board_level:
-                log.info("the run board holds about %d peers: this peer's entry moves to level %d",
-                         read.estimate, read.level)
-            self._board_level, self._board_estimate = read.level, read.estimate
+        elif level is not None and read.level != level:
+            log.info("the run board holds about %d peers: this peer's entry moves to level %d", read.estimate, read.level)
         now = trio.current_time()
         for progress in read.entries if read is not None else []:
             self._board_seen[progress.peer_id] = (now, progress)
@@ -342,7 +333,7 @@ class Trainer:
         publishers (``run_board.publishes_config``)."""
         swarm = self.peer.config.swarm
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
-            await self.peer.dht.store(own_board_key(swarm, self.me, self._board_level or 0), self.progress.to_value(),
+            await self.peer.dht.store(self._board.own_key, self.progress.to_value(),
                                       self.peer.ttl)
             # it never changes: a long lifetime, refreshed rarely
             lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)

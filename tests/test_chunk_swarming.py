@@ -42,11 +42,12 @@ def test_a_state_from_several_seeders_is_identical_even_with_a_corrupt_seeder(no
     seed, first = node("s0", "--seed", "--make-state", "12")
     _, second = node("s1", "--bootstrap", first["addr"], "--make-state", "12")
     _, corrupt = node("s2", "--bootstrap", first["addr"], "--make-state", "12", "--corrupt", "100")
-    joiner, _ = node("j", "--bootstrap", first["addr"], "--fetch", "--exit-after-fetch")
+    # (the joiner waits until it sees all three: a holdings entry may reach the DHT after it looked)
+    joiner, _ = node("j", "--bootstrap", first["addr"], "--fetch", "--exit-after-fetch", "--min-holders", "3")
     result = fetched(joiner)
     assert result["digest"] == first["digest"]
     stats = result["fetched"]
-    assert 1 <= stats["bad_chunks"] <= 2  # the corrupt seeder is dropped at its second bad chunk
+    assert 1 <= stats["bad_chunks"] <= 2, stats  # the corrupt seeder is dropped at its second bad chunk
     assert stats["per_peer"].get(first["ready"], 0) > 0 and stats["per_peer"].get(second["ready"], 0) > 0
 
 

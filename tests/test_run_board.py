@@ -8,9 +8,10 @@ import msgpack
 
 import pytest
 
-from dht.buckets import BUCKET_ENTRIES, bucket_level, bucket_prefix, parse_entries, read_every_bucket
+from dht.buckets import (BUCKET_ENTRIES, LEVEL_READ_BEATS, bucket_level, bucket_prefix, own_bucket_key,
+                         parse_entries, read_every_bucket)
 from dht.records import Entry
-from swarm.run_board import (Progress, choose_run, own_board_key, publishes_config, read_board, read_run_configs,
+from swarm.run_board import (Progress, board_place, choose_run, publishes_config, read_board, read_run_configs,
                              run_configs_key, run_key)
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig, RunConfigError
 
@@ -79,14 +80,21 @@ def _board_of(n: int, level_of=lambda peer, n: bucket_level(n)) -> tuple[BoardKe
     dht, peers = BoardKeys(), [f"peer-{n}-{i}" for i in range(n)]
     for peer in peers:
         value = Progress(config.run_id, RUN_PROTOCOL, round=3, training=True).to_value()
-        dht.write(own_board_key("s", peer, level_of(peer, n)), peer, value)
+        dht.write(own_bucket_key(run_key("s"), peer, level_of(peer, n)), peer, value)
     return dht, peers
+
+
+async def read_at(dht: BoardKeys, reader: str, level: int):
+    """``reader``'s bucket of the board, read at ``level`` (a peer that knows its level)."""
+    place = board_place("s", reader)
+    place.level = level
+    return await place.read(dht, find_level=False)
 
 
 async def test_a_small_board_is_one_key_read_whole():
     dht, peers = _board_of(BUCKET_ENTRIES - 1)
     assert list(dht.keys) == [run_key("s")]
-    read = await read_board(dht, "s", peers[0], 0)
+    read = await read_at(dht, peers[0], 0)
     assert dht.reads == [run_key("s")]  # one key, as before buckets
     assert {p.peer_id for p in read.entries} == set(peers) and read.estimate == len(peers) and read.level == 0
 
@@ -100,7 +108,7 @@ async def test_a_large_board_splits_into_bounded_buckets_and_one_bucket_estimate
         joining = await read_board(dht, "s", reader)  # no level yet: finds it
         assert joining.level == bucket_level(n) or abs(joining.level - bucket_level(n)) == 1
         dht.reads.clear()
-        read = await read_board(dht, "s", reader, bucket_level(n))
+        read = await read_at(dht, reader, bucket_level(n))
         assert len(dht.reads) <= 4  # its bucket, the one above, its two halves below
         assert n / 2 <= read.estimate <= 2 * n and n / 2 <= joining.estimate <= 2 * n
         bucket = {p for p in peers if bucket_prefix(p, bucket_level(n)) == bucket_prefix(reader, bucket_level(n))}
@@ -115,7 +123,7 @@ async def test_peers_whose_estimates_differ_by_a_level_still_see_each_other():
     level = bucket_level(n)
     for reader in peers[:20]:
         for reading_level in (level, level + 1):
-            read = await read_board(dht, "s", reader, reading_level)
+            read = await read_at(dht, reader, reading_level)
             bucket = {p for p in peers if bucket_prefix(p, reading_level) == bucket_prefix(reader, reading_level)}
             assert bucket <= {p.peer_id for p in read.entries}
 
@@ -124,3 +132,21 @@ async def test_an_operator_can_still_read_every_entry_bucket_by_bucket():
     dht, peers = _board_of(1000)
     read = await read_every_bucket(dht, run_key("s"), Progress.from_value, "run board entry")
     assert {p.peer_id for p in read.entries} == set(peers) and read.estimate == 1000
+
+
+async def test_a_writer_finds_its_level_before_it_writes_then_checks_it_every_few_heartbeats():
+    dht, peers = _board_of(1000)
+    place = board_place("s", "a newcomer")
+    assert place.own_key == run_key("s")  # nothing read yet: the unsplit key
+    await place.follow(dht)
+    assert place.level == bucket_level(1000) and place.own_key == own_bucket_key(run_key("s"), "a newcomer", place.level)
+    reading_beats = []
+    for beat in range(3 * LEVEL_READ_BEATS):  # one call a heartbeat
+        before = len(dht.reads)
+        await place.follow(dht)
+        if len(dht.reads) > before:
+            reading_beats.append(beat)
+            # a check looks at the levels above (probes) besides its bucket and the keys next to it
+            assert any(key.startswith(f"{run_key('s')}/{place.level + 2}.") for key in dht.reads[before:])
+    assert len(reading_beats) == 3 and {b - a for a, b in zip(reading_beats, reading_beats[1:])} == {LEVEL_READ_BEATS}
+    assert 500 <= place.estimate <= 2000
