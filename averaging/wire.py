@@ -87,14 +87,23 @@ def abort_connection(stream: INetStream) -> bool:
 
 def close_socket_under(muxed_conn: Any) -> bool:
     """Close the TCP socket under a libp2p (yamux) connection; True if one was found."""
+    socket = socket_under(muxed_conn)
+    if socket is None:
+        log.warning("found no socket under a connection to close (py-libp2p layout changed?)")
+        return False
+    socket.socket.close()
+    return True
+
+
+def socket_under(muxed_conn: Any) -> trio.SocketStream | None:
+    """The TCP socket a libp2p (yamux) connection runs on; None for one relayed through another
+    peer (or if py-libp2p's layout changed)."""
     layer = muxed_conn
     for _ in range(8):
         if isinstance(layer, trio.SocketStream):
-            layer.socket.close()
-            return True
+            return layer
         layer = next((getattr(layer, name) for name in _LOWER_LAYER if hasattr(layer, name)), None)
-    log.warning("found no socket under a connection to close (py-libp2p layout changed?)")
-    return False
+    return None
 
 
 async def write_frame(stream: INetStream, header: dict[str, Any], payload: bytes = b"") -> int:
