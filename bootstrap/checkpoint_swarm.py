@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 
 import trio
 from libp2p.abc import IHost
@@ -68,8 +69,10 @@ class CheckpointSwarm:
 
     async def holders(self, run_id: str) -> list[Holding]:
         """Peers holding any version of ``run_id`` (they may share chunks with the one wanted),
-        those with most of it first (of this peer's bucket, in a large swarm)."""
+        those with most of it first, in random order among equals (so that joiners spread over
+        them; of this peer's bucket, in a large swarm)."""
         found = [h for h in await find_holdings(self.dht, self.holdings_place) if h.run_id == run_id]
+        random.shuffle(found)
         return sorted(found, key=lambda h: (-h.round, -h.held))
 
     # ----- fetching

@@ -7,7 +7,10 @@ those the peer holds; since faster peers come back for work sooner, work shifts 
 would deliver it later, and the other request is cancelled (free while still queued there).
 
 A chunk is verified against its id before it is stored; one that fails is fetched elsewhere and
-its sender gets a strike (two and it is dropped). A source that breaks off, or sends nothing for
+its sender gets a strike (two and it is dropped). At most ``MAX_SOURCES`` sources serve at once, the
+first of those named (holders list the most complete first, random among equals, so joiners spread
+over them); an idle source is asked again what it holds after 1 s, then twice as long after each
+answer that brought nothing new, up to 8 s. A source that breaks off, or sends nothing for
 ``stall_timeout`` seconds with requests outstanding, is dropped: it costs only its requests in
 flight, which go back to the pool. Verified chunks are on disk at once, so they are served to
 others and survive a restart (the next download skips them).
@@ -36,7 +39,9 @@ from bootstrap.rate_limit import RateLimiter, ThrottledStream
 log = logging.getLogger(__name__)
 
 MAX_STRIKES = 2
-REASK_SECONDS = 1.0  # how often an idle source is asked again what it holds (it may be downloading too)
+MAX_SOURCES = 16  # sources used at once: beyond, more only add connections and `have` traffic
+REASK_SECONDS = 1.0  # how soon an idle source is asked again what it holds (it may be downloading too) ...
+MAX_REASK_SECONDS = 8.0  # ... twice as long after each answer that brought nothing new, up to this
 
 # (stored bytes done, stored bytes to fetch, sources active)
 ProgressCallback = Callable[[int, int, int], None]
@@ -69,6 +74,7 @@ class _Source:
         self.head_since = self.started  # when the chunk at the head of its queue began to come
         self.strikes = 0
         self.last_ask = 0.0
+        self.ask_every = REASK_SECONDS
         self.error: str | None = None
 
     @property
@@ -82,10 +88,11 @@ class SwarmDownload:
 
     def __init__(self, lanes: Lanes, store: ChunkStore, signed: SignedManifest, *, upload: RateLimiter,
                  download: RateLimiter, depth: int = 4, max_depth: int = 16, stall_timeout: float = 10.0,
-                 on_progress: ProgressCallback | None = None) -> None:
+                 on_progress: ProgressCallback | None = None, max_sources: int = MAX_SOURCES) -> None:
         self.lanes, self.host, self.store, self.signed = lanes, lanes.host, store, signed
         self.upload, self.download = upload, download
         self.depth, self.max_depth, self.stall_timeout = depth, max_depth, stall_timeout
+        self.max_sources = max_sources
         self.on_progress = on_progress
         chunks = signed.manifest.unique_chunks()
         self.refs: dict[bytes, ChunkRef] = {cid: ref for cid, ref in chunks.items() if not store.has(cid)}
@@ -117,8 +124,7 @@ class SwarmDownload:
         try:
             with trio.fail_after(timeout):
                 async with trio.open_nursery() as nursery:
-                    for peer in sources:
-                        self._start(nursery, peer)
+                    self._start_some(nursery, sources)
                     idle_since = None
                     while not self.finished.is_set():
                         if not self._running:
@@ -135,8 +141,7 @@ class SwarmDownload:
                             if not self._running:
                                 await trio.sleep(0.5)
                             with trio.move_on_after(rediscover_every):
-                                for peer in await find_sources():
-                                    self._start(nursery, peer)
+                                self._start_some(nursery, await find_sources())
                     nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             pass
@@ -146,12 +151,17 @@ class SwarmDownload:
                                 f"{self.stats.seconds:.1f}s; tried {len(self.tried)} sources")
         return self.stats
 
-    def _start(self, nursery: trio.Nursery, peer: str) -> None:
-        if peer in self.tried or peer == self.host.get_id().to_base58():
-            return
-        self.tried.add(peer)
-        self._running += 1  # counted from now, so the loop in run() never sees it missing
-        nursery.start_soon(self._use_source, peer)
+    def _start_some(self, nursery: trio.Nursery, peers: list[str]) -> None:
+        """Start the first of ``peers`` not tried yet, up to ``max_sources`` running at once (the
+        others may serve once one is dropped: the DHT names them again)."""
+        me = self.host.get_id().to_base58()
+        for peer in peers:
+            if self._running >= self.max_sources:
+                return
+            if peer not in self.tried and peer != me:
+                self.tried.add(peer)
+                self._running += 1  # counted from now, so the loop in run() never sees it missing
+                nursery.start_soon(self._use_source, peer)
 
     # ----- one source
     async def _use_source(self, peer: str) -> None:
@@ -173,6 +183,7 @@ class SwarmDownload:
             with trio.fail_after(self.stall_timeout):
                 ids = list(self.pending)
                 self._learn(source, ids, await ask_have(stream, ids))
+                source.last_ask = time.monotonic()
             self._notify()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guard, source, self._send_requests, nursery.cancel_scope)
@@ -196,11 +207,15 @@ class SwarmDownload:
         finally:
             scope.cancel()
 
-    def _learn(self, source: _Source, ids: list[bytes], held: list[bool]) -> None:
+    def _learn(self, source: _Source, ids: list[bytes], held: list[bool]) -> int:
+        """Record which of ``ids`` ``source`` holds; returns how many it newly holds."""
+        new = 0
         for cid, has in zip(ids, held):
             if has and cid in self.pending and cid not in source.has:
                 source.has.add(cid)
                 self.holders[cid] += 1
+                new += 1
+        return new
 
     def _drop(self, source: _Source) -> None:
         """A source is gone: its requests go back to the pool."""
@@ -237,7 +252,7 @@ class SwarmDownload:
                 self.unrequested.discard(cid)
                 await write_frame(stream, {"t": "get", "id": cid})
             now = time.monotonic()
-            if not source.expect and now - source.last_ask >= REASK_SECONDS and self.pending - source.has:
+            if not source.expect and now - source.last_ask >= source.ask_every and self.pending - source.has:
                 # Idle here: ask again what it holds (a peer that is downloading too gains chunks).
                 ids = list(self.pending - source.has)[:MAX_HAVE_IDS]
                 source.last_ask = now
@@ -297,7 +312,8 @@ class SwarmDownload:
                 raise ProtocolError("reply to nothing asked")
             kind, asked = source.expect.pop(0)
             if kind == "have":
-                self._learn(source, asked, parse_have(reply, payload, len(asked)))
+                new = self._learn(source, asked, parse_have(reply, payload, len(asked)))
+                source.ask_every = REASK_SECONDS if new else min(MAX_REASK_SECONDS, 2 * source.ask_every)
                 self._notify()
                 continue
             if reply.get("id") != asked:

@@ -14,7 +14,7 @@ from bootstrap.chunk_protocol import PROTOCOL
 from bootstrap.chunk_store import ChunkError, ChunkStore
 from bootstrap.manifest import ManifestError, build_manifest, open_envelope
 from bootstrap.rate_limit import RateLimiter
-from bootstrap.swarm_download import DownloadError
+from bootstrap.swarm_download import DownloadError, SwarmDownload
 from peer_helpers import start_peers
 
 KEY = create_new_key_pair()
@@ -145,6 +145,37 @@ async def test_a_version_held_in_parts_by_several_peers_is_assembled_from_all(tm
         # Asked again, nothing moves: every chunk is held
         again = await swarms[2].download(fetched, [h.peer_id for h in holders], timeout=60)
         assert again.bytes_received == 0 and again.reused_bytes == again.size_bytes
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_download_uses_a_bounded_number_of_sources_and_asks_an_idle_one_less_and_less_often(tmp_path):
+    """Three peers hold the version, a fourth none of it: the downloader (its download capped at
+    6 Mbit/s, ~5 s) uses two sources at most, and asks the one that holds nothing what it holds
+    again after 1, 2, 4... seconds (once a second before: 100 sources cost 51 Mbit/s of questions)."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 5)
+        stores = [ChunkStore(tmp_path / f"p{i}") for i in range(5)]
+        swarms = [CheckpointSwarm(p.host, p.dht, "default", s) for p, s in zip(peers, stores)]
+        for cs in swarms:
+            cs.serve()
+        signed = stores[0].save(state(), "run", 5, peers[0].key_pair)
+        for store in stores[1:3]:
+            for ref in signed.manifest.unique_chunks().values():
+                store.put_stored(ref, stores[0].read_stored(ref.id, ref.stored))
+            store.add_manifest(signed)
+        stores[3].add_manifest(signed)  # it holds none of the chunks (it may be downloading too)
+        asked_idle = []
+        held = stores[3].held
+        stores[3].held = lambda ids: asked_idle.append(trio.current_time()) or held(ids)
+        idle = peers[3].peer_id.to_base58()
+        download = SwarmDownload(swarms[4].lanes, stores[4], signed, upload=RateLimiter.from_mbit(None),
+                                 download=RateLimiter.from_mbit(6), max_sources=2)
+        stats = await download.run([idle, *(p.peer_id.to_base58() for p in peers[:3])], timeout=60)
+        assert_equal(stores[4].load(signed), state())
+        assert idle in download.tried and len(download.tried) == 2  # the idle one and one holder: two at once
+        assert len(stats.per_peer) == 1 and stats.seconds > 3
+        gaps = [b - a for a, b in zip(asked_idle, asked_idle[1:])]
+        assert 3 <= len(asked_idle) <= 4 and gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1 s, then 2 s
         nursery.cancel_scope.cancel()
 
 
