@@ -119,14 +119,20 @@ async def test_a_rate_limit_holds():
     assert 1.8e6 < rate <= 2.1e6
 
 
+async def serving_peers(nursery, tmp_path, count: int):
+    """``count`` peers, each with its own chunk store and a ``CheckpointSwarm`` serving it."""
+    peers = await start_peers(nursery, count)
+    stores = [ChunkStore(tmp_path / f"p{i}") for i in range(count)]
+    swarms = [CheckpointSwarm(p.host, p.dht, "default", s) for p, s in zip(peers, stores)]
+    for cs in swarms:
+        cs.serve()
+    return peers, stores, swarms
+
+
 async def test_a_version_held_in_parts_by_several_peers_is_assembled_from_all(tmp_path):
     """Two peers each hold half the chunks (partial holders serve too); a third fetches from both."""
     async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 3)
-        stores = [ChunkStore(tmp_path / f"p{i}") for i in range(3)]
-        swarms = [CheckpointSwarm(p.host, p.dht, "default", s) for p, s in zip(peers, stores)]
-        for cs in swarms:
-            cs.serve()
+        peers, stores, swarms = await serving_peers(nursery, tmp_path, 3)
         signed = stores[0].save(state(), "run", 5, peers[0].key_pair)
         refs = list(signed.manifest.unique_chunks().values())
         for ref in refs[1::2]:  # peer 1 holds the odd chunks, peer 0 only the even ones
@@ -153,11 +159,7 @@ async def test_a_download_uses_a_bounded_number_of_sources_and_asks_an_idle_one_
     6 Mbit/s, ~5 s) uses two sources at most, and asks the one that holds nothing what it holds
     again after 1, 2, 4... seconds (once a second before: 100 sources cost 51 Mbit/s of questions)."""
     async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 5)
-        stores = [ChunkStore(tmp_path / f"p{i}") for i in range(5)]
-        swarms = [CheckpointSwarm(p.host, p.dht, "default", s) for p, s in zip(peers, stores)]
-        for cs in swarms:
-            cs.serve()
+        peers, stores, swarms = await serving_peers(nursery, tmp_path, 5)
         signed = stores[0].save(state(), "run", 5, peers[0].key_pair)
         for store in stores[1:3]:
             for ref in signed.manifest.unique_chunks().values():
