@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -147,5 +148,9 @@ def main(argv: list[str]) -> int:
 
 
 def _last_loss(outs: list[Path]) -> float:
-    losses = [r["loss"] for out in outs for r in _read_metrics(out / "metrics.jsonl")[-3:] if r["event"] == "round"]
-    return sum(losses) / max(1, len(losses))
+    """The mean over peers of each one's train loss in its last round."""
+    losses = []
+    for out in outs:
+        rounds = [r["loss"] for r in _read_metrics(out / "metrics.jsonl") if r["event"] == "round"]
+        losses += rounds[-1:]
+    return sum(losses) / len(losses) if losses else math.nan
