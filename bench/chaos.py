@@ -281,7 +281,11 @@ class ChaosSwarm:
 
     def busy(self) -> bool:
         """Whether a fault is still in effect, or a restarted peer is still joining."""
-        return any(f.heal_at is not None or f.rekill_at is not None for f in self.faults) or bool(self.joining())
+        return self.in_effect() or bool(self.joining())
+
+    def in_effect(self) -> bool:
+        """Whether a fault is still to heal (or a restart-while-joining still to kill again)."""
+        return any(f.heal_at is not None or f.rekill_at is not None for f in self.faults)
 
     def ready_for(self, kind: str) -> bool:
         """Whether a fault of ``kind`` may start now: no fault is in effect, and a partition also
@@ -289,7 +293,7 @@ class ChaosSwarm:
         partition would find no bootstrap peer, and rightly exit); other kinds hit a peer that is
         not joining, so faults overlap rejoins (one after another, 7 faults did not fit into 16
         rounds of 5 s)."""
-        if any(f.heal_at is not None or f.rekill_at is not None for f in self.faults):
+        if self.in_effect():
             return False
         joining = self.joining()
         return not joining if kind == "partition" else any(
