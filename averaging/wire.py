@@ -89,7 +89,7 @@ def close_socket_under(muxed_conn: Any) -> bool:
     """Close the TCP socket under a libp2p (yamux) connection; True if one was found."""
     socket = socket_under(muxed_conn)
     if socket is None:
-        log.warning("found no socket under a connection to close (py-libp2p layout changed?)")
+        log.warning("found no socket of its own under a connection to close (relayed, or py-libp2p's layout changed)")
         return False
     socket.socket.close()
     return True

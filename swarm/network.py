@@ -27,8 +27,8 @@ from averaging.wire import socket_under
 log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 5.0
-# Longest a yamux frame (64 KiB at most) may take to leave: a peer that takes none of it for this
-# long is hung, and its connection is closed.
+# Longest a yamux frame (64 KiB at most) may take to leave: a peer that has not taken it by then is
+# hung, and its connection is closed.
 FRAME_STALL_SECONDS = 10.0
 
 
