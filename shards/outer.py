@@ -21,7 +21,7 @@ round the new owner asks for.
 A peer whose round failed carries its momentum over unchanged (``skip``): right if the round
 averaged nowhere, stale if the swarm averaged it without this peer. Such a copy is **carried**: it
 is served marked so, askers prefer another holder's, and when the peer adopts the swarm's state
-(``adopted``) it replaces every copy of that round by one from a holder whose copy is not carried,
+(``adopted``) it replaces each such copy of that round by one from a holder whose copy is not carried,
 where one answers. Momentum taken ahead of need (after a step, for shards this peer owns) counts no
 loss when nobody has it yet: only a shard this peer must reduce and cannot find restarts from zero.
 """
@@ -147,11 +147,10 @@ class ShardedOuter:
         return held
 
     def adopted(self, round_: int) -> None:
-        """This peer adopted the swarm's state of round ``round_``: the momentum it holds for that
-        round may be of another lineage (carried over a round the swarm averaged without it), so
-        each copy is replaced by a holder's before it is next used, where one answers."""
-        self._recheck = {(shard, round_) for shard, rounds in self.history.items() if round_ in rounds}
-        self._carried |= self._recheck
+        """This peer adopted the swarm's state of round ``round_``: its copies of that round carried
+        over a round it failed are stale if the swarm averaged that round, so each is replaced by
+        a holder's that was not carried before it is next used, where one answers."""
+        self._recheck = {(shard, r) for shard, r in self._carried if r == round_}
 
     async def _replace_suspect(self, round_: int, shard: int) -> None:
         if (shard, round_) not in self._recheck:
