@@ -149,6 +149,8 @@ class LoadDHT:
     _holders: dict[str, np.ndarray] = field(default_factory=dict)
     _index: dict[str, int] = field(default_factory=dict)
     _templates: dict[str, Entry] = field(default_factory=dict)
+    counting_contacts: bool = False
+    _contacts: list[np.ndarray] = field(default_factory=list)  # pairs of peers that exchanged a message
 
     def __post_init__(self) -> None:
         # the simulated clock, a heartbeat a step; a day ahead of the real one, which ``merge`` expires
@@ -193,6 +195,7 @@ class LoadDHT:
         self.down[holders] += size
         self.cpu[holders] += self.costs.verify_per_entry + self.costs.put_per_stored_entry * (len(bundle) + 1)
         me = self._index[writer]
+        self._contact(me, holders)
         self.up[me] += size * len(holders)
         self.own_traffic[me] += size * len(holders)
         bundle[writer] = entry
@@ -209,10 +212,27 @@ class LoadDHT:
         self.up[served] += size
         self.cpu[served] += self.costs.get_per_stored_entry * entries
         me = self._index[reader]
+        self._contact(me, served)
         self.down[me] += size * len(served)
         self.own_traffic[me] += size * len(served)
         shown = entries if not entries else min(entries, entries * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
         self.cpu[me] += shown * (self.costs.verify_per_entry + (len(served) - 1) * self.costs.decode_per_entry)
+
+    def _contact(self, me: int, others: np.ndarray) -> None:
+        if self.counting_contacts:
+            n = np.uint64(len(self.peers))
+            a, b = np.minimum(others, me).astype(np.uint64), np.maximum(others, me).astype(np.uint64)
+            self._contacts.append((a * n + b)[a != b])
+
+    def contacts_per_peer(self) -> np.ndarray:
+        """How many distinct peers each peer exchanged DHT messages with while counting: the
+        connections it needs open to do so without redialling (lookups' routing hops not counted)."""
+        n = len(self.peers)
+        if not self._contacts:
+            return np.zeros(n, dtype=np.int64)
+        pairs = np.unique(np.concatenate(self._contacts))
+        ends = np.concatenate([pairs // np.uint64(n), pairs % np.uint64(n)]).astype(np.int64)
+        return np.bincount(ends, minlength=n)
 
     def reader(self, peer: str) -> "ReaderView":
         return ReaderView(self, peer)
@@ -297,6 +317,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
             dht.tick()
             if beat == 0:
                 dht.up[:], dht.down[:], dht.cpu[:], dht.own_traffic[:] = 0, 0, 0, 0
+                dht.counting_contacts = True
             joins = rng.poisson(n * churn / 3600 * HEARTBEAT) if beat >= 0 else 0
             joiners = set(rng.choice(peers, size=min(n, joins), replace=False)) if joins else set()
             for peer in joiners:  # a newcomer in a leaver's place: it knows no level yet
@@ -308,6 +329,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
     seconds = beats * HEARTBEAT
     up_mbps, cpu = dht.up * 8 / seconds / 1e6, dht.cpu / seconds
     legion_keys = [k for k in dht.keys if "/mm/" not in k]
+    contacts = dht.contacts_per_peer()
     return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "read_fanout": dht.fanout,
             "busiest_node_mbps": round(float(up_mbps.max()), 3),
             "busiest_node_down_mbps": round(float((dht.down * 8 / seconds / 1e6).max()), 3),
@@ -315,6 +337,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
             "median_node_mbps": round(float(np.median(up_mbps)), 4),
             "peer_background_kbps": round(float(np.median(dht.own_traffic)) * 8 / seconds / 1e3, 1),
             "peer_background_kbps_max": round(float(dht.own_traffic.max()) * 8 / seconds / 1e3, 1),
+            "dht_contacts_median": int(np.median(contacts)), "dht_contacts_max": int(contacts.max()),
             "largest_key_entries": max(len(dht.keys[k]) for k in legion_keys),
             "largest_key_kib": round(max(dht.key_bytes[k] for k in legion_keys) / 1024, 1),
             "board_estimate_min_max": [round(min(estimates), 2), round(max(estimates), 2)] if estimates else None,

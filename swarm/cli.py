@@ -20,7 +20,7 @@ from optim.data import DataError
 from swarm.exit_guard import exit_if_stuck
 from swarm.identity import IdentityError, load_or_create_identity
 from swarm.members import Announcement, every_member, live_members
-from swarm.network import build_host
+from swarm.network import build_host, raise_open_file_limit
 from swarm.peer import ConfigError, Peer, PeerConfig
 from swarm.run_config import RunConfig, RunConfigError, load_run_file
 from swarm.relay import RelayLimitsConfig
@@ -337,6 +337,7 @@ async def _run_peers(configs: list[PeerConfig], training: TrainingOptions | None
     peers: list[Peer] = []
     trainers: list[Trainer] = []
     untrained: list[Peer] = []
+    raise_open_file_limit()
     if training and training.threads:
         import torch
 

@@ -17,6 +17,8 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.rcmgr import ResourceLimits, new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
@@ -27,6 +29,17 @@ from averaging.wire import socket_under
 log = logging.getLogger(__name__)
 
 DIAL_TIMEOUT = 5.0
+# Connection limits. py-libp2p's (300 in all, 250 inbound, idle ones pruned above 200) are below
+# what a peer needs at 1,000 peers: the scale simulator counts the distinct peers each exchanges DHT
+# messages with in a minute, median 333 and busiest 655 (``bench/scale.py --only dht --beats 12``),
+# groups and catch-up sources come on top, and a peer refused or pruned is redialled (a TCP, Noise
+# and yamux handshake) at its next message. An idle connection costs ~59 KB a side
+# (``bench/connection_cost.py``): 1,024 of them ~60 MB. Idle connections (no stream open, older
+# than py-libp2p's 20 s grace) are closed above HIGH_WATERMARK, down towards LOW_WATERMARK.
+MAX_CONNECTIONS = 1024
+HIGH_WATERMARK = 768
+LOW_WATERMARK = 128
+
 # Longest a yamux frame (64 KiB at most) may take to leave: a peer that has not taken it by then is
 # hung, and its connection is closed.
 FRAME_STALL_SECONDS = 10.0
@@ -44,13 +57,43 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
     """
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(max_connections_per_peer=1, dial_timeout=dial_timeout,
-                              outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout)
+                              outbound_upgrade_timeout=dial_timeout, inbound_upgrade_timeout=dial_timeout,
+                              max_connections=MAX_CONNECTIONS, high_watermark=HIGH_WATERMARK,
+                              low_watermark=LOW_WATERMARK)
+    # py-libp2p's resource manager has limits of its own (256 established inbound, 1,000 in all)
+    limits = ConnectionLimits(max_pending_inbound=64, max_pending_outbound=64, max_established_per_peer=8,
+                              max_established_inbound=MAX_CONNECTIONS, max_established_outbound=MAX_CONNECTIONS,
+                              max_established_total=MAX_CONNECTIONS)
+    resources = new_resource_manager(ResourceLimits(max_connections=MAX_CONNECTIONS), connection_limits=limits)
     _write_yamux_frames_whole()
-    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, resource_manager=resources,
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
                     addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
     _rank_dialled_addrs(host)
     return host
+
+
+def raise_open_file_limit(wanted: int = 2 * MAX_CONNECTIONS) -> int | None:
+    """Raise this process's soft limit on open files towards ``wanted`` (within the hard limit):
+    every connection and lane is a socket, and desktops often start processes with 1,024. Returns
+    the limit in force (None where the system has no such limit to read: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < MAX_CONNECTIONS:
+        log.warning("this process may open only %d files: fewer connections than a large swarm needs "
+                    "(raise it with ulimit -n %d)", soft, wanted)
+    return soft
 
 
 def _write_yamux_frames_whole() -> None:
