@@ -74,7 +74,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lane-port", type=int, default=0, metavar="PORT",
                         help="TCP port of the lane listener (default: any free one); fix it to forward it")
     parser.add_argument("--upnp", action=argparse.BooleanOptionalAction, default=True,
-                        help="ask a UPnP home router to forward the libp2p and lane ports, and announce its "
+                        help="ask the home router (UPnP-IGD, else NAT-PMP) to forward the libp2p and lane ports, and announce its "
                              "external address (default: on, where this host has a private address)")
     parser.add_argument("--relay-service", action=argparse.BooleanOptionalAction, default=None,
                         help="relay connections for peers behind NAT (Circuit Relay v2) while this peer "

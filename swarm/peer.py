@@ -59,7 +59,7 @@ class PeerConfig:
     announce: list[str] = field(default_factory=list)  # addresses to advertise first (port forwards, VPS)
     relay_service: bool | None = None  # relay for peers behind NAT while dialable (None: seeds only)
     relay_limits: RelayLimitsConfig = field(default_factory=RelayLimitsConfig)
-    upnp: bool = True  # ask a UPnP home router to forward the libp2p and lane ports (swarm.port_mapping)
+    upnp: bool = True  # ask the home router (UPnP-IGD, else NAT-PMP) to forward the libp2p and lane ports (swarm.port_mapping)
 
     def validate(self) -> None:
         if not self.seed and not self.bootstrap:

@@ -76,14 +76,15 @@ class Lab:
             subprocess.run(["ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", device, "root", "tbf",
                             "rate", f"{mbit}mbit", "burst", "64kb", "latency", "200ms"], check=True, capture_output=True)
 
-    def add_home(self, name: str, index: int, random_ports: bool = False, upnp: bool = False,
+    def add_home(self, name: str, index: int, random_ports: bool = False, upnp: bool = False, natpmp: bool = False,
                  cgnat: bool = False) -> str:
         """A host ``name`` at 192.168.``index``.10 behind a home router (WAN ``internet``.``100 + index``)
         that masquerades, forwards no port and drops every connection not opened from inside;
         returns the router's WAN address. Linux keeps a connection's source port where it can
         (hole punching works); with ``random_ports`` every connection gets a random one, as
         symmetric NATs do (hole punching fails). With ``upnp`` the router runs miniupnpd (UPnP-IGD
-        and NAT-PMP): hosts inside may forward ports >= 1024 to themselves. With ``cgnat`` the
+        and NAT-PMP): hosts inside may forward ports >= 1024 to themselves; with ``natpmp`` alone it speaks
+        only NAT-PMP. With ``cgnat`` the
         router's WAN is 100.64.``index``.2 at a carrier-grade NAT (``internet``.``150 + index``, the
         address returned) that masquerades again, port-random, and lets nothing in."""
         router_name = f"r{index}"
@@ -127,8 +128,8 @@ class Lab:
                          "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                         ["iptables", "-A", "INPUT", "-i", wan_dev, "-j", "DROP"]):
             subprocess.run(["ip", "netns", "exec", router, *command], check=True, capture_output=True)
-        if upnp:
-            self._run_miniupnpd(router, index, wan_dev, outer)
+        if upnp or natpmp:
+            self._run_miniupnpd(router, index, wan_dev, outer, upnp)
         for command in (["ip", "addr", "add", f"192.168.{index}.10/24", "dev", inner], ["ip", "link", "set", inner, "up"],
                         ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", f"192.168.{index}.1"]):
             subprocess.run(["ip", "netns", "exec", home, *command], check=True, capture_output=True)
@@ -150,14 +151,14 @@ class Lab:
             subprocess.run(["ip", "netns", "exec", carrier, *command], check=True, capture_output=True)
         return address
 
-    def _run_miniupnpd(self, router: str, index: int, wan_dev: str, lan_dev: str) -> None:
+    def _run_miniupnpd(self, router: str, index: int, wan_dev: str, lan_dev: str, upnp: bool) -> None:
         """miniupnpd on ``router``: its forwards are DNAT rules in its own nftables chains, which the
         router's FORWARD chain lets through (``--ctstate DNAT``), as home routers do."""
         folder = Path(self._files.name)
         (folder / "miniupnpd.nft").write_text(_MINIUPNPD_NFT)
         config = folder / f"miniupnpd-{index}.conf"
         config.write_text(f"ext_ifname={wan_dev}\nlistening_ip={lan_dev}\nhttp_port=0\nenable_natpmp=yes\n"
-                          f"enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=yes\nuuid={uuid.uuid4()}\n"
+                          f"enable_upnp={'yes' if upnp else 'no'}\nsecure_mode=yes\nsystem_uptime=yes\nuuid={uuid.uuid4()}\n"
                           f"allow 1024-65535 192.168.{index}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n")
         for command in (["nft", "-f", str(folder / "miniupnpd.nft")],
                         ["iptables", "-I", "FORWARD", "-i", wan_dev, "-o", lan_dev, "-m", "conntrack",

@@ -189,4 +189,25 @@ def test_a_home_peer_behind_a_upnp_router_gets_its_ports_forwarded_and_can_be_di
                    for e in events), (name, summary)
     log = homes["home1"].log_path.read_text(errors="replace")
     assert f"UPnP: router {router} forwards ports" in log and "Traceback" not in log
-    assert "UPnP: no router offers port forwarding" in homes["home2"].log_path.read_text(errors="replace")
+    assert "no router offers port forwarding" in homes["home2"].log_path.read_text(errors="replace")
+
+
+@pytest.mark.slow  # 26 s; the UPnP test above covers the forward-and-announce path, test_port_mapping NAT-PMP's answers
+def test_a_home_peer_behind_a_nat_pmp_router_gets_its_ports_forwarded_and_can_be_dialled(upnp_lab, tmp_path):
+    """home1's router speaks NAT-PMP only (miniupnpd with UPnP off, as on Apple routers): home1
+    finds no UPnP router, asks its default gateway over NAT-PMP, announces the router's address,
+    and others' dial-backs find it public; home2's router forwards nothing."""
+    lab = upnp_lab
+    lab.add_host("pub", 1)
+    router = lab.add_home("home1", 1, natpmp=True)
+    lab.add_home("home2", 2)
+    seed = lab.start_peer("pub", ["--seed", "--no-relay-service", "--heartbeat", "2"], tmp_path / "logs")
+    homes = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], "--heartbeat", "2"], tmp_path / "logs")
+             for name in ("home1", "home2")}
+    expected = {seed.peer_ids[0]: "public", homes["home1"].peer_ids[0]: "public", homes["home2"].peer_ids[0]: "private"}
+    rows = status_rows(lab, seed, expected)
+    assert {p: r["reachability"] for p, r in rows.items()} == expected
+    assert any(a.startswith(f"/ip4/{router}/tcp/") for a in rows[homes["home1"].peer_ids[0]]["addrs"]), rows
+    log = homes["home1"].log_path.read_text(errors="replace")
+    assert "UPnP: no router" in log and f"NAT-PMP: router {router} forwards ports" in log, log
+    assert "Traceback" not in log
