@@ -14,8 +14,9 @@ seven peers then train again with every host public, for the all-reduce time rat
 
 Reports per peer: reachability (as ``status`` showed it), rounds averaged of rounds run, and how it
 reached the peers it dialled through a relay (``relayed``, or ``hole punched`` once a direct
-connection followed); the median all-reduce seconds against the all-public run. Bytes carried by the
-relay are not measured (py-libp2p's relay keeps no counter we read): ``relayed_bytes`` is null.
+connection followed); the median all-reduce seconds against the all-public run; the bytes each
+peer's relay service carried for others' circuits (``relayed_bytes``, from its summary; the total at
+the top level), against the relay's limit per circuit (``--relay-limits``, 64 MiB by default).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace, work: Path, all_public: bool) -> dict:
             summary = summaries[name]
             peers[name] = {"reachability": reach.get(name), "rounds_averaged": summary.get("rounds_averaged"),
                            "rounds": summary.get("round"), "paths": paths, "traceback": "Traceback" in log,
+                           "relayed_bytes": summary.get("relayed_bytes"),
                            **({"error": summary["error"]} if "error" in summary else {})}
         return {"peers": peers, "allreduce_seconds": statistics.median(seconds) if seconds else None}
     finally:
@@ -112,7 +114,8 @@ def main() -> int:
     ratio = None
     if mixed["allreduce_seconds"] and public["allreduce_seconds"]:
         ratio = round(mixed["allreduce_seconds"] / public["allreduce_seconds"], 3)
-    result = {"peers": mixed["peers"], "relayed_bytes": None, "allreduce_seconds": mixed["allreduce_seconds"],
+    relayed = sum(p["relayed_bytes"] or 0 for p in mixed["peers"].values())
+    result = {"peers": mixed["peers"], "relayed_bytes": relayed, "allreduce_seconds": mixed["allreduce_seconds"],
               "allreduce_seconds_all_public": public["allreduce_seconds"], "allreduce_vs_public": ratio,
               # a peer that trained alone exits 3 without a summary: it counts as args.rounds run, none averaged
               "rounds_averaged_fraction": round(sum(p["rounds_averaged"] or 0 for p in mixed["peers"].values())

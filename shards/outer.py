@@ -56,6 +56,15 @@ class ShardStats:
     momentum_lost: int = 0  # shards whose momentum nobody held: restarted from zero
 
 
+@dataclass(frozen=True)
+class HeldMomentum:
+    """A shard's momentum as another holder sent it; ``carried`` if that holder carried it over a
+    round it failed (it may be stale)."""
+    peer: str
+    values: torch.Tensor
+    carried: bool
+
+
 def _to_bytes(values: torch.Tensor) -> bytes:
     return values.contiguous().numpy().tobytes()
 
@@ -249,7 +258,7 @@ class ShardedOuter:
                     shard, round_, ", ".join(p[-6:] for p in assignment.owners[shard]) or "none", why)
         return torch.zeros(size)
 
-    def _keep(self, round_: int, shard: int, found: "HeldMomentum") -> torch.Tensor:
+    def _keep(self, round_: int, shard: int, found: HeldMomentum) -> torch.Tensor:
         self.history.setdefault(shard, {})[round_] = found.values
         if found.carried:
             self._carried.add((shard, round_))
@@ -259,7 +268,7 @@ class ShardedOuter:
         return found.values
 
     async def _find(self, round_: int, shard: int, assignment: Assignment,
-                    misses: dict[str, str] | None = None) -> "HeldMomentum | None":
+                    misses: dict[str, str] | None = None) -> HeldMomentum | None:
         """``shard``'s momentum before round ``round_`` from another holder: owners first, a copy
         not carried over a failed round before one that was; ``misses`` collects why peers gave none."""
         size, owners = self.layout.size(shard), assignment.owners[shard]
@@ -289,7 +298,7 @@ class ShardedOuter:
         owners = [p for p in assignment.owners[shard] if p != self.me]
         return owners + sorted(p for p in self.peers() if p != self.me and p not in owners)
 
-    async def _request(self, peer: str, request: dict, size: int) -> "HeldMomentum | str":
+    async def _request(self, peer: str, request: dict, size: int) -> HeldMomentum | str:
         """The momentum ``peer`` sends, or why there is none ("none held", "past it: at round N",
         "failed: ...", "dropped")."""
         try:
@@ -356,15 +365,6 @@ class ShardedOuter:
                 await self._stepped.setdefault(round_ - 1, trio.Event()).wait()
         momentum = rounds.get(round_)
         return None if momentum is None else _to_bytes(momentum)
-
-
-@dataclass(frozen=True)
-class HeldMomentum:
-    """A shard's momentum as another holder sent it; ``carried`` if that holder carried it over a
-    round it failed (it may be stale)."""
-    peer: str
-    values: torch.Tensor
-    carried: bool
 
 
 class ShardedRoundPlan:

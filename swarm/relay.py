@@ -81,6 +81,21 @@ class Relays:
         self._nursery: trio.Nursery | None = None
         self._held: dict[ID, multiaddr.Multiaddr] = {}  # relay -> the circuit address through it
         self.relayed_dials = 0  # connections this peer opened through a relay
+        self.relayed_bytes = 0  # bytes this peer carried for others' circuits (both ways)
+        if serve:
+            self._count_relayed_bytes()
+
+    def _count_relayed_bytes(self) -> None:
+        """py-libp2p 0.8.1's hop side keeps no byte count one can read; every chunk a circuit
+        carries is read through ``_read_stream_with_retry`` (its one use), so that is counted."""
+        read = self._protocol._read_stream_with_retry
+
+        async def counted(stream: INetStream, *args: Any, **kwargs: Any) -> bytes | None:
+            data = await read(stream, *args, **kwargs)
+            self.relayed_bytes += len(data or b"")
+            return data
+
+        self._protocol._read_stream_with_retry = counted
 
     @property
     def addrs(self) -> list[multiaddr.Multiaddr]:

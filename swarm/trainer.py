@@ -647,7 +647,7 @@ class Trainer:
                        "rounds_averaged": optimizer.stats.rounds_averaged,
                        "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed,
                        "checkpoint_bytes_fetched": self.checkpoints.download_limit.total,
-                       **self._outer_summary(optimizer)}
+                       "relayed_bytes": self.peer.relays.relayed_bytes, **self._outer_summary(optimizer)}
             self._record(summary)
             if self.out:
                 torch.save(model.state_dict(), self.out / "model.pt")

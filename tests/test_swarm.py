@@ -81,7 +81,7 @@ async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached
     """What a peer behind NAT does (``Peer._check_reachability``, here with the dial-backs'
     verdict given): it never serves the DHT, so servers leave it out of their requests, yet its
     records reach them; it reserves a slot on the seed's relay and advertises the circuit, and a
-    peer that cannot dial it directly reaches it through the relay."""
+    peer that cannot dial it directly reaches it through the relay, which counts the bytes."""
     from libp2p.kad_dht.kad_dht import PROTOCOL_ID
     from libp2p.peer.peerinfo import PeerInfo
     from swarm.peer import Peer, PeerConfig
@@ -119,10 +119,15 @@ async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached
             await nursery.start(relays.run)
             await host.connect(PeerInfo(seed.peer_id, seed.addrs))
             host.get_peerstore().add_addrs(home.peer_id, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/9"), *circuit], 60)
+            before = seed.relays.relayed_bytes
             with trio.fail_after(20):
                 stream = await host.new_stream(home.peer_id, ["/ipfs/ping/1.0.0"])
+                await stream.write(bytes(range(32)))
+                assert await stream.read(32) == bytes(range(32))
             await stream.close()
             assert relays.relayed_dials == 1
+            # the relay counts what it carried: the handshakes and the ping, each way
+            assert seed.relays.relayed_bytes - before >= 64 and relays.relayed_bytes == 0
         nursery.cancel_scope.cancel()
 
 
