@@ -62,8 +62,6 @@ class OwnerSteps(Protocol):
 
     async def skip(self, round_: int) -> None: ...
 
-    def adopted(self, round_: int) -> None: ...
-
 
 class DiLoCo(SwarmOptimizer):
     """``sharded``, if given, replaces the local outer optimizer (``OwnerSteps``): the momentum is
@@ -227,8 +225,6 @@ class DiLoCo(SwarmOptimizer):
         A state that does not fit raises ``StateError`` and changes nothing."""
         same_round, pending_round = round_ == self.round and self._pending is not None, self.round
         self._load(round_, state)
-        if self.sharded is not None:  # its momentum of this round may be of another lineage
-            trio.from_thread.run_sync(self.sharded.adopted, round_)
         if same_round and self.agree_on_weights and self._base() != self._pending_base:
             same_round = False  # the mean being averaged updates other weights than these
         if not same_round and self._pending is not None:

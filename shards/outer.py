@@ -17,13 +17,6 @@ A peer that becomes an owner asks the other owners, then any peer, for the shard
 asking peer is behind the swarm and will fetch its state). A peer keeps momentum of the last two rounds, and goes on advancing a
 shard's for two rounds after it stopped owning it, so a former owner can hand the shard over at the
 round the new owner asks for.
-
-A peer whose round failed carries its momentum over unchanged (``skip``): right if the round
-averaged nowhere, stale if the swarm averaged it without this peer. Such a copy is **carried**: it
-is served marked so, askers prefer another holder's, and when the peer adopts the swarm's state
-(``adopted``) it replaces each such copy of that round by one from a holder whose copy is not carried,
-where one answers. Momentum taken ahead of need (after a step, for shards this peer owns) counts no
-loss when nobody has it yet: only a shard this peer must reduce and cannot find restarts from zero.
 """
 
 from __future__ import annotations
@@ -56,15 +49,6 @@ class ShardStats:
     momentum_lost: int = 0  # shards whose momentum nobody held: restarted from zero
 
 
-@dataclass(frozen=True)
-class HeldMomentum:
-    """A shard's momentum as another holder sent it; ``carried`` if that holder carried it over a
-    round it failed (it may be stale)."""
-    peer: str
-    values: torch.Tensor
-    carried: bool
-
-
 def _to_bytes(values: torch.Tensor) -> bytes:
     return values.contiguous().numpy().tobytes()
 
@@ -82,8 +66,6 @@ class ShardedOuter:
         self._reduced: dict[int, set[int]] = {}  # round -> shards this peer reduced
         self._held_until: dict[int, int] = {}  # shard -> the last round this peer owned or reduced it
         self._stepped: dict[int, trio.Event] = {}  # round -> set once its momentum updates are made
-        self._carried: set[tuple[int, int]] = set()  # (shard, round): carried over a round this peer failed
-        self._recheck: set[tuple[int, int]] = set()  # (shard, round): to replace by a holder's, if not carried
         self._shard_at = {layout.bounds(shard): shard for shard in range(layout.count)}
         self.stats = ShardStats()
 
@@ -149,54 +131,27 @@ class ShardedOuter:
 
     async def _momentum(self, round_: int, shard: int) -> torch.Tensor:
         """``shard``'s momentum before round ``round_``: held, else from whoever holds it."""
-        await self._replace_suspect(round_, shard)
         held = self.history.get(shard, {}).get(round_)
         if held is None:
             held = self.history.setdefault(shard, {})[round_] = await self._acquire(round_, shard, self.assignment())
         return held
-
-    def adopted(self, round_: int) -> None:
-        """This peer adopted the swarm's state of round ``round_``: its copies of that round carried
-        over a round it failed are stale if the swarm averaged that round, so each is replaced by
-        a holder's that was not carried before it is next used, where one answers."""
-        self._recheck = {(shard, r) for shard, r in self._carried if r == round_}
-
-    async def _replace_suspect(self, round_: int, shard: int) -> None:
-        if (shard, round_) not in self._recheck:
-            return
-        self._recheck.discard((shard, round_))
-        found = await self._find(round_, shard, self.assignment())
-        if found is not None and not found.carried and (shard, round_) in self._carried:
-            self.history.setdefault(shard, {})[round_] = found.values
-            self._carried.discard((shard, round_))
-            log.info("replaced shard %d's momentum at round %d, carried over a failed round, by %s's",
-                     shard, round_, found.peer)
 
     async def step(self, round_: int, weights: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """The swarm weights after round ``round_`` averaged to ``direction`` (the same on every
         member); the momentum of the shards this peer owns or reduced moves to round ``round_ + 1``,
         and shards it owns without their momentum take it from a holder."""
         new = weights - self.lr * direction
-        await self._replace_all_suspect(round_)
         self._advance(round_, lambda shard, m: (self._slice(shard, direction) + self.momentum * m) / (1 + self.momentum))
         await self._take_missing(round_ + 1)
         return new
 
     async def skip(self, round_: int) -> None:
-        """Round ``round_`` failed at this peer: the momentum carries over unchanged, right if the
-        round averaged nowhere (its outcome is then the same on every member), stale if the swarm
-        averaged it without this peer: the copies are marked carried."""
-        await self._replace_all_suspect(round_)
-        self._advance(round_, lambda shard, m: m, carried=True)
+        """Round ``round_`` averaged nowhere (its outcome is the same on every member): the
+        momentum carries over unchanged."""
+        self._advance(round_, lambda shard, m: m)
         await self._take_missing(round_ + 1)
 
-    async def _replace_all_suspect(self, round_: int) -> None:
-        async with trio.open_nursery() as nursery:
-            for shard, r in sorted(self._recheck):
-                if r == round_:
-                    nursery.start_soon(self._replace_suspect, round_, shard)
-
-    def _advance(self, round_: int, update: Callable[[int, torch.Tensor], torch.Tensor], carried: bool = False) -> None:
+    def _advance(self, round_: int, update: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
         """Move the momentum of the shards this peer owns or reduced to round ``round_ + 1``, and of
         those it owned or reduced in the last ``KEEP_ROUNDS`` rounds: a new owner asks for the
         current round, and a former owner that stopped at the round it lost the shard answered
@@ -211,41 +166,45 @@ class ShardedOuter:
             momentum = self.history.get(shard, {}).get(round_)
             if momentum is not None:
                 self.history[shard][round_ + 1] = update(shard, momentum)
-                if carried or (shard, round_) in self._carried:
-                    self._carried.add((shard, round_ + 1))
         self._stepped.setdefault(round_, trio.Event()).set()  # holders of round + 1 may answer now
         self._forget_before(round_ - KEEP_ROUNDS + 1)
 
     async def _take_missing(self, round_: int) -> None:
-        """The momentum at round ``round_`` of the shards this peer owns and lacks, from their
-        holders, ahead of need: one nobody holds yet (its holders have not stepped, or this peer is
-        behind) is asked for again when this peer reduces it, and counts no loss now."""
-        async def take(shard: int) -> None:
-            found = await self._find(round_, shard, self.assignment())
-            if found is None:
-                log.debug("shard %d's momentum at round %d: nobody holds it yet", shard, round_)
-            elif round_ not in self.history.setdefault(shard, {}):
-                self._keep(round_, shard, found)
-
         async with trio.open_nursery() as nursery:
             for shard in self.assignment().shards_of(self.me):
                 if round_ not in self.history.get(shard, {}):
-                    nursery.start_soon(take, shard)
+                    nursery.start_soon(self._momentum, round_, shard)
 
     def _slice(self, shard: int, values: torch.Tensor) -> torch.Tensor:
         start, end = self.layout.bounds(shard)
         return values[start:end]
 
     async def _acquire(self, round_: int, shard: int, assignment: Assignment) -> torch.Tensor:
-        """The momentum of ``shard`` before round ``round_``'s step, from whoever holds it, or zero
-        (counted lost unless this peer is behind its holders)."""
+        """The momentum of ``shard`` before round ``round_``'s step, from whoever holds it."""
         size = self.layout.size(shard)
         if round_ == 0:
             return torch.zeros(size)
+        owners = assignment.owners[shard]
+        answers: dict[str, torch.Tensor] = {}
         misses: dict[str, str] = {}  # peer -> why it gave nothing
-        found = await self._find(round_, shard, assignment, misses)
-        if found is not None:
-            return self._keep(round_, shard, found)
+        for peer in self._candidates(shard, assignment):
+            reply = await self._request(peer, {"t": "state", "run": self.run_id, "round": round_, "shard": shard}, size)
+            if isinstance(reply, str):
+                misses[peer] = reply
+            else:
+                answers[peer] = reply
+            # an owner's copy is checked against a second holder's where one answers: replicas are
+            # bit-identical, so one that differs was forged (or is stale)
+            if len(answers) == 2 or (answers and peer not in owners):
+                break
+        if answers:
+            peer, chosen = min(answers.items(), key=lambda item: float(item[1].norm()))
+            if len(answers) == 2 and not torch.equal(*answers.values()):
+                log.warning("holders %s of shard %d's momentum at round %d disagree; took the smaller, from %s",
+                            ", ".join(answers), shard, round_, peer)
+            self.stats.momentum_handovers += 1
+            log.info("took over shard %d at round %d with momentum from %s", shard, round_, peer)
+            return chosen
         why = ", ".join(f"{peer[-6:]} {reason}" for peer, reason in misses.items()) or "nobody to ask"
         if any(reason.startswith("past it") for reason in misses.values()):
             # holders have moved on by more rounds than they keep: this peer is behind the swarm (say
@@ -255,50 +214,14 @@ class ShardedOuter:
             return torch.zeros(size)
         self.stats.momentum_lost += 1
         log.warning("nobody holds shard %d's momentum at round %d: it restarts from zero (owners %s; %s)",
-                    shard, round_, ", ".join(p[-6:] for p in assignment.owners[shard]) or "none", why)
+                    shard, round_, ", ".join(p[-6:] for p in owners) or "none", why)
         return torch.zeros(size)
-
-    def _keep(self, round_: int, shard: int, found: HeldMomentum) -> torch.Tensor:
-        self.history.setdefault(shard, {})[round_] = found.values
-        if found.carried:
-            self._carried.add((shard, round_))
-        self.stats.momentum_handovers += 1
-        log.info("took over shard %d at round %d with momentum from %s%s", shard, round_, found.peer,
-                 " (carried over a failed round: no holder had another)" if found.carried else "")
-        return found.values
-
-    async def _find(self, round_: int, shard: int, assignment: Assignment,
-                    misses: dict[str, str] | None = None) -> HeldMomentum | None:
-        """``shard``'s momentum before round ``round_`` from another holder: owners first, a copy
-        not carried over a failed round before one that was; ``misses`` collects why peers gave none."""
-        size, owners = self.layout.size(shard), assignment.owners[shard]
-        answers: dict[str, HeldMomentum] = {}
-        for peer in self._candidates(shard, assignment):
-            reply = await self._request(peer, {"t": "state", "run": self.run_id, "round": round_, "shard": shard}, size)
-            if isinstance(reply, str):
-                if misses is not None:
-                    misses[peer] = reply
-                continue
-            answers[peer] = reply
-            # an owner's copy is checked against a second holder's where one answers: replicas are
-            # bit-identical, so one that differs was forged (or is stale)
-            settled = [p for p, held in answers.items() if not held.carried]
-            if len(settled) == 2 or any(p not in owners for p in settled):
-                break
-        if not answers:
-            return None
-        best = [held for held in answers.values() if not held.carried] or list(answers.values())
-        chosen = min(best, key=lambda held: float(held.values.norm()))
-        if len(best) == 2 and not torch.equal(best[0].values, best[1].values):
-            log.warning("holders %s of shard %d's momentum at round %d disagree; took the smaller, from %s",
-                        ", ".join(held.peer for held in best), shard, round_, chosen.peer)
-        return chosen
 
     def _candidates(self, shard: int, assignment: Assignment) -> list[str]:
         owners = [p for p in assignment.owners[shard] if p != self.me]
         return owners + sorted(p for p in self.peers() if p != self.me and p not in owners)
 
-    async def _request(self, peer: str, request: dict, size: int) -> HeldMomentum | str:
+    async def _request(self, peer: str, request: dict, size: int) -> torch.Tensor | str:
         """The momentum ``peer`` sends, or why there is none ("none held", "past it: at round N",
         "failed: ...", "dropped")."""
         try:
@@ -322,7 +245,7 @@ class ShardedOuter:
         if not torch.isfinite(values).all() or (size and float(values.abs().max()) > MAX_ABS_VALUE):
             log.warning("dropped momentum from %s: not finite, or beyond %g", peer, MAX_ABS_VALUE)
             return "dropped"
-        return HeldMomentum(peer, values, reply.get("carried") is True)
+        return values
 
     def _forget_before(self, round_: int) -> None:
         for rounds in self.history.values():
@@ -331,8 +254,6 @@ class ShardedOuter:
         for table in (self._stepped, self._reduced):
             for r in [r for r in table if r < round_ - 1]:
                 del table[r]
-        self._carried = {(s, r) for s, r in self._carried if r >= round_}
-        self._recheck = {(s, r) for s, r in self._recheck if r >= round_}
 
     # ----- serving
     async def _handle(self, stream: INetStream) -> None:
@@ -340,9 +261,8 @@ class ShardedOuter:
             with trio.fail_after(self.timeout + 2):
                 request, _ = await read_frame(stream, 0)
                 payload = await self._answer(request)
-            if payload is not None:  # a valid request: its shard and round are ints
-                header = {"t": "ok", "carried": (request["shard"], request["round"]) in self._carried}
-            else:  # with the newest round held, if any: the asker may be behind
+            header = {"t": "ok"}
+            if payload is None:  # with the newest round held, if any: the asker may be behind
                 rounds = self.history.get(request["shard"], {}) if type(request.get("shard")) is int else {}
                 header = {"t": "none", **({"newest": max(rounds)} if rounds else {})}
             await write_frame_within(stream, self.timeout, header, payload or b"", what="a shard reply")
