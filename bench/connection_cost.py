@@ -4,8 +4,9 @@
 this process (``swarm.network.build_host``: TCP, Noise, yamux), connects each to the first, lets
 them idle, and reports the process's resident memory growth per connection (both ends of each
 connection live in this process; the figure per end is half) and the CPU the idle connections
-take. It sizes the connection limits (``swarm.network.CONNECTION_LIMITS``) against the DHT contacts
-the scale simulator counts (``bench/scale.py --only dht``: ``dht_contacts_*``).
+take. It sizes the connection limits (``swarm.network.MAX_CONNECTIONS`` and the watermarks)
+against the DHT contacts the scale simulator counts (``bench/scale.py --only dht``:
+``dht_contacts_*``).
 """
 
 from __future__ import annotations

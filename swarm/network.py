@@ -33,9 +33,10 @@ DIAL_TIMEOUT = 5.0
 # what a peer needs at 1,000 peers: the scale simulator counts the distinct peers each exchanges DHT
 # messages with in a minute, median 333 and busiest 655 (at 10,000: 414 and 1,090;
 # ``bench/scale.py --only dht --beats 12``), groups and catch-up sources come on top, and a peer
-# refused or pruned is redialled (a TCP, Noise and yamux handshake) at its next message. An idle connection costs ~59 KB a side
-# (``bench/connection_cost.py``): 1,024 of them ~60 MB. Idle connections (no stream open, older
-# than py-libp2p's 20 s grace) are closed above HIGH_WATERMARK, down towards LOW_WATERMARK.
+# refused or pruned is redialled (a TCP, Noise and yamux handshake) at its next message. An idle
+# connection costs ~59 KB a side (``bench/connection_cost.py``): 1,024 of them ~60 MB. Idle
+# connections (no stream open, older than py-libp2p's 20 s grace) are closed above HIGH_WATERMARK,
+# down towards LOW_WATERMARK.
 MAX_CONNECTIONS = 1024
 HIGH_WATERMARK = 768
 LOW_WATERMARK = 128

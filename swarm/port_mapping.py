@@ -160,7 +160,7 @@ class NatPmp:
     async def forward(self, port: int, lifetime: int = LEASE_SECONDS) -> None:
         request = struct.pack("!BBHHHI", 0, 2, 0, port, port if lifetime else 0, lifetime)
         reply = await _natpmp_request(self.gateway, request, 16)
-        internal, external, granted = struct.unpack("!HHI", reply[8:16])
+        internal, external = struct.unpack("!HH", reply[8:12])
         if internal != port:
             raise RouterError(f"answered for port {internal}")
         if lifetime and external != port:  # the port a peer hands out must be the one outside

@@ -83,10 +83,10 @@ class Lab:
         returns the router's WAN address. Linux keeps a connection's source port where it can
         (hole punching works); with ``random_ports`` every connection gets a random one, as
         symmetric NATs do (hole punching fails). With ``upnp`` the router runs miniupnpd (UPnP-IGD
-        and NAT-PMP): hosts inside may forward ports >= 1024 to themselves; with ``natpmp`` alone it speaks
-        only NAT-PMP. With ``cgnat`` the
-        router's WAN is 100.64.``index``.2 at a carrier-grade NAT (``internet``.``150 + index``, the
-        address returned) that masquerades again, port-random, and lets nothing in."""
+        and NAT-PMP): hosts inside may forward ports >= 1024 to themselves; with ``natpmp`` alone
+        it speaks only NAT-PMP. With ``cgnat`` the router's WAN is 100.64.``index``.2 at a
+        carrier-grade NAT (``internet``.``150 + index``, the address returned) that masquerades
+        again, port-random, and lets nothing in."""
         router_name = f"r{index}"
         if cgnat:
             wan = self._add_carrier_nat(index)
