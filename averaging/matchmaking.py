@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,7 +80,12 @@ class _Seeking:
 
 MAX_DECLARED_ADDRS = 16
 MAX_STREAMS_PER_PEER = 4  # invitation and ping streams one peer may have served at once
-EXCLUDE_ROUNDS = 5  # rounds a peer blamed for a failed round is left out of groups
+# Rounds a peer blamed for a failed round is left out of groups: twice as many each time it is
+# blamed again. A pair of peers behind NATs that could not reach each other in time is blamed
+# alike (each owner lacks the other's contribution); most such pairs connect in a later round.
+EXCLUDE_ROUNDS = 2
+MAX_EXCLUDE_ROUNDS = 64
+MAX_BLAMED_PEERS = 1024  # peers whose count of blames is kept (the oldest forgotten first)
 
 
 def _declaration(value: object) -> dict | None:
@@ -131,6 +137,7 @@ class Matchmaker:
         self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._rounds = 0
         self._excluded: dict[str, int] = {}  # peer -> the matchmaking round until which it is left out
+        self._blames: dict[str, int] = {}  # peer -> how often it was blamed for a failed round
         # whether others can dial this peer (public / private / unknown), declared so that groups
         # never hold two private peers (``averaging.groups``)
         self.reachability: Callable[[], str] = lambda: "unknown"
@@ -259,21 +266,35 @@ class Matchmaker:
             for peer, addrs in peers:
                 nursery.start_soon(connect, peer, addrs)
 
-    def exclude(self, peers: list[str], rounds: int = EXCLUDE_ROUNDS) -> None:
-        """Leave ``peers`` out of the groups of the next ``rounds`` rounds this peer seeks (they made
-        a round fail; the other members, holding the same parts, leave them out alike)."""
+    def exclude(self, peers: list[str]) -> None:
+        """Leave ``peers`` out of the groups of the next rounds this peer seeks (they made a round
+        fail; the other members, holding the same parts, leave them out alike): ``EXCLUDE_ROUNDS``
+        the first time, twice as many each time a peer is blamed again."""
         for peer in peers:
-            if peer != self.me:
-                self._excluded[peer] = self._rounds + rounds
-                log.warning("leaving %s out of groups for %d rounds: its part disagreed with the others'", peer, rounds)
+            if peer == self.me:
+                continue
+            blames = self._blames.pop(peer, 0) + 1
+            self._blames[peer] = blames
+            rounds = min(MAX_EXCLUDE_ROUNDS, EXCLUDE_ROUNDS << min(blames - 1, 16))
+            self._excluded[peer] = self._rounds + rounds
+            log.warning("leaving %s out of groups for %d rounds: its part disagreed with the others' (blamed %d "
+                        "time%s)", peer, rounds, blames, "s" if blames > 1 else "")
+        while len(self._blames) > MAX_BLAMED_PEERS:
+            del self._blames[next(iter(self._blames))]
         self._excluded = {p: r for p, r in self._excluded.items() if r >= self._rounds}
 
-    async def waiting_for_more(self, group_key: str) -> bool:
-        """Whether peers seek a group under ``group_key`` now and wait for more peers than there
-        are (their target size is larger): a newcomer can still join."""
+    async def open_base(self, group_key: str) -> str | None:
+        """Whether a group forms under ``group_key`` now that a newcomer can still join: peers seek
+        there, at least half as many as their target size and fewer than it (they wait for more).
+        Returns the base most of them declare ("" for none), or None. A few peers seeking alone
+        are stragglers of a round whose group formed without them, not the swarm."""
         entries = await self.dht.get(self._key(group_key), every_replica=True)
-        targets = [d["target"] for d in map(_declaration, (e.value for e in entries.values())) if d]
-        return any(t is not None and t > len(entries) for t in targets)
+        declarations = [d for d in map(_declaration, (e.value for e in entries.values())) if d]
+        targets = [d["target"] for d in declarations if d["target"] is not None]
+        if not targets or not len(entries) < max(targets) <= 2 * len(entries):
+            return None
+        bases = Counter(d["base"] for d in declarations if d["base"] is not None)
+        return bases.most_common(1)[0][0] if bases else ""
 
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left."""

@@ -11,7 +11,7 @@ only ever take averaged updates, so they stay identical on every peer of a group
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import torch
 import trio
@@ -91,12 +91,18 @@ class DiLoCo(SwarmOptimizer):
         # After adopting a peer's state R mid-run the swarm's pending round is not ours: the next
         # round ends when the swarm seeks a group this peer can join (``swarm_round()``: R, R+1 or
         # R+2, -1 while there is none, None when no other peer trains). For R (the swarm is late)
-        # it averages under R; for a later round it first takes the swarm's state of that round
-        # from a peer (``fetch_state(round)``), as it does when the round ends without a sign.
+        # it averages under R. For a later round it averages at once under the base the swarm
+        # declares there (``swarm_base(round)``) and takes the swarm's state of that round from a
+        # peer (``fetch_state(round)``) while the round averages: fetched first (through a relay,
+        # seconds), it came after the swarm's group had formed, round after round. Without a base
+        # (or when the round ends without a sign) it fetches the state first.
         self._adopt_next = False
         self._join_round: int | None = None
-        self.fetch_state: Callable[[int], tuple[int, dict[str, torch.Tensor]] | None] | None = None
+        self.fetch_state: Callable[[int], Awaitable[tuple[int, dict[str, torch.Tensor]] | None]] | None = None
         self.swarm_round: Callable[[], int | None] | None = None
+        self.swarm_base: Callable[[int], str] | None = None
+        # (round, base, fetched, [state | None]): the swarm's state of the round joined, on its way
+        self._joining: tuple[int, str, trio.Event, list] | None = None
         # Told of every round's outcome once applied (the round, and the average or None): who
         # watches the swarm's consistency compares the weights of a group's members after it.
         self.on_applied: Callable[[int, Reduced | None], None] | None = None
@@ -135,19 +141,13 @@ class DiLoCo(SwarmOptimizer):
             self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan(),
                                               self._base()))
         else:
+            base = None
             if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
-                # the swarm's newer state, whose round this delta joins; without one (every peer
-                # may be waiting, as after a round that failed for all) it averages its own round
-                fetched = self.fetch_state(self.round + 1)
-                if fetched is not None:
-                    try:
-                        self._load(*fetched)
-                    except StateError as exc:
-                        log.warning("ignoring a peer's state: %s", exc)
+                base = self._join_swarm(self._join_round)
             self._adopt_next = False
             self._apply_pending()
             done, slot = trio.Event(), [None]
-            self._pending, self._pending_base = (done, slot), self._base()
+            self._pending, self._pending_base = (done, slot), base or self._base()
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
                                       delta, weight, f"diloco-{self.round}", self._plan(), self._pending_base, done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
@@ -175,13 +175,66 @@ class DiLoCo(SwarmOptimizer):
         finally:
             done.set()
 
+    def _join_swarm(self, round_: int | None) -> str | None:
+        """Join the swarm's newer round ``round_`` under the base its seekers declare, the swarm's
+        state of that round fetched in the background (``_apply_pending`` takes it): returns that
+        base. Without one, fetch the swarm's state first and return None (the round averages under
+        the state's base); without a state either (every peer may be waiting, as after a round that
+        failed for all) the peer averages its own round."""
+        base = self.swarm_base(round_) if round_ is not None and self.swarm_base is not None else ""
+        if base:
+            fetched, slot = trio.Event(), [None]
+            self._joining = (round_, base, fetched, slot)
+            trio.from_thread.run_sync(self.nursery.start_soon, self._fetch_in_background, round_, fetched, slot)
+            self.round = round_  # the snapshot stays the last state this peer holds
+            return base
+        fetched = self._wait_on_network(self.fetch_state, self.round + 1)
+        if fetched is not None:
+            try:
+                self._load(*fetched)
+            except StateError as exc:
+                log.warning("ignoring a peer's state: %s", exc)
+        return None
+
+    async def _fetch_in_background(self, round_: int, fetched: trio.Event, slot: list) -> None:
+        try:
+            slot[0] = await self.fetch_state(round_)
+        finally:
+            fetched.set()
+
     def _apply_pending(self) -> None:
         if self._pending is None:
             return
         done, slot = self._pending
         self._pending = None
         self._wait_on_network(done.wait)
+        if self._joining is not None and not self._take_joined_state():
+            self.stats.record(None)  # the mean updates weights this peer could not take
+            return
         self._apply(self._received(slot[0]))
+
+    def _take_joined_state(self) -> bool:
+        """Load the swarm's state of the round joined (``_join_swarm``), once fetched: True if it
+        holds the weights the round averaged under. A newer state is loaded instead (the mean is
+        then unused); without either the peer is out of sync, its trainer fetches again."""
+        round_, base, fetched, slot = self._joining
+        self._joining = None
+        self._wait_on_network(fetched.wait)
+        state = slot[0]
+        try:
+            if state is not None and state[0] >= round_ and isinstance(state[1].get("weights"), torch.Tensor):
+                joined = state[0] == round_ and weights_digest(state[1]["weights"].float()) == base
+                self._load(*state)
+                if joined:
+                    return True
+                log.info("round %d's average is unused: the state fetched is %s", round_,
+                         f"round {state[0]}" if state[0] != round_ else "of other weights than the round averaged")
+                return False
+        except StateError as exc:
+            log.warning("ignoring a peer's state: %s", exc)
+        log.warning("round %d's average is unused: the swarm's state of that round could not be fetched", round_)
+        self.out_of_sync = True
+        return False
 
     def _apply(self, reduced: Reduced | None) -> None:
         """Outer step with the group's mean pseudo-gradient. A round no group averaged leaves the
@@ -225,6 +278,7 @@ class DiLoCo(SwarmOptimizer):
         A state that does not fit raises ``StateError`` and changes nothing."""
         same_round, pending_round = round_ == self.round and self._pending is not None, self.round
         self._load(round_, state)
+        self._joining = None  # a state fetched for a round joined is no longer wanted
         if same_round and self.agree_on_weights and self._base() != self._pending_base:
             same_round = False  # the mean being averaged updates other weights than these
         if not same_round and self._pending is not None:

@@ -14,13 +14,14 @@ import multiaddr
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from averaging.lanes import Lanes
 from bootstrap.join import connect_bootstrap_peers
 from dht import RecordDHT
 from swarm import resources
 from swarm.identity import load_or_create_identity
-from swarm.members import Announcement, member_place
+from swarm.members import Announcement, live_members, member_place
 from swarm.network import behind_router, build_host
 from swarm.port_mapping import PortMapping
 from swarm.reachability import PRIVATE, PUBLIC, UNKNOWN, Reachability
@@ -186,6 +187,36 @@ class Peer:
                 await self.dht.withdraw(key, self.ttl)
                 log.info("peer %s withdrew its announcement", self.peer_id)
             nursery.cancel_scope.cancel()
+
+    async def connect_ahead(self, peers: list[str]) -> list[str]:
+        """Behind NAT, connect to those of ``peers`` not connected yet, before a round needs them:
+        a first connection through a relay (with its hole punch) takes seconds, and seven peers
+        making theirs at once within a first round's deadline failed that round for every
+        member (bench/internet.py). Addresses come from the member list; returns the peers it
+        could not reach (logged), none for a peer others can dial."""
+        wanted = {p for p in peers if p != self.peer_id.to_base58()
+                  and not self.host.get_network().get_connections(ID.from_base58(p))}
+        if self.reach == PUBLIC or not wanted:
+            return []
+        members = None
+        with trio.move_on_after(2 * self.config.network_timeout):
+            members = await live_members(self.dht, self.config.swarm, self.peer_id.to_base58())
+        known = {m.peer_id: m.addrs for m in members.entries if m.peer_id in wanted} if members else {}
+        unreached = sorted(wanted - known.keys())
+
+        async def connect(peer: str, addrs: list[str]) -> None:
+            with trio.move_on_after(2 * self.config.network_timeout):
+                try:
+                    await self.host.connect(PeerInfo(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs]))
+                    return
+                except Exception as exc:  # unreachable, gone: libp2p raises many kinds
+                    log.info("cannot connect to %s ahead of its rounds: %s", peer, exc)
+            unreached.append(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer, addrs in known.items():
+                nursery.start_soon(connect, peer, addrs)
+        return unreached
 
     async def _check_reachability(self) -> None:
         """Whether others can dial this peer: asked soon after joining (again while no peer

@@ -46,9 +46,10 @@ class SwarmReducer:
         self.failures: list[str] = []  # why each round since the last one averaged failed
         self.listeners: list[Callable[[RoundReport], None]] = []  # told of every round as it ends
 
-    async def open_to_join(self, key: str) -> bool:
-        """Whether peers of the run seek a group for round ``key`` now and wait for more peers."""
-        return await self.averager.matchmaker.waiting_for_more(f"{self.run_id}/{key}")
+    async def open_to_join(self, key: str) -> str | None:
+        """Whether peers of the run seek a group for round ``key`` now and wait for more peers: the
+        base most of them declare (the digest of the weights they update), or None."""
+        return await self.averager.matchmaker.open_base(f"{self.run_id}/{key}")
 
     async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
                        plan: RoundPlan | None = None, base: str = "") -> Reduced | None:

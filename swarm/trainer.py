@@ -50,6 +50,7 @@ MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
 FINAL_HEARTBEATS = 4  # with a round timeout: how long peers settle on their final weights at the end
+CONNECT_AHEAD_RETRY_HEARTBEATS = 4  # a run peer that could not be reached ahead of its rounds is tried again after
 
 
 def _weights_digest(signed: SignedManifest) -> str:
@@ -127,7 +128,8 @@ class Trainer:
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
-        self._joinable_round: int | None = None  # see _watch_joinable_round
+        self._joinable_round: int | None = None  # see _watch_joinable_round...
+        self._joinable_bases: dict[int, str] = {}  # ...and the bases its seekers declare
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
         self.round_listeners: list[Callable[[RoundReport], None]] = [self._on_round]  # told of every round
@@ -186,14 +188,16 @@ class Trainer:
             nursery.start_soon(self.checkpoints.advertise_forever, self.peer.config.heartbeat, self.peer.ttl)
             nursery.start_soon(self._publish_progress)
             nursery.start_soon(self._watch_board)
+            nursery.start_soon(self._connect_ahead)
             await self._resume_from_disk(optimizer)
             await self._refresh_board()
             await self._wait_for_peers(training=False)
             if self._donors(min_round=optimizer.round + 1):
                 await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
-                optimizer.fetch_state = lambda r: trio.from_thread.run(self._fetch_from_swarm, r)
+                optimizer.fetch_state = self._fetch_from_swarm
                 optimizer.swarm_round = lambda: self._joinable_round
+                optimizer.swarm_base = lambda r: self._joinable_bases.get(r, "")
                 nursery.start_soon(self._watch_joinable_round, optimizer, reducer)
             # Start only once the others can see this peer training, and it them: a peer that
             # thinks it is alone would take its first rounds alone and fall out of sync.
@@ -258,6 +262,19 @@ class Trainer:
             await trio.sleep(max(0.5, self.wait_peers ** 2 / 64))
             await self._refresh_board()
 
+    async def _connect_ahead(self) -> None:
+        """Behind NAT, stay connected to the run's other peers while they are few enough to form
+        one group (``Peer.connect_ahead``); a peer it could not reach is tried again after a few
+        heartbeats."""
+        heartbeat, retry_at = self.peer.config.heartbeat, {}
+        while True:
+            peers = [p.peer_id for p in self._run_peers() if not p.final]
+            if len(peers) < self.config.group_size:
+                now = trio.current_time()
+                for peer in await self.peer.connect_ahead([p for p in peers if retry_at.get(p, now) <= now]):
+                    retry_at[peer] = now + CONNECT_AHEAD_RETRY_HEARTBEATS * heartbeat
+            await trio.sleep(heartbeat)
+
     def _others_training(self) -> list[Progress]:
         """The board's entries of the other peers training this run."""
         return [p for p in self._run_peers() if p.training]
@@ -277,18 +294,20 @@ class Trainer:
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
         """While the optimizer waits to join the swarm after adopting a peer's state R: the newest
         round (R, R+1 or R+2) whose group the other peers seek now and wait for more peers in,
-        found in the DHT; -1 while there is none, None when no other peer trains. The others may
-        form R+1's group without this peer if they did not yet see it training, then wait for it
-        in R+2's, which they cannot reach before, or still be stuck in R's: the DHT shows which."""
+        found in the DHT, and the base (weights' digest) they declare there; -1 while there is
+        none, None when no other peer trains. The others may form R+1's group without this peer
+        if they did not yet see it training, then wait for it in R+2's, which they cannot reach
+        before, or still be stuck in R's: the DHT shows which."""
         while True:
-            joinable = None
+            joinable, bases = None, {}
             if optimizer.awaiting_swarm and self._others_training():
                 joinable = -1
                 for round_ in range(optimizer.round, optimizer.round + 3):
                     with trio.move_on_after(self.peer.config.network_timeout):
-                        if await reducer.open_to_join(f"diloco-{round_}"):
-                            joinable = round_
-            self._joinable_round = joinable
+                        base = await reducer.open_to_join(f"diloco-{round_}")
+                        if base is not None:
+                            joinable, bases[round_] = round_, base
+            self._joinable_round, self._joinable_bases = joinable, bases
             await trio.sleep(0.5)
 
     def _swarm_round(self) -> int:

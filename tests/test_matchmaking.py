@@ -1,5 +1,7 @@
 """Matchmaking seen from a latecomer: in-process peers on 127.0.0.1 with real hosts and DHT."""
 
+import contextlib
+
 import pytest
 import torch
 import trio
@@ -13,24 +15,55 @@ async def test_a_latecomer_sees_whether_a_group_still_waits_and_fails_fast_once_
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         first, second, late = (Averager(p, target_group_size=2, matchmaking_budget=10) for p in peers)
-        assert not await late.matchmaker.waiting_for_more("k")  # nobody seeks yet
+        assert await late.matchmaker.open_base("k") is None  # nobody seeks yet
         results = {}
 
         async def average(name, averager, value):
-            results[name] = await averager.all_reduce([torch.full((1000,), value)], group_key="k", timeout=30)
+            results[name] = await averager.all_reduce([torch.full((1000,), value)], group_key="k", timeout=30,
+                                                      base="weights-digest")
 
         async with trio.open_nursery() as group:
             group.start_soon(average, "first", first, 1.0)
             with trio.fail_after(10):
-                while not await late.matchmaker.waiting_for_more("k"):  # one of two declared
+                while (base := await late.matchmaker.open_base("k")) is None:  # one of two declared
                     await trio.sleep(0.2)
+            assert base == "weights-digest"  # what a latecomer joins under
             group.start_soon(average, "second", second, 3.0)
         assert all(torch.allclose(r.tensors[0], torch.full((1000,), 2.0)) for r in results.values())
-        assert not await late.matchmaker.waiting_for_more("k")  # formed and left
+        assert await late.matchmaker.open_base("k") is None  # formed and left
         # The group formed without the latecomer: it fails at once instead of waiting out its 30 s
         # (a test of outcome, not speed: a peer still waiting would fail with another message)
         with pytest.raises(MatchmakingFailed, match="formed without this peer"):
             await late.all_reduce([torch.ones(1000)], group_key="k", timeout=30)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_straggler_seeking_alone_is_not_taken_for_a_group_forming():
+    """A peer seeking alone under a round whose target is four is a straggler of a group that
+    formed without it: a latecomer joining it would part from the swarm (bench/internet.py).
+    Two of four are a group forming."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        first, second, late = (Averager(p, target_group_size=4, matchmaking_budget=30) for p in peers)
+        seeking = []
+
+        async def seek(averager):
+            seeking.append(averager)
+            with contextlib.suppress(MatchmakingFailed):
+                await averager.all_reduce([torch.ones(1000)], group_key="k", timeout=60, base="b")
+
+        async with trio.open_nursery() as group:
+            group.start_soon(seek, first)
+            with trio.fail_after(10):
+                while len(await late.matchmaker.dht.get(late.matchmaker._key("k"), every_replica=True)) < 1:
+                    await trio.sleep(0.2)
+            assert await late.matchmaker.open_base("k") is None  # one of four: a straggler
+            group.start_soon(seek, second)
+            with trio.fail_after(10):
+                while (base := await late.matchmaker.open_base("k")) is None:  # two of four
+                    await trio.sleep(0.2)
+            assert base == "b"
+            group.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import trio
 
-from optim.base import Reduced, StateError
+from optim.base import Reduced, StateError, weights_digest
 from optim.diloco import DiLoCo
 from optim.model import GPT
 from optim.model_config import GPTConfig
@@ -165,6 +165,54 @@ async def test_a_round_in_flight_for_weights_replaced_by_an_adopted_state_is_ave
     assert [key for key, _ in keys] == ["diloco-0", "diloco-0"] and keys[0][1] != keys[1][1]
     assert opt.round == 1 and opt.stats.rounds_averaged == 1
     assert (opt.global_weights - swarm_state["weights"]).abs().max() < 1.0
+
+
+@pytest.mark.parametrize("fetched", ["the swarm's state", "nothing"])
+async def test_a_peer_that_adopted_an_older_state_joins_the_swarms_round_at_once_and_fetches_its_state_meanwhile(
+        fetched):
+    """After adopting round 0's state, a peer whose swarm already seeks round 1's group joins it at
+    once, under the base the swarm declares, while the swarm's state of round 1 is still on its
+    way (fetched first, over a relay, it came after the group formed: bench/internet.py), and
+    applies the round's mean to that state. Without the state the mean goes unused and the peer
+    is out of sync."""
+    keys, release, joined = [], trio.Event(), trio.Event()
+
+    async def reducer(tensors, weight, codec, key, base=""):
+        keys.append((key, base))
+        joined.set()
+        return Reduced([torch.zeros_like(t) for t in tensors], 2)
+
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, reducer, inner_steps=2, nursery=nursery)
+        opt.agree_on_weights = True
+        state = opt.state_tensors()
+        await trio.to_thread.run_sync(opt.load_state, 0, {**state, "weights": opt.global_weights + 0.01})
+        swarm_state = {**state, "weights": opt.global_weights + 0.02, "outer_momentum": torch.zeros(len(state["weights"]))}
+        asked = []
+
+        async def fetch_state(round_):
+            asked.append(round_)
+            await release.wait()
+            return (1, swarm_state) if fetched == "the swarm's state" else None
+
+        opt.fetch_state, opt.swarm_round = fetch_state, lambda: 1
+        opt.swarm_base = lambda round_: weights_digest(swarm_state["weights"]) if round_ == 1 else ""
+        await trio.to_thread.run_sync(opt.step, 1)  # the swarm seeks round 1: this round ends now
+        with trio.fail_after(5):
+            await joined.wait()  # averaging under the swarm's base before its state arrived
+        assert keys == [("diloco-1", weights_digest(swarm_state["weights"]))] and asked == [1]
+        assert opt.round == 1 and opt.snapshot[0] == 0  # the snapshot stays what this peer holds
+        release.set()
+        await trio.to_thread.run_sync(lambda: [opt.step(1) for _ in range(2)])
+        if fetched == "nothing":
+            assert opt.out_of_sync and opt.stats.rounds_failed == 1 and opt.stats.rounds_averaged == 0
+        else:
+            # the mean (zero) applied to the swarm's state: this peer now holds the swarm's weights
+            assert not opt.out_of_sync and opt.stats.rounds_averaged == 1 and opt.round == 2
+            assert torch.equal(opt.global_weights, swarm_state["weights"]) and opt.snapshot[0] == 2
+            assert keys[1] == ("diloco-2", weights_digest(swarm_state["weights"]))
+        nursery.cancel_scope.cancel()
 
 
 def test_the_cosine_schedule_decays_to_a_tenth_and_the_constant_one_stays():

@@ -131,6 +131,37 @@ async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_behind_nat_connects_ahead_to_the_peers_it_will_average_with():
+    """A peer others cannot dial connects to the run's peers before its first round (addresses
+    from the member list), and names those it could not reach; a public peer leaves that to
+    the rounds."""
+    from libp2p.peer.id import ID
+
+    async with trio.open_nursery() as nursery:
+        seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
+        other = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
+        home = Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1))
+
+        async def private():
+            home.reachability.status = "private"
+            return "private"
+
+        home.reachability.check = private
+        await nursery.start(home.run)
+        with trio.fail_after(20):
+            while home.reach != "relayed":
+                await trio.sleep(0.1)
+        await home.host.disconnect(other.peer_id)
+        assert not home.host.get_network().get_connections(other.peer_id)
+        stranger = ID.from_pubkey(create_new_key_pair().public_key).to_base58()  # in no member list
+        with trio.fail_after(30):
+            unreached = await home.connect_ahead([other.peer_id.to_base58(), stranger])
+        assert unreached == [stranger] and home.host.get_network().get_connections(other.peer_id)
+        seed.reachability.status = "public"  # as others' dial-backs would find
+        assert await seed.connect_ahead([stranger]) == []  # a public peer does not try
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_lookup_skips_a_peer_it_could_not_dial_for_a_while():
     """A peer behind NAT that a lookup learns of (from its peerstore or another node's answer)
     stalled every lookup for a dial timeout; heartbeat refreshes gave up and peers' entries expired.
