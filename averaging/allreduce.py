@@ -561,6 +561,12 @@ class AllReduce:
                         await changed.wait()
         for sender, reason in owner.failed.items():
             log.info("%s: no contribution from %s: %s", spec.group_id, spec.members[sender], reason)
+        if owner.result is None:  # what it waited for: the round fails for every member
+            waiting = [spec.members[s] for s in sorted(owner.pending)] if owner.contributors is None else [
+                f"{spec.members[s]} ({owner.received.get(s, 0)} of {len(owner.ranges)} chunks)"
+                for s in owner.contributors if owner.received.get(s, 0) < len(owner.ranges)]
+            log.warning("%s: own part unfinished at the deadline, waiting for %s", spec.group_id,
+                        ", ".join(waiting) or "its result chunks to go out")
         owner.encoded.clear()
         owner.sum = None  # encoded into the result
 
