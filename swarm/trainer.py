@@ -50,7 +50,7 @@ MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
 FINAL_HEARTBEATS = 4  # with a round timeout: how long peers settle on their final weights at the end
-CONNECT_AHEAD_RETRY_HEARTBEATS = 4  # a run peer that could not be reached ahead of its rounds is tried again after
+CONNECT_AHEAD_RETRY_HEARTBEATS = 4  # heartbeats before a run peer not reached ahead of its rounds is tried again
 
 
 def _weights_digest(signed: SignedManifest) -> str:

@@ -211,3 +211,42 @@ def test_a_home_peer_behind_a_nat_pmp_router_gets_its_ports_forwarded_and_can_be
     log = homes["home1"].log_path.read_text(errors="replace")
     assert "UPnP: no router" in log and f"NAT-PMP: router {router} forwards ports" in log, log
     assert "Traceback" not in log
+
+
+@pytest.mark.slow  # ~2 minutes
+@pytest.mark.timeout(480)
+def test_a_home_peer_joining_late_catches_up_through_the_relay_and_averages(lab, tmp_path):
+    """A peer behind NAT that joins a run two rounds in fetches the state through the seed's relay,
+    joins the swarm's next round at once (fetching that round's state while it averages: fetched
+    first, it came after the group had formed, round after round) and averages the rest, ending
+    with the weights the others hold."""
+    lab.add_host("pub", 1)
+    lab.add_home("home1", 1)
+    lab.add_home("home2", 2)
+    run = ["--model", "tiny", "--inner-steps", "60", "--batch-size", "8", "--rounds", "10"]  # rounds of ~5 s
+    peer = ["--threads", "1", "--heartbeat", "2"]
+    seed = lab.start_peer("pub", ["--seed", *run, *peer, "--wait-peers", "2", "--out", str(tmp_path / "pub")],
+                          tmp_path / "logs")
+    early = lab.start_peer("home1", ["--bootstrap", seed.addrs[0], *peer, "--wait-peers", "2",
+                                     "--out", str(tmp_path / "home1")], tmp_path / "logs")
+    metrics = tmp_path / "pub" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"key": "diloco-1", "outcome": "averaged"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "the first two peers averaged no second round"
+        time.sleep(1)
+    late = lab.start_peer("home2", ["--bootstrap", seed.addrs[0], *peer, "--out", str(tmp_path / "home2")],
+                          tmp_path / "logs")
+    summaries = {name: training_summary(process, 360) for name, process in
+                 {"pub": seed, "home1": early, "home2": late}.items()}
+    events = [json.loads(line) for line in (tmp_path / "home2" / "metrics.jsonl").read_text().splitlines()]
+    joined = [e for e in events if e["event"] == "state" and e["source"] == "swarm"]
+    assert joined and joined[0]["round"] >= 2, joined  # it caught up: it did not start from round 0
+    averaged = [e for e in events if e["event"] == "reduced" and e["outcome"] == "averaged"]
+    assert len(averaged) >= 3 and all(seed.peer_ids[0] in e["members"] for e in averaged), summaries["home2"]
+    finals = {}  # each peer's last swarm weights: from its last round, or adopted at the end
+    for name in summaries:
+        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] in ("applied", "adopted"):
+                finals[name] = event["digest"]
+    assert len(finals) == 3 and len(set(finals.values())) == 1, finals
