@@ -102,12 +102,13 @@ def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
     return Costs(put, get, verify, decode)
 
 
-def _board_value(with_config: bool = False) -> dict:
+def _board_value(with_config: bool = False, with_group: bool = True) -> dict:
+    """A board entry; since 2026-12-04 late only a group's first member lists the group."""
     config = RunConfig(model="tiny").validate()
     value = Progress(config.run_id, RUN_PROTOCOL, round=1234, step=56789, samples=10**6,
                     loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
                     group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
-                    group=[f"12D3KooW{'x' * 44}"] * 16).to_value()
+                    group=[f"12D3KooW{'x' * 44}"] * 16 if with_group else []).to_value()
     return {**value, "config": config.to_dict()} if with_config else value  # in every entry until 2026-12-04
 
 
@@ -127,7 +128,7 @@ def _mm_value() -> dict:
             "upload_mbps": 20.0, "target": GROUP_TARGET, "reach": "public", "base": "f" * 24}
 
 
-VALUES = {"board": _board_value, "board-with-config": lambda: _board_value(True), "members": _member_value, "holdings": _holdings_value, "mm": _mm_value,
+VALUES = {"board": lambda: _board_value(with_group=False), "board-group": _board_value, "board-with-config": lambda: _board_value(True), "members": _member_value, "holdings": _holdings_value, "mm": _mm_value,
           "config": lambda: RunConfig(model="tiny").validate().to_dict()}
 BASE_KEYS = {"board": run_key(SWARM), "members": members_key(SWARM), "holdings": holdings_key(SWARM)}
 
@@ -280,7 +281,8 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
                     estimates.append(read.estimate / n)
             else:  # members, holdings: written every heartbeat, read to follow the level
                 await place.follow(view)
-            dht.store(peer, place.own_key, dht.entry(kind, peer))
+            lists_group = kind == "board" and int(hashlib.sha256(peer.encode()).hexdigest(), 16) % GROUP_TARGET == 0
+            dht.store(peer, place.own_key, dht.entry("board-group" if lists_group else kind, peer))
     if protocol != "flat":  # (flat: the configuration came with every board entry)
         # the run's configuration: a few peers publish it, refreshed at a third of its lifetime; joiners read it
         config_ttl = RUN_CONFIG_HEARTBEATS * HEARTBEAT

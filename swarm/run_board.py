@@ -71,7 +71,7 @@ class Progress:
     rounds_alone: int = 0
     rounds_failed: int = 0
     group_key: str = ""  # the last round this peer averaged in ("diloco-12")...
-    group: list[str] = field(default_factory=list)  # ...and that round's contributors
+    group: list[str] = field(default_factory=list)  # ...and its contributors (from the group's first member only)
     final: str = ""  # once finished: the digest of its final weights (swarm.final_weights)...
     settled: bool = False  # ...and whether they are the ones it leaves with
     peer_id: str = field(default="", compare=False)

@@ -695,10 +695,13 @@ class Trainer:
         progress.rounds_failed = stats.rounds_failed
 
     def _on_round(self, report: RoundReport) -> None:
-        """Publish the group of the last averaged round (the dashboard shows recent groups), and
+        """Publish the last averaged round, and its group where this peer is the group's first
+        member (the dashboard shows recent groups; one entry holding the list is enough, and the
+        list was two thirds of every board entry's bytes: ``bench/scale.py --only dht``), and
         record every round's outcome."""
         if report.outcome == "averaged":
-            self.progress.group_key, self.progress.group = report.key, sorted(report.members)[:MAX_GROUP]
+            members = sorted(report.members)[:MAX_GROUP]
+            self.progress.group_key, self.progress.group = report.key, members if members[:1] == [self.me] else []
         self._record({"event": "reduced", "key": report.key, "outcome": report.outcome,
                       "members": sorted(report.members), "group": report.group, "seconds": round(report.seconds, 3),
                       **({"reason": report.reason[:300]} if report.reason else {})})

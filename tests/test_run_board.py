@@ -150,3 +150,18 @@ async def test_a_writer_finds_its_level_before_it_writes_then_checks_it_every_fe
             assert any(key.startswith(f"{run_key('s')}/{place.level + 2}.") for key in dht.reads[before:])
     assert len(reading_beats) == 3 and {b - a for a, b in zip(reading_beats, reading_beats[1:])} == {LEVEL_READ_BEATS}
     assert 500 <= place.estimate <= 2000
+
+
+@pytest.mark.parametrize("me", ["a", "b"])
+def test_only_a_groups_first_member_lists_the_group_on_the_board(me):
+    """The dashboard needs one list per group; in every entry it was two thirds of the board's
+    bytes (``bench/scale.py --only dht``)."""
+    from types import SimpleNamespace
+
+    from swarm.reducer import RoundReport
+    from swarm.trainer import Trainer
+
+    trainer = SimpleNamespace(progress=Progress("run", RUN_PROTOCOL), me=me, _record=lambda event: None)
+    Trainer._on_round(trainer, RoundReport("diloco-7", "averaged", 1.0, members=["c", "a", "b"]))
+    assert trainer.progress.group_key == "diloco-7"
+    assert trainer.progress.group == (["a", "b", "c"] if me == "a" else [])
