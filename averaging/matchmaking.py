@@ -68,6 +68,7 @@ class _Seeking:
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
+    scope: trio.CancelScope | None = None  # cancelled when a later seeking supersedes this one
 
     def may_invite(self, peer: str, me: str) -> bool:
         """Only a leader this peer can derive itself may invite it: the one of its own split once
@@ -179,10 +180,16 @@ class Matchmaker:
         form a group: a mean of updates to different weights would leave the members with
         different weights after it."""
         key = self._key(group_key)
+        previous = self._seeking
+        if previous is not None and not previous.committed and previous.scope is not None:
+            # A peer seeks one group at a time: an earlier round still seeking (its average no
+            # longer wanted: the peer adopted a newer state) would take invitations meant for
+            # this one, and on leaving cleared this one's slot, so this peer refused its group.
+            previous.scope.cancel()
         seeking = self._seeking = _Seeking(key, total, codec, order, base)
         self._rounds += 1
         try:
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as seeking.scope:
                 while True:
                     spec = await self._attempt(seeking, deadline)
                     if spec is not None:
@@ -190,9 +197,12 @@ class Matchmaker:
                             await self._connect_members(spec)
                         return spec
                     seeking.committed, seeking.leader = False, None
+            if self._seeking is not seeking:
+                raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline")
         finally:
-            self._seeking = None
+            if self._seeking is seeking:
+                self._seeking = None
             with trio.move_on_after(2):
                 await self.dht.withdraw(key, self.budget + 10)
 

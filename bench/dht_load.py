@@ -43,7 +43,7 @@ from dht.node import READ_FANOUT  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
-from swarm.run_board import RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
+from swarm.run_board import BUCKETED_BOARD_READ_HEARTBEATS, RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig  # noqa: E402
 
 K = 20  # replicas per key (py-libp2p's bucket size)
@@ -274,11 +274,12 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
             place = places.get((peer, kind))
             if place is None:  # a newcomer (or one in a leaver's place): it finds its level before it writes
                 place = places[(peer, kind)] = BucketPlace(base, lambda s, v: s, kind, peer)
-            if kind == "board":  # the trainer reads its bucket of the board every heartbeat
-                known = place.level is not None
-                read = await place.read(view)
-                if beat == 0 and known:
-                    estimates.append(read.estimate / n)
+            if kind == "board":  # the trainer reads its bucket every heartbeat, every third once split
+                known, phase = place.level is not None, int(hashlib.sha256(peer.encode()).hexdigest(), 16) % BUCKETED_BOARD_READ_HEARTBEATS
+                if not place.level or (beat + phase) % BUCKETED_BOARD_READ_HEARTBEATS == 0:
+                    read = await place.read(view)
+                    if beat == 0 and known:
+                        estimates.append(read.estimate / n)
             else:  # members, holdings: written every heartbeat, read to follow the level
                 await place.follow(view)
             lists_group = kind == "board" and int(hashlib.sha256(peer.encode()).hexdigest(), 16) % GROUP_TARGET == 0

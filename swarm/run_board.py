@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 64  # members of a published group (a round's group is at most RunConfig.group_size)
 RUN_CONFIG_WRITERS = 16  # peers of a run that publish its configuration, about
 RUN_CONFIG_HEARTBEATS = 12  # the lifetime of a published configuration (refreshed at a third of it)
+BUCKETED_BOARD_READ_HEARTBEATS = 3  # between a trainer's reads of a board split in buckets (64 peers or more)
 
 
 def run_key(swarm: str) -> str:

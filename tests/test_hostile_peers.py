@@ -491,6 +491,25 @@ def test_honest_peers_train_on_beside_a_peer_that_forges_inflates_and_sprays_gar
         assert all(s["round"] < 1000 for s in states)
 
 
+@pytest.mark.parametrize("others", ["a lone trainer and a peer about to start", "a lone trainer", "two trainers"])
+def test_a_state_is_taken_on_one_peers_word_only_when_no_other_peer_is_in_the_run(others):
+    """At a run's start a peer that trains at once and claims round 1,000,000 was the only one
+    shown training, and honest peers about to start took its state on its word (in CI, all three
+    honest peers of the test above). Peers that joined count as witnesses too: with two honest
+    peers held at a start barrier that the claim ends, the forged state was adopted in every run
+    before this rule and in none after."""
+    from types import SimpleNamespace
+
+    from swarm.run_board import Progress
+    from swarm.trainer import Trainer
+
+    entries = {"a lone trainer and a peer about to start": [("forger", True), ("honest", False)],
+               "a lone trainer": [("forger", True)], "two trainers": [("a", True), ("b", True)]}[others]
+    board = [Progress("run", 4, round=10**6, training=training, peer_id=peer) for peer, training in entries]
+    trainer = SimpleNamespace(_run_peers=lambda: board)
+    assert Trainer._witnesses(trainer) == (1 if others == "a lone trainer" else 2)
+
+
 async def test_a_peer_opening_many_silent_streams_holds_a_bounded_number(tmp_path):
     from bootstrap.chunk_protocol import MAX_STREAMS_PER_PEER
     async with trio.open_nursery() as nursery:

@@ -67,6 +67,34 @@ async def test_a_straggler_seeking_alone_is_not_taken_for_a_group_forming():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_later_rounds_seeking_supersedes_one_still_seeking_and_forms_its_group():
+    """A peer whose earlier round still sought a group (its average no longer wanted: it adopted a
+    newer state) seeks the next round's: the earlier seeking ends at once, and the later one is
+    invited and averages. Before, the earlier one kept seeking beside it and, leaving at its
+    deadline, cleared the later one's slot, so the peer refused its own group's invitation."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        mine, other = (Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers)
+        outcomes = {}
+
+        async def average(name, averager, key):
+            try:
+                outcomes[name] = await averager.all_reduce([torch.ones(1000)], group_key=key, timeout=60)
+            except MatchmakingFailed as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as group:
+            group.start_soon(average, "earlier", mine, "round-1")
+            with trio.fail_after(10):
+                while mine.matchmaker._seeking is None:
+                    await trio.sleep(0.1)
+            group.start_soon(average, "later", mine, "round-2")
+            group.start_soon(average, "other", other, "round-2")
+        assert isinstance(outcomes["earlier"], MatchmakingFailed) and "later round" in str(outcomes["earlier"])
+        assert not isinstance(outcomes["later"], Exception) and outcomes["later"].stats.outcome == "ok"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_that_cannot_read_its_own_declaration_declares_again_and_never_groups_without_itself():
     """A chaos run crashed a peer (StopIteration) when its read of the matchmaking key lacked its
     own entry (a store that failed on a loaded machine), held enough others to split, and split
