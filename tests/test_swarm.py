@@ -77,6 +77,25 @@ async def test_thirteen_peers_in_four_processes_see_each_other_and_notice_a_kill
         assert seconds is not None and seconds <= 3 * HEARTBEAT, f"view {name}: killed peers listed for {seconds}s"
 
 
+async def seed_peer_and_home(nursery) -> tuple[Peer, Peer, Peer]:
+    """A seed (which relays), a peer, and a home peer told by its dial-backs that it is private,
+    returned once it holds a slot on the seed's relay."""
+    seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
+    other = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
+    home = Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1))
+
+    async def private():
+        home.reachability.status = "private"
+        return "private"
+
+    home.reachability.check = private
+    await nursery.start(home.run)
+    with trio.fail_after(20):
+        while home.reach != "relayed":
+            await trio.sleep(0.1)
+    return seed, other, home
+
+
 async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached_through_a_relay():
     """What a peer behind NAT does (``Peer._check_reachability``, here with the dial-backs'
     verdict given): it never serves the DHT, so servers leave it out of their requests, yet its
@@ -84,22 +103,12 @@ async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached
     peer that cannot dial it directly reaches it through the relay, which counts the bytes."""
     from libp2p.kad_dht.kad_dht import PROTOCOL_ID
     from libp2p.peer.peerinfo import PeerInfo
-    from swarm.peer import Peer, PeerConfig
     from swarm.relay import Relays
 
     async with trio.open_nursery() as nursery:
-        seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
-        server = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
-        home = Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1))
-
-        async def private():
-            home.reachability.status = "private"
-            return "private"
-
-        home.reachability.check = private
-        await nursery.start(home.run)
+        seed, server, home = await seed_peer_and_home(nursery)
         with trio.fail_after(20):
-            while home.reach != "relayed" or not server.dht.server:
+            while not server.dht.server:
                 await trio.sleep(0.1)
         assert not home.dht.server and PROTOCOL_ID not in home.host.get_mux().handlers
         assert seed.dht._may_serve(server.peer_id) and not seed.dht._may_serve(home.peer_id)
@@ -138,19 +147,7 @@ async def test_a_peer_behind_nat_connects_ahead_to_the_peers_it_will_average_wit
     from libp2p.peer.id import ID
 
     async with trio.open_nursery() as nursery:
-        seed = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, seed=True, heartbeat=1)).run)
-        other = await nursery.start(Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1)).run)
-        home = Peer(PeerConfig(listen=LOOPBACK, bootstrap=[str(seed.addrs[0])], heartbeat=1))
-
-        async def private():
-            home.reachability.status = "private"
-            return "private"
-
-        home.reachability.check = private
-        await nursery.start(home.run)
-        with trio.fail_after(20):
-            while home.reach != "relayed":
-                await trio.sleep(0.1)
+        seed, other, home = await seed_peer_and_home(nursery)
         await home.host.disconnect(other.peer_id)
         assert not home.host.get_network().get_connections(other.peer_id)
         stranger = ID.from_pubkey(create_new_key_pair().public_key).to_base58()  # in no member list
