@@ -19,7 +19,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import multiaddr
 import trio
@@ -119,6 +119,26 @@ def _behind_nat(reach: str | None) -> bool:
     """Whether a peer's reachability (its own, or what a candidate declared) says it cannot be
     dialled (it may be reached through a relay)."""
     return reach in ("relayed", "private")
+
+
+async def connect_each(host: IHost, peers: Iterable[tuple[str, Sequence[str]]], seconds: float) -> dict[str, str]:
+    """Connect to each of ``peers`` (id, addresses) at once, each within ``seconds``: the peers
+    not reached, with why (a malformed id or address is one of them)."""
+    failed: dict[str, str] = {}
+
+    async def connect(peer: str, addrs: Sequence[str]) -> None:
+        failed[peer] = f"no connection within {seconds:.0f} s"
+        with trio.move_on_after(seconds):
+            try:
+                await host.connect(PeerInfo(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs]))
+                failed.pop(peer, None)
+            except Exception as exc:  # unreachable, gone, malformed: libp2p raises many kinds
+                failed[peer] = f"{type(exc).__name__}: {exc}"
+
+    async with trio.open_nursery() as nursery:
+        for peer, addrs in peers:
+            nursery.start_soon(connect, peer, addrs)
+    return failed
 
 
 class Matchmaker:
@@ -268,13 +288,7 @@ class Matchmaker:
 
     async def _connect(self, peers: list[tuple[str, tuple[str, ...]]]) -> None:
         """Connect to each of ``peers`` (id, declared addresses) not connected yet, at once, bounded."""
-        async def connect(peer: str, addrs: tuple[str, ...]) -> None:
-            with trio.move_on_after(3), contextlib.suppress(Exception):
-                await self.host.connect(PeerInfo(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs]))
-
-        async with trio.open_nursery() as nursery:
-            for peer, addrs in peers:
-                nursery.start_soon(connect, peer, addrs)
+        await connect_each(self.host, peers, 3)
 
     def exclude(self, peers: list[str]) -> None:
         """Leave ``peers`` out of the groups of the next rounds this peer seeks (they made a round

@@ -14,9 +14,9 @@ import multiaddr
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
 from averaging.lanes import Lanes
+from averaging.matchmaking import connect_each
 from bootstrap.join import connect_bootstrap_peers
 from dht import RecordDHT
 from swarm import resources
@@ -202,21 +202,10 @@ class Peer:
         with trio.move_on_after(2 * self.config.network_timeout):
             members = await live_members(self.dht, self.config.swarm, self.peer_id.to_base58())
         known = {m.peer_id: m.addrs for m in members.entries if m.peer_id in wanted} if members else {}
-        unreached = sorted(wanted - known.keys())
-
-        async def connect(peer: str, addrs: list[str]) -> None:
-            with trio.move_on_after(2 * self.config.network_timeout):
-                try:
-                    await self.host.connect(PeerInfo(ID.from_base58(peer), [multiaddr.Multiaddr(a) for a in addrs]))
-                    return
-                except Exception as exc:  # unreachable, gone: libp2p raises many kinds
-                    log.info("cannot connect to %s ahead of its rounds: %s", peer, exc)
-            unreached.append(peer)
-
-        async with trio.open_nursery() as nursery:
-            for peer, addrs in known.items():
-                nursery.start_soon(connect, peer, addrs)
-        return unreached
+        failed = await connect_each(self.host, known.items(), 2 * self.config.network_timeout)
+        for peer, reason in failed.items():
+            log.info("cannot connect to %s ahead of its rounds: %s", peer, reason)
+        return sorted(wanted - known.keys()) + sorted(failed)
 
     async def _check_reachability(self) -> None:
         """Whether others can dial this peer: asked soon after joining (again while no peer

@@ -128,8 +128,7 @@ class Trainer:
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
-        self._joinable_round: int | None = None  # see _watch_joinable_round...
-        self._joinable_bases: dict[int, str] = {}  # ...and the bases its seekers declare
+        self._joinable: dict[int, str] | None = None  # see _watch_joinable_round
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
         self.round_listeners: list[Callable[[RoundReport], None]] = [self._on_round]  # told of every round
@@ -196,8 +195,8 @@ class Trainer:
                 await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = self._fetch_from_swarm
-                optimizer.swarm_round = lambda: self._joinable_round
-                optimizer.swarm_base = lambda r: self._joinable_bases.get(r, "")
+                optimizer.swarm_round = lambda: None if self._joinable is None else max(self._joinable, default=-1)
+                optimizer.swarm_base = lambda r: (self._joinable or {}).get(r, "")
                 nursery.start_soon(self._watch_joinable_round, optimizer, reducer)
             # Start only once the others can see this peer training, and it them: a peer that
             # thinks it is alone would take its first rounds alone and fall out of sync.
@@ -292,22 +291,22 @@ class Trainer:
         return max(seen, self._board.estimate) if self._board.level else seen
 
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
-        """While the optimizer waits to join the swarm after adopting a peer's state R: the newest
-        round (R, R+1 or R+2) whose group the other peers seek now and wait for more peers in,
-        found in the DHT, and the base (weights' digest) they declare there; -1 while there is
-        none, None when no other peer trains. The others may form R+1's group without this peer
-        if they did not yet see it training, then wait for it in R+2's, which they cannot reach
-        before, or still be stuck in R's: the DHT shows which."""
+        """While the optimizer waits to join the swarm after adopting a peer's state R: the rounds
+        (of R, R+1 and R+2) whose group the other peers seek now and wait for more peers in, found
+        in the DHT, each with the base (weights' digest) they declare there (the optimizer joins
+        the newest); empty while there is none, None when no other peer trains. The others may
+        form R+1's group without this peer if they did not yet see it training, then wait for it
+        in R+2's, which they cannot reach before, or still be stuck in R's: the DHT shows which."""
         while True:
-            joinable, bases = None, {}
+            joinable = None
             if optimizer.awaiting_swarm and self._others_training():
-                joinable = -1
+                joinable = {}
                 for round_ in range(optimizer.round, optimizer.round + 3):
                     with trio.move_on_after(self.peer.config.network_timeout):
                         base = await reducer.open_to_join(f"diloco-{round_}")
                         if base is not None:
-                            joinable, bases[round_] = round_, base
-            self._joinable_round, self._joinable_bases = joinable, bases
+                            joinable[round_] = base
+            self._joinable = joinable
             await trio.sleep(0.5)
 
     def _swarm_round(self) -> int:
