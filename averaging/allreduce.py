@@ -46,9 +46,11 @@ MAX_PAYLOAD = 8 * CHUNK_VALUES + 1024  # the largest encoding of one chunk (top-
 REPAIR_GRACE = 30.0  # seconds a finished round keeps answering repair requests
 REPAIR_ANSWER_SECONDS = 5.0  # a member that has not answered a repair request by then is hung or dead
 KEEPALIVE = 1.0  # seconds between an owner's "still collecting" frames
+BEGIN_RETRY_SECONDS = 0.5  # first pause before a member tries again to reach an owner (doubling)
 FINISHED_NOTE_SECONDS = 1.0  # the longest a member spends telling another that its round is over
 LINGER_POLL = 0.5  # seconds between a leaving member's checks on members still in their round
 STALL_SLACK = 8  # a chunk may take this many times its share of the estimated bandwidth
+MAX_STALL_SECONDS = 15.0  # a stream on which no byte moves for this long has stalled, whatever the estimate
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
@@ -695,14 +697,8 @@ class AllReduce:
             try:
                 async with trio.open_nursery() as nursery:
                     async with state.sending:  # released when our chunks are out; the result may follow
-                        try:
-                            stream = await self.lanes.open_stream(peer, PROTOCOL)
-                            sent = await write_frame_within(stream, state.chunk_timeout, {
-                                "group": spec.group_id, "part": owner, "weight": state.weight,
-                                "chunks": len(ranges)}, what="a contribution header")
-                            state.stats.bytes_sent += sent
-                        except Exception as exc:
-                            log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
+                        stream = await self._begin_contribution(state, owner, len(ranges))
+                        if stream is None:
                             return
                         nursery.start_soon(self._receive_result, stream, state, owner, nursery.cancel_scope)
                         try:
@@ -718,6 +714,32 @@ class AllReduce:
                 if stream is not None:
                     with trio.move_on_after(1), contextlib.suppress(Exception):
                         await stream.close()
+
+    async def _begin_contribution(self, state: RoundState, owner: int, chunks: int) -> INetStream | None:
+        """A stream to ``owner`` carrying our contribution's header, or None if none could be had
+        within ``wait_for_round`` (the owner stops waiting for our contribution to begin soon
+        after). Failures are retried meanwhile: a connection through a relay can drop as a round
+        starts and be dialled again in seconds, and one member given up on fails the round for all."""
+        spec, peer = state.spec, ID.from_base58(state.spec.members[owner])
+        give_up, pause = trio.current_time() + self.wait_for_round, BEGIN_RETRY_SECONDS
+        while True:
+            stream = None
+            try:
+                stream = await self.lanes.open_stream(peer, PROTOCOL)
+                state.stats.bytes_sent += await write_frame_within(stream, state.chunk_timeout, {
+                    "group": spec.group_id, "part": owner, "weight": state.weight, "chunks": chunks},
+                    what="a contribution header")
+                return stream
+            except Exception as exc:
+                if stream is not None:
+                    with trio.move_on_after(1), contextlib.suppress(Exception):
+                        await stream.close()
+                if trio.current_time() + pause > give_up:
+                    log.info("%s: cannot reach owner %s: %s", spec.group_id, peer, exc)
+                    return None
+                log.info("%s: owner %s not reached, trying again in %.1f s: %s", spec.group_id, peer, pause, exc)
+            await trio.sleep(pause)
+            pause *= 2
 
     async def _receive_result(self, stream: INetStream, state: RoundState, owner: int,
                               exchange: trio.CancelScope) -> None:
@@ -872,10 +894,14 @@ class AllReduce:
             if member != spec.members[me] and addrs:
                 add_addrs(self.host, member, addrs, 600)
         started = trio.current_time()
-        # A chunk shares the link with the other members' streams both ways: allow 8x its share.
-        state.chunk_timeout = 3 + STALL_SLACK * 2 * len(spec.members) * state.codec.encoded_size(CHUNK_VALUES) / bandwidth
+        # A chunk shares the link with the other members' streams both ways: allow 8x its share
+        # for its bytes to start moving, but never more than MAX_STALL_SECONDS. ``bandwidth`` comes
+        # from past rounds' throughput, waits included: over relays it was a tenth of the link's,
+        # and a stall then outlived the round, failing it for every member.
+        largest = max(b - a for a, b in zip(spec.bounds, spec.bounds[1:]))
+        chunk_bytes = state.codec.encoded_size(min(CHUNK_VALUES, largest))
+        state.chunk_timeout = min(MAX_STALL_SECONDS, 3 + STALL_SLACK * 2 * len(spec.members) * chunk_bytes / bandwidth)
         if state.parallel_sends < len(spec.members) - 1:  # owners late in the ring wait for earlier parts
-            largest = max(b - a for a, b in zip(spec.bounds, spec.bounds[1:]))
             state.part_seconds = STALL_SLACK * state.codec.encoded_size(largest) / bandwidth
         try:
             async with trio.open_nursery() as nursery:

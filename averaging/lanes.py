@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "/legion/lane/1.2.0"  # 1.2: frames on a lane carry no crc32 (``averaging.wire``)
 MAX_PLAIN = 1 << 20  # plaintext bytes per encrypted frame
 _SEND_PIECE = 1 << 18  # bytes per socket send, so that ``bytes_sent`` shows a slow write moving
+_COUNTED_PIECE = 1 << 16  # the same on a libp2p stream, whose links (relays, home uplinks) are slower
 _TAG = 16
 _LENGTH = struct.Struct("!I")  # kind in the top 2 bits, sealed size below; authenticated with the frame
 _DATA, _END, _OPEN = 0, 1, 2  # frame kinds: stream bytes, end of this stream, a new stream (its protocol)
@@ -73,19 +74,26 @@ class Traffic:
 
 
 class CountedStream:
-    """A libp2p stream whose reads and writes add to a ``Traffic``; everything else is the stream's."""
+    """A libp2p stream whose reads and writes add to a ``Traffic`` and to its own ``bytes_sent`` and
+    ``bytes_received``, as a lane's do: a stall is then bytes not moving on either kind of stream
+    (``averaging.wire``), not a frame that is slow to finish. Everything else is the stream's."""
 
     def __init__(self, stream: INetStream, traffic: Traffic) -> None:
         self._stream, self._traffic = stream, traffic
+        self.bytes_sent = self.bytes_received = 0
 
     async def read(self, n: int | None = None) -> bytes:
         data = await self._stream.read(n)
         self._traffic.received += len(data)
+        self.bytes_received += len(data)
         return data
 
     async def write(self, data: bytes) -> None:
-        await self._stream.write(data)
-        self._traffic.sent += len(data)
+        for start in range(0, max(len(data), 1), _COUNTED_PIECE):  # a slow write shows it is moving
+            piece = data[start:start + _COUNTED_PIECE]
+            await self._stream.write(piece)
+            self._traffic.sent += len(piece)
+            self.bytes_sent += len(piece)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)

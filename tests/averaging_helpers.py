@@ -4,7 +4,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import trio
 
+from averaging.allreduce import AllReduce, GroupSpec, RoundFailed
+from averaging.partition import partition_bounds
 from averaging.worker import start_worker
 
 
@@ -37,3 +40,34 @@ def exact_mean(workers, size, weights, contributors):
     vectors = {pid: np.random.default_rng(by_id[pid]).standard_normal(size).astype(np.float32) for pid in contributors}
     total = sum(weights[by_id[pid]] for pid in contributors)
     return sum(vectors[pid] * weights[by_id[pid]] for pid in contributors) / total
+
+
+def group_of(peers, size, codec, **options):
+    """A group of in-process ``peers`` averaging ``size`` values, and each member's registered
+    ``AllReduce``."""
+    members = tuple(sorted(p.peer_id.to_base58() for p in peers))
+    by_id = {p.peer_id.to_base58(): p for p in peers}
+    addrs = tuple(tuple(str(a) for a in by_id[m].addrs) for m in members)
+    spec = GroupSpec("g" * 32, members, addrs, tuple(partition_bounds(size, [1] * len(members))), codec)
+    reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, **options) for m in members}
+    for reducer in reducers.values():
+        reducer.register_handlers()
+    return spec, reducers, by_id
+
+
+async def round_of(spec, reducers, vectors, weights, seconds=30):
+    """Every member runs the round at once; member -> (result, stats), or the ``RoundFailed``."""
+    outcomes = {}
+
+    async def average(member):
+        try:
+            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member],
+                                                          weights[member], deadline=trio.current_time() + seconds)
+        except RoundFailed as exc:
+            outcomes[member] = exc
+
+    with trio.fail_after(2 * seconds):
+        async with trio.open_nursery() as rounds:
+            for member in spec.members:
+                rounds.start_soon(average, member)
+    return outcomes

@@ -1,4 +1,5 @@
-"""Real averaging worker processes on 127.0.0.1: exactness per codec, weights, faults."""
+"""Real averaging worker processes (and in-process peers) on 127.0.0.1: exactness per codec,
+weights, faults."""
 
 import json
 import signal
@@ -7,7 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from averaging_helpers import exact_mean, results, start_workers
+import trio
+
+from averaging_helpers import exact_mean, group_of, results, round_of, start_workers
+from peer_helpers import start_peers
 
 
 @pytest.fixture
@@ -158,3 +162,33 @@ async def test_malformed_and_oversized_payloads_do_not_disturb_a_round(seed, spa
         np.testing.assert_allclose(np.load(tmp_path / f"{peer_id}-0.npy"), expected, atol=1e-5)
     assert "Traceback" not in workers[0].log_tail(300)
     assert "dropped bad all-reduce stream" in workers[0].log_tail(300)
+
+
+async def test_a_member_that_cannot_reach_an_owner_at_first_tries_again_and_the_round_succeeds():
+    """A connection through a relay can drop just as a round starts (seen in bench/internet.py)
+    and be dialled again in seconds: a member that gave up on the owner at once failed the round
+    for every member."""
+    size = 30_000
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        spec, reducers, _ = group_of(peers, size, "none")
+        member, owner = spec.members[0], spec.members[1]
+        lanes = reducers[member].lanes
+        open_stream, refused = lanes.open_stream, []
+
+        async def open_after_two_failures(peer, protocol):
+            if peer.to_base58() == owner and len(refused) < 2:
+                refused.append(protocol)
+                raise ConnectionError(f"failed to open a stream to peer {peer}")  # what libp2p raises
+            return await open_stream(peer, protocol)
+
+        lanes.open_stream = open_after_two_failures
+        rng = np.random.default_rng(0)
+        vectors = {m: rng.standard_normal(size).astype(np.float32) for m in spec.members}
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0))
+        assert len(refused) == 2
+        expected = sum(vectors.values()) / 3
+        for result, stats in outcomes.values():
+            assert stats.outcome == "ok" and sorted(stats.contributors) == sorted(spec.members)
+            np.testing.assert_allclose(result, expected, atol=1e-5)
+        nursery.cancel_scope.cancel()

@@ -51,43 +51,13 @@ import pytest  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 
-from averaging.allreduce import AllReduce, GroupSpec, SpecError  # noqa: E402
+from averaging.allreduce import GroupSpec, SpecError  # noqa: E402
 from averaging.averager import Averager  # noqa: E402
 from averaging.matchmaking import PROTOCOL as MATCHMAKING_PROTOCOL, _declaration  # noqa: E402
 from averaging.partition import partition_bounds  # noqa: E402
 from averaging.wire import read_frame, write_frame  # noqa: E402
+from averaging_helpers import group_of, round_of  # noqa: E402
 from peer_helpers import start_peers  # noqa: E402
-
-
-def group_of(peers, size, codec, **options):
-    """A group of ``peers`` averaging ``size`` values, and each member's registered ``AllReduce``."""
-    members = tuple(sorted(p.peer_id.to_base58() for p in peers))
-    by_id = {p.peer_id.to_base58(): p for p in peers}
-    addrs = tuple(tuple(str(a) for a in by_id[m].addrs) for m in members)
-    spec = GroupSpec("g" * 32, members, addrs, tuple(partition_bounds(size, [1] * len(members))), codec)
-    reducers = {m: AllReduce(by_id[m].host, lanes=by_id[m].lanes, **options) for m in members}
-    for reducer in reducers.values():
-        reducer.register_handlers()
-    return spec, reducers, by_id
-
-
-async def round_of(spec, reducers, vectors, weights, seconds=30):
-    """Every member runs the round at once; member -> (result, stats), or the ``RoundFailed``."""
-    from averaging.allreduce import RoundFailed
-    outcomes = {}
-
-    async def average(member):
-        try:
-            outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member],
-                                                          weights[member], deadline=trio.current_time() + seconds)
-        except RoundFailed as exc:
-            outcomes[member] = exc
-
-    with trio.fail_after(2 * seconds):
-        async with trio.open_nursery() as rounds:
-            for member in spec.members:
-                rounds.start_soon(average, member)
-    return outcomes
 
 
 @pytest.mark.parametrize("codec,members", [("none", 2), ("int8", 2), ("int8", 3)])

@@ -5,7 +5,7 @@ import os
 import pytest
 import trio
 
-from averaging.lanes import Lane, LaneError
+from averaging.lanes import CountedStream, Lane, LaneError
 from averaging.wire import FrameError, read_frame, read_frame_within, stream_peer, write_frame, write_frame_within
 from swarm.peer import Peer, PeerConfig
 from tests.peer_helpers import LOOPBACK, start_peers
@@ -133,9 +133,11 @@ async def test_a_tampered_frame_or_an_unknown_lane_id_is_refused():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_stall():
-    """On a lane, stall timeouts count bytes moving, not whole frames: a 1 MiB chunk crawling
-    through a link shared with many streams must not be taken for a dead peer."""
+@pytest.mark.parametrize("lanes", [True, False], ids=["lane", "libp2p stream"])
+async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_stall(lanes):
+    """On a lane and on a libp2p stream alike, stall timeouts count bytes moving, not whole
+    frames: a 1 MiB chunk crawling through a link shared with many streams (or a relay) must not
+    be taken for a dead peer."""
     async def framed(header: dict, payload: bytes) -> bytes:
         class Collect:  # the bytes write_frame would send, to send them in pieces instead
             data = bytearray()
@@ -159,9 +161,10 @@ async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_sta
         await stream.close()
 
     async with trio.open_nursery() as nursery:
-        a, b = await start_peers(nursery, 2)
+        a, b = await start_peers(nursery, 2, lanes=lanes)
         b.lanes.serve(ECHO, trickle)
         stream = await a.lanes.open_stream(b.peer_id, ECHO)
+        assert isinstance(stream, Lane if lanes else CountedStream)
         await write_frame(stream, {"go": True})
         started = trio.current_time()
         header, payload = await read_frame_within(stream, 0.5, 1 << 20)
@@ -172,7 +175,10 @@ async def test_a_frame_that_trickles_in_is_slow_not_stalled_and_a_pause_is_a_sta
             await read_frame_within(stream, 0.5, 1 << 20)
         assert trio.current_time() - started < 4
         # a failure is raised as itself (callers catch FrameError), not inside an exception group
-        stream.abort()
+        if lanes:
+            stream.abort()
+        else:
+            await stream.reset()
         with pytest.raises(FrameError, match="stream broke while writing"):
             await write_frame_within(stream, 0.5, {"c": 3}, b"z")
         nursery.cancel_scope.cancel()
