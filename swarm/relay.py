@@ -49,6 +49,14 @@ DIRECT_FIRST_SECONDS = 1.5  # a direct dial to a peer with circuit addresses bef
 PUNCH_DIAL_SECONDS = 3
 
 
+class _CircuitsClosedByTheirTasks(dict):
+    """py-libp2p's table of active circuits, holding what it files (all are closed when the relay
+    stops) but finding no peer in it: a circuit's end must not close another's streams."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
 @dataclass(frozen=True)
 class RelayLimitsConfig:
     """What one relay grants (``--relay-limits``); the defaults suit a seed on a home uplink."""
@@ -84,6 +92,7 @@ class Relays:
         self.relayed_bytes = 0  # bytes this peer carried for others' circuits (both ways)
         if serve:
             self._count_relayed_bytes()
+            self._end_circuits_alone()
 
     def _count_relayed_bytes(self) -> None:
         """py-libp2p 0.8.1's hop side keeps no byte count one can read; every chunk a circuit
@@ -96,6 +105,26 @@ class Relays:
             return data
 
         self._protocol._read_stream_with_retry = counted
+
+    def _end_circuits_alone(self) -> None:
+        """py-libp2p 0.8.1's hop side files circuits under one peer id each, and when a circuit
+        ends it closes the streams filed under its peers' ids: those of the latest *other*
+        circuit to or from them. A home peer reached by several peers through one relay lost
+        them all when one connection closed (every relayed all-reduce stream broke at once, and
+        the round failed for the whole group). Here the table finds no peer, and each circuit's
+        relay task closes its own two streams."""
+        self._protocol._active_relays = _CircuitsClosedByTheirTasks()
+        relay, close = self._protocol._relay_data, self._protocol._close_stream
+
+        async def relay_then_close(src: INetStream, dst: INetStream, *args: Any, **kwargs: Any) -> None:
+            try:
+                await relay(src, dst, *args, **kwargs)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close(src)
+                    await close(dst)
+
+        self._protocol._relay_data = relay_then_close
 
     @property
     def addrs(self) -> list[multiaddr.Multiaddr]:

@@ -140,6 +140,35 @@ async def test_a_peer_others_cannot_dial_uses_the_dht_as_a_client_and_is_reached
         nursery.cancel_scope.cancel()
 
 
+async def test_one_circuit_through_a_relay_ending_leaves_the_others_to_the_same_peer_open():
+    """py-libp2p's relay closed the latest other circuit of a peer when one of its circuits ended:
+    every relayed connection of a home peer broke at once (seen in bench/internet.py as all-reduce
+    streams failing together mid-round)."""
+    from libp2p.peer.peerinfo import PeerInfo
+    from swarm.relay import Relays
+
+    async with trio.open_nursery() as nursery:
+        seed, _, home = await seed_peer_and_home(nursery)
+        dialers = [build_host(create_new_key_pair()) for _ in range(2)]
+        listen = [multiaddr.Multiaddr(a) for a in LOOPBACK]
+        async with dialers[0].run(listen), dialers[1].run(listen):
+            streams = []
+            for host in dialers:  # each reaches the home peer through the seed's relay
+                relays = Relays(host, serve=False)
+                await nursery.start(relays.run)
+                await host.connect(PeerInfo(seed.peer_id, seed.addrs))
+                host.get_peerstore().add_addrs(home.peer_id, home.relays.addrs, 60)
+                with trio.fail_after(20):
+                    streams.append(await host.new_stream(home.peer_id, ["/ipfs/ping/1.0.0"]))
+                assert relays.relayed_dials == 1
+            await dialers[0].disconnect(home.peer_id)  # the first circuit ends
+            await trio.sleep(1)
+            with trio.fail_after(10):
+                await streams[1].write(bytes(range(32)))
+                assert await streams[1].read(32) == bytes(range(32))
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_behind_nat_connects_ahead_to_the_peers_it_will_average_with():
     """A peer others cannot dial connects to the run's peers before its first round (addresses
     from the member list), and names those it could not reach; a public peer leaves that to
