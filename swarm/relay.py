@@ -215,16 +215,18 @@ class Relays:
             for addr in self._circuits(peer_id):
                 target = addr if str(addr).endswith(f"/p2p/{peer_id}") else addr.encapsulate(
                     multiaddr.Multiaddr(f"/p2p/{peer_id}"))
+                started = trio.current_time()
                 try:
                     with trio.fail_after(RESERVE_SECONDS):
                         await self._transport.dial(target)
                     self.relayed_dials += 1
-                    log.info("connected to %s through a relay", peer_id)
+                    log.info("connected to %s through a relay (%.1f s)", peer_id, trio.current_time() - started)
                     if self._nursery is not None:
                         self._nursery.start_soon(self._watch_for_direct, peer_id)
                     return True
                 except Exception as exc:  # the relay is gone, full, or the peer left it
-                    log.info("no circuit to %s through %s: %s", peer_id, addr, exc)
+                    log.info("no circuit to %s through %s (%.1f s): %s", peer_id, addr,
+                             trio.current_time() - started, exc)
         return False
 
     async def keep_reservations(self, candidates: list[ID]) -> int:
