@@ -17,7 +17,9 @@ store and bundle decoder (``calibrate``). Two protocols side by side:
 - ``flat`` (until 2026-12-04): every all-peer key one DHT key, the run's configuration in every
   board entry, a read asks all ``K`` holders;
 - ``buckets`` (now): the board, members and holdings split (``dht.buckets``), the configuration
-  under its own key, a read asks ``READ_FANOUT`` holders drawn at random (``RecordDHT.get``).
+  under its own key, entries written to and read from the ``SHORT_LIVED_REPLICAS`` closest nodes
+  only, a read asks ``READ_FANOUT`` of them drawn at random (``RecordDHT.get``), one for a split
+  bucket key (``dht.buckets.SPLIT_READ_FANOUT``).
 
 Shard bids stay one key in both (sharded runs only; not counted here).
 """
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from averaging.groups import bucket_count, bucket_of  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import BucketPlace  # noqa: E402
-from dht.node import READ_FANOUT  # noqa: E402
+from dht.node import READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
@@ -135,11 +137,12 @@ BASE_KEYS = {"board": run_key(SWARM), "members": members_key(SWARM), "holdings":
 
 @dataclass
 class LoadDHT:
-    """Keys at their ``K`` XOR-closest nodes, with per-node bytes and CPU seconds."""
+    """Keys at their ``replicas`` XOR-closest nodes, with per-node bytes and CPU seconds."""
 
     peers: list[str]
     costs: Costs
     fanout: int = K
+    replicas: int = K
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     up: np.ndarray = field(init=False)
     down: np.ndarray = field(init=False)
@@ -167,7 +170,7 @@ class LoadDHT:
         if key not in self._holders:
             target = np.uint64(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
             distance = self._ids ^ target
-            k = min(K, len(self.peers))
+            k = min(self.replicas, len(self.peers))
             self._holders[key] = np.argpartition(distance, k - 1)[:k]
         return self._holders[key]
 
@@ -202,14 +205,14 @@ class LoadDHT:
         bundle[writer] = entry
         self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
 
-    def charge_get(self, reader: str, key: str, every_replica: bool = False) -> None:
-        """A read of ``key``: ``fanout`` of its holders, drawn at random, each send the bundle (cut
-        at the bundle cap)."""
+    def charge_get(self, reader: str, key: str, every_replica: bool = False, fanout: int | None = None) -> None:
+        """A read of ``key``: ``fanout`` (the simulation's, unless given) of its holders, drawn at
+        random, each send the bundle (cut at the bundle cap)."""
         entries = len(self.keys.get(key, {}))
         size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
         holders = self.holders(key)
-        served = holders if every_replica or self.fanout >= len(holders) else \
-            self.rng.choice(holders, self.fanout, replace=False)
+        fanout = fanout or self.fanout
+        served = holders if every_replica or fanout >= len(holders) else self.rng.choice(holders, fanout, replace=False)
         self.up[served] += size
         self.cpu[served] += self.costs.get_per_stored_entry * entries
         me = self._index[reader]
@@ -253,8 +256,8 @@ class ReaderView:
     def __init__(self, dht: LoadDHT, peer: str) -> None:
         self.dht, self.peer = dht, peer
 
-    async def get(self, key: str, *, probe: bool = False) -> dict[str, Entry]:
-        self.dht.charge_get(self.peer, key)  # an empty key costs requests, no bundle bytes
+    async def get(self, key: str, *, probe: bool = False, fanout: int | None = None) -> dict[str, Entry]:
+        self.dht.charge_get(self.peer, key, fanout=fanout)  # an empty key costs requests, no bundle bytes
         return self.dht.keys.get(key, {})
 
 
@@ -309,7 +312,9 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
     """``beats`` measured heartbeats after levels settle; ``churn``: joins (and as many leaves) per
     peer per hour."""
     peers = [hashlib.sha256(f"peer{seed}/{i}".encode()).hexdigest()[:40] for i in range(n)]
-    dht = LoadDHT(peers, costs, fanout=K if protocol == "flat" else READ_FANOUT)
+    # every entry here lives at most a minute: ``buckets`` writes and reads its closest replicas only
+    dht = LoadDHT(peers, costs, fanout=K if protocol == "flat" else READ_FANOUT,
+                  replicas=K if protocol == "flat" else SHORT_LIVED_REPLICAS)
     places: dict[tuple[str, str], BucketPlace] = {}  # (peer, kind) -> where that peer reads and writes
     estimates: list[float] = []
     rng = np.random.default_rng(seed)
@@ -333,7 +338,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
     up_mbps, cpu = dht.up * 8 / seconds / 1e6, dht.cpu / seconds
     legion_keys = [k for k in dht.keys if "/mm/" not in k]
     contacts = dht.contacts_per_peer()
-    return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "read_fanout": dht.fanout,
+    return {"protocol": protocol, "peers": n, "churn_per_hour": churn, "read_fanout": dht.fanout, "replicas": dht.replicas,
             "busiest_node_mbps": round(float(up_mbps.max()), 3),
             "busiest_node_down_mbps": round(float((dht.down * 8 / seconds / 1e6).max()), 3),
             "busiest_node_cpu": round(float(cpu.max()), 4),

@@ -30,10 +30,16 @@ BUCKET_ENTRIES = 32  # a bucket holds this many entries to twice as many
 MAX_LEVEL = 12  # 4,096 buckets: 131,072 to 262,144 writers
 LEVEL_READ_BEATS = 6  # reads (or heartbeats, for a writer that reads only to follow its level) between finding the level
 FIND_LEVELS = 4  # levels above its own a reader finding its level looks at
+# Replicas whose record a read of a split bucket key takes (more where one holds none). The
+# unsplit key keeps the DHT's default: a small swarm's young entries may have reached only some
+# replicas. A split key's bucket is re-read every few heartbeats, and a reader that misses an entry
+# once still counts its peer (the trainer remembers the board for several lifetimes); each further
+# replica read moved the whole bucket again: ~60 entries for every reader, every read.
+SPLIT_READ_FANOUT = 1
 
 
 class EntryReader(Protocol):
-    async def get(self, key: str, *, probe: bool = False) -> dict[str, Entry]: ...
+    async def get(self, key: str, *, probe: bool = False, fanout: int | None = None) -> dict[str, Entry]: ...
 
 
 def bucket_level(estimate: int) -> int:
@@ -185,7 +191,7 @@ async def read_every_bucket(dht: EntryReader, key: str, parse: Callable[[str, An
     """Every entry of ``key``, bucket by bucket (the levels next to the one found included): an
     operator's whole view, ``2^level`` reads and more, never a peer's heartbeat."""
     found = await read_buckets(dht, key, lambda subkey, value: subkey, what)
-    read = await _get_all(dht, {bucket_key(key, level, prefix) for level in range(max(0, found.level - 1), found.level + 2)
+    read = await _get_all(dht, key, {bucket_key(key, level, prefix) for level in range(max(0, found.level - 1), found.level + 2)
                                 for prefix in range(1 << level)})
     newest = merge(*(entries.values() for entries in read.values()))
     return BucketRead(parse_entries(newest, parse, what), len(newest), found.level)
@@ -214,15 +220,15 @@ async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int], bot
         keys.add(bucket_key(key, level, prefix))
         if both_halves and level > 0:
             keys.add(bucket_key(key, level, prefix ^ 1))
-    return await _get_all(dht, keys - set(known or ()), probe)
+    return await _get_all(dht, key, keys - set(known or ()), probe)
 
 
-async def _get_all(dht: EntryReader, keys: set[str], probe: bool = False) -> dict[str, dict[str, Entry]]:
-    """The entries under each of ``keys``, read at once."""
+async def _get_all(dht: EntryReader, key: str, keys: set[str], probe: bool = False) -> dict[str, dict[str, Entry]]:
+    """The entries under each of ``keys`` (``key``'s bucket keys), read at once."""
     read: dict[str, dict[str, Entry]] = {}
 
     async def read_key(one: str) -> None:
-        read[one] = await dht.get(one, probe=probe)
+        read[one] = await dht.get(one, probe=probe, fanout=None if one == key else SPLIT_READ_FANOUT)
 
     async with trio.open_nursery() as nursery:
         for one in sorted(keys):

@@ -13,6 +13,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
@@ -32,6 +33,13 @@ UNREACHABLE_SECONDS = 60.0  # a peer a lookup could not dial is left out of look
 LOOKUP_DIAL_SECONDS = 2.5  # a lookup's dial of a peer it is not connected to (TCP, Noise, Yamux)
 UNREACHABLE_CAP = 4096  # peers remembered as undialable
 READ_FANOUT = 3  # replicas whose records a read merges (asked at a time, and more where one has none)
+# An entry that lives at most SHORT_LIVED_SECONDS (announcements, the run board, holdings, bids,
+# matchmaking: rewritten every heartbeat or round) goes to the SHORT_LIVED_REPLICAS closest of its
+# key's replicas, not all 20: a copy lost with its node is written again seconds later, and the 20
+# copies were most of a peer's own DHT traffic. Reads ask only those closest replicas, which hold
+# long-lived entries too (those go to all 20, the closest among them).
+SHORT_LIVED_REPLICAS = 8
+SHORT_LIVED_SECONDS = 60.0
 
 
 class RecordDHT:
@@ -123,6 +131,8 @@ class RecordDHT:
         # The closest peers first, then the entry: a lookup that waits out unreachable peers (behind
         # NAT) takes seconds, and an entry signed before it could expire before it is stored.
         peers = await self._closest_peers(key_bytes)
+        if ttl <= SHORT_LIVED_SECONDS:
+            peers = peers[:SHORT_LIVED_REPLICAS]
         entry = sign_entry(key, self.key_pair, value, ttl)
         bundle = encode_bundle([entry])
         record = make_signed_put_record(key_bytes, bundle, self.key_pair.private_key)
@@ -148,7 +158,7 @@ class RecordDHT:
         return await self.store(key, None, ttl)
 
     async def get(self, key: str, *, withdrawn: bool = False, probe: bool = False,
-                  every_replica: bool = False) -> dict[str, Entry]:
+                  every_replica: bool = False, fanout: int | None = None) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
         fail validation are dropped and logged. The closest nodes are asked in random order,
@@ -159,16 +169,17 @@ class RecordDHT:
         have reached it), so reading an empty key asks them all; with ``probe`` (is anything
         here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
         all are read: a round's matchmaking key is seconds old, its entries still arriving, and
-        peers whose views differ form different groups."""
+        peers whose views differ form different groups. ``fanout`` replaces ``read_fanout`` for
+        this read (where the key has more than ``2 * read_fanout`` replicas)."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
-        peers = await self._closest_peers(key_bytes)
+        peers = (await self._closest_peers(key_bytes))[:SHORT_LIVED_REPLICAS]
         waiting = random.sample(peers, len(peers))
         # a small swarm's few replicas are all read: cheap there, and its young entries may have
         # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
-        fanout = self.read_fanout if len(peers) > 2 * self.read_fanout and not every_replica else len(peers)
+        fanout = (fanout or self.read_fanout) if len(peers) > 2 * self.read_fanout and not every_replica else len(peers)
         records = 0  # replicas that sent a record
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
@@ -225,7 +236,9 @@ class RecordDHT:
         if peers is None:
             log.debug("closest-peer lookup timed out; using the routing table")
             peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
-        peers = [p for p in peers if p != me and self._may_serve(p) and self._dialable(p)][: self.replication]
+        # closest first: short-lived entries go to the first few (``SHORT_LIVED_REPLICAS``)
+        peers = sort_peer_ids_by_distance(
+            key_bytes, [p for p in peers if p != me and self._may_serve(p) and self._dialable(p)])[: self.replication]
         table = self.routing_table_size()
         # An answer short of both the factor and the table may mean peers that did not answer: look again sooner.
         ttl = self.lookup_ttl if len(peers) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)

@@ -70,7 +70,7 @@ class BoardKeys:
         now = time.time()
         self.keys.setdefault(key, {})[peer_id] = Entry(peer_id, msgpack.packb(value), now, now + 30, b"")
 
-    async def get(self, key, *, probe=False):
+    async def get(self, key, *, probe=False, fanout=None):
         self.reads.append(key)
         return dict(self.keys.get(key, {}))
 
