@@ -688,40 +688,61 @@ class AllReduce:
     # ---- member side --------------------------------------------------------------------------
 
     async def _exchange_with_owner(self, state: RoundState, owner: int, deadline: float) -> None:
-        """Stream our contribution to ``owner`` while its result streams back on the same stream."""
-        spec = state.spec
-        ranges = _chunk_ranges(*spec.part(owner))
-        peer = ID.from_base58(spec.members[owner])
-        stream = None
+        """Stream our contribution to ``owner`` while its result streams back on the same stream.
+        A stream that breaks before the owner sent a byte on it is opened again while the owner
+        may still take our contribution (``wait_for_round``): a relayed connection replaced by a
+        hole-punched one as a round started took its streams with it, the owner never saw our
+        header, and the round failed for every member."""
+        ranges = _chunk_ranges(*state.spec.part(owner))
+        payloads: list[bytes] = []  # each chunk encoded once: encoding moves the error feedback on
+        give_up = trio.current_time() + self.wait_for_round
         with trio.move_on_at(deadline):
-            try:
-                async with trio.open_nursery() as nursery:
-                    async with state.sending:  # released when our chunks are out; the result may follow
-                        stream = await self._begin_contribution(state, owner, len(ranges))
-                        if stream is None:
-                            return
-                        nursery.start_soon(self._receive_result, stream, state, owner, nursery.cancel_scope)
-                        try:
-                            for index, (a, b) in enumerate(ranges):
-                                residual = None if state.send_residual is None else state.send_residual[a:b]
-                                payload = await trio.to_thread.run_sync(
-                                    encode_with_feedback, state.codec, state.flat[a:b], residual)
-                                await _write_chunk(stream, state, index, payload, "contribution")
-                        except Exception as exc:
-                            log.info("%s: contribution to %s failed: %s", spec.group_id, peer, exc)
-                            nursery.cancel_scope.cancel()
-            finally:
-                if stream is not None:
-                    with trio.move_on_after(1), contextlib.suppress(Exception):
-                        await stream.close()
+            while not await self._send_contribution(state, owner, ranges, payloads, give_up):
+                if trio.current_time() + BEGIN_RETRY_SECONDS >= give_up:
+                    return
+                log.info("%s: the stream to owner %s broke before it answered; sending again",
+                         state.spec.group_id, state.spec.members[owner])
+                await trio.sleep(BEGIN_RETRY_SECONDS)
 
-    async def _begin_contribution(self, state: RoundState, owner: int, chunks: int) -> INetStream | None:
-        """A stream to ``owner`` carrying our contribution's header, or None if none could be had
-        within ``wait_for_round`` (the owner stops waiting for our contribution to begin soon
-        after). Failures are retried meanwhile: a connection through a relay can drop as a round
-        starts and be dialled again in seconds, and one member given up on fails the round for all."""
+    async def _send_contribution(self, state: RoundState, owner: int, ranges: list[tuple[int, int]],
+                                 payloads: list[bytes], give_up: float) -> bool:
+        """One try of ``_exchange_with_owner``: False if its stream broke before the owner sent a
+        byte on it (worth another), True otherwise (done, failed after the owner answered, or the
+        owner not reached by ``give_up``)."""
         spec, peer = state.spec, ID.from_base58(state.spec.members[owner])
-        give_up, pause = trio.current_time() + self.wait_for_round, BEGIN_RETRY_SECONDS
+        stream, heard = None, 0
+        try:
+            async with trio.open_nursery() as nursery:
+                async with state.sending:  # released when our chunks are out; the result may follow
+                    stream = await self._begin_contribution(state, owner, len(ranges), give_up)
+                    if stream is None:
+                        return True
+                    heard = stream.bytes_received  # a lane counts its earlier streams' bytes too
+                    nursery.start_soon(self._receive_result, stream, state, owner, nursery.cancel_scope)
+                    try:
+                        for index, (a, b) in enumerate(ranges):
+                            if index == len(payloads):
+                                residual = None if state.send_residual is None else state.send_residual[a:b]
+                                payloads.append(await trio.to_thread.run_sync(
+                                    encode_with_feedback, state.codec, state.flat[a:b], residual))
+                            await _write_chunk(stream, state, index, payloads[index], "contribution")
+                    except Exception as exc:
+                        log.info("%s: contribution to %s failed: %s", spec.group_id, peer, exc)
+                        nursery.cancel_scope.cancel()
+            return owner in state.parts or stream.bytes_received != heard
+        finally:
+            if stream is not None:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await stream.close()
+
+    async def _begin_contribution(self, state: RoundState, owner: int, chunks: int,
+                                  give_up: float) -> INetStream | None:
+        """A stream to ``owner`` carrying our contribution's header, or None if none could be had
+        by ``give_up`` (the owner stops waiting for our contribution to begin soon after).
+        Failures are retried meanwhile: a connection through a relay can drop as a round starts
+        and be dialled again in seconds, and one member given up on fails the round for all."""
+        spec, peer = state.spec, ID.from_base58(state.spec.members[owner])
+        pause = BEGIN_RETRY_SECONDS
         while True:
             stream = None
             try:

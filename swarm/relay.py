@@ -192,8 +192,22 @@ class Relays:
         of waiting out the whole dial timeout first."""
         if self._connected(peer_id) or not self._circuits(peer_id):
             return
-        with trio.move_on_after(DIRECT_FIRST_SECONDS), contextlib.suppress(Exception):
-            await direct_connect(PeerInfo(peer_id, self._direct(peer_id)))
+        tried = trio.Event()
+
+        async def try_direct() -> None:
+            with trio.move_on_after(DIRECT_FIRST_SECONDS), contextlib.suppress(Exception):
+                await direct_connect(PeerInfo(peer_id, self._direct(peer_id)))
+            tried.set()
+
+        # Beside this task, not in it: py-libp2p's dial does not always end when cancelled (parts of
+        # it run shielded), and against home NATs that drop the SYN it held the relay back ~12 s:
+        # peers connecting ahead through a relay gave up after 10 s, and missed their first round.
+        if self._nursery is not None:
+            self._nursery.start_soon(try_direct)
+            with trio.move_on_after(DIRECT_FIRST_SECONDS):
+                await tried.wait()
+        else:
+            await try_direct()
         if not self._connected(peer_id):
             await self.connect(peer_id)
 

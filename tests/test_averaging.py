@@ -192,3 +192,51 @@ async def test_a_member_that_cannot_reach_an_owner_at_first_tries_again_and_the_
             assert stats.outcome == "ok" and sorted(stats.contributors) == sorted(spec.members)
             np.testing.assert_allclose(result, expected, atol=1e-5)
         nursery.cancel_scope.cancel()
+
+
+class _StreamOfADroppedConnection:
+    """A stream whose connection went away under it (a relayed connection replaced by a
+    hole-punched one as a round starts): what is written never arrives, then reads fail."""
+
+    bytes_received = bytes_sent = 0
+
+    async def write(self, data: bytes) -> None:
+        pass
+
+    async def read(self, n: int | None = None) -> bytes:
+        await trio.sleep(0.3)
+        raise ConnectionResetError("stream reset")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_member_whose_stream_broke_before_the_owner_answered_sends_again_and_the_round_succeeds():
+    size = 30_000
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        spec, reducers, _ = group_of(peers, size, "int8")
+        member, owner = spec.members[0], spec.members[1]
+        lanes = reducers[member].lanes
+        open_stream, dropped = lanes.open_stream, []
+
+        async def first_stream_dropped(peer, protocol):
+            if peer.to_base58() == owner and not dropped:
+                dropped.append(protocol)
+                return _StreamOfADroppedConnection()
+            return await open_stream(peer, protocol)
+
+        lanes.open_stream = first_stream_dropped
+        rng = np.random.default_rng(1)
+        vectors = {m: rng.standard_normal(size).astype(np.float32) for m in spec.members}
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0))
+        assert dropped
+        expected = sum(vectors.values()) / 3
+        results = []
+        for result, stats in outcomes.values():
+            assert stats.outcome == "ok" and sorted(stats.contributors) == sorted(spec.members)
+            np.testing.assert_allclose(result, expected, atol=0.05)  # int8: within its error
+            results.append(result)
+        for result in results[1:]:
+            np.testing.assert_array_equal(result, results[0])
+        nursery.cancel_scope.cancel()
