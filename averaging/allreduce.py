@@ -33,7 +33,7 @@ from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
-from averaging.wire import FrameError, PerPeerLimit, read_frame, read_frame_within, stream_peer, write_frame_within
+from averaging.wire import FrameError, PerPeerLimit, read_frame, read_frame_within, stream_peer, write_frame, write_frame_within
 from dht.records import RecordError, ed25519_key
 
 log = logging.getLogger(__name__)
@@ -475,6 +475,9 @@ class AllReduce:
                 raise FrameError("contribution began after the contributors were fixed")
         except FrameError as exc:
             owner.resolve(sender, str(exc))
+            # said, so that a sender whose earlier stream broke does not send again until it gives up
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await write_frame(stream, {"t": "refused"})
             raise
         owner.begin(sender, weight)
         failure: FrameError | CodecError | None = None
@@ -765,16 +768,18 @@ class AllReduce:
     async def _receive_result(self, stream: INetStream, state: RoundState, owner: int,
                               exchange: trio.CancelScope) -> None:
         try:
-            await self._receive_part(stream, state, owner)
+            # the owner answers once its own round runs, which may start up to wait_for_round after ours
+            await self._receive_part(stream, state, owner, first_wait=self.wait_for_round)
         except Exception as exc:
             log.info("%s: part %d from %s failed: %s", state.spec.group_id, owner, state.spec.members[owner], exc)
         finally:
             exchange.cancel()  # the owner is done with our contribution, or gone
 
-    async def _receive_part(self, stream: INetStream, state: RoundState, owner: int) -> None:
+    async def _receive_part(self, stream: INetStream, state: RoundState, owner: int, first_wait: float = 0.0) -> None:
         """Read ``owner``'s part: a result header, its chunks and the owner's signature, skipping
         keepalives and starting over at a new header (the owner's contributors changed); check the
-        signature (the part may come from another member) and decode the part into our output."""
+        signature (the part may come from another member) and decode the part into our output.
+        The first frame may take ``first_wait`` seconds more than the stall timeout."""
         spec = state.spec
         start, end = spec.part(owner)
         ranges = _chunk_ranges(start, end)
@@ -782,11 +787,14 @@ class AllReduce:
         chunks: list[bytes] = []
         signature: bytes | None = None
         while signature is None:
-            header, payload = await read_frame_within(stream, state.chunk_timeout, MAX_PAYLOAD,
+            header, payload = await read_frame_within(stream, state.chunk_timeout + first_wait, MAX_PAYLOAD,
                                                       what=f"owner {owner}'s result")
+            first_wait = 0.0
             kind = header.get("t")
             if kind == "wait":
                 continue
+            if kind == "refused":
+                raise FrameError("the owner refused our contribution (its contributors were fixed, or ours began before)")
             if kind == "result":
                 if contributors is not None:
                     log.info("%s: owner %d starts its result over (its contributors changed)", spec.group_id, owner)

@@ -55,11 +55,13 @@ def group_of(peers, size, codec, **options):
     return spec, reducers, by_id
 
 
-async def round_of(spec, reducers, vectors, weights, seconds=30):
-    """Every member runs the round at once; member -> (result, stats), or the ``RoundFailed``."""
+async def round_of(spec, reducers, vectors, weights, seconds=30, late=None):
+    """Every member runs the round at once (those in ``late``, member -> seconds, that much
+    later); member -> (result, stats), or the ``RoundFailed``."""
     outcomes = {}
 
     async def average(member):
+        await trio.sleep((late or {}).get(member, 0))
         try:
             outcomes[member] = await reducers[member].run(spec, spec.members.index(member), vectors[member],
                                                           weights[member], deadline=trio.current_time() + seconds)

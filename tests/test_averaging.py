@@ -240,3 +240,22 @@ async def test_a_member_whose_stream_broke_before_the_owner_answered_sends_again
         for result in results[1:]:
             np.testing.assert_array_equal(result, results[0])
         nursery.cancel_scope.cancel()
+
+
+async def test_members_wait_for_an_owner_that_starts_its_round_seconds_after_them():
+    """An owner answers a contribution once its own round runs: a member that took its silence
+    for a stall (3-4 s) failed the round for all when the owner was a few seconds late (a peer
+    still finishing its inner steps, or starved of CPU)."""
+    size = 30_000
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        spec, reducers, _ = group_of(peers, size, "none")
+        rng = np.random.default_rng(2)
+        vectors = {m: rng.standard_normal(size).astype(np.float32) for m in spec.members}
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0),
+                                  late={spec.members[1]: 6.0})
+        expected = sum(vectors.values()) / 3
+        for result, stats in outcomes.values():
+            assert stats.outcome == "ok" and sorted(stats.contributors) == sorted(spec.members)
+            np.testing.assert_allclose(result, expected, atol=1e-5)
+        nursery.cancel_scope.cancel()
