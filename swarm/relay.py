@@ -150,7 +150,8 @@ class Relays:
         direct, direct_connect = self.host.new_stream, self.host.connect
 
         async def new_stream(peer_id: ID, protocol_ids: Any, *args: Any, **kwargs: Any) -> INetStream:
-            await self._relayed_first(peer_id, direct_connect)
+            if await self._relayed_first(peer_id, direct_connect) and not self._connected(peer_id):
+                raise ConnectionError(f"{peer_id} reached neither directly nor through its relays")
             try:
                 return await direct(peer_id, protocol_ids, *args, **kwargs)
             except Exception:
@@ -160,7 +161,10 @@ class Relays:
 
         async def connect(peer_info: Any) -> None:
             self.host.get_peerstore().add_addrs(peer_info.peer_id, peer_info.addrs, 600)
-            await self._relayed_first(peer_info.peer_id, direct_connect)
+            if await self._relayed_first(peer_info.peer_id, direct_connect):
+                if not self._connected(peer_info.peer_id):
+                    raise ConnectionError(f"{peer_info.peer_id} reached neither directly nor through its relays")
+                return
             try:
                 await direct_connect(peer_info)
             except Exception:
@@ -186,12 +190,14 @@ class Relays:
     def _connected(self, peer_id: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer_id))
 
-    async def _relayed_first(self, peer_id: ID, direct_connect: Any) -> None:
+    async def _relayed_first(self, peer_id: ID, direct_connect: Any) -> bool:
         """A peer not connected that has circuit addresses is most likely behind NAT: a direct dial
         gets a moment (a peer on the same LAN answers at once), then the relay is used, instead
-        of waiting out the whole dial timeout first."""
-        if self._connected(peer_id) or not self._circuits(peer_id):
-            return
+        of waiting out the whole dial timeout first. Whether it tried (the caller then does not
+        dial again: a plain dial of such a peer's direct addresses hung ~12 s)."""
+        circuits = self._circuits(peer_id)  # now: a failed dial (a peer id mismatch) can clear the peer's addresses
+        if self._connected(peer_id) or not circuits:
+            return False
         tried = trio.Event()
 
         async def try_direct() -> None:
@@ -209,7 +215,8 @@ class Relays:
         else:
             await try_direct()
         if not self._connected(peer_id):
-            await self.connect(peer_id)
+            await self.connect(peer_id, circuits)
+        return True
 
     def _circuits(self, peer_id: ID) -> list[multiaddr.Multiaddr]:
         with contextlib.suppress(Exception):
@@ -221,12 +228,13 @@ class Relays:
             return [a for a in self.host.get_peerstore().addrs(peer_id) if not is_circuit(a)]
         return []
 
-    async def connect(self, peer_id: ID) -> bool:
-        """A connection to ``peer_id`` through one of the relays its known addresses name."""
+    async def connect(self, peer_id: ID, circuits: list[multiaddr.Multiaddr] | None = None) -> bool:
+        """A connection to ``peer_id`` through one of the relays ``circuits`` (default: its known
+        addresses) name."""
         if self._transport is None:
             return False
         with contextlib.suppress(Exception):
-            for addr in self._circuits(peer_id):
+            for addr in self._circuits(peer_id) if circuits is None else circuits:
                 target = addr if str(addr).endswith(f"/p2p/{peer_id}") else addr.encapsulate(
                     multiaddr.Multiaddr(f"/p2p/{peer_id}"))
                 started = trio.current_time()
