@@ -31,6 +31,8 @@ from swarm.network import reach_of
 log = logging.getLogger(__name__)
 
 DISCOVER_MS = 2000  # how long discovery listens for routers' SSDP answers
+DISCOVER_TRIES = 3  # a router starting up (or busy) can answer discovery but not yet its IGD requests
+DISCOVER_PAUSE = 5.0  # seconds between tries
 CALL_SECONDS = 10.0  # the bound on one request to the router
 LEASE_SECONDS = 3600  # a forward's lease; renewed every half lease
 DESCRIPTION = "legion"
@@ -52,7 +54,13 @@ class PortMapping:
         self._on_change = on_change  # told when addrs change (to re-check reachability, say)
 
     async def run(self, ports: list[int], announced: list[int]) -> None:
-        router = await Upnp.discover() or await NatPmp.discover()
+        router = None
+        for attempt in range(DISCOVER_TRIES):
+            if attempt:
+                await trio.sleep(DISCOVER_PAUSE)
+            router = await Upnp.discover() or await NatPmp.discover()
+            if router is not None:
+                break
         if router is None:
             log.info("no router offers port forwarding (none answered UPnP or NAT-PMP)")
             return

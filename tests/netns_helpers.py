@@ -165,7 +165,10 @@ class Lab:
                          "--ctstate", "DNAT", "-j", "ACCEPT"]):
             subprocess.run(["ip", "netns", "exec", router, *command], check=True, capture_output=True)
         log = open(folder / f"miniupnpd-{index}.log", "wb")
-        self._daemons.append(subprocess.Popen(["ip", "netns", "exec", router, "miniupnpd", "-f", str(config), "-d"],
+        # its own pid file: with the default one, a miniupnpd left running by an interrupted lab
+        # (or another router's) makes this one exit at once, and no forward is ever made
+        self._daemons.append(subprocess.Popen(["ip", "netns", "exec", router, "miniupnpd", "-f", str(config), "-d",
+                                               "-P", str(folder / f"miniupnpd-{index}.pid")],
                                               stdout=log, stderr=subprocess.STDOUT))
         log.close()
 
