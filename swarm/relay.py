@@ -150,8 +150,7 @@ class Relays:
         direct, direct_connect = self.host.new_stream, self.host.connect
 
         async def new_stream(peer_id: ID, protocol_ids: Any, *args: Any, **kwargs: Any) -> INetStream:
-            if await self._relayed_first(peer_id, direct_connect) and not self._connected(peer_id):
-                raise ConnectionError(f"{peer_id} reached neither directly nor through its relays")
+            await self._relayed_first(peer_id, direct_connect)
             try:
                 return await direct(peer_id, protocol_ids, *args, **kwargs)
             except Exception:
@@ -162,8 +161,6 @@ class Relays:
         async def connect(peer_info: Any) -> None:
             self.host.get_peerstore().add_addrs(peer_info.peer_id, peer_info.addrs, 600)
             if await self._relayed_first(peer_info.peer_id, direct_connect):
-                if not self._connected(peer_info.peer_id):
-                    raise ConnectionError(f"{peer_info.peer_id} reached neither directly nor through its relays")
                 return
             try:
                 await direct_connect(peer_info)
@@ -193,8 +190,9 @@ class Relays:
     async def _relayed_first(self, peer_id: ID, direct_connect: Any) -> bool:
         """A peer not connected that has circuit addresses is most likely behind NAT: a direct dial
         gets a moment (a peer on the same LAN answers at once), then the relay is used, instead
-        of waiting out the whole dial timeout first. Whether it tried (the caller then does not
-        dial again: a plain dial of such a peer's direct addresses hung ~12 s)."""
+        of waiting out the whole dial timeout first. True once connected this way, False where it
+        does not apply; a peer it reaches neither way raises ``ConnectionError`` (the caller does
+        not dial again: a plain dial of such a peer's direct addresses hung ~12 s)."""
         circuits = self._circuits(peer_id)  # now: a failed dial (a peer id mismatch) can clear the peer's addresses
         if self._connected(peer_id) or not circuits:
             return False
@@ -216,6 +214,8 @@ class Relays:
             await try_direct()
         if not self._connected(peer_id):
             await self.connect(peer_id, circuits)
+        if not self._connected(peer_id):  # (the direct dial may still have come through meanwhile)
+            raise ConnectionError(f"{peer_id} reached neither directly nor through its relays")
         return True
 
     def _circuits(self, peer_id: ID) -> list[multiaddr.Multiaddr]:
