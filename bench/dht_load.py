@@ -267,6 +267,7 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
     n = len(dht.peers)
     for peer in dht.peers:
         view = dht.reader(peer)
+        peer_hash = int(hashlib.sha256(peer.encode()).hexdigest(), 16)
         for kind in ("board", "members", "holdings"):
             base = BASE_KEYS[kind]
             if protocol == "flat":
@@ -278,14 +279,14 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
             if place is None:  # a newcomer (or one in a leaver's place): it finds its level before it writes
                 place = places[(peer, kind)] = BucketPlace(base, lambda s, v: s, kind, peer)
             if kind == "board":  # the trainer reads its bucket every heartbeat, every third once split
-                known, phase = place.level is not None, int(hashlib.sha256(peer.encode()).hexdigest(), 16) % BUCKETED_BOARD_READ_HEARTBEATS
+                known, phase = place.level is not None, peer_hash % BUCKETED_BOARD_READ_HEARTBEATS
                 if not place.level or (beat + phase) % BUCKETED_BOARD_READ_HEARTBEATS == 0:
                     read = await place.read(view)
                     if beat == 0 and known:
                         estimates.append(read.estimate / n)
             else:  # members, holdings: written every heartbeat, read to follow the level
                 await place.follow(view)
-            lists_group = kind == "board" and int(hashlib.sha256(peer.encode()).hexdigest(), 16) % GROUP_TARGET == 0
+            lists_group = kind == "board" and peer_hash % GROUP_TARGET == 0
             dht.store(peer, place.own_key, dht.entry("board-group" if lists_group else kind, peer))
     if protocol != "flat":  # (flat: the configuration came with every board entry)
         # the run's configuration: a few peers publish it, refreshed at a third of its lifetime; joiners read it
