@@ -12,7 +12,8 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
-from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT, get_connection_type
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -37,9 +38,15 @@ READ_FANOUT = 3  # replicas whose records a read merges (asked at a time, and mo
 # matchmaking: rewritten every heartbeat or round) goes to the SHORT_LIVED_REPLICAS closest of its
 # key's replicas, not all 20: a copy lost with its node is written again seconds later, and the 20
 # copies were most of a peer's own DHT traffic. Reads ask only those closest replicas, which hold
-# long-lived entries too (those go to all 20, the closest among them).
-SHORT_LIVED_REPLICAS = 8
+# long-lived entries too (those go to all 20, the closest among them). Five, as hivemind stores
+# each of its regularly refreshed values (``DHTNode.create(num_replicas=5)``); eight cost a peer
+# 60% more in writes (``bench/scale.py --only dht``).
+SHORT_LIVED_REPLICAS = 5
 SHORT_LIVED_SECONDS = 60.0
+# How long a key's closest nodes, once looked up, are used (dropping one that fails): a lookup is
+# several FIND_NODE queries of ~5 KB each on the wire (``bench/dht_request_cost.py``), and with
+# churn of 20% an hour a key's closest 5 change about every half hour.
+LOOKUP_SECONDS = 300.0
 
 
 class RecordDHT:
@@ -53,7 +60,7 @@ class RecordDHT:
     """
 
     def __init__(self, host: IHost, key_pair: KeyPair, *, server: bool = True, timeout: float = 5.0,
-                 replication: int = BUCKET_SIZE, lookup_ttl: float = 30.0, read_fanout: int = READ_FANOUT) -> None:
+                 replication: int = BUCKET_SIZE, lookup_ttl: float = LOOKUP_SECONDS, read_fanout: int = READ_FANOUT) -> None:
         self.host = host
         self.read_fanout = read_fanout
         self.key_pair = key_pair
@@ -71,9 +78,25 @@ class RecordDHT:
         # all the others. Silent streams still cannot hold the slots: each gets 2 x timeout.
         self.kad._inbound_limiter = trio.CapacityLimiter(INBOUND_SLOTS)
         self._query_for_closest = self.kad.peer_routing._query_peer_for_closest
+        self.kad._add_closer_peers_to_response = self._list_closer_peers
         self.kad.peer_routing._query_peer_for_closest = self._query_dialable_for_closest
         if server:
             host.set_stream_handler(PROTOCOL_ID, self._handle_inbound)
+
+    def _list_closer_peers(self, response: Message, closest: list[ID], exclude_peer_id: ID | None = None) -> None:
+        """The closer peers of this node's answers, leaner than py-libp2p's: it lists every one
+        with its signed peer record (~350 bytes, and a signature check at the reader), which
+        made a read's or lookup's answer ~9 KB in a swarm of 20 or more (``bench/dht_request_cost.py``).
+        Listed here: id, connection and addresses, which readers take whether signed or not.
+        (A read's answer lists them too: a peer learns others' addresses from them, and some
+        dial peers they know only by id, such as checkpoint holders.)"""
+        peerstore = self.host.get_peerstore()
+        for peer in [p for p in closest if p != exclude_peer_id]:
+            entry = response.closerPeers.add()
+            entry.id = peer.to_bytes()
+            entry.connection = get_connection_type(self.host, peer)
+            with contextlib.suppress(Exception):
+                entry.addrs.extend(addr.to_bytes() for addr in peerstore.addrs(peer))
 
     async def _handle_inbound(self, stream: INetStream) -> None:
         """py-libp2p's Kademlia handler reads without a deadline while holding one of the
@@ -161,25 +184,27 @@ class RecordDHT:
                   every_replica: bool = False, fanout: int | None = None) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
-        fail validation are dropped and logged. The closest nodes are asked in random order,
-        ``read_fanout`` at a time, until ``read_fanout`` of them sent a record: every store goes
-        to all of them, so a few replicas' union holds nearly every entry, and asking all 20 of a
-        large swarm would cost each read 20 bundles (and each holder every reader's); of 6 or
-        fewer, all are read. A replica without the key is passed over (a young entry may not
+        fail validation are dropped and logged. The ``SHORT_LIVED_REPLICAS`` closest nodes are
+        asked in random order, ``read_fanout`` at a time, until ``read_fanout`` of them sent a
+        record: every store goes to all of them, so a few replicas' union holds nearly every
+        entry, and asking all 20 of a large swarm would cost each read 20 bundles (and each
+        holder every reader's); in a swarm where the lookup finds 6 or fewer nodes, all are read. A replica without the key is passed over (a young entry may not
         have reached it), so reading an empty key asks them all; with ``probe`` (is anything
         here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
         all are read: a round's matchmaking key is seconds old, its entries still arriving, and
         peers whose views differ form different groups. ``fanout`` replaces ``read_fanout`` for
-        this read (where the key has more than ``2 * read_fanout`` replicas)."""
+        this read (where the swarm is not that small)."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
-        peers = (await self._closest_peers(key_bytes))[:SHORT_LIVED_REPLICAS]
+        closest = await self._closest_peers(key_bytes)
+        peers = closest[:SHORT_LIVED_REPLICAS]
         waiting = random.sample(peers, len(peers))
         # a small swarm's few replicas are all read: cheap there, and its young entries may have
         # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
-        fanout = (fanout or self.read_fanout) if len(peers) > 2 * self.read_fanout and not every_replica else len(peers)
+        small = len(closest) <= 2 * self.read_fanout
+        fanout = len(peers) if every_replica or small else fanout or self.read_fanout
         records = 0  # replicas that sent a record
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:

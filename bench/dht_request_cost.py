@@ -1,0 +1,112 @@
+"""What one DHT request costs on the wire besides the entries it carries, measured.
+
+``python bench/dht_request_cost.py [--requests 200] [--servers 24] [--json]`` starts DHT servers
+and a client in this process (``dht.RecordDHT`` over ``swarm.network.build_host``: TCP, Noise,
+yamux, on 127.0.0.1), the first server knowing the others, and counts the loopback interface's
+bytes (TCP/IP headers included) over repeated messages of the client to that server: a read of a
+key it holds no entry under, a read of a key holding one entry, a write of one entry (which the
+server echoes), and a FIND_NODE query of a lookup. What remains after the entries' own bytes is
+each message's overhead: py-libp2p opens a stream per Kademlia message (multistream negotiation,
+a yamux stream, TCP acknowledgements), sends a signed peer record with each request and answer,
+and lists up to 20 closer peers in an answer. Measured twice: with the server answering as
+py-libp2p does (each closer peer with its signed record) and as Legion's servers do since
+2026-12-05 (``dht.node.RecordDHT._list_closer_peers``). The scale simulator charges these per
+message (``bench/dht_load.py``); before 2026-12-05 it charged none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import multiaddr
+import psutil
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.peerinfo import PeerInfo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dht import RecordDHT  # noqa: E402
+from dht.records import encode_bundle, entry_bytes, sign_entry  # noqa: E402
+from libp2p.records.record import make_signed_put_record  # noqa: E402
+from swarm.network import build_host  # noqa: E402
+
+LISTEN = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+VALUE = {"payload": "x" * 200}  # a small entry, about a board entry's size
+
+
+def loopback_bytes() -> int:
+    return psutil.net_io_counters(pernic=True)["lo"].bytes_sent
+
+
+async def measure(requests: int, servers: int, lean: bool = True) -> dict:
+    """Per-message bytes of ``requests`` messages from a client to one server whose routing table
+    holds ``servers`` - 1 other servers (a GET_VALUE answer lists up to 20 closer peers). Without
+    ``lean``, the server answers as py-libp2p does (every closer peer with its signed record), as
+    Legion's did until 2026-12-05."""
+    pairs = [create_new_key_pair() for _ in range(servers + 1)]
+    hosts = [build_host(pair) for pair in pairs]
+    nodes = [RecordDHT(host, pair, server=i < servers) for i, (host, pair) in enumerate(zip(hosts, pairs))]
+    if not lean:
+        nodes[0].kad._add_closer_peers_to_response = KadDHT._add_closer_peers_to_response.__get__(nodes[0].kad)
+    client, target = nodes[-1], hosts[0].get_id()
+    results = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for host, node in zip(hosts, nodes):
+            await stack.enter_async_context(host.run([LISTEN]))
+            await stack.enter_async_context(node.running())
+        for host, node in zip(hosts[1:], nodes[1:]):  # everyone knows the first server, and it the servers
+            await host.connect(PeerInfo(target, hosts[0].get_addrs()))
+            await node.add_peer(target)
+            if node.server:
+                hosts[0].get_peerstore().add_addrs(host.get_id(), host.get_addrs(), 3600)
+                await nodes[0].add_peer(host.get_id())
+        await trio.sleep(1)
+        store = client.kad.value_store
+        entry = sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)
+        record = make_signed_put_record(b"/legion/cost/held", encode_bundle([entry]), pairs[-1].private_key)
+        assert await store._store_at_peer(target, b"/legion/cost/held", record.value, record=record)
+
+        async def per_message(name: str, request, payload: int = 0) -> None:
+            before = loopback_bytes()
+            for i in range(requests):
+                await request(i)
+            results[name] = round((loopback_bytes() - before) / requests - payload)
+
+        await per_message("read_empty_key", lambda i: store._get_from_peer(target, b"/legion/cost/empty"))
+        await per_message("read_one_entry", lambda i: store._get_from_peer(target, b"/legion/cost/held"), entry_bytes(entry))
+        records = []
+        for i in range(requests):  # each write a newer entry, signed beforehand
+            fresh = encode_bundle([sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)])
+            records.append(make_signed_put_record(b"/legion/cost/held", fresh, pairs[-1].private_key))
+        await per_message("write_one_entry", lambda i: store._store_at_peer(target, b"/legion/cost/held", records[i].value,
+                                                                            record=records[i]), 2 * entry_bytes(entry))
+        await per_message("find_node", lambda i: client._query_for_closest(target, f"/legion/cost/new/{i}".encode()))
+        closer = len(nodes[0].kad.routing_table.find_local_closest_peers(b"/legion/cost/empty", 20))
+    return {"requests": requests, "servers": servers, "closer_peers_listed": closer, "lean_answers": lean,
+            "overhead_bytes": results, "entry_bytes": entry_bytes(entry)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--servers", type=int, default=24, help="DHT servers the answering one knows (up to 20 listed)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # py-libp2p logs each refused duplicate write
+    results = [trio.run(measure, args.requests, args.servers, lean) for lean in (False, True)]
+    if args.json:
+        print(json.dumps(results))
+    for result in [] if args.json else results:
+        print("Legion's answers" if result["lean_answers"] else "py-libp2p's answers", result["overhead_bytes"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
