@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 64  # members of a published group (a round's group is at most RunConfig.group_size)
 RUN_CONFIG_WRITERS = 16  # peers of a run that publish its configuration, about
 RUN_CONFIG_HEARTBEATS = 12  # the lifetime of a published configuration (refreshed at a third of it)
-BUCKETED_BOARD_READ_HEARTBEATS = 3  # between a trainer's reads of a board split in buckets (64 peers or more)
 
 
 def run_key(swarm: str) -> str:
@@ -78,16 +77,25 @@ class Progress:
     peer_id: str = field(default="", compare=False)
 
     def to_value(self) -> dict:
-        value = asdict(self)
-        del value["peer_id"]
-        return value
+        """The board entry: short names, fields at their default left out (since run protocol 5;
+        the field names were two thirds of an entry, read by every peer of its bucket)."""
+        defaults = Progress("", 0)
+        return {WIRE_NAMES[name]: value for name, value in asdict(self).items()
+                if name in ("run_id", "protocol") or (name != "peer_id" and value != getattr(defaults, name))}
 
     @classmethod
     def from_value(cls, peer_id: str, value) -> "Progress":
+        """Parse a board entry (of run protocol 5, or older with field names, so that a joiner can
+        say which protocol the swarm trains with); raises ``ValueError`` for anything malformed."""
         if not isinstance(value, dict):
             raise ValueError("progress is not a map")
-        # entries of run protocol 3 carry the configuration too: read, choose_run names their protocol
-        value = {k: v for k, v in value.items() if k != "config"}
+        if "run_id" in value:  # run protocol 4 or older (3 carried the configuration too)
+            value = {k: v for k, v in value.items() if k != "config"}
+        else:
+            try:
+                value = {FIELD_NAMES[k]: v for k, v in value.items()}
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"progress has an unknown field {exc}") from exc
         try:
             progress = cls(**value, peer_id=peer_id)
         except TypeError as exc:
@@ -106,6 +114,14 @@ class Progress:
                 and isinstance(progress.settled, bool)):
             raise ValueError("progress has a field of the wrong type")
         return progress
+
+
+# each field's name on the wire (run protocol 5)
+WIRE_NAMES = {"run_id": "id", "protocol": "p", "round": "r", "step": "s", "samples": "n", "loss": "l",
+              "val_loss": "v", "tokens_per_second": "t", "bytes_sent": "bs", "bytes_received": "br",
+              "group_size": "g", "training": "T", "rounds_averaged": "ra", "rounds_alone": "rl",
+              "rounds_failed": "rf", "group_key": "gk", "group": "gm", "final": "f", "settled": "S"}
+FIELD_NAMES = {wire: name for name, wire in WIRE_NAMES.items()}
 
 
 def board_place(swarm: str, me: str = "") -> BucketPlace[Progress]:
