@@ -36,6 +36,12 @@ FIND_LEVELS = 4  # levels above its own a reader finding its level looks at
 # once still counts its peer (the trainer remembers the board for several lifetimes); each further
 # replica read moved the whole bucket again: ~60 entries for every reader, every read.
 SPLIT_READ_FANOUT = 1
+# Heartbeats between a writer's refreshes of its entry once the key is split (the entry lives that
+# many times longer). A DHT request costs ~3 KB on the wire whatever it carries (a libp2p stream
+# each: ``bench/dht_request_cost.py``), so a peer's upkeep is counted in requests, and a large
+# swarm's peers need not see each other's progress every heartbeat. hivemind refreshes its
+# servers' records every 30 s.
+SPLIT_REFRESH_BEATS = 6
 
 
 class EntryReader(Protocol):
@@ -88,6 +94,9 @@ class BucketPlace(Generic[T]):
         self.estimate = 0
         # peers started together would otherwise all look at the levels above at the same reads
         self._turn = _hash64(self.me) % LEVEL_READ_BEATS
+        self._adopted = False  # a level taken from another key since the last look (``adopt``)
+        self._beats_since_write = 0
+        self._written: tuple[str, Any] | None = None  # (key, value) of this peer's last write
 
     @property
     def own_key(self) -> str:
@@ -105,14 +114,41 @@ class BucketPlace(Generic[T]):
         self.level, self.estimate = read.level, read.estimate
         return read
 
+    @property
+    def refresh_beats(self) -> int:
+        """Heartbeats between refreshes of this peer's entry: one while the key is one key (a small
+        swarm, whose peers watch each other closely), ``SPLIT_REFRESH_BEATS`` once it is split.
+        The entry's lifetime is that many times a heartbeat's."""
+        return SPLIT_REFRESH_BEATS if self.level else 1
+
+    def refresh_due(self, value: Any = None) -> bool:
+        """Once a heartbeat: whether to write this peer's entry now, ``refresh_beats`` heartbeats
+        after the last write (``wrote``), or at once where its key (its level) or ``value``
+        changed since (None: the value is not compared)."""
+        self._beats_since_write += 1
+        return self._beats_since_write >= self.refresh_beats or self._written != (self.own_key, value)
+
+    def wrote(self, value: Any = None) -> None:
+        self._beats_since_write, self._written = 0, (self.own_key, value)
+
+    def adopt(self, level: int) -> None:
+        """Take ``level`` from a read of another key the same peers write (the run board's, for a
+        trainer's member and holdings entries): same writers, same level, and this key's own
+        reads to follow it are skipped while levels keep coming. They were a third of a peer's
+        own DHT traffic (``bench/scale.py --only dht``)."""
+        self.level, self._adopted = level, True
+
     async def follow(self, dht: EntryReader) -> None:
         """Once a heartbeat, for a peer that writes the key but does not otherwise read it: a read
-        before its first write and then every ``LEVEL_READ_BEATS`` heartbeats, looking at the levels
-        above, keeps its entry at the level the swarm writes at."""
-        if self.level is None or self._turn % LEVEL_READ_BEATS == 0:
+        before its first write and then every ``LEVEL_READ_BEATS`` heartbeats (unless a level was
+        adopted meanwhile), looking at the levels above, keeps its entry at the level the swarm
+        writes at."""
+        if self.level is None or (self._turn % LEVEL_READ_BEATS == 0 and not self._adopted):
             await self.read(dht, find_level=True)
-        else:
-            self._turn += 1
+            return
+        if self._turn % LEVEL_READ_BEATS == 0:
+            self._adopted = False
+        self._turn += 1
 
 
 async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T], what: str, *, me: str = "",
@@ -161,10 +197,15 @@ async def _busiest_level(dht: EntryReader, key: str, me: str, level: int, probed
 async def _bucket_at(dht: EntryReader, key: str, me: str, level: int,
                      read: dict[str, dict[str, Entry]]) -> dict[str, Entry]:
     """The newest entry of each writer of ``me``'s bucket at ``level`` and the keys one level up
-    and down (read into ``read``, where not read already)."""
-    read.update(await _read_keys(dht, key, me, list(range(max(0, level - 1), level + 1)), known=read))
-    if level > 0 or sum(map(len, read.values())) >= BUCKET_ENTRIES:
-        read.update(await _read_keys(dht, key, me, [level + 1], both_halves=True, known=read))
+    and down (read into ``read``, where not read already). The keys up and down hold the entries
+    of peers between levels, few or none: they are probed (one replica asked, more only if it
+    holds some), where a read of an empty key asks every replica."""
+    around = _bucket_keys(key, me, [level - 1] if level > 0 else []) | _bucket_keys(key, me, [level + 1], both_halves=True)
+    wanted = _bucket_keys(key, me, [level]) | around
+    if level == 0:  # the keys below only once the unsplit key holds a bucket's worth
+        read.update(await _read_keys(dht, key, me, [0], known=read))
+        wanted = around if sum(map(len, read.values())) >= BUCKET_ENTRIES else set()
+    read.update(await _get_all(dht, key, wanted - read.keys(), probed=around))
     return merge(*(entries.values() for entries in read.values()))  # a peer that moved levels: its newest
 
 
@@ -214,21 +255,28 @@ async def _read_keys(dht: EntryReader, key: str, me: str, levels: list[int], bot
                      probe: bool = False) -> dict[str, dict[str, Entry]]:
     """The entries under ``me``'s bucket key at each of ``levels`` (and its sibling's, with
     ``both_halves``), read at once; keys in ``known`` are not read again."""
+    keys = _bucket_keys(key, me, levels, both_halves) - set(known or ())
+    return await _get_all(dht, key, keys, probed=keys if probe else set())
+
+
+def _bucket_keys(key: str, me: str, levels: list[int], both_halves: bool = False) -> set[str]:
+    """``me``'s bucket key at each of ``levels`` (and its sibling's, with ``both_halves``)."""
     keys = set()
     for level in levels:
         prefix = bucket_prefix(me, level)
         keys.add(bucket_key(key, level, prefix))
         if both_halves and level > 0:
             keys.add(bucket_key(key, level, prefix ^ 1))
-    return await _get_all(dht, key, keys - set(known or ()), probe)
+    return keys
 
 
-async def _get_all(dht: EntryReader, key: str, keys: set[str], probe: bool = False) -> dict[str, dict[str, Entry]]:
-    """The entries under each of ``keys`` (``key``'s bucket keys), read at once."""
+async def _get_all(dht: EntryReader, key: str, keys: set[str], probed: set[str] = frozenset()) -> dict[str, dict[str, Entry]]:
+    """The entries under each of ``keys`` (``key``'s bucket keys), read at once, those in
+    ``probed`` as probes."""
     read: dict[str, dict[str, Entry]] = {}
 
     async def read_key(one: str) -> None:
-        read[one] = await dht.get(one, probe=probe, fanout=None if one == key else SPLIT_READ_FANOUT)
+        read[one] = await dht.get(one, probe=one in probed, fanout=None if one == key else SPLIT_READ_FANOUT)
 
     async with trio.open_nursery() as nursery:
         for one in sorted(keys):

@@ -106,6 +106,9 @@ class Peer:
         self.dht = RecordDHT(self.host, self.key_pair, server=config.seed, timeout=config.network_timeout)
         self.lanes = Lanes(self.host, timeout=config.network_timeout)
         self.reachability = Reachability(self.host)
+        # where its announcement goes: the level of its bucket of the member list follows the
+        # swarm's size (a trainer's comes from the run board's reads: ``BucketPlace.adopt``)
+        self.member_place = member_place(config.swarm, self.peer_id.to_base58())
         self.started_at = time.time()
         self.addrs: list[multiaddr.Multiaddr] = []
         self._stopping = trio.Event()
@@ -156,14 +159,14 @@ class Peer:
                                                         self.config.network_timeout)
                 for peer_id in reached:  # the first store's lookup then fills the routing table
                     await self.dht.add_peer(peer_id)
-            # the level of this peer's bucket of the member list follows the swarm's size: found
-            # before announcing (in a large swarm the unsplit key stays empty), then checked every
-            # few heartbeats
-            members = member_place(self.config.swarm, self.peer_id.to_base58())
+            # its level found before announcing (in a large swarm the unsplit key stays empty),
+            # then checked every few heartbeats
+            members = self.member_place
             with trio.move_on_after(2 * self.config.network_timeout):
                 await members.follow(self.dht)
-            key = members.own_key
-            await self.dht.store(key, self.announcement().to_value(), self.ttl)
+            key, value = members.own_key, self.announcement().to_value()
+            if await self.dht.store(key, value, self.ttl * members.refresh_beats):
+                members.wrote(value)
             log.info("peer %s announced in swarm %r (%d in routing table)", self.peer_id,
                      self.config.swarm, self.dht.routing_table_size())
             self.reachability.serve()
@@ -178,13 +181,16 @@ class Peer:
                     break
                 with trio.move_on_after(self.config.heartbeat):
                     await members.follow(self.dht)
-                key = members.own_key
                 value = self.announcement().to_value()  # its reachability may be known by now
+                if not members.refresh_due(value):
+                    continue
+                key = members.own_key
                 # A slow refresh still counts while the previous entry lives (ttl - heartbeat).
                 with trio.move_on_after(self.ttl - self.config.heartbeat):
-                    await self.dht.store(key, value, self.ttl)
+                    if await self.dht.store(key, value, self.ttl * members.refresh_beats):
+                        members.wrote(value)
             with trio.move_on_after(2.0):
-                await self.dht.withdraw(key, self.ttl)
+                await self.dht.withdraw(key, self.ttl * members.refresh_beats)
                 log.info("peer %s withdrew its announcement", self.peer_id)
             nursery.cancel_scope.cancel()
 

@@ -38,7 +38,7 @@ from swarm import resources
 from swarm.peer import Peer
 from swarm.final_weights import agreed_digest
 from swarm.reducer import RoundReport, SwarmReducer
-from swarm.run_board import (BUCKETED_BOARD_READ_HEARTBEATS, MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress,
+from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress,
                              board_place, choose_run, publishes_config, read_run_configs, run_configs_key)
 from swarm.run_config import PROTOCOL, RunConfig
 from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
@@ -337,12 +337,16 @@ class Trainer:
             read = await self._board.read(self.peer.dht)
         if read is None:
             log.info("reading the run board took over %.0f s; keeping the last one read", limit)
-        elif level is not None and read.level != level:
-            log.info("the run board holds about %d peers: this peer's entry moves to level %d", read.estimate, read.level)
+        else:
+            if level is not None and read.level != level:
+                log.info("the run board holds about %d peers: this peer's entry moves to level %d", read.estimate, read.level)
+            # the same peers write the member list and the holdings: their entries go to the same level
+            self.peer.member_place.adopt(read.level)
+            self.checkpoints.holdings_place.adopt(read.level)
         now = trio.current_time()
         for progress in read.entries if read is not None else []:
             self._board_seen[progress.peer_id] = (now, progress)
-        memory = BOARD_MEMORY_TTLS * self.peer.ttl
+        memory = BOARD_MEMORY_TTLS * self.peer.ttl * self._board.refresh_beats
         self._board_seen = {peer: seen for peer, seen in self._board_seen.items() if now - seen[0] <= memory}
         self.board = [progress for _, progress in self._board_seen.values()]
 
@@ -351,8 +355,11 @@ class Trainer:
         publishers (``run_board.publishes_config``)."""
         swarm = self.peer.config.swarm
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
-            await self.peer.dht.store(self._board.own_key, self.progress.to_value(),
-                                      self.peer.ttl)
+            # what the others act on is written at once; the rest (round, loss...) at each refresh
+            turns = (self.progress.run_id, self.progress.training, self.progress.final, self.progress.settled)
+            if self._board.refresh_due(turns) and await self.peer.dht.store(
+                    self._board.own_key, self.progress.to_value(), self.peer.ttl * self._board.refresh_beats):
+                self._board.wrote(turns)
             # it never changes: a long lifetime, refreshed rarely
             lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)
             if publishes_config(self.me, self._expected_peers()) and \
@@ -361,19 +368,20 @@ class Trainer:
                 self._config_published_at = trio.current_time()
 
     async def _publish_progress(self) -> None:
-        """This peer's board entry, refreshed every heartbeat on its own: a slow board read must
-        not delay it past its lifetime (the others would think this peer gone, and step alone)."""
+        """This peer's board entry, refreshed on its own (every heartbeat in a small swarm,
+        ``BucketPlace.refresh_beats``): a slow board read must not delay it past its lifetime
+        (the others would think this peer gone, and step alone)."""
         while True:
             await self._publish_once()
             await trio.sleep(self.peer.config.heartbeat)
 
     async def _watch_board(self) -> None:
-        """Read the run board every heartbeat, every ``BUCKETED_BOARD_READ_HEARTBEATS`` once it is
-        split in buckets (a large swarm, where its reads were most of the DHT's load:
-        ``bench/scale.py --only dht``); renew this peer's shard bid every heartbeat."""
+        """Read the run board as often as its entries are refreshed (every heartbeat, every
+        ``refresh_beats`` once it is split in buckets: a large swarm, where its reads were most of
+        the DHT's load, ``bench/scale.py --only dht``); renew this peer's shard bid every heartbeat."""
         beat = 0
         while True:
-            if not self._board.level or beat % BUCKETED_BOARD_READ_HEARTBEATS == 0:
+            if beat % self._board.refresh_beats == 0:
                 await self._refresh_board()
             beat += 1
             if self.sharded:

@@ -8,11 +8,12 @@ import msgpack
 
 import pytest
 
-from dht.buckets import (BUCKET_ENTRIES, LEVEL_READ_BEATS, bucket_level, bucket_prefix, own_bucket_key,
-                         parse_entries, read_every_bucket)
+from dht.buckets import (BUCKET_ENTRIES, LEVEL_READ_BEATS, SPLIT_REFRESH_BEATS, bucket_level, bucket_prefix,
+                         own_bucket_key, parse_entries, read_every_bucket)
 from dht.records import Entry
 from swarm.run_board import (Progress, board_place, choose_run, publishes_config, read_board, read_run_configs,
                              run_configs_key, run_key)
+from swarm.members import member_place, members_key
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig, RunConfigError
 
 
@@ -33,6 +34,19 @@ def test_a_joiner_picks_the_run_most_peers_train_and_explains_an_incompatible_sw
     old = Progress.from_value("p6", {"run_id": a.run_id, "protocol": 3, "config": a.to_dict()})
     with pytest.raises(RunConfigError, match=r"protocol \[3\]"):
         choose_run([old], configs)
+
+
+def test_a_board_entry_is_written_with_short_names_and_without_its_defaults():
+    """Field names were two thirds of an entry, which every peer of its bucket reads (run protocol 5)."""
+    progress = Progress("r1", RUN_PROTOCOL, round=7, loss=2.5, training=True, group=["a", "b"], peer_id="p1")
+    value = progress.to_value()
+    assert value == {"id": "r1", "p": RUN_PROTOCOL, "r": 7, "l": 2.5, "T": True, "gm": ["a", "b"]}
+    assert Progress.from_value("p1", msgpack.unpackb(msgpack.packb(value))) == progress
+    assert len(msgpack.packb(value)) < len(msgpack.packb({k: v for k, v in vars(progress).items() if k != "peer_id"})) / 2
+    with pytest.raises(ValueError, match="unknown field"):
+        Progress.from_value("p1", {**value, "zz": 1})
+    with pytest.raises(ValueError):
+        Progress.from_value("p1", {**value, "r": "seven"})
 
 
 async def test_a_run_configuration_is_published_by_a_few_peers_and_names_itself():
@@ -65,6 +79,7 @@ class BoardKeys:
     def __init__(self) -> None:
         self.keys: dict[str, dict[str, Entry]] = {}
         self.reads: list[str] = []
+        self.probes: list[str] = []  # the reads that were probes
 
     def write(self, key: str, peer_id: str, value: dict) -> None:
         now = time.time()
@@ -72,6 +87,8 @@ class BoardKeys:
 
     async def get(self, key, *, probe=False, fanout=None):
         self.reads.append(key)
+        if probe:
+            self.probes.append(key)
         return dict(self.keys.get(key, {}))
 
 
@@ -107,9 +124,11 @@ async def test_a_large_board_splits_into_bounded_buckets_and_one_bucket_estimate
     for reader in peers[:: max(1, n // 50)]:
         joining = await read_board(dht, "s", reader)  # no level yet: finds it
         assert joining.level == bucket_level(n) or abs(joining.level - bucket_level(n)) == 1
-        dht.reads.clear()
+        dht.reads.clear(), dht.probes.clear()
         read = await read_at(dht, reader, bucket_level(n))
-        assert len(dht.reads) <= 4  # its bucket, the one above, its two halves below
+        assert len(dht.reads) <= 4  # its bucket, the one above, its two halves below...
+        own = own_bucket_key(run_key("s"), reader, bucket_level(n))
+        assert own in dht.reads and set(dht.probes) == set(dht.reads) - {own}  # ...those three probed
         assert n / 2 <= read.estimate <= 2 * n and n / 2 <= joining.estimate <= 2 * n
         bucket = {p for p in peers if bucket_prefix(p, bucket_level(n)) == bucket_prefix(reader, bucket_level(n))}
         assert bucket <= {p.peer_id for p in read.entries}
@@ -150,6 +169,50 @@ async def test_a_writer_finds_its_level_before_it_writes_then_checks_it_every_fe
             assert any(key.startswith(f"{run_key('s')}/{place.level + 2}.") for key in dht.reads[before:])
     assert len(reading_beats) == 3 and {b - a for a, b in zip(reading_beats, reading_beats[1:])} == {LEVEL_READ_BEATS}
     assert 500 <= place.estimate <= 2000
+
+
+def test_a_writer_refreshes_its_entry_every_heartbeat_in_a_small_swarm_every_few_once_split_and_at_once_on_change():
+    """A DHT message costs ~3 KB on the wire whatever it carries (``bench/dht_request_cost.py``):
+    a large swarm's peers refresh their entries every ``SPLIT_REFRESH_BEATS`` heartbeats (which
+    live as much longer), and write at once what the others act on."""
+    place = board_place("s", "me")
+    place.level = 0
+    writes = []
+    for beat in range(4):
+        if place.refresh_due("training"):
+            writes.append(beat)
+            place.wrote("training")
+    assert writes == [0, 1, 2, 3] and place.refresh_beats == 1
+    place.level, writes = 3, []  # split: its key moved, so it writes at once, then every few heartbeats
+    for beat in range(3 * SPLIT_REFRESH_BEATS):
+        changed = beat == SPLIT_REFRESH_BEATS + 2
+        value = "finished" if beat >= SPLIT_REFRESH_BEATS + 2 else "training"
+        if place.refresh_due(value):
+            writes.append((beat, changed))
+            place.wrote(value)
+    assert place.refresh_beats == SPLIT_REFRESH_BEATS
+    assert writes == [(0, False), (SPLIT_REFRESH_BEATS, False), (SPLIT_REFRESH_BEATS + 2, True),
+                      (2 * SPLIT_REFRESH_BEATS + 2, False)]
+
+
+async def test_a_trainers_member_and_holdings_entries_take_the_boards_level_without_reading_their_own():
+    """The same peers write the board, the member list and the holdings: a level the board's read
+    found is theirs too, and their own reads to follow it (a third of a peer's DHT traffic) stop
+    while it keeps coming, and start again when it does not."""
+    dht, _ = _board_of(1000)
+    board, members = board_place("s", "trainer"), member_place("s", "trainer")
+    await board.read(dht)
+    members.adopt(board.level)
+    assert members.level == board.level
+    dht.reads.clear()
+    for beat in range(4 * LEVEL_READ_BEATS):
+        if beat % SPLIT_REFRESH_BEATS == 0:  # the board read every few heartbeats
+            members.adopt(board.level)
+        await members.follow(dht)
+    assert dht.reads == []
+    for _ in range(2 * LEVEL_READ_BEATS):  # no more board reads (the trainer stopped): it follows on its own
+        await members.follow(dht)
+    assert any(key.startswith(members_key("s")) for key in dht.reads)
 
 
 @pytest.mark.parametrize("me", ["a", "b"])
