@@ -2,24 +2,34 @@
 
 Every peer, every heartbeat, does what the real code does: it writes its run-board entry, its
 member announcement and its checkpoint holdings (``swarm.trainer``, ``swarm.peer``,
-``bootstrap.checkpoint_swarm``), reads its view of the run board, follows the level of its member
-and holdings buckets every ``LEVEL_READ_BEATS`` heartbeats, declares in its round's matchmaking
-bucket and reads it; a few peers publish the run's configuration; joining peers (``--churn``)
+``bootstrap.checkpoint_swarm``) when due (every ``SPLIT_REFRESH_BEATS`` heartbeats once their key
+is split), reads its view of the run board as often, writes its member and holdings
+entries at the level that read found (``BucketPlace.adopt``; they follow their own every
+``LEVEL_READ_BEATS`` heartbeats only until the first), declares in its round's matchmaking bucket
+and reads it once a round (a twelfth of the peers each heartbeat; its traffic is counted apart from
+the heartbeats' upkeep); a few peers publish the run's configuration; joining peers (``--churn``)
 find their levels first and read the configuration. The reads run the real
 ``dht.buckets.BucketPlace`` reads over a model DHT: each key is held by the ``K`` nodes whose ids are
 XOR-closest to its hash, a write goes to all of them and a read asks some of them. The entries
 are real ``Entry`` objects holding real values, so bytes are the real sizes.
 
-Costs are counted per node: bytes up and down (bundles served, entries stored; request framing
-left out) and CPU seconds at the per-entry costs measured on this machine with the real merging
-store and bundle decoder (``calibrate``). Two protocols side by side:
+Costs are counted per node: bytes up and down and CPU seconds at the per-entry costs measured on
+this machine with the real merging store and bundle decoder (``calibrate``). Every DHT message also
+costs its measured bytes on the wire besides the entries it carries (``MessageBytes``, from
+``bench/dht_request_cost.py``: ~3-9 KB, far more than an entry), split evenly between its two ends;
+before 2026-12-05 the simulator charged none, and its per-peer figures left most of the traffic out. A read
+asks its replicas as ``RecordDHT.get`` does (every holder of an empty key, one for a probe), and a
+key's closest nodes are looked up again every ``LOOKUP_SECONDS`` while a peer uses the key
+(``lookup_queries`` FIND_NODE queries each, a model). Two protocols side by side:
 
 - ``flat`` (until 2026-12-04): every all-peer key one DHT key, the run's configuration in every
-  board entry, a read asks all ``K`` holders;
-- ``buckets`` (now): the board, members and holdings split (``dht.buckets``), the configuration
-  under its own key, entries written to and read from the ``SHORT_LIVED_REPLICAS`` closest nodes
-  only, a read asks ``READ_FANOUT`` of them drawn at random (``RecordDHT.get``), one for a split
-  bucket key (``dht.buckets.SPLIT_READ_FANOUT``).
+  board entry, a read asks all ``K`` holders, py-libp2p's answers (closer peers with their signed
+  records) and its 30 s lookup cache;
+- ``buckets`` (now): the board, members and holdings split (``dht.buckets``), refreshed every
+  ``SPLIT_REFRESH_BEATS`` heartbeats once split, the configuration under its own key, entries
+  written to and read from the ``SHORT_LIVED_REPLICAS`` closest nodes only, a read asks
+  ``READ_FANOUT`` of them drawn at random (``RecordDHT.get``), one for a split bucket key
+  (``dht.buckets.SPLIT_READ_FANOUT``), Legion's lean answers.
 
 Shard bids stay one key in both (sharded runs only; not counted here).
 """
@@ -27,9 +37,10 @@ Shard bids stay one key in both (sharded runs only; not counted here).
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -40,12 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.groups import bucket_count, bucket_of  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
-from dht.buckets import BucketPlace  # noqa: E402
-from dht.node import READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
+from dht.buckets import SPLIT_REFRESH_BEATS, BucketPlace  # noqa: E402
+from dht.node import LOOKUP_SECONDS, READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
-from swarm.run_board import BUCKETED_BOARD_READ_HEARTBEATS, RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
+from swarm.run_board import RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig  # noqa: E402
 
 K = 20  # replicas per key (py-libp2p's bucket size)
@@ -55,7 +66,7 @@ SWARM = "sim"
 GROUP_TARGET = 16
 ROUND_SECONDS = 60.0  # a DiLoCo round of a few hundred inner steps
 MM_READS = 3  # reads of a round's matchmaking bucket before a large swarm's group is full
-SETTLE_BEATS = 8  # heartbeats not counted: every peer starts at once, and levels move one a read
+SETTLE_BEATS = 8 * SPLIT_REFRESH_BEATS  # not counted: every peer starts at once, and levels move one a read (every 30 s once split)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,34 @@ class Costs:
     get_per_stored_entry: float  # a node answering a read of a bundle it holds
     verify_per_entry: float  # a reader checking an entry it has not seen (an Ed25519 verification)
     decode_per_entry: float  # a reader decoding an entry it verified already (another replica's copy)
+
+
+@dataclass(frozen=True)
+class MessageBytes:
+    """Bytes on the wire of one DHT message and its answer besides the entries they carry (both
+    directions, TCP/IP headers included), measured with the real code (``bench/dht_request_cost.py``)."""
+
+    read: float  # GET_VALUE
+    write: float  # PUT_VALUE (the entry itself moves twice: the server echoes it)
+    find_node: float  # one query of a lookup (an answer lists 20 closer peers)
+
+
+def measure_messages(lean: bool) -> MessageBytes:
+    """``MessageBytes`` of servers answering as Legion's do (``lean``) or as py-libp2p's do."""
+    import logging
+
+    from dht_request_cost import measure
+
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    measured = trio.run(measure, 50, 24, lean)["overhead_bytes"]
+    return MessageBytes(measured["read_empty_key"], measured["write_one_entry"], measured["find_node"])
+
+
+def lookup_queries(n: int) -> int:
+    """FIND_NODE queries of one closest-peer lookup in a swarm of ``n``: rounds of 3 (py-libp2p's
+    alpha) until no closer peer turns up, one round per factor of 16 beyond the 20 peers of an
+    answer plus one that finds nothing closer. A model (Kademlia's log(N) hops), not measured."""
+    return 3 * (1 + max(1, math.ceil(math.log(max(n, 21) / 20, 16))))
 
 
 def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
@@ -105,13 +144,18 @@ def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
 
 
 def _board_value(with_config: bool = False, with_group: bool = True) -> dict:
-    """A board entry; since 2026-12-04 late only a group's first member lists the group."""
+    """A board entry; since 2026-12-04 late only a group's first member lists the group. The flat
+    protocol's (``with_config``) has the configuration inside and every field by its name, as
+    until 2026-12-04 (short names since 2026-12-05)."""
     config = RunConfig(model="tiny").validate()
-    value = Progress(config.run_id, RUN_PROTOCOL, round=1234, step=56789, samples=10**6,
-                    loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
-                    group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
-                    group=[f"12D3KooW{'x' * 44}"] * 16 if with_group else []).to_value()
-    return {**value, "config": config.to_dict()} if with_config else value  # in every entry until 2026-12-04
+    progress = Progress(config.run_id, RUN_PROTOCOL, round=1234, step=56789, samples=10**6,
+                        loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
+                        group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
+                        group=[f"12D3KooW{'x' * 44}"] * 16 if with_group else [])
+    if with_config:
+        named = {name: value for name, value in asdict(progress).items() if name != "peer_id"}
+        return {**named, "config": config.to_dict()}
+    return progress.to_value()
 
 
 def _member_value() -> dict:
@@ -141,19 +185,24 @@ class LoadDHT:
 
     peers: list[str]
     costs: Costs
+    messages: MessageBytes
     fanout: int = K
     replicas: int = K
+    lookup_seconds: float = LOOKUP_SECONDS
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     up: np.ndarray = field(init=False)
     down: np.ndarray = field(init=False)
     cpu: np.ndarray = field(init=False)
-    own_traffic: np.ndarray = field(init=False)  # bytes of each peer's own reads and writes (not its serving)
+    own_traffic: np.ndarray = field(init=False)  # bytes of each peer's own reads and writes (not its serving)...
+    own_matchmaking: np.ndarray = field(init=False)  # ...but those of matchmaking, once a round
     keys: dict[str, dict[str, Entry]] = field(default_factory=dict)
     key_bytes: dict[str, int] = field(default_factory=dict)
     _holders: dict[str, np.ndarray] = field(default_factory=dict)
     _index: dict[str, int] = field(default_factory=dict)
     _templates: dict[str, Entry] = field(default_factory=dict)
     counting_contacts: bool = False
+    _looked_up: dict[tuple[int, str], float] = field(default_factory=dict)  # (peer, key) -> when it looked up
+    own_requests: np.ndarray = field(init=False)  # messages each peer sent for its upkeep (matchmaking apart)
     _contacts: list[np.ndarray] = field(default_factory=list)  # pairs of peers that exchanged a message
 
     def __post_init__(self) -> None:
@@ -161,7 +210,8 @@ class LoadDHT:
         # entries by (a slow run at 10,000 peers fell behind the real clock, and every entry expired)
         self.now = time.time() + 86400
         n = len(self.peers)
-        self.up, self.down, self.cpu, self.own_traffic = (np.zeros(n) for _ in range(4))
+        self.up, self.down, self.cpu, self.own_traffic, self.own_matchmaking, self.own_requests = (
+            np.zeros(n) for _ in range(6))
         self._ids = np.array([int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in self.peers],
                              dtype=np.uint64)
         self._index = {p: i for i, p in enumerate(self.peers)}
@@ -192,35 +242,79 @@ class LoadDHT:
                 del self.keys[key], self.key_bytes[key]
 
     def store(self, writer: str, key: str, entry: Entry) -> None:
+        """A write of ``entry`` to each of the key's holders (after a lookup of them, where the
+        writer's is older than ``lookup_seconds``); a message's overhead is split evenly between
+        its two directions."""
         size = entry_bytes(entry)
         bundle = self.keys.setdefault(key, {})
         old = bundle.get(writer)
         holders = self.holders(key)
-        self.down[holders] += size
-        self.cpu[holders] += self.costs.verify_per_entry + self.costs.put_per_stored_entry * (len(bundle) + 1)
         me = self._index[writer]
+        self._lookup(me, key)
+        overhead = self.messages.write / 2
+        self.down[holders] += size + overhead
+        self.up[holders] += size + overhead  # the echo
+        self.cpu[holders] += self.costs.verify_per_entry + self.costs.put_per_stored_entry * (len(bundle) + 1)
         self._contact(me, holders)
-        self.up[me] += size * len(holders)
-        self.own_traffic[me] += size * len(holders)
+        self.up[me] += (size + overhead) * len(holders)
+        self.down[me] += (size + overhead) * len(holders)
+        self._count(me, key, (2 * size + self.messages.write) * len(holders), len(holders))
         bundle[writer] = entry
         self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
 
-    def charge_get(self, reader: str, key: str, every_replica: bool = False, fanout: int | None = None) -> None:
-        """A read of ``key``: ``fanout`` (the simulation's, unless given) of its holders, drawn at
-        random, each send the bundle (cut at the bundle cap)."""
+    def charge_get(self, reader: str, key: str, every_replica: bool = False, fanout: int | None = None,
+                   probe: bool = False) -> None:
+        """A read of ``key`` as ``RecordDHT.get`` reads (after a lookup, where the reader's is older
+        than ``lookup_seconds``): ``fanout`` (the simulation's, unless given) of its holders, drawn
+        at random, each send the bundle (cut at the bundle cap); an empty key is asked of every
+        holder, or of one for a ``probe``."""
         entries = len(self.keys.get(key, {}))
         size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
         holders = self.holders(key)
-        fanout = fanout or self.fanout
+        fanout = 1 if probe and not entries else len(holders) if not entries else fanout or self.fanout
         served = holders if every_replica or fanout >= len(holders) else self.rng.choice(holders, fanout, replace=False)
-        self.up[served] += size
+        overhead = self.messages.read / 2
+        self.up[served] += size + overhead
+        self.down[served] += overhead
         self.cpu[served] += self.costs.get_per_stored_entry * entries
         me = self._index[reader]
+        self._lookup(me, key)
         self._contact(me, served)
-        self.down[me] += size * len(served)
-        self.own_traffic[me] += size * len(served)
+        self.down[me] += (size + overhead) * len(served)
+        self.up[me] += overhead * len(served)
+        self._count(me, key, (size + self.messages.read) * len(served), len(served))
         shown = entries if not entries else min(entries, entries * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
         self.cpu[me] += shown * (self.costs.verify_per_entry + (len(served) - 1) * self.costs.decode_per_entry)
+
+    def _lookup(self, me: int, key: str) -> None:
+        """``me``'s lookups of ``key``'s closest nodes, one every ``lookup_seconds`` while it uses
+        the key (``RecordDHT._closest_peers`` caches them), charged as a share of one at each use
+        (the time since the last use over ``lookup_seconds``; a whole one at the first), so that
+        a window shorter than ``lookup_seconds`` counts them at their average rate. A lookup is
+        ``lookup_queries`` FIND_NODE queries, the last round's 3 to the key's holders, the others
+        to nodes at random."""
+        last = self._looked_up.get((me, key))
+        share = 1.0 if last is None else min(1.0, (self.now - last) / self.lookup_seconds)
+        self._looked_up[(me, key)] = self.now
+        if not share:
+            return
+        queries = lookup_queries(len(self.peers))
+        asked = np.concatenate([self.rng.choice(self.holders(key), min(3, len(self.holders(key))), replace=False),
+                                self.rng.integers(0, len(self.peers), max(0, queries - 3))])
+        each = self.messages.find_node * share
+        np.add.at(self.up, asked, each / 2)
+        np.add.at(self.down, asked, each / 2)
+        self.up[me] += each / 2 * len(asked)
+        self.down[me] += each / 2 * len(asked)
+        self._count(me, key, each * len(asked), share * len(asked))
+
+    def _count(self, me: int, key: str, traffic: float, messages: int) -> None:
+        """``me``'s own traffic and messages for ``key``: its upkeep's, or its matchmaking's."""
+        if "/mm/" in key:
+            self.own_matchmaking[me] += traffic
+        else:
+            self.own_traffic[me] += traffic
+            self.own_requests[me] += messages
 
     def _contact(self, me: int, others: np.ndarray) -> None:
         if self.counting_contacts:
@@ -257,7 +351,7 @@ class ReaderView:
         self.dht, self.peer = dht, peer
 
     async def get(self, key: str, *, probe: bool = False, fanout: int | None = None) -> dict[str, Entry]:
-        self.dht.charge_get(self.peer, key, fanout=fanout)  # an empty key costs requests, no bundle bytes
+        self.dht.charge_get(self.peer, key, fanout=fanout, probe=probe)
         return self.dht.keys.get(key, {})
 
 
@@ -268,6 +362,7 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
     for peer in dht.peers:
         view = dht.reader(peer)
         peer_hash = int(hashlib.sha256(peer.encode()).hexdigest(), 16)
+        board_level = None  # the level this heartbeat's board read found, if it read
         for kind in ("board", "members", "holdings"):
             base = BASE_KEYS[kind]
             if protocol == "flat":
@@ -278,16 +373,22 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
             place = places.get((peer, kind))
             if place is None:  # a newcomer (or one in a leaver's place): it finds its level before it writes
                 place = places[(peer, kind)] = BucketPlace(base, lambda s, v: s, kind, peer)
-            if kind == "board":  # the trainer reads its bucket every heartbeat, every third once split
-                known, phase = place.level is not None, peer_hash % BUCKETED_BOARD_READ_HEARTBEATS
-                if not place.level or (beat + phase) % BUCKETED_BOARD_READ_HEARTBEATS == 0:
+            if kind == "board":  # the trainer reads its bucket as often as entries are refreshed
+                known, phase = place.level is not None, peer_hash % SPLIT_REFRESH_BEATS
+                if (beat + phase) % place.refresh_beats == 0:
                     read = await place.read(view)
+                    board_level = read.level
                     if beat == 0 and known:
                         estimates.append(read.estimate / n)
-            else:  # members, holdings: written every heartbeat, read to follow the level
+            else:  # members, holdings: at the board's level (read to follow it without)
+                if board_level is not None:
+                    place.adopt(board_level)
                 await place.follow(view)
-            lists_group = kind == "board" and peer_hash % GROUP_TARGET == 0
-            dht.store(peer, place.own_key, dht.entry("board-group" if lists_group else kind, peer))
+            if place.refresh_due():  # every heartbeat, every SPLIT_REFRESH_BEATS once split (living as much longer)
+                lists_group = kind == "board" and peer_hash % GROUP_TARGET == 0
+                dht.store(peer, place.own_key, dht.entry("board-group" if lists_group else kind, peer,
+                                                         TTL * place.refresh_beats))
+                place.wrote()
     if protocol != "flat":  # (flat: the configuration came with every board entry)
         # the run's configuration: a few peers publish it, refreshed at a third of its lifetime; joiners read it
         config_ttl = RUN_CONFIG_HEARTBEATS * HEARTBEAT
@@ -296,26 +397,31 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
                 dht.store(peer, run_configs_key(SWARM), dht.entry("config", peer, config_ttl))
         for peer in joiners:
             dht.charge_get(peer, run_configs_key(SWARM))
-    # matchmaking: a round every ROUND_SECONDS; a heartbeat's share of its declarations and reads
+    # matchmaking: a round every ROUND_SECONDS, each peer matching once a round; a heartbeat's
+    # share of the peers, in turn
     round_key = f"/legion/{SWARM}/mm/run/diloco-{beat}"
     count = bucket_count(n, GROUP_TARGET) if protocol == "buckets" else 1
-    share = HEARTBEAT / ROUND_SECONDS
-    for peer in dht.peers[: max(1, round(n * share))]:
+    beats_per_round = round(ROUND_SECONDS / HEARTBEAT)
+    matching = dht.peers[(beat % beats_per_round) * n // beats_per_round:(beat % beats_per_round + 1) * n // beats_per_round]
+    for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         dht.store(peer, key, dht.entry("mm", peer))
-    for peer in dht.peers[: max(1, round(n * share))]:
+    for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         for _ in range(MM_READS):
             dht.charge_get(peer, key, every_replica=True)
 
 
-def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed: int) -> dict:
+def simulate(protocol: str, n: int, churn: float, costs: Costs, messages: dict[str, MessageBytes], beats: int,
+             seed: int) -> dict:
     """``beats`` measured heartbeats after levels settle; ``churn``: joins (and as many leaves) per
     peer per hour."""
     peers = [hashlib.sha256(f"peer{seed}/{i}".encode()).hexdigest()[:40] for i in range(n)]
-    # every entry here lives at most a minute: ``buckets`` writes and reads its closest replicas only
-    dht = LoadDHT(peers, costs, fanout=K if protocol == "flat" else READ_FANOUT,
-                  replicas=K if protocol == "flat" else SHORT_LIVED_REPLICAS)
+    # every entry here is short-lived (SHORT_LIVED_SECONDS): ``buckets`` writes and reads its closest replicas only
+    # flat: py-libp2p's answers and its lookup cache (30 s) as they were until 2026-12-05
+    dht = LoadDHT(peers, costs, messages["py-libp2p" if protocol == "flat" else "legion"],
+                  fanout=K if protocol == "flat" else READ_FANOUT, replicas=K if protocol == "flat" else SHORT_LIVED_REPLICAS,
+                  lookup_seconds=30.0 if protocol == "flat" else LOOKUP_SECONDS)
     places: dict[tuple[str, str], BucketPlace] = {}  # (peer, kind) -> where that peer reads and writes
     estimates: list[float] = []
     rng = np.random.default_rng(seed)
@@ -325,7 +431,8 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
         for beat in range(-SETTLE_BEATS, beats):
             dht.tick()
             if beat == 0:
-                dht.up[:], dht.down[:], dht.cpu[:], dht.own_traffic[:] = 0, 0, 0, 0
+                for counter in (dht.up, dht.down, dht.cpu, dht.own_traffic, dht.own_matchmaking, dht.own_requests):
+                    counter[:] = 0
                 dht.counting_contacts = True
             joins = rng.poisson(n * churn / 3600 * HEARTBEAT) if beat >= 0 else 0
             joiners = set(rng.choice(peers, size=min(n, joins), replace=False)) if joins else set()
@@ -346,6 +453,9 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, beats: int, seed
             "median_node_mbps": round(float(np.median(up_mbps)), 4),
             "peer_background_kbps": round(float(np.median(dht.own_traffic)) * 8 / seconds / 1e3, 1),
             "peer_background_kbps_max": round(float(dht.own_traffic.max()) * 8 / seconds / 1e3, 1),
+            # each peer matches once a round: the mean over peers is one peer's average over rounds
+            "peer_matchmaking_kbps": round(float(dht.own_matchmaking.mean()) * 8 / seconds / 1e3, 1),
+            "peer_requests_per_second": round(float(np.median(dht.own_requests)) / seconds, 2),
             "dht_contacts_median": int(np.median(contacts)), "dht_contacts_max": int(contacts.max()),
             "largest_key_entries": max(len(dht.keys[k]) for k in legion_keys),
             "largest_key_kib": round(max(dht.key_bytes[k] for k in legion_keys) / 1024, 1),

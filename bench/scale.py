@@ -2,7 +2,7 @@
 DHT keys put on the nodes holding them (``dht_load.py``).
 
     python bench/scale.py [--peers 100 1000 10000] [--miss 0.001 0.01] [--rounds 3]
-                          [--churn 0.2] [--beats 2] [--only matchmaking|dht] [--json]
+                          [--churn 0.2] [--beats 12] [--only matchmaking|dht] [--json]
 
 Every peer reads the matchmaking entries of a round from the DHT; at scale no two peers read
 exactly the same set (entries still propagating, a replica that missed a store, a bundle over its
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # for report.py, after the packages
 
 from averaging.groups import Coordinates, bucket_count, bucket_of, form_groups, plan_groups  # noqa: E402
-from dht_load import calibrate, microseconds, simulate as simulate_dht  # noqa: E402
+from dht_load import calibrate, measure_messages, microseconds, simulate as simulate_dht  # noqa: E402
 from report import print_result  # noqa: E402
 
 TARGET, MIN_SIZE, MIX_EVERY = 16, 2, 4  # the reducer's group size cap, the matchmaker's defaults
@@ -156,7 +156,8 @@ def main() -> int:
                         help="largest N to run the flat protocol at (each split is O(N^2 / target))")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--churn", type=float, default=0.2, help="joins (and leaves) per peer per hour")
-    parser.add_argument("--beats", type=int, default=2, help="heartbeats measured in the DHT simulation")
+    parser.add_argument("--beats", type=int, default=12,
+                        help="heartbeats measured in the DHT simulation (a minute: whole refresh periods and a round)")
     parser.add_argument("--only", choices=["matchmaking", "dht"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -173,10 +174,12 @@ def main() -> int:
                         print(result["matchmaking"][-1], flush=True)
     if args.only != "matchmaking":
         costs = calibrate()
+        messages = {"py-libp2p": measure_messages(lean=False), "legion": measure_messages(lean=True)}
         result["dht_costs_microseconds"], result["dht"] = microseconds(costs), []
+        result["dht_message_bytes"] = {name: vars(measured) for name, measured in messages.items()}
         for n in args.peers:
             for protocol in ("flat", "buckets"):
-                result["dht"].append(simulate_dht(protocol, n, args.churn, costs, args.beats, args.seed))
+                result["dht"].append(simulate_dht(protocol, n, args.churn, costs, messages, args.beats, args.seed))
                 if not args.json:
                     print(result["dht"][-1], flush=True)
     print_result(result, args.json)

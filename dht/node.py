@@ -35,14 +35,15 @@ LOOKUP_DIAL_SECONDS = 2.5  # a lookup's dial of a peer it is not connected to (T
 UNREACHABLE_CAP = 4096  # peers remembered as undialable
 READ_FANOUT = 3  # replicas whose records a read merges (asked at a time, and more where one has none)
 # An entry that lives at most SHORT_LIVED_SECONDS (announcements, the run board, holdings, bids,
-# matchmaking: rewritten every heartbeat or round) goes to the SHORT_LIVED_REPLICAS closest of its
+# matchmaking: rewritten every heartbeat, every few once their key is split (``dht.buckets``, up to
+# 180 s), or every round) goes to the SHORT_LIVED_REPLICAS closest of its
 # key's replicas, not all 20: a copy lost with its node is written again seconds later, and the 20
 # copies were most of a peer's own DHT traffic. Reads ask only those closest replicas, which hold
 # long-lived entries too (those go to all 20, the closest among them). Five, as hivemind stores
 # each of its regularly refreshed values (``DHTNode.create(num_replicas=5)``); eight cost a peer
 # 60% more in writes (``bench/scale.py --only dht``).
 SHORT_LIVED_REPLICAS = 5
-SHORT_LIVED_SECONDS = 60.0
+SHORT_LIVED_SECONDS = 180.0
 # How long a key's closest nodes, once looked up, are used (dropping one that fails): a lookup is
 # several FIND_NODE queries of ~5 KB each on the wire (``bench/dht_request_cost.py``), and with
 # churn of 20% an hour a key's closest 5 change about every half hour.
