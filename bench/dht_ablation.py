@@ -27,8 +27,8 @@ import dht.buckets as buckets  # noqa: E402
 import dht_load  # noqa: E402
 from dht.records import merge  # noqa: E402
 
-LEAN = dht_load.MessageBytes(read=4966, write=3422, find_node=4911)
-PY_LIBP2P = dht_load.MessageBytes(read=9084, write=3415, find_node=9065)
+LEAN = dht_load.MessageBytes(read=3262, write=3426, find_node=4897)
+PY_LIBP2P = dht_load.MessageBytes(read=9083, write=3425, find_node=9041)
 CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names")
 
 

@@ -48,6 +48,7 @@ SHORT_LIVED_SECONDS = 180.0
 # several FIND_NODE queries of ~5 KB each on the wire (``bench/dht_request_cost.py``), and with
 # churn of 20% an hour a key's closest 5 change about every half hour.
 LOOKUP_SECONDS = 300.0
+GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
 
 
 class RecordDHT:
@@ -88,11 +89,14 @@ class RecordDHT:
         """The closer peers of this node's answers, leaner than py-libp2p's: it lists every one
         with its signed peer record (~350 bytes, and a signature check at the reader), which
         made a read's or lookup's answer ~9 KB in a swarm of 20 or more (``bench/dht_request_cost.py``).
-        Listed here: id, connection and addresses, which readers take whether signed or not.
-        (A read's answer lists them too: a peer learns others' addresses from them, and some
-        dial peers they know only by id, such as checkpoint holders.)"""
+        Listed here: id, connection and addresses, which readers take whether signed or not. A
+        read's answer lists ``GET_VALUE_CLOSER_PEERS``: Legion finds a key's replicas with lookups
+        (FIND_NODE), and a read's closer peers only tell its reader that the node answered. (They
+        also taught peers others' addresses; a peer known only by id is now looked up instead:
+        ``swarm.network.look_up_unknown_peers``.)"""
+        limit = GET_VALUE_CLOSER_PEERS if response.type == Message.MessageType.GET_VALUE else len(closest)
         peerstore = self.host.get_peerstore()
-        for peer in [p for p in closest if p != exclude_peer_id]:
+        for peer in [p for p in closest if p != exclude_peer_id][:limit]:
             entry = response.closerPeers.add()
             entry.id = peer.to_bytes()
             entry.connection = get_connection_type(self.host, peer)
@@ -142,6 +146,11 @@ class RecordDHT:
         log.info("DHT: %s mode", "server" if server else "client")
         with trio.move_on_after(self.timeout):
             await self.host._push_identify_to_all_peers()
+
+    async def find_peer(self, peer_id: ID) -> PeerInfo | None:
+        """``peer_id`` with its addresses: from the routing table or the peerstore, else from a
+        closest-peer lookup of its id; None if not found."""
+        return await self.kad.find_peer(peer_id)
 
     async def add_peer(self, peer_id: ID) -> bool:
         return await self.kad.add_peer(peer_id, skip_server_mode_check=True)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 import math
 import socket
 import time
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 import multiaddr
 import psutil
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.rcmgr import ResourceLimits, new_resource_manager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -40,6 +44,9 @@ DIAL_TIMEOUT = 5.0
 MAX_CONNECTIONS = 1024
 HIGH_WATERMARK = 768
 LOW_WATERMARK = 128
+
+PEER_ADDRS_SECONDS = 600  # how long addresses a DHT lookup found stay in the peerstore
+_LOOKING_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("looking_up", default=False)
 
 # Longest a yamux frame (64 KiB at most) may take to leave: a peer that has not taken it by then is
 # hung, and its connection is closed.
@@ -72,6 +79,37 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
                     addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
     _rank_dialled_addrs(host)
     return host
+
+
+def look_up_unknown_peers(host: IHost, find_peer: Callable[[ID], Awaitable[PeerInfo | None]], timeout: float) -> None:
+    """Peers are often known only by id (a checkpoint's holders, read from the holdings; donors,
+    from the run board; a shard's owners, from the bids), and py-libp2p dials only the addresses
+    its peerstore holds, learnt as a side effect of DHT answers: in a large swarm, most peers'
+    never are. A stream to a peer with no connection and no known address first looks the peer up
+    in the DHT (``find_peer``: the closest-peer lookup of its id), for at most ``timeout``."""
+    new_stream = host.new_stream
+
+    async def addressed_new_stream(peer_id: ID, protocol_ids: Any, *args: Any, **kwargs: Any) -> INetStream:
+        if not _LOOKING_UP.get() and not host.get_network().get_connections(peer_id) and not _known_addrs(host, peer_id):
+            found, token = None, _LOOKING_UP.set(True)  # the lookup's own streams are not looked up
+            try:
+                with trio.move_on_after(timeout):
+                    found = await find_peer(peer_id)
+            finally:
+                _LOOKING_UP.reset(token)
+            if found is not None and found.addrs:
+                host.get_peerstore().add_addrs(peer_id, found.addrs, PEER_ADDRS_SECONDS)
+            log.debug("looked up %s, known only by id: %s", peer_id, "found" if found and found.addrs else "not found")
+        return await new_stream(peer_id, protocol_ids, *args, **kwargs)
+
+    host.new_stream = addressed_new_stream  # type: ignore[method-assign]
+
+
+def _known_addrs(host: IHost, peer_id: ID) -> bool:
+    try:
+        return bool(host.get_peerstore().addrs(peer_id))
+    except PeerStoreError:  # a peer the peerstore never heard of
+        return False
 
 
 def raise_open_file_limit(wanted: int = 2 * MAX_CONNECTIONS) -> int | None:

@@ -22,7 +22,7 @@ from dht import RecordDHT
 from swarm import resources
 from swarm.identity import load_or_create_identity
 from swarm.members import Announcement, live_members, member_place
-from swarm.network import behind_router, build_host
+from swarm.network import behind_router, build_host, look_up_unknown_peers
 from swarm.port_mapping import PortMapping
 from swarm.reachability import PRIVATE, PUBLIC, UNKNOWN, Reachability
 from swarm.relay import CHECK_SECONDS, RelayLimitsConfig, Relays
@@ -149,6 +149,7 @@ class Peer:
             if self.config.lanes:
                 await nursery.start(self.lanes.run, self._lane_ip(listen), self.config.lane_port)
             await nursery.start(self.relays.run)
+            look_up_unknown_peers(self.host, self.dht.find_peer, self.config.network_timeout)
             self.addrs = self.host.get_addrs()
             if self.config.upnp and behind_router(listen):
                 ports = self._listening_ports()

@@ -21,7 +21,7 @@ def test_matchmaking_in_buckets_groups_nearly_every_peer_on_the_first_try():
 def test_bucketed_keys_bound_what_a_node_holds_and_serves_and_estimate_the_swarm():
     costs = dht_load.calibrate(entries=64, repeats=2)
     # a message's bytes on the wire as bench/dht_request_cost.py measured them (2026-12-05)
-    messages = {"py-libp2p": dht_load.MessageBytes(9087, 3426, 9058), "legion": dht_load.MessageBytes(3260, 3421, 4898)}
+    messages = {"py-libp2p": dht_load.MessageBytes(9083, 3425, 9041), "legion": dht_load.MessageBytes(3262, 3426, 4897)}
     flat = dht_load.simulate("flat", 200, 0.2, costs, messages, beats=SPLIT_REFRESH_BEATS, seed=1)
     buckets = dht_load.simulate("buckets", 200, 0.2, costs, messages, beats=SPLIT_REFRESH_BEATS, seed=1)
     assert flat["largest_key_entries"] == 200 and buckets["largest_key_entries"] <= 2 * BUCKET_ENTRIES + 16
@@ -67,14 +67,15 @@ async def test_an_entry_rewritten_every_few_seconds_is_held_by_the_closest_repli
         nursery.cancel_scope.cancel()
 
 
-async def test_a_node_lists_closer_peers_without_their_signed_records():
+async def test_a_node_lists_closer_peers_without_their_signed_records_and_one_in_a_read():
     """py-libp2p lists up to 20 closer peers in every answer, each with its signed peer record:
     ~9 KB for a read of an empty key (``bench/dht_request_cost.py``). Legion's nodes list ids and
-    addresses; lookups still find every peer, readers still learn addresses, and reads still
-    find entries."""
+    addresses, and one closer peer in a read's answer (which only tells the reader it answered);
+    lookups still find every peer, and reads still find entries."""
     import trio
     from libp2p.kad_dht.pb.kademlia_pb2 import Message
 
+    from dht.node import GET_VALUE_CLOSER_PEERS
     from peer_helpers import start_peers
 
     async with trio.open_nursery() as nursery:
@@ -85,14 +86,17 @@ async def test_a_node_lists_closer_peers_without_their_signed_records():
         server, others = peers[0], peers[1:]
         signed = [p.peer_id for p in others if server.host.get_peerstore().get_peer_record(p.peer_id) is not None]
         assert signed  # py-libp2p would have listed these with their records
-        answer = Message(type=Message.MessageType.FIND_NODE)
-        server.dht._list_closer_peers(answer, [p.peer_id for p in others], exclude_peer_id=others[0].peer_id)
-        assert len(answer.closerPeers) == len(others) - 1
-        assert all(entry.addrs and not entry.HasField("signedRecord") for entry in answer.closerPeers)
-        # over the wire: a lookup's query returns the others with their addresses, a write is found
+        for kind, listed in ((Message.MessageType.FIND_NODE, len(others) - 1), (Message.MessageType.GET_VALUE, GET_VALUE_CLOSER_PEERS)):
+            answer = Message(type=kind)
+            server.dht._list_closer_peers(answer, [p.peer_id for p in others], exclude_peer_id=others[0].peer_id)
+            assert len(answer.closerPeers) == listed
+            assert all(entry.addrs and not entry.HasField("signedRecord") for entry in answer.closerPeers)
+        # over the wire: a lookup's query returns the others, a read one closer peer, a write is found
         found = await others[0].dht._query_for_closest(server.peer_id, b"/legion/default/test/lean")
         assert {p.peer_id for p in others[1:]} <= set(found)
-        assert all(others[0].host.get_peerstore().addrs(p.peer_id) for p in others[1:])
+        _, closer = await others[0].dht.kad.value_store._get_from_peer(server.peer_id, b"/legion/default/test/lean",
+                                                                         return_closer_peers=True)
+        assert len(closer) == GET_VALUE_CLOSER_PEERS
         await others[1].dht.store("/legion/default/test/lean", {"found": True}, 30)
         assert [e.value for e in (await others[2].dht.get("/legion/default/test/lean")).values()] == [{"found": True}]
         nursery.cancel_scope.cancel()

@@ -188,6 +188,37 @@ async def test_a_peer_behind_nat_connects_ahead_to_the_peers_it_will_average_wit
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_known_only_by_id_is_looked_up_before_a_stream_to_it():
+    """A checkpoint's holders (from the holdings), donors (from the board) and shard owners (from
+    the bids) come as ids; py-libp2p dials only addresses its peerstore holds, learnt as a side
+    effect of DHT answers, which in a large swarm miss most peers. The address is looked up."""
+    from peer_helpers import start_peers
+
+    async with trio.open_nursery() as nursery:
+        seed, dialer, target = await start_peers(nursery, 3)
+        with trio.fail_after(30):
+            while not target.dht.server:
+                await trio.sleep(0.2)
+        answered = trio.Event()
+
+        async def answer(stream):
+            await stream.write(b"here")
+            answered.set()
+            await stream.close()
+
+        target.host.set_stream_handler("/legion/test/hello/1.0.0", answer)
+        with trio.fail_after(10):
+            while dialer.host.get_network().get_connections(target.peer_id):
+                await dialer.host.disconnect(target.peer_id)
+                await trio.sleep(0.1)
+        dialer.host.get_peerstore().clear_addrs(target.peer_id)  # as if it had never heard where the target is
+        with trio.fail_after(20):
+            stream = await dialer.host.new_stream(target.peer_id, ["/legion/test/hello/1.0.0"])
+            assert await stream.read(4) == b"here"
+        assert answered.is_set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_lookup_skips_a_peer_it_could_not_dial_for_a_while():
     """A peer behind NAT that a lookup learns of (from its peerstore or another node's answer)
     stalled every lookup for a dial timeout; heartbeat refreshes gave up and peers' entries expired.
