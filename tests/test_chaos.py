@@ -32,13 +32,16 @@ def _check(result: dict, rounds: int) -> None:
 @needs_namespaces
 def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
     kinds = [*chaos.KINDS, "partition"]
+    # 20 rounds: with 16 the seven faults, each waiting for the last to heal, once did not all fit
+    # before the peers finished (6 of 7 applied, in CI)
+    rounds = 20
     args = chaos.parser().parse_args([
-        "--peers", "4", "--rounds", "16", "--churn", str(len(kinds) * 10 / (4 * 16)), "--partition",
+        "--peers", "4", "--rounds", str(rounds), "--churn", str(len(kinds) * 10 / (4 * rounds)), "--partition",
         "--inner-steps", "5", "--round-timeout", "8", "--stop-seconds", "9", "--network-seconds", "5",
         "--watchdog", "60", "--timeout", "600", "--seed", "1"])
     result = chaos.run(args, tmp_path, faults=True)
     assert result["fault_kinds"] == {kind: 1 for kind in kinds}, result
-    _check(result, 16)
+    _check(result, rounds)
 
 
 @needs_namespaces
