@@ -335,6 +335,7 @@ class Matchmaker:
                     and value["base"] == seeking.base:
                 out[peer] = {**value, "t": entry.timestamp}
                 _forget_failed_dials(self.host, peer)
+                add_addrs(self.host, peer, value["addrs"], self.budget + 30)  # pinged and invited there
         return out, left
 
     async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],

@@ -43,6 +43,7 @@ READ_FANOUT = 3  # replicas whose records a read merges (asked at a time, and mo
 # each of its regularly refreshed values (``DHTNode.create(num_replicas=5)``); eight cost a peer
 # 60% more in writes (``bench/scale.py --only dht``).
 SHORT_LIVED_REPLICAS = 5
+SMALL_SWARM_REPLICAS = 8
 SHORT_LIVED_SECONDS = 180.0
 # How long a key's closest nodes, once looked up, are used (dropping one that fails): a lookup is
 # several FIND_NODE queries of ~5 KB each on the wire (``bench/dht_request_cost.py``), and with
@@ -147,6 +148,13 @@ class RecordDHT:
         with trio.move_on_after(self.timeout):
             await self.host._push_identify_to_all_peers()
 
+    def _short_lived_replicas(self, closest: list[ID]) -> int:
+        """How many of a key's closest nodes hold its short-lived entries: ``SHORT_LIVED_REPLICAS``,
+        or ``SMALL_SWARM_REPLICAS`` where the lookup found fewer nodes than the replication factor
+        (a small swarm, whose peers' routing tables still differ as they join and start serving:
+        a read of 5 of them missed writes to another 5)."""
+        return SHORT_LIVED_REPLICAS if len(closest) >= self.replication else SMALL_SWARM_REPLICAS
+
     async def find_peer(self, peer_id: ID) -> PeerInfo | None:
         """``peer_id`` with its addresses: from the routing table or the peerstore, else from a
         closest-peer lookup of its id; None if not found."""
@@ -165,7 +173,7 @@ class RecordDHT:
         # NAT) takes seconds, and an entry signed before it could expire before it is stored.
         peers = await self._closest_peers(key_bytes)
         if ttl <= SHORT_LIVED_SECONDS:
-            peers = peers[:SHORT_LIVED_REPLICAS]
+            peers = peers[:self._short_lived_replicas(peers)]
         entry = sign_entry(key, self.key_pair, value, ttl)
         bundle = encode_bundle([entry])
         record = make_signed_put_record(key_bytes, bundle, self.key_pair.private_key)
@@ -209,7 +217,7 @@ class RecordDHT:
         local = self.kad.value_store.get(key_bytes)
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
         closest = await self._closest_peers(key_bytes)
-        peers = closest[:SHORT_LIVED_REPLICAS]
+        peers = closest[:self._short_lived_replicas(closest)]
         waiting = random.sample(peers, len(peers))
         # a small swarm's few replicas are all read: cheap there, and its young entries may have
         # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
