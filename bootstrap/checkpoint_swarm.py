@@ -59,7 +59,8 @@ class CheckpointSwarm:
         """Write this peer's holdings now, for ``ttl`` seconds a heartbeat (``BucketPlace.refresh_beats``)."""
         if self.holdings_place.level is None:  # found before the first write: in a large swarm the unsplit key is empty
             await self.holdings_place.follow(self.dht)
-        await self._write(holdings_value(self.holdings()), ttl)
+        value = holdings_value(self.holdings())
+        await self.holdings_place.write(self.dht, value, ttl, compared=value)
 
     async def advertise_forever(self, heartbeat: float, ttl: float) -> None:
         """Keep this peer's holdings written: refreshed every ``refresh_beats`` heartbeats, and at
@@ -69,13 +70,8 @@ class CheckpointSwarm:
                 await self.holdings_place.follow(self.dht)  # the level of its bucket follows the swarm's size
                 value = holdings_value(self.holdings())
                 if self.holdings_place.refresh_due(value):
-                    await self._write(value, ttl)
+                    await self.holdings_place.write(self.dht, value, ttl, compared=value)
             await trio.sleep(heartbeat)
-
-    async def _write(self, value: dict, ttl: float) -> None:
-        place = self.holdings_place
-        if await self.dht.store(place.own_key, value, ttl * place.refresh_beats):
-            place.wrote(value)  # (none took it: tried again at the next heartbeat)
 
     async def holders(self, run_id: str) -> list[Holding]:
         """Peers holding any version of ``run_id`` (they may share chunks with the one wanted),

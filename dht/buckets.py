@@ -48,6 +48,10 @@ class EntryReader(Protocol):
     async def get(self, key: str, *, probe: bool = False, fanout: int | None = None) -> dict[str, Entry]: ...
 
 
+class EntryWriter(Protocol):
+    async def store(self, key: str, value: Any, ttl: float) -> int: ...
+
+
 def bucket_level(estimate: int) -> int:
     """The level a key of ``estimate`` writers is split at: ``2^level`` buckets of
     ``BUCKET_ENTRIES`` to ``2 * BUCKET_ENTRIES`` entries (one key below that)."""
@@ -123,13 +127,22 @@ class BucketPlace(Generic[T]):
 
     def refresh_due(self, value: Any = None) -> bool:
         """Once a heartbeat: whether to write this peer's entry now, ``refresh_beats`` heartbeats
-        after the last write (``wrote``), or at once where its key (its level) or ``value``
+        after the last write (``write``), or at once where its key (its level) or ``value``
         changed since (None: the value is not compared)."""
         self._beats_since_write += 1
         return self._beats_since_write >= self.refresh_beats or self._written != (self.own_key, value)
 
-    def wrote(self, value: Any = None) -> None:
-        self._beats_since_write, self._written = 0, (self.own_key, value)
+    async def write(self, dht: EntryWriter, value: Any, ttl: float, compared: Any = None) -> None:
+        """Write this peer's entry ``value`` at its own key, living ``ttl`` (an entry's lifetime
+        in a small swarm) times ``refresh_beats``. Once a node took it, the next ``refresh_due``
+        counts from here and compares ``compared``; where none did, it is due at the next heartbeat."""
+        key = self.own_key
+        if await dht.store(key, value, ttl * self.refresh_beats):
+            self.wrote(compared, key)
+
+    def wrote(self, compared: Any = None, key: str | None = None) -> None:
+        """Record a write of this peer's entry at ``key`` (its own key) with ``compared``."""
+        self._beats_since_write, self._written = 0, (key or self.own_key, compared)
 
     def adopt(self, level: int) -> None:
         """Take ``level`` from a read of another key the same peers write (the run board's, for a

@@ -202,12 +202,13 @@ class RecordDHT:
                   every_replica: bool = False, fanout: int | None = None) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
-        fail validation are dropped and logged. The ``SHORT_LIVED_REPLICAS`` closest nodes are
-        asked in random order, ``read_fanout`` at a time, until ``read_fanout`` of them sent a
-        record: every store goes to all of them, so a few replicas' union holds nearly every
-        entry, and asking all 20 of a large swarm would cost each read 20 bundles (and each
-        holder every reader's); in a swarm where the lookup finds 6 or fewer nodes, all are read. A replica without the key is passed over (a young entry may not
-        have reached it), so reading an empty key asks them all; with ``probe`` (is anything
+        fail validation are dropped and logged. The closest few nodes that short-lived entries go
+        to (``_short_lived_replicas``) are asked in random order, ``read_fanout`` at a time,
+        until ``read_fanout`` of them sent a record: every store goes to all of them, so a few
+        replicas' union holds nearly every entry, and asking all 20 of a large swarm would cost
+        each read 20 bundles (and each holder every reader's); in a swarm where the lookup finds
+        6 or fewer nodes, all are read. A replica without the key is passed over (a young entry
+        may not have reached it), so reading an empty key asks them all; with ``probe`` (is anything
         here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
         all are read: a round's matchmaking key is seconds old, its entries still arriving, and
         peers whose views differ form different groups. ``fanout`` replaces ``read_fanout`` for

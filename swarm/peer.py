@@ -166,8 +166,7 @@ class Peer:
             with trio.move_on_after(2 * self.config.network_timeout):
                 await members.follow(self.dht)
             key, value = members.own_key, self.announcement().to_value()
-            if await self.dht.store(key, value, self.ttl * members.refresh_beats):
-                members.wrote(value)
+            await members.write(self.dht, value, self.ttl, compared=value)
             log.info("peer %s announced in swarm %r (%d in routing table)", self.peer_id,
                      self.config.swarm, self.dht.routing_table_size())
             self.reachability.serve()
@@ -188,8 +187,7 @@ class Peer:
                 key = members.own_key
                 # A slow refresh still counts while the previous entry lives (ttl - heartbeat).
                 with trio.move_on_after(self.ttl - self.config.heartbeat):
-                    if await self.dht.store(key, value, self.ttl * members.refresh_beats):
-                        members.wrote(value)
+                    await members.write(self.dht, value, self.ttl, compared=value)
             with trio.move_on_after(2.0):
                 await self.dht.withdraw(key, self.ttl * members.refresh_beats)
                 log.info("peer %s withdrew its announcement", self.peer_id)

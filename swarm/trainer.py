@@ -357,9 +357,8 @@ class Trainer:
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
             # what the others act on is written at once; the rest (round, loss...) at each refresh
             turns = (self.progress.run_id, self.progress.training, self.progress.final, self.progress.settled)
-            if self._board.refresh_due(turns) and await self.peer.dht.store(
-                    self._board.own_key, self.progress.to_value(), self.peer.ttl * self._board.refresh_beats):
-                self._board.wrote(turns)
+            if self._board.refresh_due(turns):
+                await self._board.write(self.peer.dht, self.progress.to_value(), self.peer.ttl, compared=turns)
             # it never changes: a long lifetime, refreshed rarely
             lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)
             if publishes_config(self.me, self._expected_peers()) and \
