@@ -25,7 +25,8 @@ contributors; ``applied``: the swarm weights' digest after each round):
 - the members of a group that report its round averaged report the same contributor set;
 - some round averages somewhere at least every ``--watchdog`` seconds;
 - no peer prints a traceback, and every live peer exits within its deadline once the run is done;
-- a restarted or replacing peer averages with the swarm again (its rejoin time is reported);
+- a restarted or replacing peer averages with the swarm again (its rejoin time is reported), or,
+  restarted as the others finished, ends with the final weights they settled on;
 - with ``--sharded``, no momentum is lost (the survivors' ``momentum_lost``).
 
 Then the same run without faults gives ``clean_val_loss`` (skip it with ``--no-clean``). Needs root,
@@ -178,6 +179,7 @@ class ChaosSwarm:
         self._gone: list[PeerProcess] = []  # killed processes, whose logs are still checked
         self.swarm_round = 0
         self.run_ended = False  # some peer finished its last round
+        self.run_ended_at: float | None = None
 
     # ----- peers
     def start(self) -> None:
@@ -324,8 +326,8 @@ class ChaosSwarm:
             self._offsets[path] = self._offsets.get(path, 0) + len(complete)
             for line in complete.decode().splitlines():
                 event = json.loads(line)
-                if event["event"] == "done":
-                    self.run_ended = True
+                if event["event"] == "done" and not self.run_ended:
+                    self.run_ended, self.run_ended_at = True, now
                 if event["event"] == "applied":
                     self.oracles.applied(peer, event)
                 elif event["event"] == "reduced":
@@ -423,6 +425,12 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
     recovery = [f.recovered_at - f.at for f in swarm.faults if f.recovered_at is not None]
     rejoin = [f.rejoined_at - f.restarted_at for f in swarm.faults if f.restarted_at and f.rejoined_at]
     restarted = [f for f in swarm.faults if f.kind in RESTARTS and not f.after_end]
+    # A peer restarted as the others finished had no round left to average in: it must end with
+    # the weights they settled on (it steps its last rounds alone, then adopts those)
+    agreed = Counter(d for _, d in finals.values()).most_common(1)[0][0] if finals else None
+    at_the_end = [f for f in restarted if f.restarted_at and not f.rejoined_at and swarm.run_ended_at is not None
+                  and swarm.run_ended_at - f.restarted_at < REJOIN_GRACE
+                  and all(finals.get(swarm.slots[i].peer_id, (0, None))[1] == agreed for i in f.slots)]
     return {
         "peers": args.peers, "rounds": args.rounds, "churn": args.churn,
         "seconds": round(time.monotonic() - started, 1),
@@ -434,7 +442,8 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
         "survivors": len(survivors), "survivors_same_weights": len(final_digests) == 1,
         "max_recovery_seconds": round(max(recovery), 1) if recovery else None,
         "recovery_seconds": [round(r, 1) for r in recovery],
-        "rejoin_seconds": [round(r, 1) for r in rejoin], "not_rejoined": len(restarted) - len(rejoin),
+        "rejoin_seconds": [round(r, 1) for r in rejoin], "not_rejoined": len(restarted) - len(rejoin) - len(at_the_end),
+        "restarted_as_the_run_ended": len(at_the_end),
         "not_restarted_after_the_end": sum(f.after_end for f in swarm.faults),
         "bytes_refetched": sum(s.get("checkpoint_bytes_fetched", 0) for s in survivors),
         "momentum_lost": sum(s.get("momentum_lost", 0) for s in survivors),
