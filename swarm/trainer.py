@@ -12,6 +12,7 @@ import random
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -190,19 +191,22 @@ class Trainer:
             nursery.start_soon(self._connect_ahead)
             await self._resume_from_disk(optimizer)
             await self._refresh_board()
-            await self._wait_for_peers(training=False)
-            if self._donors(min_round=optimizer.round + 1):
-                await self._catch_up(optimizer)
+            ended = isinstance(optimizer, DiLoCo) and await self._take_the_final_weights_of_an_ended_run(optimizer)
+            if not ended:
+                await self._wait_for_peers(training=False)
+                if self._donors(min_round=optimizer.round + 1):
+                    await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = self._fetch_from_swarm
                 optimizer.swarm_round = lambda: None if self._joinable is None else max(self._joinable, default=-1)
                 optimizer.swarm_base = lambda r: (self._joinable or {}).get(r, "")
                 nursery.start_soon(self._watch_joinable_round, optimizer, reducer)
-            # Start only once the others can see this peer training, and it them: a peer that
-            # thinks it is alone would take its first rounds alone and fall out of sync.
-            self.progress.training = True
-            await self._publish_once()
-            await self._wait_for_peers(training=True)
+            if not ended:
+                # Start only once the others can see this peer training, and it them: a peer that
+                # thinks it is alone would take its first rounds alone and fall out of sync.
+                self.progress.training = True
+                await self._publish_once()
+                await self._wait_for_peers(training=True)
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
             if isinstance(optimizer, DiLoCo):
                 summary["final_weights"] = await self._settle_final_weights(optimizer)
@@ -212,6 +216,8 @@ class Trainer:
                     self._record({"event": "final", **summary})
                     if self.out:
                         torch.save(model.state_dict(), self.out / "model.pt")
+                elif ended:
+                    summary["final_weights"] = "adopted"  # before training: the run had ended
             else:
                 await self._publish_once()
                 await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
@@ -588,6 +594,24 @@ class Trainer:
                 lambda: self.store.save(optimizer.state_tensors(), self.config.run_id, optimizer.round,
                                         self.peer.key_pair, meta={"config": self.config.to_dict()}))
         return _weights_digest(self._checkpoint)
+
+    async def _take_the_final_weights_of_an_ended_run(self, optimizer: DiLoCo) -> bool:
+        """A peer that starts (or restarts) after the others finished the run takes the final
+        weights at least two of them settled on, rather than step its remaining rounds alone (a
+        chaos run restarted a peer as the others finished: it stepped 10 rounds alone, then
+        adopted theirs). True if it took them: it has no round left to train."""
+        rounds = self.rounds_override or self.config.rounds
+        if not rounds or optimizer.round >= rounds or self._others_training():
+            return False
+        votes = Counter(p.final for p in self._run_peers() if p.final and p.round == rounds)
+        digest, count = min(votes.items(), key=lambda item: (-item[1], item[0]), default=("", 0))
+        if count < 2:  # one peer's word would let it hand every latecomer weights it made up
+            return False
+        holders = [p.peer_id for p in self._run_peers() if p.final == digest and p.round == rounds]
+        log.info("run %s ended: %d peers finished its %d rounds; this peer (at round %d) takes the final "
+                 "weights they settled on instead of stepping the rest alone", self.config.run_id, count, rounds,
+                 optimizer.round)
+        return await self._adopt_final(optimizer, rounds, digest, holders)
 
     async def _adopt_final(self, optimizer: DiLoCo, final_round: int, digest: str, holders: list[str]) -> bool:
         """Fetch the final state whose weights' digest is ``digest`` from the peers that hold it."""

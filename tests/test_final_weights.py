@@ -56,3 +56,29 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
     saved = trainers[2].store.complete(config.run_id)[0]
     assert saved.signer == trainers[2].me
     assert weights_digest(trainers[2].store.load(saved)["weights"]) == digests.pop()
+
+
+async def test_a_peer_that_joins_after_the_others_finished_takes_their_final_weights_without_training(tmp_path):
+    """A peer started while the others settle on their final weights (in a chaos run, restarted as
+    they finished) takes those weights at once instead of stepping the run's rounds alone."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=2, round_timeout=20)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 4)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers[:3])]
+        summaries = [None] * 4
+
+        async def run(index, trainer):
+            summaries[index] = await trainer.run()
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as training:
+                for index, trainer in enumerate(trainers):
+                    training.start_soon(run, index, trainer)
+                while not all(t.progress is not None and t.progress.settled for t in trainers):
+                    await trio.sleep(0.1)
+                late = Trainer(peers[3], config, out=tmp_path / "late", wait_peers=1)
+                training.start_soon(run, 3, late)
+        nursery.cancel_scope.cancel()
+    assert summaries[3]["final_weights"] == "adopted" and summaries[3]["steps"] == 0, summaries[3]
+    assert summaries[3]["rounds_alone"] == 0 and summaries[3]["round"] == config.rounds, summaries[3]
+    assert len({weights_digest(t.optimizer.global_weights) for t in [*trainers, late]}) == 1
