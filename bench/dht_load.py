@@ -6,8 +6,8 @@ member announcement and its checkpoint holdings (``swarm.trainer``, ``swarm.peer
 is split), reads its view of the run board as often, writes its member and holdings
 entries at the level that read found (``BucketPlace.adopt``; they follow their own every
 ``LEVEL_READ_BEATS`` heartbeats only until the first), declares in its round's matchmaking bucket
-and reads it once a round (a twelfth of the peers each heartbeat; its traffic is counted apart from
-the heartbeats' upkeep); a few peers publish the run's configuration; joining peers (``--churn``)
+once a round and reads it as a seeker does until its budget ends (``matchmaking_reads``; a twelfth
+of the peers each heartbeat; its traffic is counted apart from the heartbeats' upkeep); a few peers publish the run's configuration; joining peers (``--churn``)
 find their levels first and read the configuration. The reads run the real
 ``dht.buckets.BucketPlace`` reads over a model DHT: each key is held by the ``K`` nodes whose ids are
 XOR-closest to its hash, a write goes to all of them and a read asks some of them. The entries
@@ -50,6 +50,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from averaging.groups import bucket_count, bucket_of  # noqa: E402
+from averaging.matchmaking import FIRST_REREAD_SECONDS, MAX_REREAD_SECONDS  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import SPLIT_REFRESH_BEATS, BucketPlace  # noqa: E402
 from dht.node import LOOKUP_SECONDS, READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
@@ -65,7 +66,20 @@ TTL = 2.5 * HEARTBEAT
 SWARM = "sim"
 GROUP_TARGET = 16
 ROUND_SECONDS = 60.0  # a DiLoCo round of a few hundred inner steps
-MM_READS = 3  # reads of a round's matchmaking bucket before a large swarm's group is full
+MM_BUDGET = 10.0  # DiLoCo's matchmaking budget (``swarm.trainer``)
+
+
+def matchmaking_reads(budget: float = MM_BUDGET) -> int:
+    """Reads of a round's matchmaking bucket by one seeker: its buckets hold half the target size
+    to the target on average, so most never fill and their seekers read until the budget ends, on
+    ``averaging.matchmaking``'s schedule (8 in a 10 s budget)."""
+    reads, waited, pause = 1, 0.0, FIRST_REREAD_SECONDS
+    while waited < budget:
+        waited += min(pause, budget - waited)
+        reads, pause = reads + 1, min(MAX_REREAD_SECONDS, 2 * pause)
+    return reads
+
+
 SETTLE_BEATS = 8 * SPLIT_REFRESH_BEATS  # not counted: every peer starts at once, and levels move one a read (every 30 s once split)
 
 
@@ -408,7 +422,7 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
         dht.store(peer, key, dht.entry("mm", peer))
     for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
-        for _ in range(MM_READS):
+        for _ in range(matchmaking_reads()):
             dht.charge_get(peer, key, every_replica=True)
 
 

@@ -78,7 +78,21 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
                     addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
     _rank_dialled_addrs(host)
+    _no_auto_dials(host)
     return host
+
+
+def _no_auto_dials(host: IHost) -> None:
+    """Turn off py-libp2p's auto-connector. Below its low watermark it dials peers from the
+    peerstore up to the watermarks' midpoint (448 connections with ours), every 30 s and after
+    every disconnect: with 64 peers on this machine every peer dialled every other, both cores were
+    busy with handshakes and DHT requests timed out, and not one group formed
+    (``bench/matchmaking_swarm.py``, ``bench/dht.py --peers 64``). Legion connects where it has a
+    message to send (DHT, matchmaking, groups, downloads, ``Peer.connect_ahead``)."""
+    async def dial_nobody() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = dial_nobody  # type: ignore[method-assign]
 
 
 def look_up_unknown_peers(host: IHost, find_peer: Callable[[ID], Awaitable[PeerInfo | None]], timeout: float) -> None:
