@@ -39,6 +39,24 @@ async def test_a_peer_keeps_more_connections_than_py_libp2p_allows_by_default():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_does_not_dial_the_peers_it_knows_only_to_have_connections():
+    """py-libp2p's auto-connector dials peers from the peerstore while a host has fewer
+    connections than the midpoint of its watermarks (448 with Legion's): every peer of a 64-peer
+    swarm connected to every other, and no group formed (``bench/matchmaking_swarm.py``). A
+    Legion host connects only where it has a message to send."""
+    async with trio.open_nursery() as nursery:
+        hosts = [build_host(create_new_key_pair()) for _ in range(4)]
+        for host in hosts:
+            await nursery.start(_run, host)
+        me, others = hosts[0], hosts[1:]
+        for other in others:
+            me.get_peerstore().add_addrs(other.get_id(), other.get_addrs(), 600)
+        await me.get_network().auto_connector.maybe_connect()  # what its timer and disconnects call
+        await trio.sleep(1)
+        assert me.get_network().get_total_connections() == 0
+        nursery.cancel_scope.cancel()
+
+
 def test_the_open_file_limit_is_raised_for_the_connections():
     """A process started with a soft limit of 256 open files (desktops often give 1,024) raises
     it, within the hard limit, before its peers connect."""
