@@ -420,9 +420,10 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
     for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         dht.store(peer, key, dht.entry("mm", peer))
+    reads = matchmaking_reads()
     for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
-        for _ in range(matchmaking_reads()):
+        for _ in range(reads):
             dht.charge_get(peer, key, every_replica=True)
 
 

@@ -21,4 +21,16 @@ def agreed_digest(own: str, others: dict[str, str]) -> str:
     witnesses = min(2, len(others))
     held = Counter({digest: count for digest, count in votes.items() if count >= witnesses})
     held[own] = votes[own] + 1
+    return _most_held(held)
+
+
+def settled_digest(others: dict[str, str]) -> str | None:
+    """The final weights a peer starting after the run ended takes: the digest most of ``others``
+    hold among those at least two of them hold (ties to the smaller, as ``agreed_digest``), or
+    None. One peer's word is never enough: it would hand every latecomer weights it made up."""
+    held = Counter({digest: count for digest, count in Counter(others.values()).items() if count >= 2})
+    return _most_held(held) if held else None
+
+
+def _most_held(held: Counter) -> str:
     return min(held, key=lambda digest: (-held[digest], digest))

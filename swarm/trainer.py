@@ -12,7 +12,6 @@ import random
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +36,7 @@ from shards.outer import ShardedOuter
 from dht.records import MAX_TTL
 from swarm import resources
 from swarm.peer import Peer
-from swarm.final_weights import agreed_digest
+from swarm.final_weights import agreed_digest, settled_digest
 from swarm.reducer import RoundReport, SwarmReducer
 from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress,
                              board_place, choose_run, publishes_config, read_run_configs, run_configs_key)
@@ -561,7 +560,7 @@ class Trainer:
             if not self._others_training() or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(1.0, heartbeat))
-        finals = {p.peer_id: p.final for p in self._run_peers() if p.final and p.round == final_round}
+        finals = self._finals(final_round)
         agreed = agreed_digest(self.progress.final, finals)
         log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the agreed ones",
                  final_round, sum(d == self.progress.final for d in finals.values()), len(finals),
@@ -586,6 +585,10 @@ class Trainer:
             await self._refresh_board()
         return outcome
 
+    def _finals(self, final_round: int) -> dict[str, str]:
+        """The other peers of the run that finished round ``final_round``, with their final weights' digests."""
+        return {p.peer_id: p.final for p in self._run_peers() if p.final and p.round == final_round}
+
     async def _save_final_state(self, optimizer: DiLoCo) -> str:
         """Checkpoint the final state (signed by this peer: what a restart resumes from and what
         others fetch) and return its weights' digest, as the run board shows it."""
@@ -603,14 +606,14 @@ class Trainer:
         rounds = self.rounds_override or self.config.rounds
         if not rounds or optimizer.round >= rounds or self._others_training():
             return False
-        votes = Counter(p.final for p in self._run_peers() if p.final and p.round == rounds)
-        digest, count = min(votes.items(), key=lambda item: (-item[1], item[0]), default=("", 0))
-        if count < 2:  # one peer's word would let it hand every latecomer weights it made up
+        finals = self._finals(rounds)
+        digest = settled_digest(finals)
+        if digest is None:
             return False
-        holders = [p.peer_id for p in self._run_peers() if p.final == digest and p.round == rounds]
+        holders = [peer for peer, held in finals.items() if held == digest]
         log.info("run %s ended: %d peers finished its %d rounds; this peer (at round %d) takes the final "
-                 "weights they settled on instead of stepping the rest alone", self.config.run_id, count, rounds,
-                 optimizer.round)
+                 "weights they settled on instead of stepping the rest alone", self.config.run_id, len(holders),
+                 rounds, optimizer.round)
         return await self._adopt_final(optimizer, rounds, digest, holders)
 
     async def _adopt_final(self, optimizer: DiLoCo, final_round: int, digest: str, holders: list[str]) -> bool:

@@ -4,7 +4,7 @@ import trio
 
 from optim.base import weights_digest
 from peer_helpers import start_peers
-from swarm.final_weights import agreed_digest
+from swarm.final_weights import agreed_digest, settled_digest
 from swarm.run_config import RunConfig
 from swarm.trainer import Trainer
 
@@ -15,6 +15,13 @@ def test_the_digest_most_peers_hold_wins_and_ties_go_to_the_smaller():
     assert agreed_digest("bb", {"p": "aa"}) == "aa"  # one other peer: its word is enough
     assert agreed_digest("aa", {"p": "bb"}) == "aa"
     assert agreed_digest("cc", {"p": "aa", "q": "bb"}) == "cc"  # nobody else backs another digest
+
+
+def test_a_latecomer_takes_only_final_weights_two_peers_hold():
+    assert settled_digest({"p": "bb", "q": "bb", "r": "aa"}) == "bb"
+    assert settled_digest({"p": "bb", "q": "bb", "r": "aa", "s": "aa"}) == "aa"  # a tie: the smaller
+    assert settled_digest({"p": "aa"}) is None  # one peer's word
+    assert settled_digest({"p": "aa", "q": "bb"}) is None
 
 
 def test_one_peer_cannot_outvote_with_weights_it_made_up():
