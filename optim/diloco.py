@@ -53,14 +53,15 @@ ALIGN_LIMIT = 3
 
 class OwnerSteps(Protocol):
     """The outer step taken where the momentum is held, by the shards' owners
-    (``shards.outer.ShardedOuter``): round r's averaging follows ``plan(r)``, whose result is the
-    step's direction, not the mean pseudo-gradient."""
+    (``shards.outer.ShardedOuter``): round r of the weights of digest ``base`` (``weights_digest``)
+    averages following ``plan(r, base)``, whose result is the step's direction, not the mean
+    pseudo-gradient. The momentum belongs to those weights."""
 
-    def plan(self, round_: int) -> Any: ...
+    def plan(self, round_: int, base: str) -> Any: ...
 
-    async def step(self, round_: int, weights: torch.Tensor, direction: torch.Tensor) -> torch.Tensor: ...
+    async def step(self, round_: int, base: str, weights: torch.Tensor, direction: torch.Tensor) -> torch.Tensor: ...
 
-    async def skip(self, round_: int) -> None: ...
+    async def skip(self, round_: int, base: str) -> None: ...
 
 
 class DiLoCo(SwarmOptimizer):
@@ -138,8 +139,9 @@ class DiLoCo(SwarmOptimizer):
         delta = self.round_start - flatten(self.params)
         weight, self.samples, self.phase_steps = self.samples, 0, 0
         if not self.overlap:
-            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan(),
-                                              self._base()))
+            base = self._base()
+            self._apply(self._reduce_blocking([delta], weight, self.codec, f"diloco-{self.round}", self._plan(base),
+                                              base), base)
         else:
             base = None
             if self.awaiting_swarm and self._join_round != self.round and self.fetch_state is not None:
@@ -149,7 +151,8 @@ class DiLoCo(SwarmOptimizer):
             done, slot = trio.Event(), [None]
             self._pending, self._pending_base = (done, slot), base or self._base()
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
-                                      delta, weight, f"diloco-{self.round}", self._plan(), self._pending_base, done, slot)
+                                      delta, weight, f"diloco-{self.round}", self._plan(self._pending_base),
+                                      self._pending_base, done, slot)
         self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
 
@@ -160,13 +163,14 @@ class DiLoCo(SwarmOptimizer):
             return self.global_weights - self.outer_lr * delta
         return self.outer.preview(self.global_weights, delta)
 
-    def _plan(self) -> Any:
+    def _plan(self, base: str) -> Any:
         """How this round is averaged: as every round, unless the owners step (``OwnerSteps``)."""
-        return None if self.sharded is None else self.sharded.plan(self.round)
+        return None if self.sharded is None else self.sharded.plan(self.round, base)
 
     def _base(self) -> str:
-        """What this round's pseudo-gradient is an update to: the swarm weights its mean applies to."""
-        return weights_digest(self.global_weights) if self.agree_on_weights else ""
+        """What this round's pseudo-gradient is an update to: the swarm weights its mean applies to
+        (their digest, where groups agree on weights or the owners key momentum to them)."""
+        return weights_digest(self.global_weights) if self.agree_on_weights or self.sharded is not None else ""
 
     async def _average_in_background(self, delta: torch.Tensor, weight: float, key: str, plan: Any, base: str,
                                      done: trio.Event, slot: list) -> None:
@@ -211,7 +215,7 @@ class DiLoCo(SwarmOptimizer):
         if self._joining is not None and not self._take_joined_state():
             self.stats.record(None)  # the mean updates weights this peer could not take
             return
-        self._apply(self._received(slot[0]))
+        self._apply(self._received(slot[0]), self._pending_base)
 
     def _take_joined_state(self) -> bool:
         """Load the swarm's state of the round joined (``_join_swarm``), once fetched: True if it
@@ -236,17 +240,18 @@ class DiLoCo(SwarmOptimizer):
         self.out_of_sync = True
         return False
 
-    def _apply(self, reduced: Reduced | None) -> None:
-        """Outer step with the group's mean pseudo-gradient. A round no group averaged leaves the
+    def _apply(self, reduced: Reduced | None, base: str) -> None:
+        """Outer step with the group's mean pseudo-gradient, of the weights of digest ``base``
+        (``_base``). A round no group averaged leaves the
         swarm weights as they were: every survivor of a failed group then holds the same weights
         (stepping alone, each would hold its own), and the peer is out of sync, so its trainer
         fetches the state of a peer whose round did average, if any did."""
         if reduced is None:
             self.out_of_sync = True
             if self.sharded is not None:
-                self._wait_on_network(self.sharded.skip, self.round)
+                self._wait_on_network(self.sharded.skip, self.round, base)
         elif self.sharded is not None:  # the group's result is the owners' step direction
-            self.global_weights = self._wait_on_network(self.sharded.step, self.round, self.global_weights,
+            self.global_weights = self._wait_on_network(self.sharded.step, self.round, base, self.global_weights,
                                                         reduced.tensors[0].float())
         else:
             self.outer.step(self.global_weights, reduced.tensors[0].float())

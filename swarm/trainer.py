@@ -402,7 +402,7 @@ class Trainer:
         layout, self.assignment = run_assignment(config, [self._bid()])  # alone until the bids are read
         outer = ShardedOuter(self.peer.host, layout, lr=config.outer_lr, momentum=config.outer_momentum,
                              run_id=config.run_id, assignment=lambda: self.assignment,
-                             peers=self._shard_candidates,
+                             peers=self._shard_candidates, digest=weights_digest,
                              timeout=min(10.0, config.round_timeout / 4))
         outer.register()
         return outer

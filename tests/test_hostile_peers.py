@@ -400,6 +400,7 @@ def test_a_bid_of_100_gbits_and_a_pebibyte_does_not_win_every_shard():
 
 
 async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
+    from optim.base import weights_digest
     from shards.outer import ShardedOuter
     layout = ShardLayout(total=4096, count=2)
     async with trio.open_nursery() as nursery:
@@ -408,11 +409,12 @@ async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
         assignment = assign([Bid(me, 1 << 30, 10.0, time.time() - 60, time.time())], layout, 1,
                             state_bytes_per_value=4, salt="r")
         outers = [ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: assignment,
-                               peers=lambda: [hostile.peer_id.to_base58()], timeout=3) for p in (owner, hostile)]
+                               peers=lambda: [hostile.peer_id.to_base58()], digest=weights_digest, timeout=3)
+                  for p in (owner, hostile)]
         for outer in outers:
             outer.register()
-        outers[1].history[0] = {5: torch.full((layout.size(0),), 1e30)}  # the hostile peer "holds" shard 0
-        momentum = await outers[0]._momentum(5, 0)
+        outers[1].history[0] = {(5, "w"): torch.full((layout.size(0),), 1e30)}  # the hostile peer "holds" shard 0
+        momentum = await outers[0]._momentum((5, "w"), 0)
         assert float(momentum.abs().max()) == 0.0 and outers[0].stats.momentum_lost == 1
         nursery.cancel_scope.cancel()
 

@@ -103,7 +103,7 @@ async def test_a_leader_whose_order_cuts_a_shard_fails_the_round_and_crashes_no_
         peers = await start_peers_sorted(nursery, 2)
         leader, member = peers
         outer = ShardedOuter(member.host, layout, lr=1.0, momentum=0.9, run_id="r",
-                             assignment=lambda: None, peers=lambda: [], timeout=3)
+                             assignment=lambda: None, peers=lambda: [], digest=lambda w: "w", timeout=3)
         averagers = [Averager(p, target_group_size=2, matchmaking_budget=10) for p in peers]
         failures = {}
 
@@ -114,7 +114,7 @@ async def test_a_leader_whose_order_cuts_a_shard_fails_the_round_and_crashes_no_
 
         async with trio.open_nursery() as group:
             group.start_soon(average, 0, CutsShards())
-            group.start_soon(average, 1, outer.plan(0))
+            group.start_soon(average, 1, outer.plan(0, "w"))
         assert "cannot reduce this member's part" in failures[1] and "not a whole shard" in failures[1]
         nursery.cancel_scope.cancel()
 

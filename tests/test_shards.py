@@ -136,10 +136,11 @@ def outer_owners(bids: list[Bid], replicas: int):
 
 def sharded_outers(peers, assignment, candidates):
     """A registered ``ShardedOuter`` per peer (outer lr 0.7, momentum 0.9, as ``outer_steps``)."""
+    from optim.base import weights_digest
     from shards.outer import ShardedOuter
 
     outers = [ShardedOuter(p.host, OUTER_LAYOUT, lr=0.7, momentum=0.9, run_id="r", assignment=assignment,
-                           peers=candidates, timeout=3) for p in peers]
+                           peers=candidates, digest=weights_digest, timeout=3) for p in peers]
     for outer in outers:
         outer.register()
     return outers
@@ -150,15 +151,18 @@ async def step_and_check(outers, active, round_, current, gradient, expected) ->
     leader orders the vector, each member turns its part into the step direction, every member
     steps with the whole direction. Each must give the unsharded weights ``expected`` (up to the
     rounding of the momentum, which owners keep as (p + mu m) / (1 + mu)), all the same bits, and
-    every shard's holders must hold bit-identical momentum."""
+    every shard's holders must hold bit-identical momentum, keyed to the new weights."""
     import numpy as np
     import torch
 
     from averaging.allreduce import GroupSpec
+    from optim.base import weights_digest
 
     members = sorted(outers[i].me for i in active)
     by_id = {outers[i].me: i for i in active}
-    order, bounds = outers[by_id[members[0]]].plan(round_).order(members)
+    base = weights_digest(current[active[0]])
+    assert all(weights_digest(current[i]) == base for i in active)  # a group agrees on its weights
+    order, bounds = outers[by_id[members[0]]].plan(round_, base).order(members)
     spec = GroupSpec("g", tuple(members), tuple(() for _ in members), tuple(bounds), "none", 0, tuple(order))
     spec.validate()
     permutation = spec.permutation()
@@ -167,7 +171,7 @@ async def step_and_check(outers, active, round_, current, gradient, expected) ->
 
     async def reduce_part(me):
         start, end = spec.part(me)
-        transform = await outers[by_id[members[me]]].plan(round_).prepare(spec, me)
+        transform = await outers[by_id[members[me]]].plan(round_, base).prepare(spec, me)
         direction[start:end] = transform(start, end, mean[start:end])
 
     async with trio.open_nursery() as parts:
@@ -178,7 +182,7 @@ async def step_and_check(outers, active, round_, current, gradient, expected) ->
     results = {}
 
     async def step(i):
-        results[i] = await outers[i].step(round_, current[i], torch.from_numpy(natural))
+        results[i] = await outers[i].step(round_, base, current[i], torch.from_numpy(natural))
 
     async with trio.open_nursery() as steps:
         for i in active:
@@ -187,8 +191,9 @@ async def step_and_check(outers, active, round_, current, gradient, expected) ->
         assert torch.equal(results[i], results[active[0]]), (round_, i)
         torch.testing.assert_close(results[i], expected, rtol=1e-5, atol=1e-5)
         current[i] = results[i]
+    after = (round_ + 1, weights_digest(results[active[0]]))
     for shard in range(outers[active[0]].layout.count):
-        held = [outers[i].history[shard][round_ + 1] for i in active if round_ + 1 in outers[i].history.get(shard, {})]
+        held = [outers[i].history[shard][after] for i in active if after in outers[i].history.get(shard, {})]
         assert held and all(torch.equal(h, held[0]) for h in held[1:]), (round_, shard)
 
 
@@ -341,9 +346,60 @@ async def test_a_peer_behind_the_holders_is_told_so_and_does_not_count_the_momen
         view = outer_owners([bid(i) for i in ids], 2)
         holder, asker = sharded_outers(peers, lambda: view, lambda: ids)
         size = OUTER_LAYOUT.size(3)
-        holder.history[3] = {7: torch.ones(size), 8: torch.ones(size)}
-        assert await asker._request(ids[0], {"t": "state", "run": "r", "round": 5, "shard": 3}, size) == "past it: at round 8"
-        assert await asker._request(ids[0], {"t": "state", "run": "r", "round": 9, "shard": 3}, size) == "none held"
-        assert torch.equal(await asker._acquire(5, 3, view), torch.zeros(size)) and asker.stats.momentum_lost == 0
-        assert torch.equal(await asker._acquire(7, 3, view), torch.ones(size)) and asker.stats.momentum_handovers == 1
+        holder.history[3] = {(7, "w"): torch.ones(size), (8, "w"): torch.ones(size)}
+        ask = {"t": "state", "run": "r", "base": "w", "shard": 3}
+        assert await asker._request(ids[0], {**ask, "round": 5}, size) == "past it: at round 8"
+        assert await asker._request(ids[0], {**ask, "round": 9}, size) == "none held"
+        assert await asker._acquire((5, "w"), 3, view) is None and asker.stats.momentum_lost == 0
+        assert torch.equal(await asker._acquire((7, "w"), 3, view), torch.ones(size))
+        assert asker.stats.momentum_handovers == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_momentum_is_handed_over_only_for_the_weights_it_belongs_to():
+    """A holder of a shard's round under other weights (a group that failed a round the swarm
+    averaged carries its copy over unchanged) does not hand that copy over: it says so, and a peer
+    that needs the momentum of its own weights restarts it from zero, counted lost. Asked ahead of
+    need, a miss stores and counts nothing."""
+    torch = pytest.importorskip("torch")
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        ids = [p.peer_id.to_base58() for p in peers]
+        view = outer_owners([bid(i) for i in ids], 2)
+        holder, asker = sharded_outers(peers, lambda: view, lambda: ids)
+        size = OUTER_LAYOUT.size(3)
+        holder.history[3] = {(7, "parted"): torch.ones(size)}
+        ask = {"t": "state", "run": "r", "round": 7, "shard": 3}
+        assert await asker._request(ids[0], {**ask, "base": "swarm"}, size) == "of other weights"
+        assert torch.equal(await asker._request(ids[0], {**ask, "base": "parted"}, size), torch.ones(size))
+        await asker._take_missing((7, "swarm"))
+        assert all((7, "swarm") not in copies for copies in asker.history.values()) and asker.stats.momentum_lost == 0
+        assert torch.equal(await asker._momentum((7, "swarm"), 3), torch.zeros(size))
+        assert asker.stats.momentum_lost == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_failed_a_round_the_swarm_averaged_steps_with_the_swarms_momentum_after_adopting():
+    """Three peers own 6 shards twice over. Round 1 averages without peer 2, whose round fails: its
+    copies carry over unchanged. It then takes the swarm's weights (a fetched state), and in round
+    2 the shards it reduces step with the swarm's momentum of those weights, taken from their other
+    holders, not with its own stale copies: every step stays the unsharded one."""
+    pytest.importorskip("torch")
+    from optim.base import weights_digest
+
+    weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 3)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        ids = [p.peer_id.to_base58() for p in peers]
+        view = outer_owners([bid(i) for i in ids], 2)
+        outers = sharded_outers(peers, lambda: view, lambda: ids)
+        current = [weights.clone() for _ in outers]
+        await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
+        await outers[2].skip(1, weights_digest(current[2]))  # its group failed round 1
+        await step_and_check(outers, [0, 1], 1, current, gradients[1], expected[1])
+        current[2] = current[0].clone()  # it adopts the swarm's state of round 2
+        handovers = outers[2].stats.momentum_handovers
+        await step_and_check(outers, [0, 1, 2], 2, current, gradients[2], expected[2])
+        assert outers[2].stats.momentum_handovers > handovers
+        assert all(o.stats.momentum_lost == 0 for o in outers)
         nursery.cancel_scope.cancel()
