@@ -57,6 +57,7 @@ MAX_ADDRS = 16  # addresses per member in a group spec
 MAX_STREAMS_PER_PEER = 16  # contribution, repair and note streams one peer may have served at once
 CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
+MIN_MEASURED_BYTES = 1 << 16  # a contribution this large says how fast its sender uploads (``uploads_seen``)
 assert CHUNK_VALUES % BLOCK == 0
 
 
@@ -171,6 +172,10 @@ class RoundStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # member -> its upload as we saw it, bytes/s: how fast its contribution to our part came, times the
+    # owners it sends to at once (contributions of MIN_MEASURED_BYTES or more). What others measured of
+    # a peer bounds its self-declared bandwidth where that matters (``shards.assignment``).
+    uploads_seen: dict[str, float] = field(default_factory=dict)
 
 
 class RoundFailed(Exception):
@@ -481,11 +486,13 @@ class AllReduce:
             raise
         owner.begin(sender, weight)
         failure: FrameError | CodecError | None = None
+        began, received = trio.current_time(), 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_result, stream, state, sender)
             try:
                 for index, (a, b) in enumerate(owner.ranges):
                     payload = await _read_chunk(stream, state, index, b - a, "contribution")
+                    received += len(payload)
                     # on the event loop, as the result chunks below: a thread hop per chunk cost more
                     # than the work (4 peers x 100 MB on loopback took ~1.5x as long)
                     values, norm2 = _decode_with_norm(state.codec, payload, b - a)
@@ -495,6 +502,9 @@ class AllReduce:
                         owner.add_chunk(sender, index, values, payload, norm2)
                     owner.notify()
                 owner.resolve(sender)
+                seconds = trio.current_time() - began
+                if received >= MIN_MEASURED_BYTES and seconds > 0:
+                    state.stats.uploads_seen[state.spec.members[sender]] = received / seconds * state.parallel_sends
             except (FrameError, CodecError) as exc:
                 owner.resolve(sender, str(exc))
                 failure = exc

@@ -5,13 +5,19 @@ free memory, upload bandwidth and the time it came up, renewed every heartbeat: 
 expiration is the peer's **lease**; a peer that stops renewing (left, killed) loses its shards when
 the entry expires. The DHT layer rejects entries whose signature does not match their peer id; this
 module rejects the absurd ones (negative, impossible or future values).
+
+Upload is self-declared. A bid also carries the uploads its peer measured of a few peers it averaged
+with lately (``seen``), and a peer's upload counts above the median declared one only as far as
+another bidder saw it (``believed_uploads``): a claim of 100 Gbit/s from a home line earns it no more
+shards than the median, whatever its peer says.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dht import RecordDHT
@@ -20,6 +26,9 @@ MAX_MEMORY = 1 << 50  # 1 PiB
 MAX_UPLOAD_MBIT = 100_000.0  # 100 Gbit/s
 CLOCK_SKEW = 30.0
 DEFAULT_UPLOAD_MBIT = 10.0  # a peer that does not know its upload is taken for a modest home line
+MAX_SEEN = 8  # uploads measured of other peers that one bid carries
+SEEN_ID_CHARS = 10  # a measured peer is named by the end of its id (bids are renewed every heartbeat)
+SEEN_SLACK = 2.0  # a declared upload counts up to this many times the most another bidder measured
 
 
 def bids_key(swarm: str, run_id: str) -> str:
@@ -33,6 +42,7 @@ class Bid:
     upload_mbit: float
     up_since: float  # unix time the peer started
     renewed: float  # unix time of this renewal
+    seen: tuple[tuple[str, float], ...] = ()  # (end of a peer's id, its upload in Mbit/s as measured here)
 
     @property
     def capacity(self) -> float:
@@ -41,14 +51,15 @@ class Bid:
         return max(1.0, self.upload_mbit) * (1 + min(uptime_hours, 24.0) / 24)
 
     def to_value(self) -> dict[str, Any]:
-        return {"mem": self.free_memory, "up": self.upload_mbit, "since": self.up_since, "at": self.renewed}
+        seen = {"seen": dict(self.seen)} if self.seen else {}
+        return {"mem": self.free_memory, "up": self.upload_mbit, "since": self.up_since, "at": self.renewed, **seen}
 
 
 def parse_bid(peer_id: str, value: Any, now: float | None = None) -> Bid:
     """A bid from its DHT value; raises ``ValueError`` for a malformed or absurd one."""
     now = time.time() if now is None else now
-    if not isinstance(value, dict) or set(value) != {"mem", "up", "since", "at"}:
-        raise ValueError("a bid is a map of mem, up, since, at")
+    if not isinstance(value, dict) or not {"mem", "up", "since", "at"} <= set(value) <= {"mem", "up", "since", "at", "seen"}:
+        raise ValueError("a bid is a map of mem, up, since, at and maybe seen")
     mem, up, since, at = value["mem"], value["up"], value["since"], value["at"]
     if not (isinstance(mem, int) and 0 <= mem <= MAX_MEMORY):
         raise ValueError(f"free memory {mem!r:.40} is not a byte count up to 1 PiB")
@@ -57,7 +68,44 @@ def parse_bid(peer_id: str, value: Any, now: float | None = None) -> Bid:
     if not (isinstance(since, (int, float)) and isinstance(at, (int, float))
             and 1.5e9 < since <= at <= now + CLOCK_SKEW):
         raise ValueError("bid times are not plausible (start after renewal, or in the future)")
-    return Bid(peer_id, mem, float(up), float(since), float(at))
+    return Bid(peer_id, mem, float(up), float(since), float(at), _parse_seen(value.get("seen", {})))
+
+
+def _parse_seen(seen: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(seen, dict) or len(seen) > MAX_SEEN:
+        raise ValueError(f"a bid's measured uploads are a map of at most {MAX_SEEN}")
+    for suffix, mbit in seen.items():
+        if not (isinstance(suffix, str) and 0 < len(suffix) <= SEEN_ID_CHARS):
+            raise ValueError("a measured peer is named by the end of its id")
+        if not (type(mbit) in (int, float) and math.isfinite(mbit) and 0 <= mbit <= MAX_UPLOAD_MBIT):
+            raise ValueError(f"measured upload {mbit!r:.40} Mbit/s is not plausible")
+    return tuple(sorted((suffix, float(mbit)) for suffix, mbit in seen.items()))
+
+
+def seen_of(uploads: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """What a bid carries of ``uploads`` (peer id -> Mbit/s measured): the ``MAX_SEEN`` fastest,
+    each named by the end of its id. Only a peer above the median needs a measurement, and the same
+    few from round to round keep the owners from flapping."""
+    fastest = sorted(uploads.items(), key=lambda item: (-item[1], item[0]))[:MAX_SEEN]
+    return tuple(sorted((peer[-SEEN_ID_CHARS:], round(min(mbit, MAX_UPLOAD_MBIT), 1)) for peer, mbit in fastest))
+
+
+def believed_uploads(bids: list[Bid]) -> list[Bid]:
+    """``bids`` with each upload counted above the median declared upload only as far as
+    ``SEEN_SLACK`` times the most another bidder measured of it (a peer's own word about itself,
+    or about itself under another name, is not a measurement)."""
+    if not bids:
+        return []
+    median = statistics.median(bid.upload_mbit for bid in bids)
+    named = {bid.peer_id[-SEEN_ID_CHARS:]: bid.peer_id for bid in bids}
+    measured: dict[str, float] = {}
+    for bid in bids:
+        for suffix, mbit in bid.seen:
+            peer = named.get(suffix)
+            if peer is not None and peer != bid.peer_id:
+                measured[peer] = max(measured.get(peer, 0.0), mbit)
+    return [replace(bid, upload_mbit=min(bid.upload_mbit, max(median, SEEN_SLACK * measured.get(bid.peer_id, 0.0))))
+            for bid in bids]
 
 
 async def read_bids(dht: RecordDHT, swarm: str, run_id: str) -> list[Bid]:

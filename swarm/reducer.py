@@ -33,6 +33,7 @@ class RoundReport:
     bytes_received: int = 0
     reason: str = ""  # why a failed round failed
     group: str = ""  # the group's id (averaged rounds): one round may be averaged in two groups
+    uploads_seen: dict[str, float] = field(default_factory=dict)  # member -> its upload as measured here, Mbit/s
 
 
 class SwarmReducer:
@@ -77,7 +78,8 @@ class SwarmReducer:
         phases = {"matchmaking": max(0.0, seconds - sum(stats.phase_seconds.values())), **stats.phase_seconds}
         self._report(RoundReport(key, "averaged" if len(stats.contributors) > 1 else "alone", seconds,
                                  list(stats.contributors), phases, stats.bytes_sent, stats.bytes_received,
-                                 group=stats.group_id))
+                                 group=stats.group_id,
+                                 uploads_seen={p: rate * 8 / 1e6 for p, rate in stats.uploads_seen.items()}))
         return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received,
                        tuple(sorted(stats.contributors)))
 

@@ -9,13 +9,15 @@ import trio
 
 from dht import RecordDHT
 from shards.assignment import Assignment, assign
-from shards.bids import DEFAULT_UPLOAD_MBIT, Bid, bids_key, read_bids
+from shards.bids import DEFAULT_UPLOAD_MBIT, Bid, bids_key, read_bids, seen_of
 from shards.layout import ShardLayout
 from swarm.run_board import read_run_configs
 from swarm.run_config import RunConfig
 
 STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
 LEASE_LIFETIMES = 3  # a bid no read shows any more still counts this many lease lifetimes
+SEEN_SECONDS = 600.0  # how long a measurement of a peer's upload is vouched for in this peer's bid
+MAX_MEASURED = 256  # peers whose measured upload a peer keeps
 
 
 def run_assignment(config: RunConfig, bids: list[Bid]) -> tuple[ShardLayout, Assignment]:
@@ -45,8 +47,30 @@ async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid
     return run_assignment(config, [*seen.values(), bid])[1]
 
 
-def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_memory: int) -> Bid:
-    return Bid(peer_id, free_memory, upload_mbit or DEFAULT_UPLOAD_MBIT, started_at, time.time())
+class MeasuredUploads:
+    """The uploads this peer measured of the peers it averaged with (``RoundReport.uploads_seen``),
+    for its bid: the newest of each peer, for ``SEEN_SECONDS``."""
+
+    def __init__(self) -> None:
+        self._measured: dict[str, tuple[float, float]] = {}  # peer -> (Mbit/s, when)
+
+    def add(self, uploads: dict[str, float]) -> None:
+        now = time.monotonic()
+        for peer, mbit in uploads.items():
+            self._measured.pop(peer, None)
+            self._measured[peer] = (mbit, now)
+        while len(self._measured) > MAX_MEASURED:  # the oldest first
+            del self._measured[next(iter(self._measured))]
+
+    def current(self) -> dict[str, float]:
+        since = time.monotonic() - SEEN_SECONDS
+        return {peer: mbit for peer, (mbit, when) in self._measured.items() if when >= since}
+
+
+def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_memory: int,
+            measured: dict[str, float] | None = None) -> Bid:
+    return Bid(peer_id, free_memory, upload_mbit or DEFAULT_UPLOAD_MBIT, started_at, time.time(),
+               seen_of(measured or {}))
 
 
 async def fetch_shard_status(dht: RecordDHT, swarm: str, configs: dict[str, RunConfig] | None = None, *,

@@ -41,7 +41,7 @@ from swarm.reducer import RoundReport, SwarmReducer
 from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress,
                              board_place, choose_run, publishes_config, read_run_configs, run_configs_key)
 from swarm.run_config import PROTOCOL, RunConfig
-from swarm.shard_ownership import bid_and_assign, own_bid, run_assignment
+from swarm.shard_ownership import MeasuredUploads, bid_and_assign, own_bid, run_assignment
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Trainer:
         self.sharded: ShardedOuter | None = None
         self.assignment: Assignment | None = None
         self._bids_seen: dict[str, Bid] = {}  # other peers' newest bids, kept until their leases end
+        self._uploads = MeasuredUploads()  # of the peers this one averaged with, vouched for in its bid
         self.board: list[Progress] = []
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
@@ -396,7 +397,8 @@ class Trainer:
 
     # ----- shard ownership
     def _bid(self):
-        return own_bid(self.me, self.peer.started_at, self.peer.config.upload_mbps, resources.available_memory())
+        return own_bid(self.me, self.peer.started_at, self.peer.config.upload_mbps, resources.available_memory(),
+                       self._uploads.current())
 
     def _sharded_outer(self, config: RunConfig) -> ShardedOuter:
         layout, self.assignment = run_assignment(config, [self._bid()])  # alone until the bids are read
@@ -746,6 +748,7 @@ class Trainer:
         list was two thirds of every board entry's bytes: ``bench/scale.py --only dht``), and
         record every round's outcome."""
         if report.outcome == "averaged":
+            self._uploads.add(report.uploads_seen)
             members = sorted(report.members)[:MAX_GROUP]
             self.progress.group_key, self.progress.group = report.key, members if members[:1] == [self.me] else []
         self._record({"event": "reduced", "key": report.key, "outcome": report.outcome,

@@ -236,3 +236,22 @@ async def test_members_wait_for_an_owner_that_starts_its_round_seconds_after_the
             assert stats.outcome == "ok" and sorted(stats.contributors) == sorted(spec.members)
             np.testing.assert_allclose(result, expected, atol=1e-5)
         nursery.cancel_scope.cancel()
+
+
+async def test_each_member_measures_how_fast_the_others_upload():
+    """An owner times each contribution to its part: what a peer's shard bid vouches for of the
+    peers it averaged with (``shards.bids.believed_uploads``)."""
+    from averaging.allreduce import MIN_MEASURED_BYTES
+
+    size = 300_000  # a third of it, as float32, is well over MIN_MEASURED_BYTES per contribution
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        spec, reducers, _ = group_of(peers, size, "none")
+        vectors = {m: np.full(size, i, np.float32) for i, m in enumerate(spec.members)}
+        outcomes = await round_of(spec, reducers, vectors, dict.fromkeys(spec.members, 1.0))
+        assert size // 3 * 4 >= MIN_MEASURED_BYTES
+        for member, (_, stats) in outcomes.items():
+            assert stats.outcome == "ok"
+            assert set(stats.uploads_seen) == set(spec.members) - {member}
+            assert all(rate > 1e5 for rate in stats.uploads_seen.values())  # loopback: far above 100 kB/s
+        nursery.cancel_scope.cancel()

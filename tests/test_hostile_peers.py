@@ -385,7 +385,7 @@ def test_a_joiner_never_reads_a_data_path_it_took_from_the_network(tmp_path):
 # ----- shards: inflated bids, forged momentum
 
 from shards.assignment import assign  # noqa: E402
-from shards.bids import Bid, MAX_MEMORY, MAX_UPLOAD_MBIT  # noqa: E402
+from shards.bids import Bid, MAX_MEMORY, MAX_UPLOAD_MBIT, SEEN_ID_CHARS, believed_uploads  # noqa: E402
 from shards.layout import ShardLayout  # noqa: E402
 
 
@@ -397,6 +397,24 @@ def test_a_bid_of_100_gbits_and_a_pebibyte_does_not_win_every_shard():
     owners = assign([*honest, greedy], layout, 2, state_bytes_per_value=4, salt="run")
     held = len(owners.shards_of("greedy"))
     assert held < 64 and held <= 4 * max(len(owners.shards_of(b.peer_id)) for b in honest)
+
+
+def test_an_upload_above_the_median_counts_only_as_far_as_other_bidders_measured_it():
+    """A peer that declares ten times the median upload is believed as far as twice what another
+    bidder measured of it: a fast peer measured fast keeps its claim; a liar measured at home-line
+    speed, or vouching for itself, counts the median and owns no more than an honest peer."""
+    from dataclasses import replace
+
+    now = time.time()
+    honest = [Bid(f"12D3KooWhonest{i}", 1 << 30, 20.0, now - 3600, now) for i in range(6)]
+    fast = Bid("12D3KooWfastandreal", 1 << 30, 200.0, now - 3600, now)
+    liar = Bid("12D3KooWliar", 1 << 30, 200.0, now - 3600, now, seen=(("12D3KooWliar"[-SEEN_ID_CHARS:], 1e4),))
+    honest[0] = replace(honest[0], seen=((fast.peer_id[-SEEN_ID_CHARS:], 150.0), (liar.peer_id[-SEEN_ID_CHARS:], 8.0)))
+    believed = {b.peer_id: b.upload_mbit for b in believed_uploads([*honest, fast, liar])}
+    assert believed[fast.peer_id] == 200.0 and believed[liar.peer_id] == 20.0
+    assert all(believed[b.peer_id] == 20.0 for b in honest)
+    owners = assign([*honest, liar], ShardLayout(total=1 << 20, count=64), 2, state_bytes_per_value=4, salt="run")
+    assert len(owners.shards_of(liar.peer_id)) <= max(len(owners.shards_of(b.peer_id)) for b in honest)
 
 
 async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():

@@ -10,7 +10,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from dht.records import decode_bundle_lenient, sign_entry
 from shards.assignment import assign
-from shards.bids import Bid, bids_key, parse_bid, read_bids
+from shards.bids import Bid, bids_key, parse_bid, read_bids, seen_of
 from shards.layout import ShardLayout
 from peer_helpers import start_peers
 
@@ -81,11 +81,27 @@ def test_memory_bounds_how_many_shards_a_peer_owns():
     {"mem": 1 << 30, "up": 10.0, "since": NOW + 3600, "at": NOW + 3600},
     {"mem": 1 << 30, "up": 10.0, "since": NOW, "at": NOW - 10},
     {"mem": 1 << 30, "up": 10.0, "since": NOW - 10},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10, "at": NOW, "seen": {"abc": float("nan")}},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10, "at": NOW, "seen": {"abc": "fast"}},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10, "at": NOW, "seen": {"a" * 11: 5.0}},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10, "at": NOW, "seen": {f"p{i}": 5.0 for i in range(9)}},
+    {"mem": 1 << 30, "up": 10.0, "since": NOW - 10, "at": NOW, "seen": [["abc", 5.0]]},
     "everything",
 ])
 def test_absurd_or_malformed_bids_are_rejected(value):
     with pytest.raises(ValueError):
         parse_bid("p", value, now=NOW)
+
+
+def test_a_bid_carries_the_fastest_uploads_its_peer_measured_and_reads_back_the_same():
+    from shards.bids import MAX_SEEN, SEEN_ID_CHARS
+
+    measured = {f"12D3KooWpeer{i:02d}": float(i) for i in range(20)}
+    mine = Bid("me", 1 << 30, 10.0, NOW - 10, NOW, seen_of(measured))
+    assert sorted(mbit for _, mbit in mine.seen) == [float(i) for i in range(20 - MAX_SEEN, 20)]
+    assert all(len(suffix) == SEEN_ID_CHARS for suffix, _ in mine.seen)
+    assert parse_bid("me", mine.to_value(), now=NOW) == mine
+    assert "seen" not in bid("quiet").to_value()  # a bid without measurements stays as small as before
 
 
 def test_a_forged_bid_does_not_verify():
@@ -243,8 +259,8 @@ async def test_sharded_outer_steps_match_the_unsharded_optimizer_and_survive_an_
 
 
 async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_with_no_step_lost():
-    """Two peers own 6 shards with one replica each; a peer with ten times their upload joins at
-    round 3 and wins most shards. It takes each shard's momentum from the peer that owned it (which
+    """Two peers own 6 shards with one replica each; a peer with ten times their upload (as one of
+    them measured it: ``shards.bids.believed_uploads``) joins at round 3 and wins most shards. It takes each shard's momentum from the peer that owned it (which
     keeps it two rounds for that), and every step of every peer stays the unsharded one."""
     pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 6)
@@ -260,6 +276,7 @@ async def test_a_stronger_newcomer_outbids_owners_and_takes_their_shards_over_wi
             if round_ == 3:
                 owned_before = {p: view["now"].shards_of(p) for p in ids[:2]}
                 bids[ids[2]] = bid(ids[2], upload=100.0)
+                bids[ids[0]] = Bid(ids[0], 1 << 30, 10.0, NOW - 3600, NOW, seen_of({ids[2]: 80.0}))
                 view["now"] = outer_owners(list(bids.values()), 1)
                 current[2] = current[0].clone()  # the newcomer holds the swarm's weights (a fetched checkpoint)
             active = [i for i, p in enumerate(ids) if p in bids]
