@@ -101,6 +101,8 @@ def report(attack: str, run: dict, clean_loss: float | None) -> dict:
             "clean_val_loss": round(clean_loss, 4) if clean_loss is not None else None,
             "loss_ratio": round(val_loss / clean_loss, 4) if val_loss and clean_loss else None,
             "weights_spread": round(max(losses) - min(losses), 6) if losses else None,
+            # sharded runs: shard replicas each honest peer owned at its end (the rest are the attackers')
+            "honest_shards_owned": [len(s["shards_owned"]) for s in finished if "shards_owned" in s],
             "adopted_foreign_state": foreign}
 
 

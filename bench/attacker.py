@@ -13,7 +13,7 @@ Attacks (``ATTACKS``):
   forged-round     claims a round a million ahead and serves a state of random weights at it
   hijack           invites every peer it sees seeking a group, as if it led them all
   grief            joins every group, then sends nothing (the others wait out their timeouts)
-  bid-inflate      bids 100 Gbit/s and 1 PiB for shards (sharded runs)
+  bid-inflate      bids 100 Gbit/s and 1 PiB for shards, vouching for itself (sharded runs)
   garbage          sends random bytes on every Legion protocol and to every lane listener it learns of
   oversized        writes the largest entries the DHT takes, and larger forged ones, under every key
 """
@@ -117,11 +117,12 @@ def grief() -> None:
 
 def bid_inflate() -> None:
     import swarm.trainer
-    from shards.bids import MAX_MEMORY, MAX_UPLOAD_MBIT, Bid
+    from shards.bids import MAX_MEMORY, MAX_UPLOAD_MBIT, Bid, seen_of
 
-    def greedy(peer_id, started_at, upload_mbit, free_memory):
-        import time
-        return Bid(peer_id, MAX_MEMORY, MAX_UPLOAD_MBIT, started_at - 86400, time.time())
+    def greedy(peer_id, started_at, upload_mbit, free_memory, measured=None):
+        import time  # and it vouches for its own upload, as if measured
+        return Bid(peer_id, MAX_MEMORY, MAX_UPLOAD_MBIT, started_at - 86400, time.time(),
+                   seen_of({**(measured or {}), peer_id: MAX_UPLOAD_MBIT}))
 
     swarm.trainer.own_bid = greedy
 
