@@ -745,15 +745,17 @@ class Trainer:
     def _on_round(self, report: RoundReport) -> None:
         """Publish the last averaged round, and its group where this peer is the group's first
         member (the dashboard shows recent groups; one entry holding the list is enough, and the
-        list was two thirds of every board entry's bytes: ``bench/scale.py --only dht``), and
-        record every round's outcome."""
+        list was two thirds of every board entry's bytes: ``bench/scale.py --only dht``), keep the
+        uploads measured of its members for this peer's shard bid, and record every round's outcome."""
         if report.outcome == "averaged":
             self._uploads.add(report.uploads_seen)
             members = sorted(report.members)[:MAX_GROUP]
             self.progress.group_key, self.progress.group = report.key, members if members[:1] == [self.me] else []
         self._record({"event": "reduced", "key": report.key, "outcome": report.outcome,
                       "members": sorted(report.members), "group": report.group, "seconds": round(report.seconds, 3),
-                      **({"reason": report.reason[:300]} if report.reason else {})})
+                      **({"reason": report.reason[:300]} if report.reason else {}),
+                      **({"uploads_mbit": {p: round(v, 1) for p, v in report.uploads_seen.items()}}
+                         if report.uploads_seen else {})})
 
     def _record(self, event: dict) -> None:
         """A line of ``metrics.jsonl`` (from the training thread or the trio side)."""
