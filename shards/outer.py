@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "/legion/shards/3.0.0"  # 2: momentum requests only (updates travel in the all-reduce); 3: by lineage
 KEEP_ROUNDS = 2
+CHECK_ASKS = 3  # peers asked for a second copy of a shard's momentum after the first answer
 
 
 @dataclass
@@ -223,15 +224,18 @@ class ShardedOuter:
         answers: dict[str, torch.Tensor] = {}
         misses: dict[str, str] = {}  # peer -> why it gave nothing
         request = {"t": "state", "run": self.run_id, "round": round_, "base": base, "shard": shard}
+        asked_since_an_answer = 0
         for peer in self._candidates(shard, assignment):
             reply = await self._request(peer, request, size)
             if isinstance(reply, str):
                 misses[peer] = reply
             else:
                 answers[peer] = reply
-            # an owner's copy is checked against a second holder's where one answers: replicas are
-            # bit-identical, so one that differs was forged (or is stale)
-            if len(answers) == 2 or (answers and peer not in owners):
+            # a copy, an owner's or a former owner's, is checked against a second holder's where one
+            # of the next few peers asked has it: copies of one lineage are bit-identical, so one that
+            # differs was forged (or restarted from zero)
+            asked_since_an_answer += bool(answers)
+            if len(answers) == 2 or asked_since_an_answer > CHECK_ASKS:
                 break
         if answers:
             peer, chosen = min(answers.items(), key=lambda item: float(item[1].norm()))

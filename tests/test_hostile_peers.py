@@ -437,6 +437,33 @@ async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
         nursery.cancel_scope.cancel()
 
 
+async def test_momentum_from_a_peer_that_does_not_own_the_shard_is_checked_against_a_second_holder():
+    """A new owner whose shard's other holders are former owners takes the momentum from them; the
+    first to answer is hostile (its copy inflated, within the bound on values). The owner asks on
+    for a second copy, and of two that differ it takes the smaller: the honest one."""
+    from optim.base import weights_digest
+    from shards.outer import ShardedOuter
+    layout = ShardLayout(total=4096, count=2)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        owner = peers[0]
+        hostile, honest = sorted(peers[1:], key=lambda p: p.peer_id.to_base58())  # the hostile one is asked first
+        me = owner.peer_id.to_base58()
+        assignment = assign([Bid(me, 1 << 30, 10.0, time.time() - 60, time.time())], layout, 1,
+                            state_bytes_per_value=4, salt="r")
+        others = sorted(p.peer_id.to_base58() for p in peers[1:])
+        outers = {p: ShardedOuter(p.host, layout, lr=0.7, momentum=0.9, run_id="r", assignment=lambda: assignment,
+                                  peers=lambda: others, digest=weights_digest, timeout=3) for p in peers}
+        for outer in outers.values():
+            outer.register()
+        size = layout.size(0)
+        outers[hostile].history[0] = {(5, "w"): torch.full((size,), 1e6)}
+        outers[honest].history[0] = {(5, "w"): torch.full((size,), 0.01)}
+        momentum = await outers[owner]._momentum((5, "w"), 0)
+        assert torch.equal(momentum, torch.full((size,), 0.01)) and outers[owner].stats.momentum_lost == 0
+        nursery.cancel_scope.cancel()
+
+
 # ----- one hostile process in a real training swarm
 
 import json  # noqa: E402
