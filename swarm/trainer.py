@@ -549,8 +549,10 @@ class Trainer:
         publish this peer's, wait until the others finished (or a deadline), fetch the agreed
         weights if this peer holds others (a peer restarted late may have stepped its last
         rounds alone), then stay while the others settle (up to a second deadline), as they may
-        fetch from it. Returns ``own`` (kept its weights), ``adopted``, or ``differs`` (could not fetch the
-        agreed weights: said in the log)."""
+        fetch from it, and take the weights most of them hold if that changes as later peers
+        finish (two peers that finished 40 s before the other six of a chaos run settled between
+        themselves, then left with weights no other survivor held). Returns ``own`` (kept its
+        weights), ``adopted``, or ``differs`` (could not fetch the agreed weights: said in the log)."""
         final_round = optimizer.round
         self.progress.final = await self._save_final_state(optimizer)
         await self._publish_once()
@@ -562,30 +564,46 @@ class Trainer:
             if not self._others_training() or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(1.0, heartbeat))
-        finals = self._finals(final_round)
-        agreed = agreed_digest(self.progress.final, finals)
-        log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the agreed ones",
-                 final_round, sum(d == self.progress.final for d in finals.values()), len(finals),
-                 sum(d == agreed for d in finals.values()))
-        outcome = "own"
-        if agreed != self.progress.final:
-            holders = [peer for peer, digest in finals.items() if digest == agreed]
-            outcome = "adopted" if await self._adopt_final(optimizer, final_round, agreed, holders) else "differs"
-            if outcome == "adopted":
-                self.progress.final = await self._save_final_state(optimizer)
-                await self._publish_once()
-            log.info("final weights: %s those %d of %d other peers hold", "adopted" if outcome == "adopted"
-                     else "could not fetch", len(holders), len(finals))
+        outcome, tried = "own", {agreed_digest(self.progress.final, self._finals(final_round))}
+        adopted = await self._take_the_agreed_final_weights(optimizer, final_round)
+        if adopted is not None:
+            outcome = "adopted" if adopted else "differs"
         self.progress.settled = True
         await self._publish_once()
         # A peer that finished later may still decide, then fetch from here; one not yet showing
         # its final weights may be between its last round and publishing them.
         deadline += allowance
-        while self.progress.final == agreed and trio.current_time() < deadline and any(
-                p.training or not p.final or (p.final != agreed and not p.settled) for p in self._run_peers()):
+        while trio.current_time() < deadline and any(
+                p.training or not p.final or (p.final != self.progress.final and not p.settled) for p in self._run_peers()):
             await trio.sleep(min(1.0, heartbeat))
             await self._refresh_board()
+            now_agreed = agreed_digest(self.progress.final, self._finals(final_round))
+            if now_agreed != self.progress.final and now_agreed not in tried:  # a fetch that failed is not retried
+                tried.add(now_agreed)
+                adopted = await self._take_the_agreed_final_weights(optimizer, final_round)
+                if adopted is not None:
+                    outcome = "adopted" if adopted else "differs"
         return outcome
+
+    async def _take_the_agreed_final_weights(self, optimizer: DiLoCo, final_round: int) -> bool | None:
+        """Take the final weights of round ``final_round`` the finished peers agree on
+        (``agreed_digest``) if this peer holds others: True if it took them, False if it could
+        not fetch them, None if it holds them already."""
+        finals = self._finals(final_round)
+        agreed = agreed_digest(self.progress.final, finals)
+        log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the agreed ones",
+                 final_round, sum(d == self.progress.final for d in finals.values()), len(finals),
+                 sum(d == agreed for d in finals.values()))
+        if agreed == self.progress.final:
+            return None
+        holders = [peer for peer, digest in finals.items() if digest == agreed]
+        adopted = await self._adopt_final(optimizer, final_round, agreed, holders)
+        if adopted:
+            self.progress.final = await self._save_final_state(optimizer)
+            await self._publish_once()
+        log.info("final weights: %s those %d of %d other peers hold", "adopted" if adopted else "could not fetch",
+                 len(holders), len(finals))
+        return adopted
 
     def _finals(self, final_round: int) -> dict[str, str]:
         """The other peers of the run that finished round ``final_round``, with their final weights' digests."""

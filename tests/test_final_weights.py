@@ -1,5 +1,6 @@
 """Peers whose last rounds ended differently settle on one set of final weights at the end of a run."""
 
+import pytest
 import trio
 
 from optim.base import weights_digest
@@ -89,3 +90,52 @@ async def test_a_peer_that_joins_after_the_others_finished_takes_their_final_wei
     assert summaries[3]["final_weights"] == "adopted" and summaries[3]["steps"] == 0, summaries[3]
     assert summaries[3]["rounds_alone"] == 0 and summaries[3]["round"] == config.rounds, summaries[3]
     assert len({weights_digest(t.optimizer.global_weights) for t in [*trainers, late]}) == 1
+
+
+@pytest.mark.slow  # ~50 s: five peers, and three of them wait out the first two's first deadline
+async def test_peers_that_finished_first_take_the_weights_most_peers_end_with(tmp_path):
+    """Two peers finish first with weights of their own (their last round apart from the others,
+    as in a chaos run where they finished 40 s ahead) and settle between themselves at their first
+    deadline; the other three finish while the two still stay. The two then take the weights the
+    three hold: every peer ends alike."""
+    import time as clock
+
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=1, round_timeout=10)
+    allowance = config.round_timeout + 4 * 1  # the trainer's settling allowance at heartbeat 1 s
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 5)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=5) for i, peer in enumerate(peers)]
+
+        def apart(train):
+            def last_round_apart(model, corpus, optimizer):
+                summary = train(model, corpus, optimizer)
+                optimizer.global_weights.add_(1e-3)  # the same on both: they hold the same weights
+                optimizer.finish()
+                return summary
+            return last_round_apart
+
+        def later(train):
+            def finishing_later(model, corpus, optimizer):
+                summary = train(model, corpus, optimizer)
+                clock.sleep(allowance + 4)  # past the first two's first deadline, within their second
+                return summary
+            return finishing_later
+
+        for trainer in trainers[:2]:
+            trainer._train = apart(trainer._train)
+        for trainer in trainers[2:]:
+            trainer._train = later(trainer._train)
+        summaries = [None] * 5
+
+        async def run(index):
+            summaries[index] = await trainers[index].run()
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as training:
+                for index in range(5):
+                    training.start_soon(run, index)
+        nursery.cancel_scope.cancel()
+    # which side adopts depends on who saw whose digest first (a tie goes to the smaller digest);
+    # before, the first two left with their own weights and the three kept theirs
+    assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1, summaries
+    assert sum(s["final_weights"] == "adopted" for s in summaries) >= 2, summaries
