@@ -565,26 +565,29 @@ class Trainer:
             if not self._others_training() or trio.current_time() >= deadline:
                 break
             await trio.sleep(min(1.0, heartbeat))
-        outcome, tried = "own", {agreed_digest(self.progress.final, self._finals(final_round))}
-        adopted = await self._take_the_agreed_final_weights(optimizer, final_round)
-        if adopted is not None:
-            outcome = "adopted" if adopted else "differs"
-        self.progress.settled = True
-        await self._publish_once()
-        # A peer that finished later may still decide, then fetch from here; one not yet showing
-        # its final weights may be between its last round and publishing them.
-        deadline += allowance
-        while trio.current_time() < deadline and any(
-                p.training or not p.final or (p.final != self.progress.final and not p.settled) for p in self._run_peers()):
-            await trio.sleep(min(1.0, heartbeat))
-            await self._refresh_board()
-            now_agreed = agreed_digest(self.progress.final, self._finals(final_round))
-            if now_agreed != self.progress.final and now_agreed not in tried:  # a fetch that failed is not retried
-                tried.add(now_agreed)
+        outcome, unfetched = "own", set()  # digests whose fetch failed: not tried again
+        deadline += allowance  # the second allowance: others may still decide, then fetch from here
+        while True:
+            agreed = agreed_digest(self.progress.final, self._finals(final_round))
+            if agreed != self.progress.final and agreed not in unfetched:
                 adopted = await self._take_the_agreed_final_weights(optimizer, final_round)
                 if adopted is not None:
                     outcome = "adopted" if adopted else "differs"
-        return outcome
+                    if not adopted:
+                        unfetched.add(agreed)
+            if not self.progress.settled:
+                self.progress.settled = True
+                await self._publish_once()
+            # Peers that decided at the same moment on different views may hold different weights
+            # now: each looks again until no peer trains, lacks its final weights, or holds others
+            # unsettled; one not yet showing its final weights may be between its last round and
+            # publishing them.
+            if trio.current_time() >= deadline or not any(
+                    p.training or not p.final or (p.final != self.progress.final and not p.settled)
+                    for p in self._run_peers()):
+                return outcome
+            await trio.sleep(min(1.0, heartbeat))
+            await self._refresh_board()
 
     async def _take_the_agreed_final_weights(self, optimizer: DiLoCo, final_round: int) -> bool | None:
         """Take the final weights of round ``final_round`` the finished peers agree on
