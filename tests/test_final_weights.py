@@ -30,6 +30,31 @@ def test_one_peer_cannot_outvote_with_weights_it_made_up():
     assert agreed_digest("bb", {"p": "00", "q": "cc", "r": "dd"}) == "bb"
 
 
+def last_round_apart(train):
+    """``Trainer._train`` with the swarm weights changed after the last round, as if that round
+    had gone otherwise for this peer."""
+    def trained_apart(model, corpus, optimizer):
+        summary = train(model, corpus, optimizer)
+        optimizer.global_weights.add_(1e-3)
+        optimizer.finish()
+        return summary
+    return trained_apart
+
+
+async def train_all(trainers: list[Trainer]) -> list[dict]:
+    """Run every trainer to its end; their summaries."""
+    summaries: list[dict] = [{}] * len(trainers)
+
+    async def run(index):
+        summaries[index] = await trainers[index].run()
+
+    with trio.fail_after(150):
+        async with trio.open_nursery() as training:
+            for index in range(len(trainers)):
+                training.start_soon(run, index)
+    return summaries
+
+
 async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold(tmp_path):
     """Fault injected at a chosen point: one peer's weights are changed after its last round (as if
     that round had failed for it alone). At the end all three hold the same weights, on disk too."""
@@ -37,24 +62,8 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers)]
-        train = trainers[2]._train
-
-        def last_round_failed(model, corpus, optimizer):
-            summary = train(model, corpus, optimizer)
-            optimizer.global_weights.add_(1e-3)
-            optimizer.finish()
-            return summary
-
-        trainers[2]._train = last_round_failed
-        summaries = [None] * 3
-
-        async def run(index):
-            summaries[index] = await trainers[index].run()
-
-        with trio.fail_after(150):
-            async with trio.open_nursery() as training:
-                for index in range(3):
-                    training.start_soon(run, index)
+        trainers[2]._train = last_round_apart(trainers[2]._train)
+        summaries = await train_all(trainers)
         nursery.cancel_scope.cancel()
     assert [s["final_weights"] for s in summaries] == ["own", "own", "adopted"], summaries
     digests = {weights_digest(t.optimizer.global_weights) for t in trainers}
@@ -106,14 +115,6 @@ async def test_peers_that_finished_first_take_the_weights_most_peers_end_with(tm
         peers = await start_peers(nursery, 5)
         trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=5) for i, peer in enumerate(peers)]
 
-        def apart(train):
-            def last_round_apart(model, corpus, optimizer):
-                summary = train(model, corpus, optimizer)
-                optimizer.global_weights.add_(1e-3)  # the same on both: they hold the same weights
-                optimizer.finish()
-                return summary
-            return last_round_apart
-
         def later(train):
             def finishing_later(model, corpus, optimizer):
                 summary = train(model, corpus, optimizer)
@@ -121,19 +122,11 @@ async def test_peers_that_finished_first_take_the_weights_most_peers_end_with(tm
                 return summary
             return finishing_later
 
-        for trainer in trainers[:2]:
-            trainer._train = apart(trainer._train)
+        for trainer in trainers[:2]:  # the same change on both: they hold the same weights
+            trainer._train = last_round_apart(trainer._train)
         for trainer in trainers[2:]:
             trainer._train = later(trainer._train)
-        summaries = [None] * 5
-
-        async def run(index):
-            summaries[index] = await trainers[index].run()
-
-        with trio.fail_after(150):
-            async with trio.open_nursery() as training:
-                for index in range(5):
-                    training.start_soon(run, index)
+        summaries = await train_all(trainers)
         nursery.cancel_scope.cancel()
     # which side adopts depends on who saw whose digest first (a tie goes to the smaller digest);
     # before, the first two left with their own weights and the three kept theirs

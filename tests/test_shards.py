@@ -162,6 +162,15 @@ def sharded_outers(peers, assignment, candidates):
     return outers
 
 
+async def three_sharded_peers(nursery, replicas: int):
+    """Three peers owning ``OUTER_LAYOUT`` with ``replicas`` owners per shard, in a fixed view: their
+    ids, the view and their ``ShardedOuter``s."""
+    peers = await start_peers(nursery, 3)
+    ids = [p.peer_id.to_base58() for p in peers]
+    view = outer_owners([bid(i) for i in ids], replicas)
+    return ids, view, sharded_outers(peers, lambda: view, lambda: ids)
+
+
 async def step_and_check(outers, active, round_, current, gradient, expected) -> None:
     """Peers ``active`` average round ``round_`` as one group whose mean is ``gradient``: the
     leader orders the vector, each member turns its part into the step direction, every member
@@ -300,10 +309,7 @@ async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_th
     pytest.importorskip("torch")
     weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 2)
     async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 3)
-        ids = [p.peer_id.to_base58() for p in peers]
-        view = outer_owners([bid(i) for i in ids], 1)
-        outers = sharded_outers(peers, lambda: view, lambda: ids)
+        ids, view, outers = await three_sharded_peers(nursery, 1)
         current = [weights.clone() for _ in outers]
         await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
         outside = view.shards_of(ids[2])
@@ -406,10 +412,7 @@ async def test_a_peer_that_failed_a_round_the_swarm_averaged_steps_with_the_swar
 
     weights, gradients, expected = outer_steps(OUTER_LAYOUT.total, 3)
     async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 3)
-        ids = [p.peer_id.to_base58() for p in peers]
-        view = outer_owners([bid(i) for i in ids], 2)
-        outers = sharded_outers(peers, lambda: view, lambda: ids)
+        _, _, outers = await three_sharded_peers(nursery, 2)
         current = [weights.clone() for _ in outers]
         await step_and_check(outers, [0, 1, 2], 0, current, gradients[0], expected[0])
         await outers[2].skip(1, weights_digest(current[2]))  # its group failed round 1
