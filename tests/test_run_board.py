@@ -222,9 +222,11 @@ def test_only_a_groups_first_member_lists_the_group_on_the_board(me):
     from types import SimpleNamespace
 
     from swarm.reducer import RoundReport
+    from swarm.shard_ownership import MeasuredUploads
     from swarm.trainer import Trainer
 
-    trainer = SimpleNamespace(progress=Progress("run", RUN_PROTOCOL), me=me, _record=lambda event: None)
+    trainer = SimpleNamespace(progress=Progress("run", RUN_PROTOCOL), me=me, _record=lambda event: None,
+                              _uploads=MeasuredUploads())
     Trainer._on_round(trainer, RoundReport("diloco-7", "averaged", 1.0, members=["c", "a", "b"]))
     assert trainer.progress.group_key == "diloco-7"
     assert trainer.progress.group == (["a", "b", "c"] if me == "a" else [])
