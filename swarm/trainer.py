@@ -176,7 +176,7 @@ class Trainer:
         reducer = SwarmReducer(averager, config.run_id, self._expected_peers, max_group=config.group_size,
                                timeout=config.round_timeout)
         reducer.listeners = self.round_listeners
-        reducer.others_finished = lambda: any(p.final for p in self._run_peers())
+        reducer.others_finished = lambda: any(p.final or 0 < config.rounds <= p.round for p in self._run_peers())
         if config.sharded:
             self.sharded = self._sharded_outer(config)
         async with trio.open_nursery() as nursery:
