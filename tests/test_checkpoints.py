@@ -250,7 +250,9 @@ async def test_a_chunk_server_survives_hostile_clients_and_cuts_silent_ones(tmp_
             while len(ended) < len(hostile):
                 await trio.sleep(0.1)
         assert trio.current_time() - began < 15
-        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        # no handler of ours failed (py-libp2p itself may log a stream negotiation cut short: a
+        # loaded CI machine saw its multiselect "handshake read failed" here)
+        assert not [r for r in caplog.records if r.levelname == "ERROR" and not r.name.startswith("libp2p")]
         cs = CheckpointSwarm(joiner.host, joiner.dht, "default", ChunkStore(tmp_path / "joiner"))
         await cs.download(signed, [seeder.peer_id.to_base58()], timeout=60)
         assert_equal(cs.store.load(signed), state())
