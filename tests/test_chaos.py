@@ -30,6 +30,8 @@ def _check(result: dict, rounds: int) -> None:
 
 
 @needs_namespaces
+@pytest.mark.timeout(360)  # 82-125 s until 2026-12-05; 125-157 s and once over 180 s since peers that
+#                            lose sight of the others wait for them (swarm.reducer), on a loaded machine
 def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
     kinds = [*chaos.KINDS, "partition"]
     # 20 rounds: with 16 the seven faults, each waiting for the last to heal, once did not all fit
