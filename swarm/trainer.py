@@ -568,13 +568,18 @@ class Trainer:
         outcome, unfetched = "own", set()  # digests whose fetch failed: not tried again
         deadline += allowance  # the second allowance: others may still decide, then fetch from here
         while True:
-            agreed = agreed_digest(self.progress.final, self._finals(final_round))
-            if agreed != self.progress.final and agreed not in unfetched:
-                adopted = await self._take_the_agreed_final_weights(optimizer, final_round)
-                if adopted is not None:
-                    outcome = "adopted" if adopted else "differs"
-                    if not adopted:
-                        unfetched.add(agreed)
+            finals = self._finals(final_round)
+            agreed = agreed_digest(self.progress.final, finals)
+            acts = agreed != self.progress.final and agreed not in unfetched
+            if acts or not self.progress.settled:  # said once, and again whenever it adopts
+                log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the "
+                         "agreed ones", final_round, sum(d == self.progress.final for d in finals.values()),
+                         len(finals), sum(d == agreed for d in finals.values()))
+            if acts:
+                adopted = await self._take_the_agreed_final_weights(optimizer, final_round, finals, agreed)
+                outcome = "adopted" if adopted else "differs"
+                if not adopted:
+                    unfetched.add(agreed)
             if not self.progress.settled:
                 self.progress.settled = True
                 await self._publish_once()
@@ -589,17 +594,11 @@ class Trainer:
             await trio.sleep(min(1.0, heartbeat))
             await self._refresh_board()
 
-    async def _take_the_agreed_final_weights(self, optimizer: DiLoCo, final_round: int) -> bool | None:
-        """Take the final weights of round ``final_round`` the finished peers agree on
-        (``agreed_digest``) if this peer holds others: True if it took them, False if it could
-        not fetch them, None if it holds them already."""
-        finals = self._finals(final_round)
-        agreed = agreed_digest(self.progress.final, finals)
-        log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the agreed ones",
-                 final_round, sum(d == self.progress.final for d in finals.values()), len(finals),
-                 sum(d == agreed for d in finals.values()))
-        if agreed == self.progress.final:
-            return None
+    async def _take_the_agreed_final_weights(self, optimizer: DiLoCo, final_round: int, finals: dict[str, str],
+                                             agreed: str) -> bool:
+        """Take the final weights ``agreed`` of round ``final_round``, which this peer does not hold,
+        from the finished peers ``finals`` that hold them: True if it took them, False if it could
+        not fetch them."""
         holders = [peer for peer, digest in finals.items() if digest == agreed]
         adopted = await self._adopt_final(optimizer, final_round, agreed, holders)
         if adopted:
