@@ -61,6 +61,15 @@ class MatchmakingFailed(Exception):
 GroupOrder = Callable[[list[str]], tuple[list[tuple[int, int]], list[int]]]
 
 
+def _other_bases(seeking: "_Seeking") -> str:
+    """A failed search's word on the peers it saw seeking from other weights (``base``): a peer
+    groups only with peers of its own weights, so where a round's groups left it with different
+    weights, the swarm splits until states are adopted."""
+    if not seeking.other_bases:
+        return ""
+    return f" ({seeking.other_bases} peer{'s' if seeking.other_bases > 1 else ''} there held other weights)"
+
+
 @dataclass
 class _Seeking:
     key: str
@@ -73,6 +82,7 @@ class _Seeking:
     found: trio.Event = field(default_factory=trio.Event)
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
+    other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
     scope: trio.CancelScope | None = None  # cancelled when a later seeking supersedes this one
 
@@ -225,7 +235,7 @@ class Matchmaker:
                     seeking.committed, seeking.leader = False, None
             if self._seeking is not seeking:
                 raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
-            raise MatchmakingFailed(f"no group for {group_key!r} before the deadline")
+            raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}")
         finally:
             if self._seeking is seeking:
                 self._seeking = None
@@ -261,7 +271,8 @@ class Matchmaker:
                 # the others sought here and left (their groups formed, or they gave up) and no
                 # leader has invited this peer (committed: accepted, awaiting its begin): nobody is
                 # left to group with, so fail now rather than hold up this peer's next round
-                raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer")
+                raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer"
+                                        f"{_other_bases(seeking)}")
             await self._ping_some(candidates)
             waited = trio.current_time() - started
             pause = reread if waited >= self.budget else min(reread, self.budget - waited)
@@ -332,7 +343,7 @@ class Matchmaker:
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left."""
         entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True)
-        out, left = {}, 0
+        out, left, other_bases = {}, 0, 0
         for peer, entry in entries.items():
             if entry.withdrawn:
                 left += peer != self.me
@@ -340,11 +351,15 @@ class Matchmaker:
             if peer in seeking.suspects or self._excluded.get(peer, -1) >= self._rounds:
                 continue
             value = _declaration(entry.value)
-            if value is not None and value["total"] == seeking.total and value["codec"] == seeking.codec \
-                    and value["base"] == seeking.base:
+            if value is None or value["total"] != seeking.total or value["codec"] != seeking.codec:
+                continue
+            if value["base"] != seeking.base:
+                other_bases += 1
+            else:
                 out[peer] = {**value, "t": entry.timestamp}
                 _forget_failed_dials(self.host, peer)
                 add_addrs(self.host, peer, value["addrs"], self.budget + 30)  # pinged and invited there
+        seeking.other_bases = other_bases
         return out, left
 
     async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],

@@ -166,3 +166,25 @@ async def test_a_large_swarm_seeks_in_buckets_each_under_its_own_key_and_each_bu
             assert sorted(result.stats.contributors) == sorted(str(peers[i].peer_id) for i in bucket)
             assert torch.allclose(result.tensors[0], torch.full((100,), sum(bucket) / len(bucket)))
         nursery.cancel_scope.cancel()
+
+
+async def test_peers_of_different_weights_do_not_group_and_say_why():
+    """A mean of updates to different weights would leave the members with different weights: two
+    peers declaring different bases stay apart, and each one's failure names the other weights
+    (where several groups of a round left the swarm split, this is what peers see)."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=2) for p in peers]
+        failures = []
+
+        async def seek(averager, base):
+            with pytest.raises(MatchmakingFailed) as failed:
+                await averager.all_reduce([torch.ones(1000)], group_key="k", timeout=8, base=base)
+            failures.append(str(failed.value))
+
+        async with trio.open_nursery() as group:
+            group.start_soon(seek, averagers[0], "weights-a")
+            group.start_soon(seek, averagers[1], "weights-b")
+        assert len(failures) == 2
+        assert all("1 peer there held other weights" in f for f in failures), failures
+        nursery.cancel_scope.cancel()
