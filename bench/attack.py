@@ -13,6 +13,10 @@ honest peers (same identities, so the same batches) train once with no attacker.
   same weights);
 - ``adopted_foreign_state``: whether any honest peer ever took a state of a round no honest peer
   reached (the forged one).
+
+With ``--link-mbit R`` every peer runs on its own host (``tests/netns_helpers.Lab``; root) behind an
+access link of R Mbit/s each way, so what peers measure of each other's uploads is a real link's
+rate: ``bid-inflate``'s claim of 100 Gbit/s then meets the bound on bids (``shards.bids.believed_uploads``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
 from report import print_result  # noqa: E402
 from run_file import run_file  # noqa: E402
 from swarm.local import READY, PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
+from tests.netns_helpers import Lab  # noqa: E402
 
 ATTACKER = Path(__file__).resolve().parent / "attacker.py"
+LAB_INTERNET = "10.202.0"  # the hosts' network with --link-mbit
 
 
 def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
@@ -42,21 +48,35 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
     honest_count = args.peers - args.malicious
     total = honest_count + (args.malicious if attack else 0)
     out = work / (attack or "clean")
-    common = ["--listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat", "2", "--threads", "1", "--wait-peers", str(total)]
+    lab = Lab(LAB_INTERNET) if args.link_mbit else None
+    common = ["--heartbeat", "2", "--threads", "1", "--wait-peers", str(total)]
+    if lab is None:
+        common += ["--listen", "/ip4/127.0.0.1/tcp/0"]
+    else:  # every peer on its own host, its access link rate-limited both ways
+        for i in range(total):
+            lab.add_host(f"p{i}", i + 1)
+            lab.shape(f"p{i}", args.link_mbit, args.link_mbit)
 
     def own(i: int) -> list[str]:
         return ["--identity", str(work / f"id{i}.key"), "--out", str(out / f"peer{i}"), *common]
 
-    honest: list[PeerProcess] = [start_peer_process(["--seed", "--run", str(run_file(args, work)), *own(0)],
-                                                    log_dir=out / "logs")]
+    def start_honest(i: int, peer_args: list[str]) -> PeerProcess:
+        if lab is None:
+            return start_peer_process(peer_args, log_dir=out / "logs")
+        return lab.start_peer(f"p{i}", peer_args, out / "logs")
+
+    honest: list[PeerProcess] = []
     attackers: list[PeerProcess] = []
     try:
+        honest.append(start_honest(0, ["--seed", "--run", str(run_file(args, work)), *own(0)]))
         bootstrap = honest[0].addrs[0]
         for i in range(1, honest_count):
-            honest.append(start_peer_process(["--bootstrap", bootstrap, *own(i)], log_dir=out / "logs"))
+            honest.append(start_honest(i, ["--bootstrap", bootstrap, *own(i)]))
         for j in range(args.malicious if attack else 0):
             command = [sys.executable, str(ATTACKER), "--attack", attack, "--", "--bootstrap", bootstrap,
                        "--out", str(out / f"attacker{j}"), *common]
+            if lab is not None:
+                command = lab.command(f"p{honest_count + j}", *command)
             attackers.append(start_process(command, READY, log_dir=out / "logs"))
 
         def finish(process: PeerProcess) -> dict:
@@ -77,6 +97,8 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
     finally:
         for process in honest + attackers:
             process.kill()
+        if lab is not None:
+            lab.close()
     states = []
     for i in range(honest_count):
         metrics = out / f"peer{i}" / "metrics.jsonl"
@@ -116,6 +138,9 @@ def main() -> int:
     parser.add_argument("--round-timeout", type=float, default=30.0)
     parser.add_argument("--sharded", action="store_true", help="sharded outer momentum (and the bid-inflate attack)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a run may take")
+    parser.add_argument("--link-mbit", type=float, default=0.0,
+                        help="run every peer on its own host (network namespaces, root) behind an access link of "
+                             "this many Mbit/s each way, instead of all on 127.0.0.1")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, metrics)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

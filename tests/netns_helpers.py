@@ -172,10 +172,13 @@ class Lab:
                                               stdout=log, stderr=subprocess.STDOUT))
         log.close()
 
+    def command(self, host: str, *command: str) -> list[str]:
+        """``command`` run on ``host``."""
+        return ["ip", "netns", "exec", self.hosts[host], *command]
+
     def start_peer(self, host: str, args: list[str], log_dir, timeout: float = 60.0) -> PeerProcess:
         """``legion-peer ARGS`` on ``host``, once it printed its addresses."""
-        process = start_process(["ip", "netns", "exec", self.hosts[host], *peer_command(*args)], READY,
-                                log_dir=log_dir, timeout=timeout)
+        process = start_process(self.command(host, *peer_command(*args)), READY, log_dir=log_dir, timeout=timeout)
         match = READY.match(process.ready_lines[0])
         process.peer_ids.append(match.group(2))
         process.addrs.extend(match.group(3).split())
@@ -186,8 +189,8 @@ class Lab:
         """``legion-peer status --json`` run on ``host``; tried three times, as a user would retry (on
         2 cores a peer starting to train can miss a status client's 5 s dial)."""
         for attempt in range(3):
-            done = subprocess.run(["ip", "netns", "exec", self.hosts[host],
-                                   *peer_command("status", "--bootstrap", bootstrap, "--json", "--quiet")],
+            done = subprocess.run(self.command(host, *peer_command("status", "--bootstrap", bootstrap, "--json",
+                                                                   "--quiet")),
                                   capture_output=True, text=True, timeout=60)
             if done.returncode == 0:
                 return json.loads(done.stdout)
