@@ -37,6 +37,7 @@ from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
 from report import print_result  # noqa: E402
 from run_file import run_file  # noqa: E402
 from swarm.local import READY, PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
+from swarm.run_config import RunConfig  # noqa: E402
 from tests.netns_helpers import Lab  # noqa: E402
 
 ATTACKER = Path(__file__).resolve().parent / "attacker.py"
@@ -99,12 +100,19 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
             process.kill()
         if lab is not None:
             lab.close()
-    states = []
+    states, measured = [], {}
+    attacker_ids = {READY.match(p.ready_lines[0]).group(2) for p in attackers}
     for i in range(honest_count):
         metrics = out / f"peer{i}" / "metrics.jsonl"
         if metrics.exists():
-            states += [json.loads(line) for line in metrics.read_text().splitlines() if '"state"' in line]
-    return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest]}
+            events = [json.loads(line) for line in metrics.read_text().splitlines()]
+            states += [e for e in events if e.get("event") == "state"]
+            for event in events:  # what the honest peers measured of the attackers' uploads
+                for peer, mbit in (event.get("uploads_mbit") or {}).items():
+                    if peer in attacker_ids:
+                        measured[peer] = max(measured.get(peer, 0.0), mbit)
+    return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest],
+            "attacker_upload_measured_mbit": round(max(measured.values()), 1) if measured else None}
 
 
 def report(attack: str, run: dict, clean_loss: float | None) -> dict:
@@ -125,7 +133,11 @@ def report(attack: str, run: dict, clean_loss: float | None) -> dict:
             "weights_spread": round(max(losses) - min(losses), 6) if losses else None,
             # sharded runs: shard replicas each honest peer owned at its end (the rest are the attackers')
             "honest_shards_owned": [len(s["shards_owned"]) for s in finished if "shards_owned" in s],
-            "adopted_foreign_state": foreign}
+            **({"shard_replicas": RunConfig().shards * RunConfig().replicas}  # the honest ones' and the rest
+               if any("shards_owned" in s for s in finished) else {}),
+            "adopted_foreign_state": foreign,
+            # the most an honest peer measured of an attacker's upload (what bounds its shard bid)
+            "attacker_upload_measured_mbit": run["attacker_upload_measured_mbit"]}
 
 
 def main() -> int:
