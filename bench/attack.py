@@ -3,7 +3,7 @@
     python bench/attack.py --peers 8 --malicious 1 [--attack NAME ...] [--rounds R] [--json]
 
 For each attack (``bench/attacker.py``; all of them by default, ``bid-inflate`` with ``--sharded``)
-N - M honest peer processes and M attacking ones train the tiny GPT on 127.0.0.1; the same N - M
+N - M honest peer processes and M attacking ones train the tiny GPT (``--model``) on 127.0.0.1; the same N - M
 honest peers (same identities, so the same batches) train once with no attacker. Per attack:
 
 - ``honest_crashed``: honest peers that exited non-zero, printed a traceback, or never said ``done``;
@@ -37,6 +37,7 @@ from attacker import ATTACKS, FORGED_ROUND  # noqa: E402
 from report import print_result  # noqa: E402
 from run_file import run_file  # noqa: E402
 from swarm.local import READY, PeerProcess, PeerProcessError, start_peer_process, start_process  # noqa: E402
+from optim.model_config import SIZES  # noqa: E402
 from swarm.run_config import RunConfig  # noqa: E402
 from tests.netns_helpers import Lab  # noqa: E402
 
@@ -149,6 +150,9 @@ def main() -> int:
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--round-timeout", type=float, default=30.0)
     parser.add_argument("--sharded", action="store_true", help="sharded outer momentum (and the bid-inflate attack)")
+    parser.add_argument("--model", choices=sorted(SIZES), default="tiny",
+                        help="the GPT trained (a member's contribution to an owner is measured from 256 KiB on: "
+                             "with 8 peers, mini's are 340 KB and tiny's 100 KB)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a run may take")
     parser.add_argument("--link-mbit", type=float, default=0.0,
                         help="run every peer on its own host (network namespaces, root) behind an access link of "

@@ -1,4 +1,4 @@
-"""The run configuration the attack and chaos benchmarks train: the tiny GPT, batch 8."""
+"""The run configuration the attack and chaos benchmarks train: the tiny GPT unless told, batch 8."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def run_file(args: argparse.Namespace, work: Path) -> Path:
-    """``work/run.toml`` from ``args`` (inner_steps, rounds, round_timeout, sharded)."""
+    """``work/run.toml`` from ``args`` (inner_steps, rounds, round_timeout, sharded; model, if given)."""
     path = work / "run.toml"
-    path.write_text(f'model = "tiny"\ninner_steps = {args.inner_steps}\nbatch_size = 8\nrounds = {args.rounds}\n'
-                    f'round_timeout = {args.round_timeout}\nsharded = {str(args.sharded).lower()}\n'
+    path.write_text(f'model = "{getattr(args, "model", "tiny")}"\ninner_steps = {args.inner_steps}\nbatch_size = 8\n'
+                    f'rounds = {args.rounds}\nround_timeout = {args.round_timeout}\nsharded = {str(args.sharded).lower()}\n'
                     f'outer_momentum = {0.9 if args.sharded else 0.0}\n')
     return path

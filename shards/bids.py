@@ -93,7 +93,11 @@ def seen_of(uploads: dict[str, float]) -> tuple[tuple[str, float], ...]:
 def believed_uploads(bids: list[Bid]) -> list[Bid]:
     """``bids`` with each upload counted above the median declared upload only as far as
     ``SEEN_SLACK`` times the most another bidder measured of it (a peer's own word about itself,
-    or about itself under another name, is not a measurement)."""
+    or about itself under another name, is not a measurement). A measurement is one contribution
+    stream's rate (``RoundStats.uploads_seen``): no sender can make it exceed its upload, so no
+    claim counts for more than twice the claimant's real upload; a peer sending to all its group's
+    owners at once shows a share of its upload, so a fast honest peer counts above the median only
+    where one of its streams alone outran twice the median."""
     if not bids:
         return []
     median = statistics.median(bid.upload_mbit for bid in bids)
