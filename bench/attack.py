@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -101,18 +102,24 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
             process.kill()
         if lab is not None:
             lab.close()
-    states, measured = [], {}
+    states, measured, events = [], {}, []
     attacker_ids = {READY.match(p.ready_lines[0]).group(2) for p in attackers}
     for i in range(honest_count):
         metrics = out / f"peer{i}" / "metrics.jsonl"
-        if metrics.exists():
-            events = [json.loads(line) for line in metrics.read_text().splitlines()]
-            states += [e for e in events if e.get("event") == "state"]
-            for event in events:  # what the honest peers measured of the attackers' uploads
-                for peer, mbit in (event.get("uploads_mbit") or {}).items():
-                    if peer in attacker_ids:
-                        measured[peer] = max(measured.get(peer, 0.0), mbit)
+        events.append([json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else [])
+        states += [e for e in events[-1] if e.get("event") == "state"]
+        for event in events[-1]:  # what the honest peers measured of the attackers' uploads
+            for peer, mbit in (event.get("uploads_mbit") or {}).items():
+                if peer in attacker_ids:
+                    measured[peer] = max(measured.get(peer, 0.0), mbit)
+    # the shards each honest peer owned when the first of them finished (later, as peers leave, the
+    # last ones left own everything)
+    first_done = min((max((e["time"] for e in peer_events if e.get("event") == "round"), default=math.inf)
+                      for peer_events in events), default=math.inf)
+    owned = [next((len(e["owned"]) for e in reversed(peer_events)
+                   if e.get("event") == "shards" and e["time"] <= first_done), None) for peer_events in events]
     return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest],
+            "honest_shards_owned": [n for n in owned if n is not None],
             "attacker_upload_measured_mbit": round(max(measured.values()), 1) if measured else None}
 
 
@@ -132,10 +139,9 @@ def report(attack: str, run: dict, clean_loss: float | None) -> dict:
             "clean_val_loss": round(clean_loss, 4) if clean_loss is not None else None,
             "loss_ratio": round(val_loss / clean_loss, 4) if val_loss and clean_loss else None,
             "weights_spread": round(max(losses) - min(losses), 6) if losses else None,
-            # sharded runs: shard replicas each honest peer owned at its end (the rest are the attackers')
-            "honest_shards_owned": [len(s["shards_owned"]) for s in finished if "shards_owned" in s],
-            **({"shard_replicas": RunConfig().shards * RunConfig().replicas}  # the honest ones' and the rest
-               if any("shards_owned" in s for s in finished) else {}),
+            # sharded runs: shard replicas each honest peer owned as the first finished (the rest: the attackers')
+            **({"honest_shards_owned": run["honest_shards_owned"],
+                "shard_replicas": RunConfig().shards * RunConfig().replicas} if run["honest_shards_owned"] else {}),
             "adopted_foreign_state": foreign,
             # the most an honest peer measured of an attacker's upload (what bounds its shard bid)
             "attacker_upload_measured_mbit": run["attacker_upload_measured_mbit"]}

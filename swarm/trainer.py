@@ -424,6 +424,7 @@ class Trainer:
         now = self.assignment.shards_of(self.me)
         if now != before:
             log.info("owns shards %s of %d (%d replicas)", now, len(self.assignment.owners), self.config.replicas)
+            self._record({"event": "shards", "owned": now})
 
     # ----- checkpoints
     async def _latest_checkpoint(self, run_id: str) -> SignedManifest | None:
