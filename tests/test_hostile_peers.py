@@ -417,6 +417,20 @@ def test_an_upload_above_the_median_counts_only_as_far_as_other_bidders_measured
     assert len(owners.shards_of(liar.peer_id)) <= max(len(owners.shards_of(b.peer_id)) for b in honest)
 
 
+def test_one_owner_that_saw_a_liar_fast_does_not_make_its_claim_believed():
+    """An owner slow to read (a loaded machine) sees a contribution's buffered bytes come at once:
+    on 10 Mbit/s links one owner measured a liar at 13.2 Mbit/s while the others saw ~2. What the
+    other bidders measured counts by its median, not its largest."""
+    now = time.time()
+    liar = Bid("12D3KooWliar", 1 << 30, 1e5, now - 3600, now)
+    seen = [13.2, 2.1, 1.9, 2.4, 1.5, 2.2, 1.8]
+    honest = [Bid(f"12D3KooWhonest{i}", 1 << 30, 10.0, now - 3600, now,
+                  seen=((liar.peer_id[-SEEN_ID_CHARS:], mbit),)) for i, mbit in enumerate(seen)]
+    believed = {b.peer_id: b.upload_mbit for b in believed_uploads([*honest, liar])}
+    assert believed[liar.peer_id] == 10.0  # twice the median seen (2.1) is below the median declared
+    assert all(believed[b.peer_id] == 10.0 for b in honest)
+
+
 async def test_momentum_of_absurd_size_from_a_non_owner_is_not_adopted():
     from optim.base import weights_digest
     from shards.outer import ShardedOuter
