@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 import trio
 
@@ -18,6 +20,7 @@ STATE_BYTES_PER_VALUE = 4  # the outer optimizer's float32 momentum
 LEASE_LIFETIMES = 3  # a bid no read shows any more still counts this many lease lifetimes
 SEEN_SECONDS = 600.0  # how long a measurement of a peer's upload is vouched for in this peer's bid
 MAX_MEASURED = 256  # peers whose measured upload a peer keeps
+MEASUREMENTS_KEPT = 8  # of each, the last this many
 
 
 def run_assignment(config: RunConfig, bids: list[Bid]) -> tuple[ShardLayout, Assignment]:
@@ -49,22 +52,24 @@ async def bid_and_assign(dht: RecordDHT, swarm: str, config: RunConfig, bid: Bid
 
 class MeasuredUploads:
     """The uploads this peer measured of the peers it averaged with (``RoundReport.uploads_seen``),
-    for its bid: the newest of each peer, for ``SEEN_SECONDS``."""
+    for its bid: of each peer measured within ``SEEN_SECONDS``, the median of its last
+    ``MEASUREMENTS_KEPT`` measurements (one round's alone varies several-fold on a loaded machine)."""
 
     def __init__(self) -> None:
-        self._measured: dict[str, tuple[float, float]] = {}  # peer -> (Mbit/s, when)
+        self._measured: dict[str, tuple[deque[float], float]] = {}  # peer -> (its last Mbit/s, when last)
 
     def add(self, uploads: dict[str, float]) -> None:
         now = time.monotonic()
         for peer, mbit in uploads.items():
-            self._measured.pop(peer, None)
-            self._measured[peer] = (mbit, now)
+            recent, _ = self._measured.pop(peer, (deque(maxlen=MEASUREMENTS_KEPT), 0.0))
+            recent.append(mbit)
+            self._measured[peer] = (recent, now)
         while len(self._measured) > MAX_MEASURED:  # the oldest first
             del self._measured[next(iter(self._measured))]
 
     def current(self) -> dict[str, float]:
         since = time.monotonic() - SEEN_SECONDS
-        return {peer: mbit for peer, (mbit, when) in self._measured.items() if when >= since}
+        return {peer: statistics.median(recent) for peer, (recent, when) in self._measured.items() if when >= since}
 
 
 def own_bid(peer_id: str, started_at: float, upload_mbit: float | None, free_memory: int,

@@ -230,3 +230,17 @@ def test_only_a_groups_first_member_lists_the_group_on_the_board(me):
     Trainer._on_round(trainer, RoundReport("diloco-7", "averaged", 1.0, members=["c", "a", "b"]))
     assert trainer.progress.group_key == "diloco-7"
     assert trainer.progress.group == (["a", "b", "c"] if me == "a" else [])
+
+
+def test_a_bid_vouches_for_the_median_of_a_peers_last_measurements():
+    """One round's measurement of a peer varies several-fold on a loaded machine; a bid that
+    vouched for the newest changed with every round, and the owners every peer computes with it."""
+    from swarm.shard_ownership import MEASUREMENTS_KEPT, MeasuredUploads
+
+    uploads = MeasuredUploads()
+    for mbit in (2.0, 13.2, 1.8, 2.4):
+        uploads.add({"peer": mbit})
+    assert uploads.current() == {"peer": 2.2}
+    for _ in range(MEASUREMENTS_KEPT):
+        uploads.add({"peer": 9.0})
+    assert uploads.current() == {"peer": 9.0}  # only the last MEASUREMENTS_KEPT count

@@ -98,7 +98,8 @@ def test_a_bid_carries_the_fastest_uploads_its_peer_measured_and_reads_back_the_
 
     measured = {f"12D3KooWpeer{i:02d}": float(i) for i in range(20)}
     mine = Bid("me", 1 << 30, 10.0, NOW - 10, NOW, seen_of(measured))
-    assert sorted(mbit for _, mbit in mine.seen) == [float(i) for i in range(20 - MAX_SEEN, 20)]
+    # the fastest, each rounded down to a power of two (so that bids change only when one doubles)
+    assert MAX_SEEN == 8 and sorted(mbit for _, mbit in mine.seen) == [8.0] * 4 + [16.0] * 4  # of 12..19
     assert all(len(suffix) == SEEN_ID_CHARS for suffix, _ in mine.seen)
     assert parse_bid("me", mine.to_value(), now=NOW) == mine
     assert "seen" not in bid("quiet").to_value()  # a bid without measurements stays as small as before
