@@ -47,9 +47,12 @@ class Bid:
 
     @property
     def capacity(self) -> float:
-        """What the bid is worth: upload bandwidth, up to twice that for a day of uptime."""
-        uptime_hours = max(0.0, self.renewed - self.up_since) / 3600
-        return max(1.0, self.upload_mbit) * (1 + min(uptime_hours, 24.0) / 24)
+        """What the bid is worth: upload bandwidth, up to twice that for a day of uptime, counted in
+        whole hours. (Counted to the second, the peers' shares moved with every renewed bid: peers of
+        equal upload split the spare shards by which bid a reader saw last, and on 10 Mbit/s links
+        their shards changed 169 times in 6 rounds.)"""
+        uptime_hours = math.floor(max(0.0, self.renewed - self.up_since) / 3600)
+        return max(1.0, self.upload_mbit) * (1 + min(uptime_hours, 24) / 24)
 
     def to_value(self) -> dict[str, Any]:
         seen = {"seen": dict(self.seen)} if self.seen else {}
