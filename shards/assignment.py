@@ -4,7 +4,8 @@ Each shard gets ``replicas`` owners by weighted rendezvous hashing: a peer's sco
 ``capacity / -ln(u)`` with ``u`` a hash of (run, shard, peer) in (0, 1); pairs are taken strongest
 first, ties by peer id. A peer owns its fair share, ``shards x replicas x capacity / total capacity``
 (uploads above the median believed as far as other peers measured them, ``shards.bids.believed_uploads``,
-and capacities up to 4 times the median, ``averaging.partition.capped_at_median``)
+uptimes up to twice the median and an hour, ``believed_uptimes``, and capacities up to 4 times the
+median, ``averaging.partition.capped_at_median``)
 rounded to whole shards so the shares add up (swaps fill a shard the greedy pass leaves short; then
 shares rounded up, then wherever memory allows, fill what is left), and never more than its offered
 memory holds, so stronger peers own more and nobody owns everything. A peer
@@ -18,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from averaging.partition import capped_at_median
-from shards.bids import Bid, believed_uploads
+from shards.bids import Bid, believed_uploads, believed_uptimes
 from shards.layout import ShardLayout
 
 
@@ -56,7 +57,7 @@ def assign(bids: list[Bid], layout: ShardLayout, replicas: int, *, state_bytes_p
     optimizer state per parameter. ``salt`` (the run id) decorrelates runs."""
     if replicas < 1:
         raise ValueError("at least one owner per shard")
-    by_peer = {bid.peer_id: bid for bid in sorted(believed_uploads(bids), key=lambda b: b.peer_id)}
+    by_peer = {bid.peer_id: bid for bid in sorted(believed_uptimes(believed_uploads(bids)), key=lambda b: b.peer_id)}
     copies = min(replicas, len(by_peer))
     if not copies:
         return Assignment(tuple(() for _ in range(layout.count)))

@@ -29,6 +29,7 @@ DEFAULT_UPLOAD_MBIT = 10.0  # a peer that does not know its upload is taken for 
 MAX_SEEN = 8  # uploads measured of other peers that one bid carries
 SEEN_ID_CHARS = 10  # a measured peer is named by the end of its id (bids are renewed every heartbeat)
 MIN_SEEN_MBIT = 0.125  # smaller measurements are vouched for as this
+UPTIME_SLACK = 2.0  # an uptime counts up to this many times the median uptime, plus an hour
 SEEN_SLACK = 2.0  # a declared upload counts up to this many times the median other bidders measured
 
 
@@ -122,6 +123,17 @@ def believed_uploads(bids: list[Bid]) -> list[Bid]:
                 measured.setdefault(peer, []).append(mbit)
     return [replace(bid, upload_mbit=min(bid.upload_mbit, max(median, SEEN_SLACK * statistics.median(
         measured.get(bid.peer_id, [0.0]))))) for bid in bids]
+
+
+def believed_uptimes(bids: list[Bid]) -> list[Bid]:
+    """``bids`` with each uptime (which counts towards a bid's worth, ``Bid.capacity``) believed up to
+    twice the median uptime plus an hour. Uptime is self-declared: a liar claiming a day in a young
+    swarm doubled its bid (``bench/attack.py --link-mbit 10``: 7 of 32 replicas where its fair share
+    was 4)."""
+    if not bids:
+        return []
+    limit = UPTIME_SLACK * statistics.median(max(0.0, b.renewed - b.up_since) for b in bids) + 3600
+    return [replace(b, up_since=max(b.up_since, b.renewed - limit)) for b in bids]
 
 
 async def read_bids(dht: RecordDHT, swarm: str, run_id: str) -> list[Bid]:

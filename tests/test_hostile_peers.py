@@ -557,3 +557,18 @@ async def test_a_peer_opening_many_silent_streams_holds_a_bounded_number(tmp_pat
         await trio.sleep(1.0)
         assert server.streams._open.get(client.peer_id) == MAX_STREAMS_PER_PEER
         nursery.cancel_scope.cancel()
+
+
+def test_a_claimed_day_of_uptime_in_a_young_swarm_does_not_double_a_bid():
+    """Uptime is self-declared and a day of it doubles a bid's worth: a liar claiming one among
+    peers up for minutes held 7 of 32 replicas where its fair share was 4 (10 Mbit/s links). It
+    counts up to twice the median uptime plus an hour; a long-running swarm keeps its bonus."""
+    now = time.time()
+    young = [Bid(f"12D3KooWhonest{i}", 1 << 30, 10.0, now - 600, now) for i in range(7)]
+    liar = Bid("12D3KooWliar", 1 << 30, 10.0, now - 86400, now)
+    owners = assign([*young, liar], ShardLayout(total=1 << 20, count=16), 2, state_bytes_per_value=4, salt="run")
+    assert len(owners.shards_of(liar.peer_id)) <= 5  # 32 / 8 = 4, give or take the rounding
+    old = [Bid(f"12D3KooWhonest{i}", 1 << 30, 10.0, now - 86400, now) for i in range(4)]
+    newcomers = [Bid(f"12D3KooWnew{i}", 1 << 30, 10.0, now - 600, now) for i in range(3)]
+    owners = assign([*old, *newcomers], ShardLayout(total=1 << 20, count=16), 2, state_bytes_per_value=4, salt="run")
+    assert min(len(owners.shards_of(b.peer_id)) for b in old) > max(len(owners.shards_of(b.peer_id)) for b in newcomers)
