@@ -112,14 +112,22 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
             for peer, mbit in (event.get("uploads_mbit") or {}).items():
                 if peer in attacker_ids:
                     measured[peer] = max(measured.get(peer, 0.0), mbit)
-    # the shards each honest peer owned when the first of them finished (later, as peers leave, the
-    # last ones left own everything)
+    # the shards each peer owned when the first honest one finished (later, as peers leave, the last
+    # ones left own everything)
     first_done = min((max((e["time"] for e in peer_events if e.get("event") == "round"), default=math.inf)
                       for peer_events in events), default=math.inf)
-    owned = [next((len(e["owned"]) for e in reversed(peer_events)
-                   if e.get("event") == "shards" and e["time"] <= first_done), None) for peer_events in events]
+
+    def owned_then(peer_events: list[dict]) -> int | None:
+        return next((len(e["owned"]) for e in reversed(peer_events)
+                     if e.get("event") == "shards" and e["time"] <= first_done), None)
+
+    owned = [owned_then(peer_events) for peer_events in events]
+    attacker_metrics = [out / f"attacker{j}" / "metrics.jsonl" for j in range(len(attackers))]
+    attackers_owned = [owned_then([json.loads(line) for line in path.read_text().splitlines()])
+                       for path in attacker_metrics if path.exists()]
     return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest],
             "honest_shards_owned": [n for n in owned if n is not None],
+            "attackers_shards_owned": [n for n in attackers_owned if n is not None],
             "attacker_upload_measured_mbit": round(max(measured.values()), 1) if measured else None}
 
 
@@ -139,8 +147,10 @@ def report(attack: str, run: dict, clean_loss: float | None) -> dict:
             "clean_val_loss": round(clean_loss, 4) if clean_loss is not None else None,
             "loss_ratio": round(val_loss / clean_loss, 4) if val_loss and clean_loss else None,
             "weights_spread": round(max(losses) - min(losses), 6) if losses else None,
-            # sharded runs: shard replicas each honest peer owned as the first finished (the rest: the attackers')
+            # sharded runs: the shard replicas each peer owned in its own view as the first honest one
+            # finished (views differ while bids are missing from reads)
             **({"honest_shards_owned": run["honest_shards_owned"],
+                "attackers_shards_owned": run["attackers_shards_owned"],
                 "shard_replicas": RunConfig().shards * RunConfig().replicas} if run["honest_shards_owned"] else {}),
             "adopted_foreign_state": foreign,
             # the most an honest peer measured of an attacker's upload (what bounds its shard bid)
