@@ -46,6 +46,12 @@ ATTACKER = Path(__file__).resolve().parent / "attacker.py"
 LAB_INTERNET = "10.202.0"  # the hosts' network with --link-mbit
 
 
+def metrics_events(peer_out: Path) -> list[dict]:
+    """The lines of a peer's ``metrics.jsonl`` (none if it wrote none)."""
+    metrics = peer_out / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
 def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
     """One run: the honest peers' summaries and logs, the attackers started beside them."""
     honest_count = args.peers - args.malicious
@@ -105,8 +111,7 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
     states, measured, events = [], {}, []
     attacker_ids = {READY.match(p.ready_lines[0]).group(2) for p in attackers}
     for i in range(honest_count):
-        metrics = out / f"peer{i}" / "metrics.jsonl"
-        events.append([json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else [])
+        events.append(metrics_events(out / f"peer{i}"))
         states += [e for e in events[-1] if e.get("event") == "state"]
         for event in events[-1]:  # what the honest peers measured of the attackers' uploads
             for peer, mbit in (event.get("uploads_mbit") or {}).items():
@@ -122,9 +127,7 @@ def swarm(args: argparse.Namespace, work: Path, attack: str | None) -> dict:
                      if e.get("event") == "shards" and e["time"] <= first_done), None)
 
     owned = [owned_then(peer_events) for peer_events in events]
-    attacker_metrics = [out / f"attacker{j}" / "metrics.jsonl" for j in range(len(attackers))]
-    attackers_owned = [owned_then([json.loads(line) for line in path.read_text().splitlines()])
-                       for path in attacker_metrics if path.exists()]
+    attackers_owned = [owned_then(metrics_events(out / f"attacker{j}")) for j in range(len(attackers))]
     return {"summaries": summaries, "states": states, "logs": [p.log_path for p in honest],
             "honest_shards_owned": [n for n in owned if n is not None],
             "attackers_shards_owned": [n for n in attackers_owned if n is not None],

@@ -14,6 +14,7 @@ from averaging.allreduce import RoundFailed
 from averaging.averager import Averager, RoundPlan
 from averaging.matchmaking import MatchmakingFailed
 from optim.base import Reduced
+from swarm.run_config import BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class SwarmReducer:
             log.warning("%d peers train this run and a group holds at most %d: each round's groups leave different "
                         "weights, and peers of different weights do not average together, so rounds fail and "
                         "peers refetch states; set the run's group_size to at least its number of peers (at most "
-                        "64)", expected, self.max_group)
+                        "%d)", expected, self.max_group, BOUNDS["group_size"][1])
 
     async def _expected_after_losing_others(self, key: str) -> int:
         """The peers expected in round ``key``; when none but this one, and others were seen
