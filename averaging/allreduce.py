@@ -23,7 +23,7 @@ from collections import Counter
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
 import numpy as np
@@ -33,6 +33,7 @@ from libp2p.peer.id import ID
 
 from averaging.codecs import BLOCK, Codec, CodecError, encode_with_feedback, get_codec
 from averaging.lanes import Lanes
+from averaging.partition import cell_bounds
 from averaging.wire import FrameError, PerPeerLimit, read_frame, read_frame_within, stream_peer, write_frame, write_frame_within
 from dht.records import RecordError, ed25519_key
 
@@ -54,6 +55,7 @@ MAX_STALL_SECONDS = 15.0  # a stream on which no byte moves for this long has st
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
+MAX_CELLS = MAX_MEMBERS  # cells of a two-level round's vector
 MAX_STREAMS_PER_PEER = 16  # contribution, repair and note streams one peer may have served at once
 CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
@@ -80,6 +82,10 @@ class GroupSpec:
     # The round's vector as ranges of the caller's (natural) vector, concatenated; empty: natural
     # order. Lets a group give each member a part made of whole shards it owns (``Averager``).
     order: tuple[tuple[int, int], ...] = ()
+    # Two-level rounds: the vector is cut into this many cells (``partition.cell_bounds``), the same
+    # grid in every group of the round, and each member's part is whole cells, which its owner
+    # reduces with the owners of the same cells in the round's other groups (``CrossReduce``)
+    cells: int = 0
 
     @property
     def total(self) -> int:
@@ -91,7 +97,7 @@ class GroupSpec:
     def to_wire(self) -> dict[str, Any]:
         return {"group": self.group_id, "members": list(self.members),
                 "addrs": [list(a) for a in self.addrs], "bounds": list(self.bounds), "codec": self.codec,
-                "send": self.send_concurrency, "order": [list(r) for r in self.order]}
+                "send": self.send_concurrency, "order": [list(r) for r in self.order], "cells": self.cells}
 
     @classmethod
     def from_wire(cls, wire: Any) -> "GroupSpec":
@@ -105,7 +111,8 @@ class GroupSpec:
             spec = cls(_str(wire["group"]), tuple(_str(m) for m in members),
                        tuple(tuple(_str(a) for a in _list(listed, MAX_ADDRS)) for listed in addrs),
                        tuple(_int(b) for b in bounds), _str(wire["codec"]), _int(wire.get("send", 0)),
-                       tuple((_int(r[0]), _int(r[1])) for r in (_list(r, 2) for r in order) if len(r) == 2))
+                       tuple((_int(r[0]), _int(r[1])) for r in (_list(r, 2) for r in order) if len(r) == 2),
+                       _int(wire.get("cells", 0)))
             if len(spec.order) != len(order):
                 raise SpecError("an order range is not a pair")
         except KeyError as exc:
@@ -137,6 +144,18 @@ class GroupSpec:
             ends = sorted(self.order)
             if ends[0][0] != 0 or any(b != c for (_, b), (c, _) in zip(ends, ends[1:])):
                 raise SpecError("group spec order is not a split of the vector")
+        if not 0 <= self.cells <= MAX_CELLS:
+            raise SpecError("group spec cell count out of range")
+        if self.cells and (self.order or not set(self.bounds) <= set(cell_bounds(self.total, self.cells))):
+            raise SpecError("group spec parts are not whole cells")
+
+    def cells_of(self, index: int) -> list[tuple[int, int, int]]:
+        """The cells member ``index`` owns in a two-level round: (cell, start, end), none empty."""
+        if not self.cells:
+            return []
+        start, end = self.part(index)
+        grid = cell_bounds(self.total, self.cells)
+        return [(c, a, b) for c, (a, b) in enumerate(zip(grid, grid[1:])) if start <= a < b <= end]
 
     def permutation(self) -> np.ndarray | None:
         """Indices of the natural vector in the round's order (None: the natural order)."""
@@ -266,6 +285,7 @@ class _OwnerState:
         self.result_chunks: list[bytes] = []  # of the current attempt, in order
         self.result: _Part | None = None  # the final part
         self.residual_start: np.ndarray | None = None  # error feedback before the first attempt
+        self.crossed: np.ndarray | None = None  # a two-level round's result: the part's mean across groups
         self.changed = trio.Event()  # replaced on every change: wait on the one you looked at
         self.serving: dict[int, int] = {}  # contribution streams still open, per sender
         self.lock = trio.Lock()  # over ``sum``: chunk additions, rebuilds and result encoding
@@ -331,6 +351,10 @@ class _OwnerState:
 # (start, end, the weighted mean of values start:end of our part) -> what the members receive for
 # them instead of the mean (an owner-side optimizer step, say); the same length, float32
 ResultTransform = Callable[[int, int, np.ndarray], np.ndarray]
+# A two-level round's owner step: (cell, the group's weighted mean of that cell, the group's total
+# weight, how many members contributed to it) -> the cell's mean across the round's groups (the
+# same on every group that takes part), the same length, float32. Raising fails the round.
+CrossReduce = Callable[[int, np.ndarray, float, int], Awaitable[np.ndarray]]
 
 
 class RoundState:
@@ -338,9 +362,13 @@ class RoundState:
 
     def __init__(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float,
                  send_residual: np.ndarray | None, result_residual: np.ndarray | None,
-                 max_norm_ratio: float, clip_ratio: float, transform: "ResultTransform | None" = None) -> None:
+                 max_norm_ratio: float, clip_ratio: float, transform: "ResultTransform | None" = None,
+                 cross: "CrossReduce | None" = None, max_weight: float = 1e12) -> None:
         self.spec, self.me, self.flat, self.weight = spec, me, flat, weight
-        self.transform = transform
+        self.transform, self.max_weight = transform, max_weight
+        self.cross = cross if spec.cells else None
+        if self.cross is not None:  # every group must encode the cross-group mean alike: no feedback
+            result_residual = None
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
         self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio, clip_ratio)
@@ -477,7 +505,7 @@ class AllReduce:
         on the same stream as it becomes ready."""
         owner = state.owner
         try:
-            weight = _check_weight(header.get("weight"), self.max_weight)
+            weight = _check_weight(header.get("weight"), state.max_weight)
             if header.get("chunks") != len(owner.ranges):
                 raise FrameError("wrong chunk count")
             if owner.contributors is not None or sender not in owner.pending or sender in owner.weights:
@@ -621,9 +649,11 @@ class AllReduce:
                 owner.attempt += 1
                 owner.notify()
             index = len(owner.result_chunks)
-            if any(owner.received[s] <= index for s in contributors):
+            # a two-level round's owner reduces its part with the other groups' once all of it is in
+            crossing = state.cross is not None
+            if any(owner.received[s] <= (n - 1 if crossing else index) for s in contributors):
                 return
-            if index == n - 1:  # all is in: the norms are known
+            if index == (0 if crossing else n - 1):  # all is in: the norms are known
                 for sender in owner.outliers(contributors):
                     log.warning("excluding %s from %s: update norm %.3g is absurd", spec.members[sender],
                                 spec.group_id, math.sqrt(owner.norms2[sender]))
@@ -636,6 +666,8 @@ class AllReduce:
                                  spec.members[sender], scale)
                     owner.rescaled = True
                     continue
+                if crossing:
+                    owner.crossed = await self._cross(state, contributors)
             owner.result_chunks.append(self._encode_result_chunk(state, index))
             if len(owner.result_chunks) == n:
                 digest = await trio.to_thread.run_sync(
@@ -643,6 +675,26 @@ class AllReduce:
                 signature = self.host.get_private_key().sign(digest)
                 owner.result = state.parts[state.me] = _Part(contributors, list(owner.result_chunks), signature)
             owner.notify()
+
+    @staticmethod
+    async def _cross(state: RoundState, contributors: tuple[int, ...]) -> np.ndarray:
+        """A two-level round: our part's mean across the round's groups, each of its cells reduced
+        with the owners of that cell in the other groups at once."""
+        owner = state.owner
+        total = sum(owner.weights[s] for s in contributors)
+        crossed = owner.sum / np.float32(total or 1)
+
+        async def cross(cell: int, a: int, b: int) -> None:
+            values = crossed[a - owner.start:b - owner.start]
+            reduced = await state.cross(cell, values.copy(), total, len(contributors))
+            if reduced.shape != values.shape:
+                raise ValueError(f"cell {cell} came back with {reduced.shape} values, not {values.shape}")
+            values[:] = reduced
+
+        async with trio.open_nursery() as nursery:
+            for cell, a, b in state.spec.cells_of(state.me):
+                nursery.start_soon(cross, cell, a, b)
+        return crossed
 
     @staticmethod
     def _rebuild_sum(state: RoundState, contributors: tuple[int, ...]) -> None:
@@ -667,7 +719,10 @@ class AllReduce:
         owner = state.owner
         a, b = owner.ranges[index]
         total = sum(owner.weights[s] for s in owner.contributors)
-        average = owner.sum[a - owner.start:b - owner.start] / np.float32(total or 1)
+        if owner.crossed is not None:
+            average = owner.crossed[a - owner.start:b - owner.start]
+        else:
+            average = owner.sum[a - owner.start:b - owner.start] / np.float32(total or 1)
         if state.transform is not None:
             average = state.transform(a, b, average)
         residual = None if state.result_residual is None else state.result_residual[a:b]
@@ -909,9 +964,13 @@ class AllReduce:
 
     async def run(self, spec: GroupSpec, me: int, flat: np.ndarray, weight: float, *, deadline: float,
                   send_residual: np.ndarray | None = None, result_residual: np.ndarray | None = None,
-                  bandwidth: float = 12.5e6, transform: ResultTransform | None = None) -> tuple[np.ndarray, RoundStats]:
+                  bandwidth: float = 12.5e6, transform: ResultTransform | None = None,
+                  cross: CrossReduce | None = None, max_weight: float | None = None) -> tuple[np.ndarray, RoundStats]:
         """Average ``flat`` with the group; returns the average and statistics or raises ``RoundFailed``.
         With ``transform``, our part's result is the transform of its mean (``ResultTransform``).
+        In a two-level round (``spec.cells``), with ``cross``, our part's result is its mean across
+        the round's groups (``CrossReduce``). ``max_weight`` bounds the weights of this round's
+        contributions (default: the one this ``AllReduce`` was made with).
 
         ``deadline`` (trio clock) bounds the whole round. Within it nothing waits on a fixed
         schedule: a transfer fails when it stalls (no byte of a chunk moves within a time sized
@@ -925,11 +984,12 @@ class AllReduce:
         time spares owners short of CPU (it was needed on libp2p streams, before lanes, for 8
         peers x 100 MB on one 2-core machine)."""
         spec.validate()
-        weight = _check_weight(weight, self.max_weight)
+        max_weight = max_weight or self.max_weight
+        weight = _check_weight(weight, max_weight)
         if flat.dtype != np.float32 or flat.shape != (spec.total,):
             raise ValueError(f"vector of shape {flat.shape} does not match the group's {spec.total} values")
         state = RoundState(spec, me, flat, weight, send_residual, result_residual, self.max_norm_ratio,
-                           self.clip_ratio, transform)
+                           self.clip_ratio, transform, cross, max_weight)
         state.deadline = deadline
         self._rounds[spec.group_id] = state
         self._round_started.pop(spec.group_id, trio.Event()).set()

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import trio
 
-from averaging.allreduce import AllReduce, GroupSpec, ResultTransform, RoundFailed, RoundStats
+from averaging.allreduce import AllReduce, CrossReduce, GroupSpec, ResultTransform, RoundFailed, RoundStats
 from averaging.codecs import get_codec
-from averaging.matchmaking import Matchmaker
+from averaging.matchmaking import CELLS_PROTOCOL, Matchmaker, MatchmakingFailed
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,16 @@ class Averager:
         self.matchmaker = Matchmaker(peer.host, peer.dht, peer.config.swarm, target_size=target_group_size,
                                      min_size=min_group_size, budget=matchmaking_budget,
                                      upload_mbps=peer.config.upload_mbps, send_concurrency=send_concurrency)
+        # the owners of a two-level round's cells find each other with one of their own, seeking
+        # every cell they own at once (``_cross_groups``)
+        self.cells_matchmaker = Matchmaker(peer.host, peer.dht, peer.config.swarm, budget=matchmaking_budget,
+                                           upload_mbps=peer.config.upload_mbps, protocol=CELLS_PROTOCOL,
+                                           one_at_a_time=False)
+        self.cells_matchmaker.reachability = lambda: self.matchmaker.reachability()
+        self.cells_matchmaker.relayed = lambda: self.matchmaker.relayed()
         self.allreduce.register_handlers()
         self.matchmaker.register_handlers()
+        self.cells_matchmaker.register_handlers()
         # bytes/s: sizes the stall timeouts; a declared upload rate, else 100 Mbit/s, then measured
         self.bandwidth = (peer.config.upload_mbps or 100) * 125_000
         self._residuals: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -64,7 +72,7 @@ class Averager:
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
                          timeout: float = 120.0, group_key: str = "default",
                          matchmaking_timeout: float | None = None, plan: RoundPlan | None = None,
-                         base: str = "") -> AveragingResult:
+                         base: str = "", across_groups: bool = False) -> AveragingResult:
         """The weighted mean of ``tensors`` over the group's contributors, or ``RoundFailed`` /
         ``MatchmakingFailed`` (then nothing was changed and the caller may retry). Finding the
         group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``); the round
@@ -76,15 +84,25 @@ class Averager:
 
         With ``plan`` every part's result is its reducer's transform of the mean (``RoundPlan``);
         every member of the group must average with a plan. Results then carry no error feedback:
-        the transform's reducer changes from round to round."""
+        the transform's reducer changes from round to round.
+
+        ``across_groups`` (without ``plan``), where more peers average under ``group_key`` than
+        a group holds (``matchmaker.swarm_size`` above its ``target_size``): a two-level round. The
+        vector is cut into ``target_size`` cells, each member of a group reduces whole cells, and
+        each cell's owners in the round's groups then reduce it with each other (``_cross_groups``),
+        so that every group gets the same mean, not one of its own. Results then carry no error
+        feedback (each group's owners must encode that mean alike)."""
         flat = await trio.to_thread.run_sync(_flatten, tensors)
+        two_level = across_groups and plan is None and self.matchmaker.swarm_size > self.matchmaker.target_size
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, trio.current_time() + (matchmaking_timeout or timeout),
-            order=plan.order if plan is not None else None, base=base)
+            order=plan.order if plan is not None else None, base=base,
+            cells=self.matchmaker.target_size if two_level else 0)
         deadline = trio.current_time() + timeout
         me = spec.members.index(self.matchmaker.me)
-        log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once", spec.group_id,
-                 len(spec.members), len(flat), codec, spec.send_concurrency or "all owners")
+        log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once%s", spec.group_id,
+                 len(spec.members), len(flat), codec, spec.send_concurrency or "all owners",
+                 f", {spec.cells} cells reduced across groups" if spec.cells else "")
         if spec.total != len(flat):  # a leader's spec that does not fit: drop the round, not the peer
             raise _failed(spec, f"the group averages {spec.total} values, this member {len(flat)}")
         transform = None
@@ -107,27 +125,64 @@ class Averager:
             if layout not in self._residuals:
                 self._residuals[layout] = (np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32))
             send_residual, result_residual = self._residuals[layout]
-            if plan is not None:
+            if plan is not None or spec.cells:
                 result_residual = None
         natural_residual = send_residual
         if permutation is not None and send_residual is not None:
             send_residual = send_residual[permutation]
+        crossed = RoundStats("cells", [])  # what this member's cells moved at the second level
         try:
             averaged, stats = await self.allreduce.run(
                 spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
-                result_residual=result_residual, bandwidth=self.bandwidth, transform=transform)
+                result_residual=result_residual, bandwidth=self.bandwidth, transform=transform,
+                cross=self._cross_groups(group_key, codec, base, spec.cells, deadline, crossed) if spec.cells else None)
         except RoundFailed as exc:
             self.matchmaker.exclude(exc.stats.blamed)
             raise
         finally:
             if send_residual is not natural_residual:
                 natural_residual[permutation] = send_residual
+        stats.bytes_sent += crossed.bytes_sent
+        stats.bytes_received += crossed.bytes_received
         if permutation is not None:
             averaged = await trio.to_thread.run_sync(_unpermute, averaged, permutation)
         seconds = stats.phase_seconds.get("exchange", 0)
         if seconds > 0 and stats.bytes_sent > 1e6:
             self.bandwidth = max(1e5, stats.bytes_sent / seconds)
         return AveragingResult(self._unflatten(averaged, tensors), stats)
+
+    def _cross_groups(self, group_key: str, codec: str, base: str, cells: int, deadline: float,
+                      counted: RoundStats) -> CrossReduce:
+        """The second level of a two-level round: a cell's owner finds the owners of the same cell
+        in the round's other groups (under the cell's own key, standing for its group's
+        contributors, until those read stand for every peer expected) and all-reduces the cell
+        with them, each group's mean weighted by its total weight. A cell whose owner finds no
+        other group keeps its group's mean (the group may be the whole round), as a one-level
+        round would; one whose reduction fails fails the round. Its bytes are added to ``counted``."""
+
+        async def cross(cell: int, values: np.ndarray, weight: float, contributors: int) -> np.ndarray:
+            matchmaker = self.cells_matchmaker
+            matchmaker.target_size = max(2, self.matchmaker.swarm_size)
+            now = trio.current_time()
+            left = deadline - now
+            try:
+                # up to half the round's time left: the round's last group may form a matchmaking
+                # timeout after the first (its members' views differed, say), and its exchange take longer
+                spec = await matchmaker.find_group(f"{group_key}/cells/{cells}.{cell}", len(values), codec,
+                                                   now + left / 2, base=base, covers=contributors)
+            except MatchmakingFailed as exc:
+                log.info("%s: cell %d reduced in this group only: %s", group_key, cell, exc)
+                return values
+            # a group weighs what its members do together: up to the largest group's worth
+            output, stats = await self.allreduce.run(
+                spec, spec.members.index(matchmaker.me), values, weight, deadline=deadline - left / 4,
+                bandwidth=self.bandwidth, max_weight=self.allreduce.max_weight * cells)
+            counted.bytes_sent += stats.bytes_sent
+            counted.bytes_received += stats.bytes_received
+            log.info("%s: cell %d reduced across %d groups", group_key, cell, len(stats.contributors))
+            return output
+
+        return cross
 
     async def transform_alone(self, tensors: list[torch.Tensor], plan: RoundPlan) -> list[torch.Tensor]:
         """What a round of this peer alone gives under ``plan``: the transform of its own values."""

@@ -68,14 +68,22 @@ def _salted(salt: str, peer: str) -> bytes:
     return hashlib.sha256(f"{salt}/{peer}".encode()).digest()
 
 
-def bucket_count(swarm_size: int, target: int) -> int:
-    """How many matchmaking buckets a round of ``swarm_size`` peers uses: one below twice the
-    target, else a power of two that leaves ``target / 2 .. target`` peers in each on average. A
-    power of two, so two peers whose estimates of the swarm straddle a doubling still nest: a
-    bucket of the smaller count is exactly two of the larger."""
-    if swarm_size < 2 * target:
+# Peers a bucket holds on average at the most (at least half as many), whatever the group size: a
+# bucket is drawn by hash, and one that draws a single peer leaves it nobody to average with. With
+# buckets sized by groups of 3, 6 peers drew 2 buckets, one of them often one peer, which failed
+# its round (5 of 48 peer-rounds); with 8 to 16 on average, 1 in ~400 buckets draws one.
+BUCKET_PEERS = 16
+
+
+def bucket_count(swarm_size: int, target: int, bucket_peers: int = BUCKET_PEERS) -> int:
+    """How many matchmaking buckets a round of ``swarm_size`` peers uses: one below twice
+    ``size = max(target, bucket_peers)``, else a power of two that leaves ``size / 2 .. size``
+    peers in each on average. A power of two, so two peers whose estimates of the swarm straddle a
+    doubling still nest: a bucket of the smaller count is exactly two of the larger."""
+    size = max(target, bucket_peers)
+    if swarm_size < 2 * size:
         return 1
-    return 1 << math.ceil(math.log2(swarm_size / target))
+    return 1 << math.ceil(math.log2(swarm_size / size))
 
 
 def bucket_of(peer: str, salt: str, count: int) -> int:

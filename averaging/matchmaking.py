@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -28,18 +29,23 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from averaging.allreduce import GroupSpec, SpecError, add_addrs
-from averaging.groups import Coordinates, bucket_count, bucket_of, plan_groups
-from averaging.partition import partition_bounds
+from averaging.groups import BUCKET_PEERS, Coordinates, bucket_count, bucket_of, plan_groups
+from averaging.partition import cell_owner_bounds, partition_bounds
 from averaging.wire import FrameError, PerPeerLimit, read_frame, write_frame
 from dht import RecordDHT
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "/legion/matchmaking/1.1.0"  # 1.1: splits salted by the key alone, buckets from 2x the target size
+# 1.1: splits salted by the key alone, buckets from 2x the target size; 1.2: two-level rounds (a
+# spec's cells, a declaration's covers)
+PROTOCOL = "/legion/matchmaking/1.2.0"
+CELLS_PROTOCOL = "/legion/matchmaking-cells/1.0.0"  # the owners of a two-level round's cells (``Averager``)
 PING_PROTOCOL = "/legion/ping/1.0.0"
 
 
-# A peer alone under a key that others have left waits this long for a newcomer before it gives up
+# A peer alone under a key that others have left waits this long for a newcomer before it gives up;
+# where the swarm holds more peers than a group, its budget (a round's later groups form later: 3
+# peers that came a few seconds after a group of 3 formed each gave up alone after 1 s)
 LATE_GRACE = 1.0
 LEAD_INVITE_SECONDS = 3.0  # a leader's bound on one invitation
 INVITE_SECONDS = 5.0  # a follower waits this long for its leader's invitation
@@ -77,25 +83,33 @@ class _Seeking:
     codec: str
     order: GroupOrder | None = None
     base: str = ""  # what the caller's vector was computed from; only peers of the same base group
+    cells: int = 0  # a group this peer leads is a two-level round's: parts of whole cells (``GroupSpec.cells``)
+    covers: int = 1  # the peers this seeker stands for (a group, at the second level); declared
     committed: bool = False
+    superseded: bool = False  # a later round's seeking ended this one
     spec: GroupSpec | None = None
     found: trio.Event = field(default_factory=trio.Event)
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
+    alone: bool = False  # that split leaves this peer in a group too small to form
     scope: trio.CancelScope | None = None  # cancelled when a later seeking supersedes this one
 
     def may_invite(self, peer: str, me: str) -> bool:
         """Only a leader this peer can derive itself may invite it: the one of its own split once
-        computed, before that a peer seeking under the key that sorts first (leaders are the
-        smallest id of their group). Nobody else chooses this peer's group, split or codec."""
-        if self.leader is not None:
+        computed, before that (or when that split leaves it alone) a peer seen seeking under the
+        key that sorts first (leaders are the smallest id of their group), one it gave up on
+        included. Nobody else chooses this peer's group, split or codec. (Two peers that each
+        waited in vain for the other's invitation, their views having differed, each gave up on
+        the other and then refused its invitation until the round ended.)"""
+        if self.leader is not None and not self.alone:
             return peer == self.leader
-        return peer in self.seen and peer < me
+        return (peer in self.seen or peer in self.suspects) and peer < me
 
 
 MAX_DECLARED_ADDRS = 16
+MAX_COVERS = 256  # peers one declaration may stand for (a group: ``allreduce.MAX_MEMBERS``)
 MAX_STREAMS_PER_PEER = 4  # invitation and ping streams one peer may have served at once
 # Rounds a peer blamed for a failed round is left out of groups: twice as many each time it is
 # blamed again. A pair of peers behind NATs that could not reach each other in time is blamed
@@ -114,12 +128,13 @@ def _declaration(value: object) -> dict | None:
     if not (isinstance(addrs, list) and len(addrs) <= MAX_DECLARED_ADDRS and all(isinstance(a, str) for a in addrs)
             and type(total) is int and isinstance(codec, str)):
         return None
-    target, reach, base = value.get("target"), value.get("reach"), value.get("base", "")
+    target, reach, base, covers = value.get("target"), value.get("reach"), value.get("base", ""), value.get("covers", 1)
     return {"addrs": addrs, "total": total, "codec": codec, "coords": value.get("coords"),
             "upload_mbps": upload if type(upload) in (int, float) and math.isfinite(upload) and upload > 0 else None,
             "target": target if type(target) is int else None,
             "reach": reach if reach in ("public", "private", "relayed") else "unknown",
-            "base": base if isinstance(base, str) and len(base) <= 64 else None}
+            "base": base if isinstance(base, str) and len(base) <= 64 else None,
+            "covers": covers if type(covers) is int and 1 <= covers <= MAX_COVERS else 1}
 
 
 def _forget_failed_dials(host: IHost, peer: str) -> None:
@@ -158,19 +173,27 @@ async def connect_each(host: IHost, peers: Iterable[tuple[str, Sequence[str]]], 
 
 
 class Matchmaker:
+    """Finds groups under keys (``find_group``). ``one_at_a_time``: a seeking supersedes the ones
+    still seeking (a peer's rounds), and a peer left alone under its key by others that sought there
+    gives up at once (they formed their groups); otherwise seekings under different keys run side
+    by side and wait for others to their deadline (the cells of a two-level round, ``protocol``
+    ``CELLS_PROTOCOL``: a round's groups reach them at different times)."""
+
     def __init__(self, host: IHost, dht: RecordDHT, swarm: str, *, target_size: int = 8, min_size: int = 2,
                  budget: float = 5.0, mix_every: int = 4, upload_mbps: float | None = None,
-                 send_concurrency: int = 0) -> None:
+                 send_concurrency: int = 0, protocol: str = PROTOCOL, one_at_a_time: bool = True) -> None:
         self.host, self.dht, self.swarm = host, dht, swarm
+        self.protocol, self.one_at_a_time = protocol, one_at_a_time
         self.send_concurrency = send_concurrency  # what this peer sets in the groups it leads
         self.target_size, self.min_size, self.budget, self.mix_every = target_size, min_size, budget, mix_every
         self.upload_mbps = upload_mbps
         # how many peers seek groups each round (the caller's estimate, say from the run board):
         # from twice the target size on they seek in buckets, each under its own key
         self.swarm_size = 0
+        self.bucket_peers = BUCKET_PEERS  # ``groups.bucket_count``
         self.coords = Coordinates()
         self._rtt_ms: dict[str, float] = {}
-        self._seeking: _Seeking | None = None
+        self._seekings: dict[str, _Seeking] = {}  # by DHT key
         self._streams = PerPeerLimit(MAX_STREAMS_PER_PEER)
         self._rounds = 0
         self._excluded: dict[str, int] = {}  # peer -> the matchmaking round until which it is left out
@@ -182,8 +205,8 @@ class Matchmaker:
         self.relayed: Callable[[], list[str]] = list
 
     def register_handlers(self) -> None:
-        self.host.set_stream_handler(PROTOCOL, self._limited(self._serve_invitation))
-        self.host.set_stream_handler(PING_PROTOCOL, self._limited(self._serve_ping))
+        self.host.set_stream_handler(self.protocol, self._limited(self._serve_invitation))
+        self.host.set_stream_handler(PING_PROTOCOL, self._limited(self._serve_ping))  # any instance's
 
     def _limited(self, handler):
         """``handler`` for at most ``MAX_STREAMS_PER_PEER`` streams per peer at once."""
@@ -205,24 +228,29 @@ class Matchmaker:
         """The DHT key this peer seeks a group for ``group_key`` under: its bucket's, where there are
         several (``groups.bucket_count``)."""
         key = f"/legion/{self.swarm}/mm/{group_key}"
-        count = bucket_count(self.swarm_size, self.target_size)
+        count = bucket_count(self.swarm_size, self.target_size, self.bucket_peers)
         return key if count == 1 else f"{key}/{count}.{bucket_of(self.me, key, count)}"
 
     async def find_group(self, group_key: str, total: int, codec: str, deadline: float,
-                         order: GroupOrder | None = None, base: str = "") -> GroupSpec:
+                         order: GroupOrder | None = None, base: str = "", cells: int = 0,
+                         covers: int = 1) -> GroupSpec:
         """Declare, wait for candidates, then lead or follow; retries until ``deadline``. A group
-        this peer leads takes its order and bounds from ``order``, if given. With ``base`` (say a
-        digest of the weights a pseudo-gradient was taken from) only peers declaring the same base
-        form a group: a mean of updates to different weights would leave the members with
-        different weights after it."""
+        this peer leads takes its order and bounds from ``order``, if given, else with ``cells``
+        gives each member whole cells of a two-level round. With ``base`` (say a digest of the
+        weights a pseudo-gradient was taken from) only peers declaring the same base form a group:
+        a mean of updates to different weights would leave the members with different weights
+        after it. A group forms before the budget ends once the seekers read stand for the target
+        size, each for ``covers`` peers as it declares."""
         key = self._key(group_key)
-        previous = self._seeking
-        if previous is not None and not previous.committed and previous.scope is not None:
-            # A peer seeks one group at a time: an earlier round still seeking (its average no
-            # longer wanted: the peer adopted a newer state) would take invitations meant for
-            # this one, and on leaving cleared this one's slot, so this peer refused its group.
-            previous.scope.cancel()
-        seeking = self._seeking = _Seeking(key, total, codec, order, base)
+        if self.one_at_a_time:
+            for previous in self._seekings.values():
+                if not previous.committed and previous.scope is not None:
+                    # An earlier round still seeking (its average no longer wanted: the peer adopted
+                    # a newer state) would take invitations meant for this one, and on leaving cleared
+                    # this one's slot, so this peer refused its group.
+                    previous.superseded = True
+                    previous.scope.cancel()
+        seeking = self._seekings[key] = _Seeking(key, total, codec, order, base, cells, max(1, min(covers, MAX_COVERS)))
         self._rounds += 1
         try:
             with trio.move_on_at(deadline) as seeking.scope:
@@ -232,21 +260,32 @@ class Matchmaker:
                         if _behind_nat(self.reachability()):
                             await self._connect_members(spec)
                         return spec
-                    seeking.committed, seeking.leader = False, None
-            if self._seeking is not seeking:
+                    seeking.committed, seeking.leader, seeking.alone = False, None, False
+            if seeking.superseded:
                 raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}")
         finally:
-            if self._seeking is seeking:
-                self._seeking = None
+            if self._seekings.get(key) is seeking:
+                del self._seekings[key]
             with trio.move_on_after(2):
                 await self.dht.withdraw(key, self.budget + 10)
+
+    def _enough(self) -> int:
+        """The peers read under a key that let a group form before the budget ends: the target
+        size, or where a key holds several groups, every peer expected there (the swarm's share
+        of the bucket), so that all are split at once: 3 of 4 peers in groups of 2 formed a group
+        of 3 as soon as they read each other, and the fourth, a second later, was left alone."""
+        if self.swarm_size <= self.target_size:
+            return self.target_size
+        return max(self.target_size, math.ceil(self.swarm_size / bucket_count(self.swarm_size, self.target_size,
+                                                                                self.bucket_peers)))
 
     async def _attempt(self, seeking: _Seeking, deadline: float) -> GroupSpec | None:
         addrs = [*(str(a) for a in self.host.get_addrs()), *self.relayed()][:MAX_DECLARED_ADDRS]
         declaration = {"addrs": addrs, "total": seeking.total,
                        "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
-                       "target": self.target_size, "reach": self.reachability(), "base": seeking.base}
+                       "target": self.target_size, "reach": self.reachability(), "base": seeking.base,
+                       "covers": seeking.covers}
         await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
         started, reread = trio.current_time(), FIRST_REREAD_SECONDS
         while True:
@@ -255,19 +294,33 @@ class Matchmaker:
             candidates, left = await self._candidates(seeking)
             seeking.seen = frozenset(candidates)
             waited = trio.current_time() - started
+            if not self.one_at_a_time and candidates:
+                # seekers that come at different times (a round's groups at their cells) count the
+                # budget from the first declaration they read, so that it ends alike for all: counted
+                # from each one's own start, a leader still waiting out its budget let a member that
+                # came earlier give up on its invitation, and the cell's groups never met
+                waited = max(waited, time.time() - min(c["t"] for c in candidates.values()))
+                if waited >= 2 * self.budget and set(candidates) <= {self.me}:
+                    # nobody else came while a round's groups form (their members seek for up to two
+                    # budgets): this peer's group is likely the round's only one (a peer the caller
+                    # expected is behind), and waiting on would cost every round
+                    raise MatchmakingFailed(f"nobody else sought under {seeking.key} within {2 * self.budget:.0f} s")
             if self.me not in candidates:
                 # our declaration is not where we read (its store failed, or the nodes holding the
                 # key changed): nobody else sees it either, so declare again rather than group
                 # without ourselves (a chaos run crashed there, on a loaded machine)
                 log.info("own declaration under %s not found; declaring again", seeking.key)
                 await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
-            elif len(candidates) >= self.target_size or (waited >= self.budget and len(candidates) >= self.min_size):
+            elif sum(c["covers"] for c in candidates.values()) >= self._enough() or (
+                    waited >= self.budget and len(candidates) >= self.min_size):
                 # a few pings first, briefly: otherwise, where groups fill at once (a large swarm),
                 # coordinates stop learning and latency-aware grouping turns random
                 with trio.move_on_after(READY_PING_SECONDS):
                     await self._ping_some(candidates)
                 break
-            if left and set(candidates) <= {self.me} and waited >= LATE_GRACE and not seeking.committed:
+            grace = LATE_GRACE if self.swarm_size <= self.target_size else self.budget
+            if left and set(candidates) <= {self.me} and waited >= grace and not seeking.committed \
+                    and self.one_at_a_time:
                 # the others sought here and left (their groups formed, or they gave up) and no
                 # leader has invited this peer (committed: accepted, awaiting its begin): nobody is
                 # left to group with, so fail now rather than hold up this peer's next round
@@ -285,7 +338,7 @@ class Matchmaker:
         groups = plan_groups(sorted(candidates), lambda a, b: coords[a].distance(coords[b]),
                              self.target_size, self.min_size, seeking.key, self.mix_every, private)
         mine = next(g for g in groups if self.me in g)
-        seeking.leader = mine[0]
+        seeking.leader, seeking.alone = mine[0], len(mine) < self.min_size
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
         if _behind_nat(self.reachability()):
@@ -374,7 +427,7 @@ class Matchmaker:
             add_addrs(self.host, member, declared.get("addrs", []), self.budget + 30)
             with trio.move_on_after(LEAD_INVITE_SECONDS + (RELAYED_INVITE_SECONDS if _behind_nat(declared.get("reach")) else 0)):
                 try:
-                    stream = await self.host.new_stream(ID.from_base58(member), [PROTOCOL])
+                    stream = await self.host.new_stream(ID.from_base58(member), [self.protocol])
                 except Exception as exc:  # gone, unreachable: libp2p raises many kinds
                     log.debug("cannot invite %s: %s", member, exc)
                     return
@@ -398,13 +451,15 @@ class Matchmaker:
         if len(members) >= self.min_size:
             if seeking.order is not None:
                 order, bounds = seeking.order(members)
+            elif seeking.cells:
+                order, bounds = [], cell_owner_bounds(seeking.total, seeking.cells, len(members))
             else:
                 bandwidths = [candidates.get(m, {}).get("upload_mbps") or 0 for m in members]
                 order, bounds = [], partition_bounds(seeking.total, bandwidths)
             group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
             spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
                              tuple(bounds), seeking.codec, min(self.send_concurrency, len(members)),
-                             tuple(tuple(r) for r in order))
+                             tuple(tuple(r) for r in order), 0 if seeking.order is not None else seeking.cells)
         async with trio.open_nursery() as nursery:
             for stream in accepted.values():
                 nursery.start_soon(self._finish_invitation, stream, spec)
@@ -422,10 +477,11 @@ class Matchmaker:
         try:
             with trio.fail_after(INVITE_SECONDS + 2 * RELAYED_INVITE_SECONDS):
                 invitation, _ = await read_frame(stream, 0)
-                candidate = self._seeking
+                key = invitation.get("key")
+                candidate = self._seekings.get(key) if isinstance(key, str) else None
                 if candidate is not None and candidate.leader is None and peer not in candidate.seen:
                     candidate.seen = frozenset((await self._candidates(candidate))[0])  # our view may lag
-                if candidate is None or candidate.committed or invitation.get("key") != candidate.key \
+                if candidate is None or candidate.committed \
                         or invitation.get("leader") != peer or not candidate.may_invite(peer, self.me):
                     await write_frame(stream, {"t": "reject"})
                     return

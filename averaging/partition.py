@@ -29,6 +29,20 @@ def partition_bounds(total: int, weights: list[float]) -> list[int]:
     return bounds
 
 
+def cell_bounds(total: int, cells: int) -> list[int]:
+    """The boundaries of ``cells`` near-equal cells of ``total`` values, each on a codec block: the
+    grid every group of a two-level round cuts its vector on, so that the owners of one cell in
+    every group reduce the same values with each other (``averaging.allreduce.GroupSpec.cells``)."""
+    return [min(total, int(round(i * total / cells / BLOCK)) * BLOCK) for i in range(cells)] + [total]
+
+
+def cell_owner_bounds(total: int, cells: int, members: int) -> list[int]:
+    """Part boundaries giving each of ``members`` whole cells of ``cell_bounds``, as evenly as
+    they go (with more members than cells some own none)."""
+    grid = cell_bounds(total, cells)
+    return [grid[j * cells // members] for j in range(members)] + [total]
+
+
 def capped_at_median(values: list[float], ratio: float = MAX_SHARE) -> list[float]:
     """``values`` (self-declared: bandwidths, capacities) each at most ``ratio`` times their
     median, so that no peer's claim alone can take everything."""

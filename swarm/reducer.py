@@ -72,13 +72,15 @@ class SwarmReducer:
             reduced = Reduced(tensors if plan is None else await self.averager.transform_alone(tensors, plan), 1)
             self._report(RoundReport(key, "alone", trio.current_time() - started))
             return reduced
-        self._say_if_groups_part_the_weights(expected, base)
+        if plan is not None:
+            self._say_if_groups_part_the_weights(expected, base)
         self.averager.matchmaker.target_size = min(self.max_group, expected)
         self.averager.matchmaker.swarm_size = expected
         try:
             result = await self.averager.all_reduce(
                 tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
-                matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan, base=base)
+                matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan, base=base,
+                across_groups=bool(base))
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
             return self._failed(key, str(exc), started)
@@ -97,17 +99,19 @@ class SwarmReducer:
                        tuple(sorted(stats.contributors)))
 
     def _say_if_groups_part_the_weights(self, expected: int, base: str) -> None:
-        """Updates to shared weights (a ``base``: DiLoCo) with more peers than a group holds: each
-        group of a round applies its own mean, so the round leaves the swarm with as many sets of
-        weights as groups, and peers group only with peers of their own weights. 6 peers in groups
-        of 3 failed 10 of 48 peer-rounds and refetched states, warning only that no state was
-        attested alike. Said once a run."""
+        """Sharded updates to shared weights (a ``base``) with more peers than a group holds: rounds
+        with owner-side steps do not reduce across groups (``Averager.all_reduce``), so each group
+        of a round applies its own steps, the round leaves the swarm with as many sets of weights
+        as groups, and peers group only with peers of their own weights. (Unsharded, 6 peers in
+        groups of 3 failed 10 of 48 peer-rounds this way and refetched states, before rounds
+        reduced across groups.) Said once a run."""
         if base and expected > self.max_group and not self._parting_said:
             self._parting_said = True
-            log.warning("%d peers train this run and a group holds at most %d: each round's groups leave different "
-                        "weights, and peers of different weights do not average together, so rounds fail and "
-                        "peers refetch states; set the run's group_size to at least its number of peers (at most "
-                        "%d)", expected, self.max_group, BOUNDS["group_size"][1])
+            log.warning("%d peers train this sharded run and a group holds at most %d: sharded rounds do not reduce "
+                        "across groups, so each round's groups leave different weights, and peers of different "
+                        "weights do not average together, so rounds fail and peers refetch states; set the run's "
+                        "group_size to at least its number of peers (at most %d)", expected, self.max_group,
+                        BOUNDS["group_size"][1])
 
     async def _expected_after_losing_others(self, key: str) -> int:
         """The peers expected in round ``key``; when none but this one, and others were seen

@@ -74,6 +74,8 @@ def test_no_group_holds_two_private_peers_and_each_private_peer_gets_public_ones
 
 def test_buckets_nest_rotate_and_hold_about_one_group():
     assert bucket_count(31, 16) == 1 and bucket_count(32, 16) == 2 and bucket_count(1000, 16) == 64
+    # small groups: buckets of as many peers on average, so that few draw a single peer
+    assert bucket_count(31, 3) == 1 and bucket_count(1000, 3) == 64 and bucket_count(8, 2, bucket_peers=2) == 4
     names = [f"peer{i}" for i in range(1000)]
     for count in (2, 8, 64):
         sizes = [0] * count

@@ -225,9 +225,9 @@ async def test_only_the_leader_a_peer_derives_may_invite_it_and_a_bad_spec_frees
 
         nursery.start_soon(seek)
         with trio.fail_after(10):
-            while averager.matchmaker._seeking is None or not averager.matchmaker._seeking.seen:
+            while not averager.matchmaker._seekings or not next(iter(averager.matchmaker._seekings.values())).seen:
                 await trio.sleep(0.05)
-        seeking = averager.matchmaker._seeking
+        seeking = next(iter(averager.matchmaker._seekings.values()))
         full_key = averager.matchmaker._key(key)
 
         async def invite(inviter, spec_wire):

@@ -86,7 +86,7 @@ async def test_a_later_rounds_seeking_supersedes_one_still_seeking_and_forms_its
         async with trio.open_nursery() as group:
             group.start_soon(average, "earlier", mine, "round-1")
             with trio.fail_after(10):
-                while mine.matchmaker._seeking is None:
+                while not mine.matchmaker._seekings:
                     await trio.sleep(0.1)
             group.start_soon(average, "later", mine, "round-2")
             group.start_soon(average, "other", other, "round-2")
@@ -138,13 +138,14 @@ async def test_a_peer_that_cannot_read_its_own_declaration_declares_again_and_ne
 
 
 async def test_a_large_swarm_seeks_in_buckets_each_under_its_own_key_and_each_bucket_averages():
-    """From twice the target size on, peers seek groups in buckets (``groups.bucket_of``): 8 peers
-    with groups of 2 use 4 keys, and each peer averages with the peers of its own bucket only."""
+    """From twice the bucket size on, peers seek groups in buckets (``groups.bucket_of``): 8 peers
+    with groups and buckets of 2 use 4 keys, and each peer averages with the peers of its own
+    bucket only."""
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 8)
         averagers = [Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers]
         for averager in averagers:
-            averager.matchmaker.swarm_size = 8
+            averager.matchmaker.swarm_size, averager.matchmaker.bucket_peers = 8, 2
         # a round whose buckets all hold two or more peers (a bucket of one has nobody to average with)
         for round_ in range(5000):  # two in each bucket: 1 round in 26
             keys = [a.matchmaker._key(f"r{round_}") for a in averagers]

@@ -27,8 +27,13 @@ def wait_for_round(out, peer, round_, timeout=120):
     raise AssertionError(f"peer {peer} did not reach round {round_}")
 
 
-def test_three_peers_train_together_and_end_with_the_same_lower_loss(tmp_path):
-    processes = start_training_swarm(3, [*RUN, "--rounds", "4"], tmp_path)
+def test_four_peers_in_groups_of_two_train_together_and_end_with_the_same_lower_loss(tmp_path):
+    """More peers than a group holds: each round's two groups reduce across each other (two-level
+    rounds), so all four hold one set of weights; before, each group kept its own mean and the
+    swarm's weights parted."""
+    run = tmp_path / "run.toml"
+    run.write_text('model = "tiny"\ninner_steps = 10\nbatch_size = 8\nrounds = 4\ngroup_size = 2\n')
+    processes = start_training_swarm(4, ["--run", str(run)], tmp_path)
     try:
         summaries = [training_summary(p, 240) for p in processes]
     finally:
@@ -40,6 +45,9 @@ def test_three_peers_train_together_and_end_with_the_same_lower_loss(tmp_path):
         assert s["rounds_averaged"] >= 3 and s["bytes_sent"] > 0
     # the swarm weights are identical on every peer: identical validation loss
     assert max(s["val_loss"] for s in summaries) - min(s["val_loss"] for s in summaries) < 1e-6
+    # and the peers of both groups trained them: at most one adopted them at the end (with a group's
+    # own mean each round, two groups of two end with two sets of weights, and two peers adopt)
+    assert sum(s["final_weights"] == "own" for s in summaries) >= 3
     # int8 pseudo-gradients: about 1 byte per parameter per round (0.83M parameters), not 4
     assert max(s["bytes_sent"] for s in summaries) < 4 * 1.3e6
 

@@ -1,0 +1,67 @@
+"""Two-level rounds: more peers than a group holds average in several groups, whose owners reduce
+each cell of the vector across the groups, so that every group gets the same mean."""
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from averaging.allreduce import GroupSpec, SpecError
+from averaging.averager import Averager
+from averaging.matchmaking import MatchmakingFailed
+from averaging.partition import cell_bounds, cell_owner_bounds
+from peer_helpers import start_peers
+
+
+def test_parts_of_a_two_level_round_are_whole_cells_of_one_grid():
+    grid = cell_bounds(10_000, 3)
+    assert grid[0] == 0 and grid[-1] == 10_000 and len(grid) == 4
+    assert cell_owner_bounds(10_000, 3, 2) == [0, grid[1], 10_000]  # the second member owns two cells
+    members = tuple(f"m{i}" for i in range(2))
+    spec = GroupSpec("g", members, ((), ()), tuple(cell_owner_bounds(10_000, 3, 2)), "none", cells=3)
+    spec.validate()
+    assert [c for c, _, _ in spec.cells_of(0)] == [0] and [c for c, _, _ in spec.cells_of(1)] == [1, 2]
+    assert spec.to_wire()["cells"] == 3
+    with pytest.raises(SpecError, match="whole cells"):  # a part ending inside a cell
+        GroupSpec("g", members, ((), ()), (0, grid[1] + 256, 10_000), "none", cells=3).validate()
+    with pytest.raises(SpecError, match="cell count"):
+        GroupSpec("g", members, ((), ()), (0, 5_000, 10_000), "none", cells=10_000).validate()
+
+
+async def test_groups_of_a_round_reduce_across_each_other_and_all_hold_one_mean():
+    """Five peers, groups of at most three: two groups, whose owners reduce each of the three
+    cells with the other group's owner of it. Every peer ends with the same values, the mean of
+    all five weighted by their weights (a group weighs what its members do together). Without
+    the second level each group keeps its own mean."""
+    size, weights = 3000, [1.0, 2.0, 3.0, 4.0, 5.0]
+    vectors = [np.random.default_rng(i).standard_normal(size).astype(np.float32) for i in range(5)]
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 5)
+        averagers = [Averager(p, target_group_size=3, matchmaking_budget=5) for p in peers]
+        for averager in averagers:
+            averager.matchmaker.swarm_size = 5
+        results = {}
+
+        async def average(i):
+            try:
+                results[i] = await averagers[i].all_reduce([torch.from_numpy(vectors[i])], weight=weights[i],
+                                                           group_key="r1", timeout=60, base="b", across_groups=True)
+            except MatchmakingFailed as exc:  # a peer whose view left it alone: not part of the round
+                results[i] = exc
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as rounds:
+                for i in range(5):
+                    rounds.start_soon(average, i)
+        averaged = {i: r for i, r in results.items() if not isinstance(r, Exception)}
+        groups = {r.stats.group_id for r in averaged.values()}
+        assert len(groups) >= 2, "the five peers formed one group: the second level was not exercised"
+        contributors = {m for r in averaged.values() for m in r.stats.contributors}
+        index = {p.peer_id.to_base58(): i for i, p in enumerate(peers)}
+        counted = sorted(index[m] for m in contributors)
+        expected = sum(vectors[i] * weights[i] for i in counted) / sum(weights[i] for i in counted)
+        outputs = [r.tensors[0].numpy() for r in averaged.values()]
+        assert len(counted) == len(averaged) >= 4
+        assert all(np.array_equal(outputs[0], out) for out in outputs[1:])  # bit-identical in every group
+        np.testing.assert_allclose(outputs[0], expected, rtol=1e-5, atol=1e-5)
+        nursery.cancel_scope.cancel()
