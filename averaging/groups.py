@@ -71,7 +71,7 @@ def _salted(salt: str, peer: str) -> bytes:
 # Peers a bucket holds on average at the most (at least half as many), whatever the group size: a
 # bucket is drawn by hash, and one that draws a single peer leaves it nobody to average with. With
 # buckets sized by groups of 3, 6 peers drew 2 buckets, one of them often one peer, which failed
-# its round (5 of 48 peer-rounds); with 8 to 16 on average, 1 in ~400 buckets draws one.
+# its round (5 of 48 peer-rounds); with 8 to 16 on average, at most 1 bucket in ~370 draws one.
 BUCKET_PEERS = 16
 
 

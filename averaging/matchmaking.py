@@ -2,8 +2,8 @@
 
 Peers that want to average under a key declare themselves in one DHT key (an entry each, with
 addresses, upload bandwidth, Vivaldi coordinates and what they average; in a large swarm, the key
-of their bucket: ``groups.bucket_of``), and read it until the target group size is reached or the
-time budget ends. Every peer then computes the same
+of their bucket: ``groups.bucket_of``), and read it until the target group size is reached (where a
+key holds several groups, every peer expected there) or the time budget ends. Every peer then computes the same
 latency-aware split (``groups.form_groups``); the smallest peer id of each group leads it: it
 invites the members over a direct stream, and those that accept (a peer accepts one invitation per
 round) receive the final ``GroupSpec`` with bounds proportional to their bandwidth (or the order
