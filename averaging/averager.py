@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import trio
 
-from averaging.allreduce import AllReduce, CrossReduce, GroupSpec, ResultTransform, RoundFailed, RoundStats
+from averaging.allreduce import MAX_MEMBERS, AllReduce, CrossReduce, GroupSpec, ResultTransform, RoundFailed, RoundStats
 from averaging.codecs import get_codec
 from averaging.matchmaking import CELLS_PROTOCOL, Matchmaker, MatchmakingFailed
 
@@ -162,7 +162,9 @@ class Averager:
 
         async def cross(cell: int, values: np.ndarray, weight: float, contributors: int) -> np.ndarray:
             matchmaker = self.cells_matchmaker
-            matchmaker.target_size = max(2, self.matchmaker.swarm_size)
+            # every group of the round in one group per cell, up to the most a group holds (beyond
+            # MAX_MEMBERS groups a round, cells part into several groups, and their weights with them)
+            matchmaker.target_size = max(2, min(self.matchmaker.swarm_size, MAX_MEMBERS))
             now = trio.current_time()
             left = deadline - now
             try:
