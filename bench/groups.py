@@ -1,7 +1,8 @@
 """More DiLoCo peers than a group holds: a swarm trained in groups of G (two-level rounds, each
 cell reduced across the round's groups) beside the same swarm in one group of all its peers.
 
-    python bench/groups.py [--peers 6] [--group-size 3] [--rounds 8] [--inner-steps 5] [--json]
+    python bench/groups.py [--peers 6] [--group-size 3] [--rounds 8] [--inner-steps 5] [--groups-only]
+                           [--keep DIR] [--json]
 
 Per run: the fraction of peer-rounds averaged, rounds failed, the peers that ended with weights of
 their own (the others adopted the weights most held: with one set of weights all keep their own),
@@ -67,12 +68,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--round-timeout", type=float, default=40.0)
+    parser.add_argument("--groups-only", action="store_true", help="no run in one group beside it")
+    parser.add_argument("--keep", type=Path, help="keep the peers' logs and metrics here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    sizes = [args.group_size] if args.groups_only else [args.group_size, args.peers]
     with tempfile.TemporaryDirectory(prefix="legion-groups-") as tmp:
-        runs = [train(args.peers, size, args, Path(tmp) / f"groups-of-{size}") for size in (args.group_size, args.peers)]
+        work = args.keep or Path(tmp)
+        runs = [train(args.peers, size, args, work / f"groups-of-{size}") for size in sizes]
     if args.json:
-        print(json.dumps({"groups": runs[0], "one_group": runs[1]}))
+        print(json.dumps(dict(zip(("groups", "one_group"), runs))))
         return
     for name, run in zip(("groups", "one group"), runs):
         print(f"{name:9} ({run['peers']} peers, groups of {run['group_size']}): "
