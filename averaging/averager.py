@@ -93,7 +93,7 @@ class Averager:
         so that every group gets the same mean, not one of its own. Results then carry no error
         feedback (each group's owners must encode that mean alike)."""
         flat = await trio.to_thread.run_sync(_flatten, tensors)
-        two_level = across_groups and plan is None and self.matchmaker.swarm_size > self.matchmaker.target_size
+        two_level = across_groups and plan is None and self.matchmaker.several_groups
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, trio.current_time() + (matchmaking_timeout or timeout),
             order=plan.order if plan is not None else None, base=base,
@@ -125,7 +125,7 @@ class Averager:
             if layout not in self._residuals:
                 self._residuals[layout] = (np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32))
             send_residual, result_residual = self._residuals[layout]
-            if plan is not None or spec.cells:
+            if plan is not None:  # (a two-level round's owners drop it too: ``AllReduce.run``)
                 result_residual = None
         natural_residual = send_residual
         if permutation is not None and send_residual is not None:

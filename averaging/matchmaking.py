@@ -206,7 +206,8 @@ class Matchmaker:
 
     def register_handlers(self) -> None:
         self.host.set_stream_handler(self.protocol, self._limited(self._serve_invitation))
-        self.host.set_stream_handler(PING_PROTOCOL, self._limited(self._serve_ping))  # any instance's
+        # every instance answers pings alike: the one registered last serves them
+        self.host.set_stream_handler(PING_PROTOCOL, self._limited(self._serve_ping))
 
     def _limited(self, handler):
         """``handler`` for at most ``MAX_STREAMS_PER_PEER`` streams per peer at once."""
@@ -270,12 +271,17 @@ class Matchmaker:
             with trio.move_on_after(2):
                 await self.dht.withdraw(key, self.budget + 10)
 
+    @property
+    def several_groups(self) -> bool:
+        """Whether the caller expects more peers to seek each round than a group holds."""
+        return self.swarm_size > self.target_size
+
     def _enough(self) -> int:
         """The peers read under a key that let a group form before the budget ends: the target
         size, or where a key holds several groups, every peer expected there (the swarm's share
         of the bucket), so that all are split at once: 3 of 4 peers in groups of 2 formed a group
         of 3 as soon as they read each other, and the fourth, a second later, was left alone."""
-        if self.swarm_size <= self.target_size:
+        if not self.several_groups:
             return self.target_size
         return max(self.target_size, math.ceil(self.swarm_size / bucket_count(self.swarm_size, self.target_size,
                                                                                 self.bucket_peers)))
@@ -318,7 +324,7 @@ class Matchmaker:
                 with trio.move_on_after(READY_PING_SECONDS):
                     await self._ping_some(candidates)
                 break
-            grace = LATE_GRACE if self.swarm_size <= self.target_size else self.budget
+            grace = self.budget if self.several_groups else LATE_GRACE
             if left and set(candidates) <= {self.me} and waited >= grace and not seeking.committed \
                     and self.one_at_a_time:
                 # the others sought here and left (their groups formed, or they gave up) and no
