@@ -1,9 +1,14 @@
-"""Which final weights the peers of a run settle on when it ends.
+"""Which weights the peers of a run settle on, when it ends and while it runs.
 
 Peers whose last rounds averaged in different groups, or failed, end a run with different weights.
 Each finished peer publishes a digest of its final weights on the run board; once the others have
 finished too (or a deadline passed), every peer picks the same digest from what it sees and the
 peers that hold another fetch the chosen weights.
+
+While it runs, peers can part into lineages that each average successfully (peers that missed a
+round and averaged among themselves from then on), and a successful round never makes a peer
+refetch. So each training peer publishes the digest of the weights it holds at its round, and the
+peers of the smaller lineage take the weights most peers of their round hold (``outnumbering``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ def agreed_digest(own: str, others: dict[str, str]) -> str:
     held = Counter({digest: count for digest, count in votes.items() if count >= witnesses})
     held[own] = votes[own] + 1
     return _most_held(held)
+
+
+def outnumbering(own: str, others: dict[str, str]) -> list[str]:
+    """The peers holding the weights most peers of this peer's round hold, where those are not
+    this peer's (``others``: the other peers at its round, with their weights' digests), else none.
+    The choice is ``agreed_digest``'s, so that of two lineages that see the same entries only one
+    moves, and it needs two other peers at the round."""
+    if len(others) < 2:
+        return []
+    agreed = agreed_digest(own, others)
+    return [] if agreed == own else sorted(peer for peer, digest in others.items() if digest == agreed)
 
 
 def settled_digest(others: dict[str, str]) -> str | None:

@@ -72,6 +72,7 @@ class Progress:
     rounds_failed: int = 0
     group_key: str = ""  # the last round this peer averaged in ("diloco-12")...
     group: list[str] = field(default_factory=list)  # ...and its contributors (from the group's first member only)
+    base: str = ""  # the digest of the swarm weights it holds at ``round`` (DiLoCo: swarm.final_weights.outnumbering)
     final: str = ""  # once finished: the digest of its final weights (swarm.final_weights)...
     settled: bool = False  # ...and whether they are the ones it leaves with
     peer_id: str = field(default="", compare=False)
@@ -110,6 +111,7 @@ class Progress:
                 and isinstance(progress.group_key, str) and len(progress.group_key) <= 64
                 and isinstance(progress.group, list) and len(progress.group) <= MAX_GROUP
                 and all(isinstance(m, str) and len(m) <= 64 for m in progress.group)
+                and isinstance(progress.base, str) and len(progress.base) <= 64
                 and isinstance(progress.final, str) and len(progress.final) <= 64
                 and isinstance(progress.settled, bool)):
             raise ValueError("progress has a field of the wrong type")
@@ -120,7 +122,7 @@ class Progress:
 WIRE_NAMES = {"run_id": "id", "protocol": "p", "round": "r", "step": "s", "samples": "n", "loss": "l",
               "val_loss": "v", "tokens_per_second": "t", "bytes_sent": "bs", "bytes_received": "br",
               "group_size": "g", "training": "T", "rounds_averaged": "ra", "rounds_alone": "rl",
-              "rounds_failed": "rf", "group_key": "gk", "group": "gm", "final": "f", "settled": "S"}
+              "rounds_failed": "rf", "group_key": "gk", "group": "gm", "base": "b", "final": "f", "settled": "S"}
 FIELD_NAMES = {wire: name for name, wire in WIRE_NAMES.items()}
 
 

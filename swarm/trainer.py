@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import trio
@@ -36,7 +36,7 @@ from shards.outer import ShardedOuter
 from dht.records import MAX_TTL
 from swarm import resources
 from swarm.peer import Peer
-from swarm.final_weights import agreed_digest, settled_digest
+from swarm.final_weights import agreed_digest, outnumbering, settled_digest
 from swarm.reducer import RoundReport, SwarmReducer
 from swarm.run_board import (MAX_GROUP, RUN_CONFIG_HEARTBEATS, Progress,
                              board_place, choose_run, publishes_config, read_run_configs, run_configs_key)
@@ -46,6 +46,7 @@ from swarm.shard_ownership import MeasuredUploads, bid_and_assign, own_bid, run_
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
+OWN_BASES_KEPT = 4  # this peer's last rounds whose weights it compares with the board's (_outnumbering)
 MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
@@ -130,6 +131,8 @@ class Trainer:
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
         self._joinable: dict[int, str] | None = None  # see _watch_joinable_round
+        # the digests of this peer's swarm weights at its last rounds, since it last took a state (_outnumbering)
+        self._own_bases: dict[int, str] = {}
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
         self.round_listeners: list[Callable[[RoundReport], None]] = [self._on_round]  # told of every round
@@ -322,11 +325,13 @@ class Trainer:
         rounds = sorted((p.round for p in self._others_training()), reverse=True)
         return rounds[min(1, len(rounds) - 1)] if rounds else 0
 
-    def _donors(self, min_round: int) -> list[str]:
-        """Peers to offer their state, the most advanced first (random among equals, so joiners
-        spread over them), none claiming more than a round beyond the swarm's round."""
+    def _donors(self, min_round: int, among: Collection[str] | None = None) -> list[str]:
+        """Peers to offer their state (of ``among``, if given), the most advanced first (random
+        among equals, so joiners spread over them), none claiming more than a round beyond the
+        swarm's round."""
         plausible = self._swarm_round() + 1
-        ahead = [p for p in self._others_training() if min_round <= p.round <= plausible]
+        ahead = [p for p in self._others_training()
+                 if min_round <= p.round <= plausible and (among is None or p.peer_id in among)]
         random.shuffle(ahead)
         return [p.peer_id for p in sorted(ahead, key=lambda p: -p.round)][:MAX_WITNESSES]
 
@@ -456,20 +461,27 @@ class Trainer:
             self._record({"event": "state", "source": "disk", "round": signed.manifest.round})
             return
 
-    async def _fetch_from_swarm(self, min_round: int) -> tuple[int, dict] | None:
-        """The newest state of the most advanced peer if it is at ``min_round`` or later, else None.
+    async def _fetch_from_swarm(self, min_round: int, among: Collection[str] | None = None) -> tuple[int, dict] | None:
+        """The newest state of the most advanced peer (of ``among``, if given) if it is at
+        ``min_round`` or later, else None.
         Its chunks come from every peer holding them; those held already stay. The board lags the
         peers by up to a heartbeat, so a donor a round short is asked again, for two heartbeats. The
         first asking is not cut short: through a relay, dialling the donors alone can take longer
-        than two heartbeats, and a relayed peer whose asking was cut there never caught up."""
-        deadline = trio.current_time() + 2 * self.peer.config.heartbeat
+        than two heartbeats, and a relayed peer whose asking was cut there never caught up. While
+        the others are short of ``min_round`` it asks for up to a round timeout: a peer whose round
+        failed at its deadline is a round ahead of groups still averaging (two-level rounds took
+        27 s against a 20 s deadline), and gave up on every state before they made it, round after
+        round (a 9-peer run: 7 rounds failed in a row, 2 heartbeats each time)."""
+        started = trio.current_time()
+        deadline, patience = started + 2 * self.peer.config.heartbeat, started + self.config.round_timeout
         while True:
             await self._refresh_board()
-            donors = self._donors(0)
+            donors = self._donors(0, among)
             if not donors:
                 return None
             signed = await self._attested_state(donors, min_round)
-            if signed is not None or trio.current_time() >= deadline:
+            now = trio.current_time()
+            if signed is not None or now >= patience or (now >= deadline and self._swarm_round() >= min_round):
                 break
             await trio.sleep(0.5)
         if signed is None:
@@ -541,6 +553,7 @@ class Trainer:
         except StateError as exc:  # a donor with another model, or a hostile one
             log.warning("ignoring a peer's state: %s", exc)
             return False
+        self._own_bases.clear()  # the weights this peer held before are compared no more (_outnumbering)
         if isinstance(optimizer, DiLoCo):
             self._record({"event": "adopted", "round": optimizer.round, "digest": weights_digest(optimizer.global_weights)})
         return True
@@ -715,6 +728,8 @@ class Trainer:
                     # in sync now, or nobody to sync with; else the next round end tries again:
                     # averaging from weights of its own, this peer would stay apart for good
                     optimizer.out_of_sync = fetched is None and bool(self._others_training())
+                elif holders := self._outnumbering():
+                    self._take_the_weights_most_hold(optimizer, holders)
                 if steps - last_eval >= EVAL_EVERY_STEPS:
                     progress.val_loss, last_eval = evaluate(model, corpus, config.eval_batches, batch), steps
                 self._update_traffic(optimizer)
@@ -753,12 +768,40 @@ class Trainer:
         outer = getattr(optimizer, "outer", None)
         return {"outer_state_bytes": outer.buffer.numel() * 4} if outer is not None else {}
 
+    def _outnumbering(self) -> list[str]:
+        """The peers holding the weights most peers at one of this peer's last rounds held, where
+        this peer held others then (``swarm.final_weights.outnumbering``; DiLoCo only: other
+        algorithms publish no digest). The board lags a heartbeat or two, so at a round's end it
+        shows the others at the rounds before: the newest of this peer's last rounds at which it
+        shows two others is compared."""
+        at_round: dict[int, dict[str, str]] = {}
+        for progress in self._others_training():
+            if progress.base and progress.round in self._own_bases:
+                at_round.setdefault(progress.round, {})[progress.peer_id] = progress.base
+        compared = [round_ for round_, others in at_round.items() if len(others) >= 2]
+        if not compared:
+            return []
+        round_ = max(compared)
+        return outnumbering(self._own_bases[round_], at_round[round_])
+
+    def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
+        """Take the state of the lineage most peers of this round belong to (the training thread)."""
+        round_ = optimizer.round
+        log.warning("round %d: %d other peers hold other weights than this peer's, more than hold its own; "
+                    "taking theirs", round_, len(holders))
+        fetched = trio.from_thread.run(self._fetch_from_swarm, round_, holders)
+        adopted = fetched is not None and self._adopt(optimizer, fetched)
+        self._record({"event": "lineage", "round": round_, "holders": len(holders), "adopted": adopted})
+
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
         return bool(self._others_training()) and self._swarm_round() - optimizer.round >= 2
 
     def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
         stats, progress = optimizer.stats, self.progress
         progress.round = optimizer.round
+        if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights:
+            progress.base = self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
+            self._own_bases = {r: b for r, b in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
         progress.bytes_sent, progress.bytes_received = stats.bytes_sent, stats.bytes_received
         progress.group_size = stats.last_group_size
         progress.rounds_averaged, progress.rounds_alone = stats.rounds_averaged, stats.rounds_alone

@@ -1,11 +1,14 @@
-"""Peers whose last rounds ended differently settle on one set of final weights at the end of a run."""
+"""Peers whose last rounds ended differently settle on one set of final weights at the end of a run;
+peers parted into lineages mid-run merge."""
+
+import json
 
 import pytest
 import trio
 
 from optim.base import weights_digest
 from peer_helpers import start_peers
-from swarm.final_weights import agreed_digest, settled_digest
+from swarm.final_weights import agreed_digest, outnumbering, settled_digest
 from swarm.run_config import RunConfig
 from swarm.trainer import Trainer
 
@@ -28,6 +31,20 @@ def test_a_latecomer_takes_only_final_weights_two_peers_hold():
 def test_one_peer_cannot_outvote_with_weights_it_made_up():
     # three others: a digest that only one of them claims is not a candidate, however small
     assert agreed_digest("bb", {"p": "00", "q": "cc", "r": "dd"}) == "bb"
+
+
+def test_a_peer_of_the_smaller_lineage_is_told_whom_to_take_the_weights_from():
+    assert outnumbering("bb", {"p": "aa", "q": "aa", "r": "aa"}) == ["p", "q", "r"]
+    assert outnumbering("bb", {"p": "aa", "q": "aa", "r": "bb"}) == ["p", "q"]  # 2 against 2: the smaller wins
+    assert outnumbering("aa", {"p": "bb", "q": "bb", "r": "aa"}) == []
+    assert outnumbering("cc", {"p": "bb", "q": "bb", "r": "cc", "s": "cc"}) == []  # 3 against 2
+    assert outnumbering("aa", {"p": "bb"}) == []  # one other peer at the round is not enough
+    assert outnumbering("bb", {"p": "00", "q": "cc"}) == []  # nobody backs another digest
+    # every peer of both lineages that sees the same entries makes the same choice: only one side moves
+    board = {"a1": "aa", "a2": "aa", "b1": "bb", "b2": "bb", "b3": "bb"}
+    moving = [peer for peer, digest in board.items()
+              if outnumbering(digest, {p: d for p, d in board.items() if p != peer})]
+    assert moving == ["a1", "a2"]
 
 
 def last_round_apart(train):
@@ -73,6 +90,42 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
     saved = trainers[2].store.complete(config.run_id)[0]
     assert saved.signer == trainers[2].me
     assert weights_digest(trainers[2].store.load(saved)["weights"]) == digests.pop()
+
+
+async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tmp_path):
+    """Fault injected at a chosen point: after round 1 two of four peers change their weights alike,
+    as after a partition in which each half averaged on its own. Both pairs go on averaging, each
+    with its own weights; one pair takes the other's state mid-run (2 against 2: the smaller digest
+    stays), and the four train on together. Before, the pairs stayed apart to the end, where two
+    peers took the others' weights."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 4)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=4) for i, peer in enumerate(peers)]
+        for trainer in trainers[2:]:
+            apart_after_round(trainer, 1)
+        summaries = await train_all(trainers)
+        nursery.cancel_scope.cancel()
+    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(4)]
+    assert any(r["adopted"] for merged in merges for r in merged), merges
+    assert [s["final_weights"] for s in summaries] == ["own"] * 4, summaries
+    assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1
+
+
+def apart_after_round(trainer: Trainer, round_: int) -> None:
+    """Change ``trainer``'s swarm weights once round ``round_`` is applied (the same change on every
+    trainer it is applied to: peers that held the same weights still do)."""
+    record = trainer._on_applied
+
+    def applied(applied_round, reduced):
+        if applied_round == round_:
+            trainer.optimizer.global_weights.add_(1e-3)
+        record(applied_round, reduced)
+    trainer._on_applied = applied
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 async def test_a_peer_that_joins_after_the_others_finished_takes_their_final_weights_without_training(tmp_path):
