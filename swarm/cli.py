@@ -48,6 +48,7 @@ RUN_OPTIONS = [
     ("outer_lr", float, "DiLoCo: outer Nesterov learning rate"),
     ("outer_momentum", float, "DiLoCo: outer Nesterov momentum"),
     ("rounds", int, "stop after this swarm round (0: train until stopped)"),
+    ("group_size", int, "peers per averaging group (more DiLoCo peers than that reduce across groups)"),
 ]
 
 

@@ -772,16 +772,16 @@ class Trainer:
         """The peers holding the weights most peers at one of this peer's last rounds held, where
         this peer held others then (``swarm.final_weights.outnumbering``; DiLoCo only: other
         algorithms publish no digest). The board lags a heartbeat or two, so at a round's end it
-        shows the others at the rounds before: the newest of this peer's last rounds at which it
-        shows two others is compared."""
+        shows the others spread over this round and the one before (rounds in tests and benchmarks
+        last about as long as a heartbeat): of this peer's last rounds, the one it shows the most
+        others at is compared (the newest of those)."""
         at_round: dict[int, dict[str, str]] = {}
         for progress in self._others_training():
             if progress.base and progress.round in self._own_bases:
                 at_round.setdefault(progress.round, {})[progress.peer_id] = progress.base
-        compared = [round_ for round_, others in at_round.items() if len(others) >= 2]
-        if not compared:
+        if not at_round:
             return []
-        round_ = max(compared)
+        round_ = max(at_round, key=lambda r: (len(at_round[r]), r))
         return outnumbering(self._own_bases[round_], at_round[round_])
 
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
