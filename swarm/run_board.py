@@ -72,7 +72,7 @@ class Progress:
     rounds_failed: int = 0
     group_key: str = ""  # the last round this peer averaged in ("diloco-12")...
     group: list[str] = field(default_factory=list)  # ...and its contributors (from the group's first member only)
-    base: str = ""  # the digest of the swarm weights it holds at ``round`` (DiLoCo: swarm.final_weights.outnumbering)
+    base: str = ""  # "ROUND:DIGEST": its swarm weights' digest at its round (DiLoCo: swarm.final_weights.outnumbering)
     final: str = ""  # once finished: the digest of its final weights (swarm.final_weights)...
     settled: bool = False  # ...and whether they are the ones it leaves with
     peer_id: str = field(default="", compare=False)

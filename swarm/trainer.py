@@ -504,8 +504,8 @@ class Trainer:
 
     async def _attested_state(self, donors: list[str], min_round: int) -> SignedManifest | None:
         """A state of round ``min_round`` or later whose weights ``_witnesses()`` of ``donors`` hold
-        alike: a single peer cannot make others adopt weights it made up. The newest such state;
-        its signer is the donor."""
+        alike: a single peer cannot make others adopt weights it made up. The newest such state
+        (of the newest round's, the one most of them offer); its signer is the donor."""
         offers = [o for o in await self._offered_states(donors) if o.manifest.round >= min_round]
         witnesses = self._witnesses()
         alike: dict[tuple[int, bytes | None], list[SignedManifest]] = {}
@@ -518,7 +518,10 @@ class Trainer:
                 log.info("peers offer %d different states: %s", len(alike),
                          ", ".join(f"round {r} ({len(g)})" for (r, _), g in alike.items()))
             return None
-        return random.choice(max(attested, key=lambda group: group[0].manifest.round))
+        # of the newest round's, the state most peers offer: after a round that failed for most
+        # peers, those still hold the weights they had, and a pair whose round averaged holds
+        # others; picking either at random left 5 peers with theirs and 2 apart (bench/internet.py)
+        return random.choice(max(attested, key=lambda group: (group[0].manifest.round, len({o.signer for o in group}))))
 
     async def _offered_states(self, peers: list[str]) -> list[SignedManifest]:
         """The newest state of this run each of ``peers`` offers (asked all at once)."""
@@ -719,6 +722,7 @@ class Trainer:
                 now = time.monotonic()
                 progress.tokens_per_second = tokens_window / max(1e-9, now - window_start)
                 tokens_window, window_start = 0, now
+                self._note_weights(optimizer)  # before the checks: the board shows the others at this round too
                 if optimizer.out_of_sync or self._behind(optimizer):
                     # still shown training: the others keep expecting this peer, which is back
                     # in a round or two (hidden, it would find their groups formed without it)
@@ -777,8 +781,9 @@ class Trainer:
         others at is compared (the newest of those)."""
         at_round: dict[int, dict[str, str]] = {}
         for progress in self._others_training():
-            if progress.base and progress.round in self._own_bases:
-                at_round.setdefault(progress.round, {})[progress.peer_id] = progress.base
+            round_text, _, digest = progress.base.partition(":")
+            if digest and round_text.isdigit() and int(round_text) in self._own_bases:
+                at_round.setdefault(int(round_text), {})[progress.peer_id] = digest
         if not at_round:
             return []
         round_ = max(at_round, key=lambda r: (len(at_round[r]), r))
@@ -793,15 +798,22 @@ class Trainer:
         adopted = fetched is not None and self._adopt(optimizer, fetched)
         self._record({"event": "lineage", "round": round_, "holders": len(holders), "adopted": adopted})
 
+    def _note_weights(self, optimizer: SwarmOptimizer) -> None:
+        """Keep the digest of this peer's swarm weights at its round (DiLoCo), once a round and
+        again after it took a state: its board entry's ``base``, ``ROUND:DIGEST`` in one string so
+        that a board write from the other thread never pairs a round with another round's digest."""
+        if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and optimizer.round not in self._own_bases:
+            digest = self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
+            self._own_bases = {r: d for r, d in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
+            self.progress.base = f"{optimizer.round}:{digest}"
+
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
         return bool(self._others_training()) and self._swarm_round() - optimizer.round >= 2
 
     def _update_traffic(self, optimizer: SwarmOptimizer) -> None:
         stats, progress = optimizer.stats, self.progress
         progress.round = optimizer.round
-        if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights:
-            progress.base = self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
-            self._own_bases = {r: b for r, b in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
+        self._note_weights(optimizer)
         progress.bytes_sent, progress.bytes_received = stats.bytes_sent, stats.bytes_received
         progress.group_size = stats.last_group_size
         progress.rounds_averaged, progress.rounds_alone = stats.rounds_averaged, stats.rounds_alone
