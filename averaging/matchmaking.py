@@ -92,6 +92,7 @@ class _Seeking:
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
+    other_covers: int = 0  # ...and the peers they stand for (``covers``), who will not join this peer's group
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
     alone: bool = False  # that split leaves this peer in a group too small to form
     scope: trio.CancelScope | None = None  # cancelled when a later seeking supersedes this one
@@ -317,8 +318,11 @@ class Matchmaker:
                 # without ourselves (a chaos run crashed there, on a loaded machine)
                 log.info("own declaration under %s not found; declaring again", seeking.key)
                 await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
-            elif sum(c["covers"] for c in candidates.values()) >= self._enough() or (
+            elif (len(candidates) >= self.min_size
+                  and sum(c["covers"] for c in candidates.values()) + seeking.other_covers >= self._enough()) or (
                     waited >= self.budget and len(candidates) >= self.min_size):
+                # (peers read seeking from other weights count as read: waiting for them cost a
+                # budget every round to both of two lineages, until they merged)
                 # a few pings first, briefly: otherwise, where groups fill at once (a large swarm),
                 # coordinates stop learning and latency-aware grouping turns random
                 with trio.move_on_after(READY_PING_SECONDS):
@@ -402,7 +406,7 @@ class Matchmaker:
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left."""
         entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True)
-        out, left, other_bases = {}, 0, 0
+        out, left, other_bases, other_covers = {}, 0, 0, 0
         for peer, entry in entries.items():
             if entry.withdrawn:
                 left += peer != self.me
@@ -413,12 +417,12 @@ class Matchmaker:
             if value is None or value["total"] != seeking.total or value["codec"] != seeking.codec:
                 continue
             if value["base"] != seeking.base:
-                other_bases += 1
+                other_bases, other_covers = other_bases + 1, other_covers + value["covers"]
             else:
                 out[peer] = {**value, "t": entry.timestamp}
                 _forget_failed_dials(self.host, peer)
                 add_addrs(self.host, peer, value["addrs"], self.budget + 30)  # pinged and invited there
-        seeking.other_bases = other_bases
+        seeking.other_bases, seeking.other_covers = other_bases, other_covers
         return out, left
 
     async def _lead(self, seeking: _Seeking, group: list[str], candidates: dict[str, dict],

@@ -126,6 +126,12 @@ class DiLoCo(SwarmOptimizer):
         """Whether this round, the first after adopting a peer's state, ends with the swarm's."""
         return self._adopt_next and self._pending is None
 
+    @property
+    def joining(self) -> bool:
+        """Whether this peer averages a round of the swarm whose state is still on its way
+        (``_join_swarm``): its round is the swarm's, its weights not yet."""
+        return self._joining is not None
+
     def _round_over(self) -> bool:
         if self.awaiting_swarm and self.swarm_round is not None and self.phase_steps < ALIGN_LIMIT * self.inner_steps:
             swarm = self.swarm_round()

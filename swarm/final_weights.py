@@ -8,7 +8,7 @@ peers that hold another fetch the chosen weights.
 While it runs, peers can part into lineages that each average successfully (peers that missed a
 round and averaged among themselves from then on), and a successful round never makes a peer
 refetch. So each training peer publishes the digest of the weights it holds at its round, and the
-peers of the smaller lineage take the weights most peers of their round hold (``outnumbering``).
+peers of the smaller lineage take the weights the others hold (``outnumbering``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ def agreed_digest(own: str, others: dict[str, str]) -> str:
     return _most_held(held)
 
 
-def outnumbering(own: str, others: dict[str, str]) -> list[str]:
-    """The peers holding the weights most peers of this peer's round hold, where those are not
-    this peer's (``others``: the other peers at its round, with their weights' digests), else none.
-    The choice is ``agreed_digest``'s, so that of two lineages that see the same entries only one
-    moves, and it needs two other peers at the round."""
-    if len(others) < 2:
-        return []
-    agreed = agreed_digest(own, others)
-    return [] if agreed == own else sorted(peer for peer, digest in others.items() if digest == agreed)
+def outnumbering(own: dict[int, str], others: dict[str, tuple[int, str]]) -> list[str]:
+    """The other peers holding other weights than this peer, where they are at least two and more
+    than the peers holding this peer's (itself included), else none. ``own``: this peer's weights'
+    digests at its last rounds; ``others``: each other peer's latest (round, digest); those at
+    other rounds than ``own``'s are not compared. Each peer counts once, at its latest entry: the
+    board shows the others spread over two rounds or more, and a count at one round was a sample
+    that at times showed a lineage that had just moved (its old entries) outnumbering the one it
+    had moved to. A tie moves nobody, unlike at the end of a run (``agreed_digest``)."""
+    compared = {peer: own[round_] == digest for peer, (round_, digest) in others.items() if round_ in own}
+    apart = sorted(peer for peer, alike in compared.items() if not alike)
+    return apart if len(apart) >= 2 and len(apart) > 1 + len(compared) - len(apart) else []
 
 
 def settled_digest(others: dict[str, str]) -> str | None:

@@ -773,39 +773,39 @@ class Trainer:
         return {"outer_state_bytes": outer.buffer.numel() * 4} if outer is not None else {}
 
     def _outnumbering(self) -> list[str]:
-        """The peers holding the weights most peers at one of this peer's last rounds held, where
-        this peer held others then (``swarm.final_weights.outnumbering``; DiLoCo only: other
-        algorithms publish no digest). The board lags a heartbeat or two, so at a round's end it
-        shows the others spread over this round and the one before (rounds in tests and benchmarks
-        last about as long as a heartbeat): of this peer's last rounds, the one it shows the most
-        others at is compared (the newest of those)."""
-        at_round: dict[int, dict[str, str]] = {}
+        """The other peers training that hold other weights than this peer at one of its last
+        rounds, where they outnumber those holding its own (``swarm.final_weights.outnumbering``;
+        DiLoCo only: other algorithms publish no digest)."""
+        others = {}
         for progress in self._others_training():
             round_text, _, digest = progress.base.partition(":")
-            if digest and round_text.isdigit() and int(round_text) in self._own_bases:
-                at_round.setdefault(int(round_text), {})[progress.peer_id] = digest
-        if not at_round:
-            return []
-        round_ = max(at_round, key=lambda r: (len(at_round[r]), r))
-        return outnumbering(self._own_bases[round_], at_round[round_])
+            if digest and round_text.isdigit():
+                others[progress.peer_id] = (int(round_text), digest)
+        return outnumbering(self._own_bases, others)
 
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
-        """Take the state of the lineage most peers of this round belong to (the training thread)."""
+        """Take the state of the peers that outnumber this peer's lineage (the training thread)."""
         round_ = optimizer.round
         log.warning("round %d: %d other peers hold other weights than this peer's, more than hold its own; "
                     "taking theirs", round_, len(holders))
         fetched = trio.from_thread.run(self._fetch_from_swarm, round_, holders)
+        if fetched is not None and fetched[0] == round_ and isinstance(fetched[1].get("weights"), torch.Tensor) \
+                and weights_digest(fetched[1]["weights"].float()) == weights_digest(optimizer.global_weights):
+            log.info("round %d: those peers hold this peer's weights now", round_)
+            fetched = None
         adopted = fetched is not None and self._adopt(optimizer, fetched)
         self._record({"event": "lineage", "round": round_, "holders": len(holders), "adopted": adopted})
 
     def _note_weights(self, optimizer: SwarmOptimizer) -> None:
         """Keep the digest of this peer's swarm weights at its round (DiLoCo), once a round and
-        again after it took a state: its board entry's ``base``, ``ROUND:DIGEST`` in one string so
-        that a board write from the other thread never pairs a round with another round's digest."""
-        if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and optimizer.round not in self._own_bases:
-            digest = self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
+        again after it took a state; its board entry's ``base`` shows it as ``ROUND:DIGEST``, one
+        string, so that a board write from the other thread never pairs a round with another
+        round's digest. Not while it joins a round whose state is on its way: its weights are an
+        earlier round's (two peers doing so showed a third other weights, and it took a state)."""
+        if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and not optimizer.joining \
+                and optimizer.round not in self._own_bases:
+            self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
             self._own_bases = {r: d for r, d in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
-            self.progress.base = f"{optimizer.round}:{digest}"
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
         return bool(self._others_training()) and self._swarm_round() - optimizer.round >= 2
@@ -814,6 +814,11 @@ class Trainer:
         stats, progress = optimizer.stats, self.progress
         progress.round = optimizer.round
         self._note_weights(optimizer)
+        if optimizer.round in self._own_bases:
+            # published only now, after the round end's checks: a digest shown before a peer took
+            # another lineage's state stayed on the others' boards, and one of the larger lineage
+            # read it after the others had moved, and moved too
+            progress.base = f"{optimizer.round}:{self._own_bases[optimizer.round]}"
         progress.bytes_sent, progress.bytes_received = stats.bytes_sent, stats.bytes_received
         progress.group_size = stats.last_group_size
         progress.rounds_averaged, progress.rounds_alone = stats.rounds_averaged, stats.rounds_alone

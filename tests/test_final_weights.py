@@ -34,17 +34,21 @@ def test_one_peer_cannot_outvote_with_weights_it_made_up():
 
 
 def test_a_peer_of_the_smaller_lineage_is_told_whom_to_take_the_weights_from():
-    assert outnumbering("bb", {"p": "aa", "q": "aa", "r": "aa"}) == ["p", "q", "r"]
-    assert outnumbering("bb", {"p": "aa", "q": "aa", "r": "bb"}) == ["p", "q"]  # 2 against 2: the smaller wins
-    assert outnumbering("aa", {"p": "bb", "q": "bb", "r": "aa"}) == []
-    assert outnumbering("cc", {"p": "bb", "q": "bb", "r": "cc", "s": "cc"}) == []  # 3 against 2
-    assert outnumbering("aa", {"p": "bb"}) == []  # one other peer at the round is not enough
-    assert outnumbering("bb", {"p": "00", "q": "cc"}) == []  # nobody backs another digest
-    # every peer of both lineages that sees the same entries makes the same choice: only one side moves
-    board = {"a1": "aa", "a2": "aa", "b1": "bb", "b2": "bb", "b3": "bb"}
-    moving = [peer for peer, digest in board.items()
-              if outnumbering(digest, {p: d for p, d in board.items() if p != peer})]
-    assert moving == ["a1", "a2"]
+    own = {4: "a4", 5: "a5"}
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "s": (5, "b5"), "r": (5, "a5")}) == ["p", "q", "s"]
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4")}) == ["p", "q"]  # 2 against this peer alone
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "r": (5, "a5"), "s": (4, "a4")}) == []  # 2 against 3
+    assert outnumbering(own, {"p": (5, "b5"), "q": (5, "b5"), "r": (4, "a4")}) == []  # a tie moves nobody
+    assert outnumbering(own, {"p": (5, "b5")}) == []  # one other peer's word is not enough
+    assert outnumbering(own, {"p": (3, "b3"), "q": (6, "b6"), "r": (2, "b2")}) == []  # not at this peer's rounds
+    # each peer counts once, at its latest entry: a lineage that just moved still shows its old
+    # entries, yet never outnumbers the one it moved to
+    lineage_a, lineage_b = {"a1", "a2", "a3"}, {"b1", "b2"}
+    board = {**{p: (5, "a5") for p in lineage_a}, **{p: (4, "b4") for p in lineage_b}}
+    moving = [peer for peer in sorted(board)
+              if outnumbering({4: "b4", 5: "b5"} if peer in lineage_b else {4: "a4", 5: "a5"},
+                              {p: entry for p, entry in board.items() if p != peer})]
+    assert moving == ["b1", "b2"]
 
 
 def last_round_apart(train):
@@ -93,22 +97,23 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
 
 
 async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tmp_path):
-    """Fault injected at a chosen point: after round 1 two of four peers change their weights alike,
-    as after a partition in which each half averaged on its own. Both pairs go on averaging, each
-    with its own weights; one pair takes the other's state mid-run (2 against 2: the smaller digest
-    stays), and the four train on together. Before, the pairs stayed apart to the end, where two
-    peers took the others' weights."""
+    """Fault injected at a chosen point: after round 1 two of five peers change their weights
+    alike, as after a partition in which each side averaged on its own. Both sides go on
+    averaging, each with its own weights; the pair takes the three's state mid-run and the five
+    train on together. Before, the sides stayed apart to the end, where the pair took the others'
+    weights."""
     config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
     async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 4)
-        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=4) for i, peer in enumerate(peers)]
-        for trainer in trainers[2:]:
+        peers = await start_peers(nursery, 5)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=5) for i, peer in enumerate(peers)]
+        for trainer in trainers[3:]:
             apart_after_round(trainer, 1)
         summaries = await train_all(trainers)
         nursery.cancel_scope.cancel()
-    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(4)]
-    assert any(r["adopted"] for merged in merges for r in merged), merges
-    assert [s["final_weights"] for s in summaries] == ["own"] * 4, summaries
+    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(5)]
+    assert not any(r["adopted"] for merged in merges[:3] for r in merged), merges  # the larger side never moves
+    assert all(any(r["adopted"] for r in merged) for merged in merges[3:]), merges
+    assert [s["final_weights"] for s in summaries] == ["own"] * 5, summaries
     assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1
 
 
