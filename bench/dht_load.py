@@ -158,13 +158,15 @@ def calibrate(entries: int = 256, repeats: int = 5) -> Costs:
 
 
 def _board_value(with_config: bool = False, with_group: bool = True) -> dict:
-    """A board entry; since 2026-12-04 late only a group's first member lists the group. The flat
+    """A board entry (since 2026-12-05 late with the weights' digest at its round); since
+    2026-12-04 late only a group's first member lists the group. The flat
     protocol's (``with_config``) has the configuration inside and every field by its name, as
     until 2026-12-04 (short names since 2026-12-05)."""
     config = RunConfig(model="tiny").validate()
     progress = Progress(config.run_id, RUN_PROTOCOL, round=1234, step=56789, samples=10**6,
                         loss=2.5, val_loss=2.6, tokens_per_second=1234.5, bytes_sent=10**9, bytes_received=10**9,
                         group_size=16, training=True, rounds_averaged=1200, group_key="diloco-1233",
+                        base="1234:0123456789ab",
                         group=[f"12D3KooW{'x' * 44}"] * 16 if with_group else [])
     if with_config:
         named = {name: value for name, value in asdict(progress).items() if name != "peer_id"}

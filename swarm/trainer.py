@@ -46,6 +46,7 @@ from swarm.shard_ownership import MeasuredUploads, bid_and_assign, own_bid, run_
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
+BASE_DIGEST_CHARS = 12  # of a weights' digest on the board: 48 bits tell lineages apart, in 16 bytes an entry
 OWN_BASES_KEPT = 4  # this peer's last rounds whose weights it compares with the board's (_outnumbering)
 MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
@@ -325,6 +326,14 @@ class Trainer:
         rounds = sorted((p.round for p in self._others_training()), reverse=True)
         return rounds[min(1, len(rounds) - 1)] if rounds else 0
 
+    def _others_about_to_reach(self, round_: int) -> bool:
+        """Whether the board shows the others short of ``round_`` and some of them averaged one of
+        the two rounds before it: a state of ``round_`` is then on its way."""
+        if self._swarm_round() >= round_:
+            return False
+        averaged = [p.group_key.rpartition("-")[2] for p in self._others_training()]
+        return any(key.isdigit() and int(key) >= round_ - 2 for key in averaged)
+
     def _donors(self, min_round: int, among: Collection[str] | None = None) -> list[str]:
         """Peers to offer their state (of ``among``, if given), the most advanced first (random
         among equals, so joiners spread over them), none claiming more than a round beyond the
@@ -468,10 +477,12 @@ class Trainer:
         peers by up to a heartbeat, so a donor a round short is asked again, for two heartbeats. The
         first asking is not cut short: through a relay, dialling the donors alone can take longer
         than two heartbeats, and a relayed peer whose asking was cut there never caught up. While
-        the others are short of ``min_round`` it asks for up to a round timeout: a peer whose round
-        failed at its deadline is a round ahead of groups still averaging (two-level rounds took
-        27 s against a 20 s deadline), and gave up on every state before they made it, round after
-        round (a 9-peer run: 7 rounds failed in a row, 2 heartbeats each time)."""
+        the others are short of ``min_round`` but averaged lately, it asks for up to a round timeout:
+        a peer whose round failed at its deadline is a round ahead of groups still averaging
+        (two-level rounds took 27 s against a 20 s deadline), and gave up on every state before they
+        made it, round after round (a 9-peer run: 7 rounds failed in a row, 2 heartbeats each time).
+        Where none averaged lately (peers that cannot reach each other), no state is coming: waiting
+        then cost peers behind NATs a round timeout a round (tests/test_internet.py, in CI)."""
         started = trio.current_time()
         deadline, patience = started + 2 * self.peer.config.heartbeat, started + self.config.round_timeout
         while True:
@@ -481,7 +492,7 @@ class Trainer:
                 return None
             signed = await self._attested_state(donors, min_round)
             now = trio.current_time()
-            if signed is not None or now >= patience or (now >= deadline and self._swarm_round() >= min_round):
+            if signed is not None or now >= patience or (now >= deadline and not self._others_about_to_reach(min_round)):
                 break
             await trio.sleep(0.5)
         if signed is None:
@@ -804,7 +815,7 @@ class Trainer:
         earlier round's (two peers doing so showed a third other weights, and it took a state)."""
         if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and not optimizer.joining \
                 and optimizer.round not in self._own_bases:
-            self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)
+            self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)[:BASE_DIGEST_CHARS]
             self._own_bases = {r: d for r, d in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
