@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
 BASE_DIGEST_CHARS = 12  # of a weights' digest on the board: 48 bits tell lineages apart, in 16 bytes an entry
+CATCH_UP_PATIENCE_HEARTBEATS = 5  # how long a failed peer asks for a state the others are about to make
 OWN_BASES_KEPT = 4  # this peer's last rounds whose weights it compares with the board's (_outnumbering)
 MAX_WITNESSES = 8  # peers asked at once for their state when catching up
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
@@ -477,14 +478,18 @@ class Trainer:
         peers by up to a heartbeat, so a donor a round short is asked again, for two heartbeats. The
         first asking is not cut short: through a relay, dialling the donors alone can take longer
         than two heartbeats, and a relayed peer whose asking was cut there never caught up. While
-        the others are short of ``min_round`` but averaged lately, it asks for up to a round timeout:
+        the others are short of ``min_round`` but averaged lately, it asks for longer (up to
+        ``CATCH_UP_PATIENCE_HEARTBEATS``, at most a round timeout):
         a peer whose round failed at its deadline is a round ahead of groups still averaging
         (two-level rounds took 27 s against a 20 s deadline), and gave up on every state before they
         made it, round after round (a 9-peer run: 7 rounds failed in a row, 2 heartbeats each time).
         Where none averaged lately (peers that cannot reach each other), no state is coming: waiting
-        then cost peers behind NATs a round timeout a round (tests/test_internet.py, in CI)."""
+        then cost peers behind NATs a round timeout a round (tests/test_internet.py, in CI); and a
+        peer that can reach only one of two witnesses waits in vain, hence the bound."""
         started = trio.current_time()
-        deadline, patience = started + 2 * self.peer.config.heartbeat, started + self.config.round_timeout
+        heartbeat = self.peer.config.heartbeat
+        deadline = started + 2 * heartbeat
+        patience = started + min(self.config.round_timeout, CATCH_UP_PATIENCE_HEARTBEATS * heartbeat)
         while True:
             await self._refresh_board()
             donors = self._donors(0, among)
