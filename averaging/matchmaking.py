@@ -319,10 +319,13 @@ class Matchmaker:
                 log.info("own declaration under %s not found; declaring again", seeking.key)
                 await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
             elif (len(candidates) >= self.min_size
-                  and sum(c["covers"] for c in candidates.values()) + seeking.other_covers >= self._enough()) or (
+                  and sum(c["covers"] for c in candidates.values()) + seeking.other_covers + left >= self._enough()) or (
                     waited >= self.budget and len(candidates) >= self.min_size):
                 # (peers read seeking from other weights count as read: waiting for them cost a
-                # budget every round to both of two lineages, until they merged)
+                # budget every round to both of two lineages, until they merged; and so do peers
+                # that sought here and left: they formed their groups. A peer that read 3 of 4, then
+                # 2 and the 2 others gone, waited out its budget while the one its split of 4 left
+                # it with gave up on its invitation: two of 4 peers in groups of 2 missed 1 round in 4)
                 # a few pings first, briefly: otherwise, where groups fill at once (a large swarm),
                 # coordinates stop learning and latency-aware grouping turns random
                 with trio.move_on_after(READY_PING_SECONDS):
@@ -342,13 +345,17 @@ class Matchmaker:
             with trio.move_on_after(pause):
                 await seeking.found.wait()
             reread = min(MAX_REREAD_SECONDS, 2 * reread)
+        # this peer's coordinates as declared, like everyone's: its own have moved since (pings), and
+        # with them its split differed from the others' (a round-0 group of 4 peers in groups of 2
+        # left two peers each waiting for a leader that had not put them in its group)
         coords = {p: Coordinates.from_wire(e["coords"]) for p, e in candidates.items()}
-        coords[self.me] = self.coords
         private = frozenset(p for p, e in candidates.items() if e["reach"] == "private")
         groups = plan_groups(sorted(candidates), lambda a, b: coords[a].distance(coords[b]),
                              self.target_size, self.min_size, seeking.key, self.mix_every, private)
         mine = next(g for g in groups if self.me in g)
         seeking.leader, seeking.alone = mine[0], len(mine) < self.min_size
+        log.debug("%s: %d seekers read (%d expected, %d enough), split into %s; this peer's group led by %s",
+                  seeking.key, len(candidates), self.swarm_size, self._enough(), [len(g) for g in groups], mine[0])
         if mine[0] == self.me and not seeking.committed:
             return await self._lead(seeking, mine, candidates, deadline)
         if _behind_nat(self.reachability()):

@@ -158,8 +158,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("libp2p").setLevel(
-        logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
+    for library in ("libp2p", "multiaddr"):  # (multiaddr logs every address it parses at DEBUG)
+        logging.getLogger(library).setLevel(
+            logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
 
 
 async def _stop_on_signal(peers: list[Peer], trainers: list[Trainer], nursery: trio.Nursery,

@@ -1,6 +1,7 @@
 """Matchmaking seen from a latecomer: in-process peers on 127.0.0.1 with real hosts and DHT."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -188,4 +189,49 @@ async def test_peers_of_different_weights_do_not_group_and_say_why():
             group.start_soon(seek, averagers[1], "weights-b")
         assert len(failures) == 2
         assert all("1 peer there held other weights" in f for f in failures), failures
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_whose_reads_missed_a_seeker_groups_once_the_others_left_before_its_partner_gives_up(caplog):
+    """4 peers in groups of 2: three read all four and split; the fourth, leading its group (the
+    smallest id), read only three of them, then its partner and two peers that had formed their
+    group and left. Those count as read: it leads its group at once. Before, it waited out its
+    budget for a fourth seeker, its partner gave up on its invitation, and both missed the round."""
+    caplog.set_level(logging.INFO, logger="averaging.matchmaking")
+    async with trio.open_nursery() as nursery:
+        peers = sorted(await start_peers(nursery, 4), key=lambda p: str(p.peer_id))
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=10) for p in peers]
+        for averager in averagers:
+            averager.matchmaker.swarm_size = 4  # several groups: all four are awaited before a split
+        late = averagers[0].matchmaker
+        candidates, reads = late._candidates, []
+
+        async def missing_one_seeker_until_others_left(seeking):
+            found, left = await candidates(seeking)
+            if not left:
+                found.pop(max(p for p in found if p != late.me), None)
+            reads.append((len(found), left))
+            return found, left
+
+        late._candidates = missing_one_seeker_until_others_left
+        results = {}
+
+        async def average(index):
+            results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
+                                                               group_key="k", timeout=30)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as group:
+                for index in (1, 2, 3):
+                    group.start_soon(average, index)
+                with trio.fail_after(10):
+                    while len(await late.dht.get(late._key("k"), every_replica=True)) < 3:
+                        await trio.sleep(0.05)
+                group.start_soon(average, 0)
+        assert reads[0] == (3, 0) and reads[-1] == (2, 2), reads  # the race happened as described
+        # its partner never gave up on it (it then recovered only by accepting, on a retry, the
+        # invitation of the peer it had given up on)
+        assert not [r for r in caplog.records if "never invited" in r.getMessage()]
+        groups = {tuple(sorted(r.stats.contributors)) for r in results.values()}
+        assert len(results) == 4 and len(groups) == 2 and all(len(g) == 2 for g in groups), groups
         nursery.cancel_scope.cancel()

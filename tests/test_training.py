@@ -42,9 +42,10 @@ def test_four_peers_in_groups_of_two_train_together_and_end_with_the_same_lower_
     for s in summaries:
         assert s["round"] == 4
         assert s["val_loss"] < s["initial_val_loss"] - 1.0  # 5.4 (uniform-ish) down to about 3
-        # (one of 4 rounds may go unused: in CI two peers missed round 0's groups, took the
-        # others' state and joined from round 1 on)
-        assert s["rounds_averaged"] >= 2 and s["bytes_sent"] > 0
+        # (4 of 4 in 20 of 20 peer-runs here; one may be missed on a loaded machine. Before two
+        # matchmaking fixes, 2 peers missed 1 or 2 rounds in 7 of 13 runs: one split with its own
+        # moved coordinates, one read 3 of 4 seekers and then waited out its budget)
+        assert s["rounds_averaged"] >= 3 and s["bytes_sent"] > 0
     # the swarm weights are identical on every peer: identical validation loss
     assert max(s["val_loss"] for s in summaries) - min(s["val_loss"] for s in summaries) < 1e-6
     # and the peers of both groups trained them: at most one adopted them at the end (with a group's
