@@ -77,6 +77,16 @@ class Progress:
     settled: bool = False  # ...and whether they are the ones it leaves with
     peer_id: str = field(default="", compare=False)
 
+    def show_weights(self, round_: int, digest: str) -> None:
+        """Show the digest of this peer's swarm weights at ``round_`` (``base``): one string, so
+        that a board write from another thread never pairs a round with another round's digest."""
+        self.base = f"{round_}:{digest}"
+
+    def weights_shown(self) -> tuple[int, str] | None:
+        """The round and weights' digest ``base`` shows, or None (none shown, or malformed)."""
+        round_text, _, digest = self.base.partition(":")
+        return (int(round_text), digest) if digest and round_text.isdigit() else None
+
     def to_value(self) -> dict:
         """The board entry: short names, fields at their default left out (since run protocol 5;
         the field names were two thirds of an entry, read by every peer of its bucket)."""

@@ -792,12 +792,8 @@ class Trainer:
         """The other peers training that hold other weights than this peer at one of its last
         rounds, where they outnumber those holding its own (``swarm.final_weights.outnumbering``;
         DiLoCo only: other algorithms publish no digest)."""
-        others = {}
-        for progress in self._others_training():
-            round_text, _, digest = progress.base.partition(":")
-            if digest and round_text.isdigit():
-                others[progress.peer_id] = (int(round_text), digest)
-        return outnumbering(self._own_bases, others)
+        others = {p.peer_id: p.weights_shown() for p in self._others_training()}
+        return outnumbering(self._own_bases, {peer: shown for peer, shown in others.items() if shown is not None})
 
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
         """Take the state of the peers that outnumber this peer's lineage (the training thread)."""
@@ -815,10 +811,9 @@ class Trainer:
 
     def _note_weights(self, optimizer: SwarmOptimizer) -> None:
         """Keep the digest of this peer's swarm weights at its round (DiLoCo), once a round and
-        again after it took a state; its board entry's ``base`` shows it as ``ROUND:DIGEST``, one
-        string, so that a board write from the other thread never pairs a round with another
-        round's digest. Not while it joins a round whose state is on its way: its weights are an
-        earlier round's (two peers doing so showed a third other weights, and it took a state)."""
+        again after it took a state; its board entry shows it (``Progress.show_weights``). Not
+        while it joins a round whose state is on its way: its weights are an earlier round's (two
+        peers doing so showed a third other weights, and it took a state)."""
         if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and not optimizer.joining \
                 and optimizer.round not in self._own_bases:
             self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)[:BASE_DIGEST_CHARS]
@@ -835,7 +830,7 @@ class Trainer:
             # published only now, after the round end's checks: a digest shown before a peer took
             # another lineage's state stayed on the others' boards, and one of the larger lineage
             # read it after the others had moved, and moved too
-            progress.base = f"{optimizer.round}:{self._own_bases[optimizer.round]}"
+            progress.show_weights(optimizer.round, self._own_bases[optimizer.round])
         progress.bytes_sent, progress.bytes_received = stats.bytes_sent, stats.bytes_received
         progress.group_size = stats.last_group_size
         progress.rounds_averaged, progress.rounds_alone = stats.rounds_averaged, stats.rounds_alone

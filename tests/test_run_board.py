@@ -49,6 +49,16 @@ def test_a_board_entry_is_written_with_short_names_and_without_its_defaults():
         Progress.from_value("p1", {**value, "r": "seven"})
 
 
+def test_an_entry_shows_a_round_and_its_weights_digest_and_a_malformed_one_shows_nothing():
+    progress = Progress("r1", RUN_PROTOCOL, peer_id="p1")
+    assert progress.weights_shown() is None
+    progress.show_weights(12, "0123456789ab")
+    read = Progress.from_value("p1", msgpack.unpackb(msgpack.packb(progress.to_value())))
+    assert read.weights_shown() == (12, "0123456789ab")
+    for base in ("12", "12:", ":ab", "-1:ab", "x:ab", "1.5:ab"):  # (what another peer may write)
+        assert Progress("r1", RUN_PROTOCOL, base=base).weights_shown() is None, base
+
+
 async def test_a_run_configuration_is_published_by_a_few_peers_and_names_itself():
     assert all(publishes_config(f"p{i}", 16) for i in range(16))
     writers = sum(publishes_config(f"p{i}", 10_000) for i in range(10_000))
