@@ -2,6 +2,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from hypothesis import settings
 
 from netns_helpers import Lab
@@ -12,6 +13,10 @@ settings.register_profile("ci", max_examples=150, deadline=None)
 settings.register_profile("long", max_examples=20_000, deadline=None)
 settings.register_profile("medium", max_examples=2_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# In-process peers (several trainers in this process, each stepping torch off the event loop) on
+# one intra-op thread each, as the CLI's --threads 1: two each oversubscribed the 2 cores
+torch.set_num_threads(1)
 
 HEARTBEAT = 2.0  # seconds; announcements expire after 2.5 heartbeats
 

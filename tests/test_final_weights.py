@@ -110,10 +110,15 @@ async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tm
             apart_after_round(trainer, 1)
         summaries = await train_all(trainers)
         nursery.cancel_scope.cancel()
-    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(5)]
+    records = [metrics(tmp_path / f"peer{i}") for i in range(5)]
+    merges = [[r for r in peer if r["event"] == "lineage"] for peer in records]
     assert not any(r["adopted"] for merged in merges[:3] for r in merged), merges  # the larger side never moves
-    assert all(any(r["adopted"] for r in merged) for merged in merges[3:]), merges
-    assert [s["final_weights"] for s in summaries] == ["own"] * 5, summaries
+    assert [s["final_weights"] for s in summaries[:3]] == ["own"] * 3, summaries
+    # the pair takes the three's state mid-run: at least one of them because the three outnumber
+    # it (on a loaded machine its partner, averaging with it as it moved, may fail the next round
+    # and catch up with the swarm's state instead), both before the end
+    assert any(r["adopted"] for merged in merges[3:] for r in merged), merges
+    assert all(any(r["event"] == "state" and r.get("source") == "swarm" for r in peer) for peer in records[3:])
     assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1
 
 
