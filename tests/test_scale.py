@@ -48,11 +48,9 @@ async def test_an_entry_rewritten_every_few_seconds_is_held_by_the_closest_repli
         with trio.fail_after(30):
             while not all(p.dht.server for p in peers):
                 await trio.sleep(0.2)
-        writer, reader = peers[1], peers[-1]
+        writer, long_lived, reader = peers[1], peers[2], peers[-1]
         key = "/legion/default/test/replicas"
         assert await writer.dht.store(key, {"life": "short"}, SHORT_LIVED_SECONDS) <= SMALL_SWARM_REPLICAS
-        long_lived = peers[2]
-        assert await long_lived.dht.store(key, {"life": "long"}, 2 * SHORT_LIVED_SECONDS) > SMALL_SWARM_REPLICAS
 
         def holders(life):
             held = []
@@ -62,7 +60,14 @@ async def test_an_entry_rewritten_every_few_seconds_is_held_by_the_closest_repli
                 if peer not in (writer, long_lived) and any(e.value == {"life": life} for e in entries):
                     held.append(peer)
             return held
-        assert 1 <= len(holders("short")) <= SMALL_SWARM_REPLICAS < len(holders("long"))
+        # stored again until more than a short-lived entry's replicas hold it: 11 peers started at
+        # once in one process still dial each other, and a store's puts to peers not yet connected
+        # time out (seen storing at 3 when torch was imported before the test, not during it)
+        with trio.fail_after(30):
+            while len(holders("long")) <= SMALL_SWARM_REPLICAS:
+                await long_lived.dht.store(key, {"life": "long"}, 2 * SHORT_LIVED_SECONDS)
+                await trio.sleep(0.5)
+        assert 1 <= len(holders("short")) <= SMALL_SWARM_REPLICAS
         found = {e.value["life"] for e in (await reader.dht.get(key)).values()}
         assert found == {"short", "long"}
         nursery.cancel_scope.cancel()
