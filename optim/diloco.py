@@ -104,6 +104,10 @@ class DiLoCo(SwarmOptimizer):
         self.swarm_base: Callable[[int], str] | None = None
         # (round, base, fetched, [state | None]): the swarm's state of the round joined, on its way
         self._joining: tuple[int, str, trio.Event, list] | None = None
+        # The run's last round (its number of rounds), if it has one: a peer that reaches it by
+        # taking the swarm's state, joining late, has no round left to average (a chaos run's peer,
+        # having taken the state of round 20 of 20 as the others finished, averaged a round 20 alone)
+        self.last_round: int | None = None
         # Told of every round's outcome once applied (the round, and the average or None): who
         # watches the swarm's consistency compares the weights of a group's members after it.
         self.on_applied: Callable[[int, Reduced | None], None] | None = None
@@ -154,6 +158,12 @@ class DiLoCo(SwarmOptimizer):
                 base = self._join_swarm(self._join_round)
             self._adopt_next = False
             self._apply_pending()
+            if self.last_round is not None and self.round >= self.last_round:
+                if self._joining is not None:
+                    self._take_joined_state()
+                self.round_start = self.global_weights.clone()
+                assign_flat(self.params, self.round_start)
+                return
             done, slot = trio.Event(), [None]
             self._pending, self._pending_base = (done, slot), base or self._base()
             trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,

@@ -209,6 +209,7 @@ class Trainer:
                     await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = self._fetch_from_swarm
+                optimizer.last_round = (self.rounds_override or self.config.rounds) or None
                 optimizer.swarm_round = lambda: None if self._joinable is None else max(self._joinable, default=-1)
                 optimizer.swarm_base = lambda r: (self._joinable or {}).get(r, "")
                 nursery.start_soon(self._watch_joinable_round, optimizer, reducer)

@@ -243,3 +243,32 @@ async def test_diloco_counts_its_progress_in_rounds_and_takes_a_new_learning_rat
         assert progress == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # round 0 is averaging in the background
         assert all(group["lr"] == 1e-4 for group in inner.param_groups)
         await trio.to_thread.run_sync(opt.finish)
+
+
+async def test_a_peer_that_takes_the_state_of_the_runs_last_round_averages_no_round_past_it():
+    """A peer joining late takes the swarm's state of the run's last round (the others finished):
+    it has nothing left to average. Before, it began a round past the run's end (round 21 of 20 in
+    a chaos run) and averaged it alone."""
+    keys = []
+
+    async def reducer(tensors, weight, codec, key, base=""):
+        keys.append(key)
+        return Reduced([t.clone() for t in tensors], 2)
+
+    model, inner = model_and_inner()
+    async with trio.open_nursery() as nursery:
+        opt = DiLoCo(model.parameters(), inner, reducer, inner_steps=2, nursery=nursery)
+        opt.agree_on_weights, opt.last_round = True, 2
+        state = opt.state_tensors()
+        await trio.to_thread.run_sync(opt.load_state, 1, {**state, "weights": opt.global_weights + 0.01})
+        final = {**state, "weights": opt.global_weights + 0.02, "outer_momentum": torch.zeros(len(state["weights"]))}
+
+        async def fetch_state(round_):
+            return 2, final
+
+        opt.fetch_state, opt.swarm_round, opt.swarm_base = fetch_state, lambda: None, lambda round_: ""
+        await trio.to_thread.run_sync(lambda: [opt.step(1) for _ in range(2)])  # round 1 ends: the state of 2
+        assert opt.round == 2 and opt.rounds_begun == 2 and keys == []
+        await trio.to_thread.run_sync(opt.finish)
+        assert opt.round == 2 and keys == [] and torch.equal(opt.global_weights, final["weights"])
+        nursery.cancel_scope.cancel()
