@@ -161,15 +161,14 @@ class DiLoCo(SwarmOptimizer):
             if self.last_round is not None and self.round >= self.last_round:
                 if self._joining is not None:
                     self._take_joined_state()
-                self.round_start = self.global_weights.clone()
-                assign_flat(self.params, self.round_start)
-                return
-            done, slot = trio.Event(), [None]
-            self._pending, self._pending_base = (done, slot), base or self._base()
-            trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
-                                      delta, weight, f"diloco-{self.round}", self._plan(self._pending_base),
-                                      self._pending_base, done, slot)
-        self.round_start = self._estimate(delta) if self.overlap else self.global_weights.clone()
+            else:
+                done, slot = trio.Event(), [None]
+                self._pending, self._pending_base = (done, slot), base or self._base()
+                trio.from_thread.run_sync(self.nursery.start_soon, self._average_in_background,
+                                          delta, weight, f"diloco-{self.round}", self._plan(self._pending_base),
+                                          self._pending_base, done, slot)
+        # (the eager estimate while a round averages in the background)
+        self.round_start = self._estimate(delta) if self._pending is not None else self.global_weights.clone()
         assign_flat(self.params, self.round_start)
 
     def _estimate(self, delta: torch.Tensor) -> torch.Tensor:

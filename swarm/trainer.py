@@ -61,6 +61,11 @@ CONNECT_AHEAD_RETRY_HEARTBEATS = 4  # heartbeats before a run peer not reached a
 CONNECT_AHEAD_PEERS = 16
 
 
+def _board_digest(weights: torch.Tensor) -> str:
+    """The digest of swarm weights as the run board shows it (``BASE_DIGEST_CHARS``)."""
+    return weights_digest(weights)[:BASE_DIGEST_CHARS]
+
+
 def _weights_digest(signed: SignedManifest) -> str:
     """The digest of a state's weights (``final`` on the run board); peers holding the same weights
     give the same digest whatever else their states hold."""
@@ -209,7 +214,7 @@ class Trainer:
                     await self._catch_up(optimizer)
             if isinstance(optimizer, DiLoCo):
                 optimizer.fetch_state = self._fetch_from_swarm
-                optimizer.last_round = (self.rounds_override or self.config.rounds) or None
+                optimizer.last_round = self._rounds or None
                 optimizer.swarm_round = lambda: None if self._joinable is None else max(self._joinable, default=-1)
                 optimizer.swarm_base = lambda r: (self._joinable or {}).get(r, "")
                 nursery.start_soon(self._watch_joinable_round, optimizer, reducer)
@@ -291,6 +296,11 @@ class Trainer:
                 for peer in await self.peer.connect_ahead([p for p in peers if retry_at.get(p, now) <= now]):
                     retry_at[peer] = now + CONNECT_AHEAD_RETRY_HEARTBEATS * heartbeat
             await trio.sleep(heartbeat)
+
+    @property
+    def _rounds(self) -> int:
+        """The rounds this peer trains the run for (0: no end)."""
+        return self.rounds_override or self.config.rounds
 
     def _others_training(self) -> list[Progress]:
         """The board's entries of the other peers training this run."""
@@ -665,7 +675,7 @@ class Trainer:
         weights at least two of them settled on, rather than step its remaining rounds alone (a
         chaos run restarted a peer as the others finished: it stepped 10 rounds alone, then
         adopted theirs). True if it took them: it has no round left to train."""
-        rounds = self.rounds_override or self.config.rounds
+        rounds = self._rounds
         if not rounds or optimizer.round >= rounds or self._others_training():
             return False
         finals = self._finals(rounds)
@@ -708,7 +718,7 @@ class Trainer:
     # ----- the training thread
     def _train(self, model: GPT, corpus: Corpus, optimizer: SwarmOptimizer) -> dict:
         config, progress = self.config, self.progress
-        rounds = self.rounds_override or config.rounds
+        rounds = self._rounds
         block, batch = config.model_config().block_size, config.batch_size
         samples_per_step = batch * config.accumulate
         # mixed precision on GPUs; CPUs train in float32
@@ -798,18 +808,18 @@ class Trainer:
         """The other peers training that hold other weights than this peer at one of its last
         rounds, where they outnumber those holding its own (``swarm.final_weights.outnumbering``;
         DiLoCo only: other algorithms publish no digest)."""
-        others = {p.peer_id: p.weights_shown() for p in self._others_training()}
-        return outnumbering(self._own_bases, {peer: shown for peer, shown in others.items() if shown is not None})
+        return outnumbering(self._own_bases, {p.peer_id: shown for p in self._others_training()
+                                              if (shown := p.weights_shown()) is not None})
 
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
         """Take the state of the peers that outnumber this peer's lineage (the training thread)."""
         round_ = optimizer.round
         log.warning("round %d: %d other peers hold other weights than this peer's, more than hold its own; "
                     "taking theirs", round_, len(holders))
-        own = self._own_bases.get(round_) or weights_digest(optimizer.global_weights)[:BASE_DIGEST_CHARS]
+        own = self._own_bases.get(round_) or _board_digest(optimizer.global_weights)
         fetched = trio.from_thread.run(self._fetch_from_swarm, round_, holders)
         if fetched is not None and fetched[0] == round_ and isinstance(fetched[1].get("weights"), torch.Tensor) \
-                and weights_digest(fetched[1]["weights"].float())[:BASE_DIGEST_CHARS] == own:
+                and _board_digest(fetched[1]["weights"].float()) == own:
             log.info("round %d: those peers hold this peer's weights now", round_)
             fetched = None
         adopted = fetched is not None and self._adopt(optimizer, fetched)
@@ -822,7 +832,7 @@ class Trainer:
         peers doing so showed a third other weights, and it took a state)."""
         if isinstance(optimizer, DiLoCo) and optimizer.agree_on_weights and not optimizer.joining \
                 and optimizer.round not in self._own_bases:
-            self._own_bases[optimizer.round] = weights_digest(optimizer.global_weights)[:BASE_DIGEST_CHARS]
+            self._own_bases[optimizer.round] = _board_digest(optimizer.global_weights)
             self._own_bases = {r: d for r, d in self._own_bases.items() if r > optimizer.round - OWN_BASES_KEPT}
 
     def _behind(self, optimizer: SwarmOptimizer) -> bool:
