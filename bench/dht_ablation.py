@@ -1,16 +1,18 @@
-"""What each of the DHT upkeep changes of 2026-12-05 is worth: the scale simulator's DHT load
-(``dht_load.simulate``, protocol ``buckets``) with today's code, then with one change undone at a
-time.
+"""What each of the DHT upkeep changes of 2026-12-05 and 2026-12-06 is worth: the scale simulator's
+DHT load (``dht_load.simulate``, protocol ``buckets``) with today's code, then with one change undone
+at a time.
 
     python bench/dht_ablation.py [--peers 1000] [--undo answers refresh ...] [--json]
 
 Changes (``--undo`` names): ``answers`` (nodes list closer peers with their signed records, as
-py-libp2p does), ``refresh`` (entries refreshed, and the board read, every heartbeat once split),
-``replicas`` (short-lived entries to 8 replicas), ``lookup`` (a key's closest nodes kept 30 s),
-``probes`` (the keys a level up and down read, not probed), ``adopt`` (member and holdings levels
-followed by their own reads), ``names`` (board entries with their field names). Each is undone by
-replacing a constant or function for the run, then restored. Message bytes are the figures of
-``bench/dht_request_cost.py`` on 2026-12-05 (not measured again here).
+py-libp2p does; with a stream per message, as before 2026-12-06), ``refresh`` (entries refreshed,
+and the board read, every heartbeat once split), ``replicas`` (short-lived entries to 8 replicas),
+``lookup`` (a key's closest nodes kept 30 s), ``probes`` (the keys a level up and down read, not
+probed), ``adopt`` (member and holdings levels followed by their own reads), ``names`` (board
+entries with their field names); of 2026-12-06: ``streams`` (a new stream for every message),
+``lookup10`` (a key's closest nodes kept 5 minutes, not 10). Each is undone by replacing a constant
+or function for the run, then restored. Message bytes are the figures of
+``bench/dht_request_cost.py`` on 2026-12-06 (not measured again here).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import dht.buckets as buckets  # noqa: E402
 import dht_load  # noqa: E402
 from dht.records import merge  # noqa: E402
 
-LEAN = dht_load.MessageBytes(read=3262, write=3426, find_node=4897)
-PY_LIBP2P = dht_load.MessageBytes(read=9083, write=3425, find_node=9041)
-CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names")
+LEAN = dht_load.MessageBytes(read=899, write=1022, find_node=2530, stream=2126, kept_seconds=60)  # kept streams
+NEW_STREAMS = dht_load.MessageBytes(read=3003, write=3157, find_node=4703)  # a stream per message, lean answers
+PY_LIBP2P = dht_load.MessageBytes(read=8821, write=3156, find_node=8857)
+CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10")
 
 
 async def _bucket_read_without_probes(dht, key, me, level, read):
@@ -46,10 +49,11 @@ def _named_board_entry() -> dict:
     return value
 
 
-UNDO = {  # change -> (module or class, attribute, value before 2026-12-05)
+UNDO = {  # change -> (module or class, attribute, value before the change)
     "refresh": [(buckets, "SPLIT_REFRESH_BEATS", 1), (dht_load, "SPLIT_REFRESH_BEATS", 1)],
     "replicas": [(dht_load, "SHORT_LIVED_REPLICAS", 8)],
     "lookup": [(dht_load, "LOOKUP_SECONDS", 30.0)],
+    "lookup10": [(dht_load, "LOOKUP_SECONDS", 300.0)],
     "probes": [(buckets, "_bucket_at", _bucket_read_without_probes)],
     "adopt": [(buckets.BucketPlace, "adopt", lambda self, level: None)],
     "names": [(dht_load, "VALUES", {**dht_load.VALUES, "board": _named_board_entry})],
@@ -61,7 +65,8 @@ def simulate_without(change: str | None, peers: int, costs: dht_load.Costs, beat
     for owner, name, value in UNDO.get(change, []):
         setattr(owner, name, value)
     try:
-        messages = {"py-libp2p": PY_LIBP2P, "legion": PY_LIBP2P if change == "answers" else LEAN}
+        legion = {"answers": PY_LIBP2P, "streams": NEW_STREAMS}.get(change, LEAN)
+        messages = {"py-libp2p": PY_LIBP2P, "legion": legion}
         result = dht_load.simulate("buckets", peers, 0.2, costs, messages, beats, seed=0)
     finally:
         for owner, name, value in saved:

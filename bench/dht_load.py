@@ -16,7 +16,8 @@ are real ``Entry`` objects holding real values, so bytes are the real sizes.
 Costs are counted per node: bytes up and down and CPU seconds at the per-entry costs measured on
 this machine with the real merging store and bundle decoder (``calibrate``). Every DHT message also
 costs its measured bytes on the wire besides the entries it carries (``MessageBytes``, from
-``bench/dht_request_cost.py``: ~3-9 KB, far more than an entry), split evenly between its two ends;
+``bench/dht_request_cost.py``: ~1-9 KB, more than an entry; a new stream's opening where the peer
+keeps none to the node, since 2026-12-06), split evenly between its two ends;
 before 2026-12-05 the simulator charged none, and its per-peer figures left most of the traffic out. A read
 asks its replicas as ``RecordDHT.get`` does (every holder of an empty key, one for a probe), and a
 key's closest nodes are looked up again every ``LOOKUP_SECONDS`` while a peer uses the key
@@ -54,6 +55,7 @@ from averaging.matchmaking import FIRST_REREAD_SECONDS, MAX_REREAD_SECONDS  # no
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import SPLIT_REFRESH_BEATS, BucketPlace  # noqa: E402
 from dht.node import LOOKUP_SECONDS, READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
+from dht.streams import CLIENT_IDLE_SECONDS  # noqa: E402
 from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
@@ -101,17 +103,28 @@ class MessageBytes:
     read: float  # GET_VALUE
     write: float  # PUT_VALUE (the entry itself moves twice: the server echoes it)
     find_node: float  # one query of a lookup (an answer lists 20 closer peers)
+    stream: float = 0.0  # besides, a new stream's opening and closing, where none to the node is kept open
+    kept_seconds: float = 0.0  # how long a stream to a node is kept open after a message (0: none kept)
+
+
+MESSAGES = ("read_empty_key", "write_one_entry", "find_node")
 
 
 def measure_messages(lean: bool) -> MessageBytes:
-    """``MessageBytes`` of servers answering as Legion's do (``lean``) or as py-libp2p's do."""
+    """``MessageBytes`` of servers answering as Legion's do (``lean``: on streams kept open, as
+    Legion's client sends since 2026-12-06, ``dht.streams``) or as py-libp2p's do (a new stream
+    for every message, as its client sends)."""
     import logging
 
     from dht_request_cost import measure
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-    measured = trio.run(measure, 50, 24, lean)["overhead_bytes"]
-    return MessageBytes(measured["read_empty_key"], measured["write_one_entry"], measured["find_node"])
+    measured = trio.run(measure, 50, 24, lean)
+    new, kept = measured["new_stream_overhead_bytes"], measured["overhead_bytes"]
+    if not lean:
+        return MessageBytes(*(new[name] for name in MESSAGES))
+    stream = sum(new[name] - kept[name] for name in MESSAGES) / len(MESSAGES)
+    return MessageBytes(*(kept[name] for name in MESSAGES), stream=stream, kept_seconds=CLIENT_IDLE_SECONDS)
 
 
 def lookup_queries(n: int) -> int:
@@ -220,6 +233,7 @@ class LoadDHT:
     _looked_up: dict[tuple[int, str], float] = field(default_factory=dict)  # (peer, key) -> when it looked up
     own_requests: np.ndarray = field(init=False)  # messages each peer sent for its upkeep (matchmaking apart)
     _contacts: list[np.ndarray] = field(default_factory=list)  # pairs of peers that exchanged a message
+    _streams: dict[tuple[int, int], float] = field(default_factory=dict)  # (peer, node) -> its last message
 
     def __post_init__(self) -> None:
         # the simulated clock, a heartbeat a step; a day ahead of the real one, which ``merge`` expires
@@ -249,8 +263,12 @@ class LoadDHT:
         return SimEntry(peer, template.value_bytes, self.now, self.now + ttl, template.signature)
 
     def tick(self) -> None:
-        """A heartbeat later: entries not refreshed within their lifetime expire."""
+        """A heartbeat later: entries not refreshed within their lifetime expire (and streams
+        idle longer than they are kept are forgotten, every few heartbeats)."""
         self.now += HEARTBEAT
+        if self._streams and round(self.now / HEARTBEAT) % 12 == 0:
+            self._streams = {pair: last for pair, last in self._streams.items()
+                             if self.now - last <= self.messages.kept_seconds}
         for key, bundle in list(self.keys.items()):
             for peer in [p for p, e in bundle.items() if e.expiration <= self.now]:
                 self.key_bytes[key] -= entry_bytes(bundle.pop(peer))
@@ -267,14 +285,14 @@ class LoadDHT:
         holders = self.holders(key)
         me = self._index[writer]
         self._lookup(me, key)
-        overhead = self.messages.write / 2
+        overhead = self._overhead(me, holders, self.messages.write) / 2
         self.down[holders] += size + overhead
         self.up[holders] += size + overhead  # the echo
         self.cpu[holders] += self.costs.verify_per_entry + self.costs.put_per_stored_entry * (len(bundle) + 1)
         self._contact(me, holders)
-        self.up[me] += (size + overhead) * len(holders)
-        self.down[me] += (size + overhead) * len(holders)
-        self._count(me, key, (2 * size + self.messages.write) * len(holders), len(holders))
+        self.up[me] += size * len(holders) + overhead.sum()
+        self.down[me] += size * len(holders) + overhead.sum()
+        self._count(me, key, 2 * (size * len(holders) + overhead.sum()), len(holders))
         bundle[writer] = entry
         self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
 
@@ -289,16 +307,16 @@ class LoadDHT:
         holders = self.holders(key)
         fanout = 1 if probe and not entries else len(holders) if not entries else fanout or self.fanout
         served = holders if every_replica or fanout >= len(holders) else self.rng.choice(holders, fanout, replace=False)
-        overhead = self.messages.read / 2
+        me = self._index[reader]
+        overhead = self._overhead(me, served, self.messages.read) / 2
         self.up[served] += size + overhead
         self.down[served] += overhead
         self.cpu[served] += self.costs.get_per_stored_entry * entries
-        me = self._index[reader]
         self._lookup(me, key)
         self._contact(me, served)
-        self.down[me] += (size + overhead) * len(served)
-        self.up[me] += overhead * len(served)
-        self._count(me, key, (size + self.messages.read) * len(served), len(served))
+        self.down[me] += size * len(served) + overhead.sum()
+        self.up[me] += overhead.sum()
+        self._count(me, key, size * len(served) + 2 * overhead.sum(), len(served))
         shown = entries if not entries else min(entries, entries * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
         self.cpu[me] += shown * (self.costs.verify_per_entry + (len(served) - 1) * self.costs.decode_per_entry)
 
@@ -317,12 +335,24 @@ class LoadDHT:
         queries = lookup_queries(len(self.peers))
         asked = np.concatenate([self.rng.choice(self.holders(key), min(3, len(self.holders(key))), replace=False),
                                 self.rng.integers(0, len(self.peers), max(0, queries - 3))])
-        each = self.messages.find_node * share
+        each = self._overhead(me, asked, self.messages.find_node) * share
         np.add.at(self.up, asked, each / 2)
         np.add.at(self.down, asked, each / 2)
-        self.up[me] += each / 2 * len(asked)
-        self.down[me] += each / 2 * len(asked)
-        self._count(me, key, each * len(asked), share * len(asked))
+        self.up[me] += each.sum() / 2
+        self.down[me] += each.sum() / 2
+        self._count(me, key, each.sum(), share * len(asked))
+
+    def _overhead(self, me: int, nodes: np.ndarray, message: float) -> np.ndarray:
+        """A message's bytes besides its entries, to each of ``nodes``: ``message``, and a stream's
+        opening where ``me`` keeps none open to the node (none sent within ``kept_seconds``)."""
+        if not self.messages.stream:
+            return np.full(len(nodes), message)
+        opened = np.empty(len(nodes))
+        for i, node in enumerate(nodes.tolist()):
+            last = self._streams.get((me, node))
+            opened[i] = last is None or self.now - last > self.messages.kept_seconds
+            self._streams[(me, node)] = self.now
+        return message + self.messages.stream * opened
 
     def _count(self, me: int, key: str, traffic: float, messages: int) -> None:
         """``me``'s own traffic and messages for ``key``: its upkeep's, or its matchmaking's."""

@@ -6,12 +6,14 @@ yamux, on 127.0.0.1), the first server knowing the others, and counts the loopba
 bytes (TCP/IP headers included) over repeated messages of the client to that server: a read of a
 key it holds no entry under, a read of a key holding one entry, a write of one entry (which the
 server echoes), and a FIND_NODE query of a lookup. What remains after the entries' own bytes is
-each message's overhead: py-libp2p opens a stream per Kademlia message (multistream negotiation,
-a yamux stream, TCP acknowledgements), sends a signed peer record with each request and answer,
-and lists up to 20 closer peers in an answer. Measured twice: with the server answering as
-py-libp2p does (each closer peer with its signed record) and as Legion's servers do since
-2026-12-05 (``dht.node.RecordDHT._list_closer_peers``). The scale simulator charges these per
-message (``bench/dht_load.py``); before 2026-12-05 it charged none.
+each message's overhead: a stream (multistream negotiation, a yamux stream, its close), Noise
+frames and TCP acknowledgements, the signed peer records of request and answer, and up to 20
+closer peers an answer lists. Each message is sent once on a new stream (as py-libp2p's client
+sends every message), once on a stream kept open (as Legion's client does since 2026-12-06,
+``dht.streams``), and each with the server answering as py-libp2p does (each closer peer with its
+signed record) and as Legion's servers do since 2026-12-05
+(``dht.node.RecordDHT._list_closer_peers``). The scale simulator charges these per message
+(``bench/dht_load.py``); before 2026-12-05 it charged none.
 """
 
 from __future__ import annotations
@@ -68,29 +70,33 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
                 hosts[0].get_peerstore().add_addrs(host.get_id(), host.get_addrs(), 3600)
                 await nodes[0].add_peer(host.get_id())
         await trio.sleep(1)
-        store = client.kad.value_store
         entry = sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)
         record = make_signed_put_record(b"/legion/cost/held", encode_bundle([entry]), pairs[-1].private_key)
-        assert await store._store_at_peer(target, b"/legion/cost/held", record.value, record=record)
-
-        async def per_message(name: str, request, payload: int = 0) -> None:
-            before = loopback_bytes()
-            for i in range(requests):
-                await request(i)
-            results[name] = round((loopback_bytes() - before) / requests - payload)
-
-        await per_message("read_empty_key", lambda i: store._get_from_peer(target, b"/legion/cost/empty"))
-        await per_message("read_one_entry", lambda i: store._get_from_peer(target, b"/legion/cost/held"), entry_bytes(entry))
+        assert await client._put_at(target, b"/legion/cost/held", record)
         records = []
-        for i in range(requests):  # each write a newer entry, signed beforehand
+        for i in range(2 * requests):  # each write a newer entry, signed beforehand
             fresh = encode_bundle([sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)])
             records.append(make_signed_put_record(b"/legion/cost/held", fresh, pairs[-1].private_key))
-        await per_message("write_one_entry", lambda i: store._store_at_peer(target, b"/legion/cost/held", records[i].value,
-                                                                            record=records[i]), 2 * entry_bytes(entry))
-        await per_message("find_node", lambda i: client._query_for_closest(target, f"/legion/cost/new/{i}".encode()))
+        for streams, idle_seconds in (("new_stream", 0.0), ("kept_stream", 60.0)):
+            client.streams.idle_seconds = idle_seconds  # 0: each message's stream is closed before the next
+            await client.streams.aclose()
+
+            async def per_message(name: str, request, payload: int = 0) -> None:
+                before = loopback_bytes()
+                for i in range(requests):
+                    await request(i)
+                results.setdefault(streams, {})[name] = round((loopback_bytes() - before) / requests - payload)
+
+            offset = 0 if idle_seconds == 0 else requests
+            await per_message("read_empty_key", lambda i: client._get_from(target, b"/legion/cost/empty"))
+            await per_message("read_one_entry", lambda i: client._get_from(target, b"/legion/cost/held"), entry_bytes(entry))
+            await per_message("write_one_entry", lambda i: client._put_at(target, b"/legion/cost/held", records[offset + i]),
+                              2 * entry_bytes(entry))
+            await per_message("find_node", lambda i: client._find_node(target, f"/legion/cost/new/{i}".encode()))
         closer = len(nodes[0].kad.routing_table.find_local_closest_peers(b"/legion/cost/empty", 20))
     return {"requests": requests, "servers": servers, "closer_peers_listed": closer, "lean_answers": lean,
-            "overhead_bytes": results, "entry_bytes": entry_bytes(entry)}
+            "overhead_bytes": results["kept_stream"], "new_stream_overhead_bytes": results["new_stream"],
+            "entry_bytes": entry_bytes(entry)}
 
 
 def main() -> int:
@@ -104,7 +110,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(results))
     for result in [] if args.json else results:
-        print("Legion's answers" if result["lean_answers"] else "py-libp2p's answers", result["overhead_bytes"])
+        answers = "Legion's answers" if result["lean_answers"] else "py-libp2p's answers"
+        print(answers, "on a new stream each:", result["new_stream_overhead_bytes"])
+        print(answers, "on a stream kept open:", result["overhead_bytes"])
     return 0
 
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 import trio
@@ -13,23 +14,24 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID, DHTMode, KadDHT, get_connection_type
-from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
 from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
 
 from dht.buckets import parse_entries
 from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
 from dht.store import MergingValueStore
+from dht.streams import SERVE_IDLE_SECONDS, InboundStreams, ServedStream, StreamPool
 from dht.validator import LegionValidator
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-INBOUND_SLOTS = 64  # inbound Kademlia streams served at once
 UNREACHABLE_SECONDS = 60.0  # a peer a lookup could not dial is left out of lookups this long
 LOOKUP_DIAL_SECONDS = 2.5  # a lookup's dial of a peer it is not connected to (TCP, Noise, Yamux)
 UNREACHABLE_CAP = 4096  # peers remembered as undialable
@@ -46,10 +48,15 @@ SHORT_LIVED_REPLICAS = 5
 SMALL_SWARM_REPLICAS = 8
 SHORT_LIVED_SECONDS = 180.0
 # How long a key's closest nodes, once looked up, are used (dropping one that fails): a lookup is
-# several FIND_NODE queries of ~5 KB each on the wire (``bench/dht_request_cost.py``), and with
-# churn of 20% an hour a key's closest 5 change about every half hour.
-LOOKUP_SECONDS = 300.0
+# several FIND_NODE queries of ~5 KB each on the wire, mostly to nodes a peer keeps no stream to
+# (``bench/dht_request_cost.py``), and with churn of 20% an hour a key's closest 5 change about
+# every half hour. At 10,000 peers (4 rounds of queries) lookups kept 5 minutes were 40% of a
+# peer's upkeep, 22.3 kbit/s; kept 10, 18.4 (``bench/scale.py --only dht``, 2026-12-06). A node
+# that joins closer to a key meanwhile is read as an empty replica, passed over.
+LOOKUP_SECONDS = 600.0
 GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
+READ_ADDRS_SECONDS = 600  # how long addresses of closer peers in a read's answer are kept (py-libp2p's)
+LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
 
 
 class RecordDHT:
@@ -59,7 +66,8 @@ class RecordDHT:
     ``timeout`` bounds every network step: a lookup, and each single peer's get or put. The closest
     peers of a key are looked up at most every ``lookup_ttl`` seconds (a peer that fails a request
     is dropped from the cached set), so a heartbeat costs one round of requests, not a lookup too.
-    A write goes to all of them, a read to ``read_fanout`` of them (``get``).
+    A write goes to all of them, a read to ``read_fanout`` of them (``get``). Messages go out on
+    streams kept open per node, and inbound streams are served for many messages (``dht.streams``).
     """
 
     def __init__(self, host: IHost, key_pair: KeyPair, *, server: bool = True, timeout: float = 5.0,
@@ -76,11 +84,12 @@ class RecordDHT:
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
         self.kad.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
-        # py-libp2p serves 12 inbound Kademlia streams at a time and resets any beyond; 16 busy peers
-        # on 2 cores exceeded that all the time, their reads came back short and no peer ever saw
-        # all the others. Silent streams still cannot hold the slots: each gets 2 x timeout.
-        self.kad._inbound_limiter = trio.CapacityLimiter(INBOUND_SLOTS)
-        self._query_for_closest = self.kad.peer_routing._query_peer_for_closest
+        self.streams = StreamPool(host)
+        # py-libp2p serves 12 inbound Kademlia streams at a time and resets any beyond (16 busy
+        # peers on 2 cores exceeded that all the time, their reads came back short and no peer
+        # ever saw all the others); Legion's caps count streams per peer and in all.
+        self.inbound = InboundStreams()
+        self.serve_idle_seconds = SERVE_IDLE_SECONDS
         self.kad._add_closer_peers_to_response = self._list_closer_peers
         self.kad.peer_routing._query_peer_for_closest = self._query_dialable_for_closest
         if server:
@@ -105,27 +114,38 @@ class RecordDHT:
                 entry.addrs.extend(addr.to_bytes() for addr in peerstore.addrs(peer))
 
     async def _handle_inbound(self, stream: INetStream) -> None:
-        """py-libp2p's Kademlia handler reads without a deadline while holding one of the
-        ``INBOUND_SLOTS`` handler slots, so a peer that opens streams and stays silent could
-        starve the DHT. Each inbound stream gets ``2 × timeout`` in all, and no error escapes to
-        the host."""
-        started = trio.current_time()
-        with trio.move_on_after(2 * self.timeout) as scope:
-            try:
-                await self.kad.handle_stream(stream)
-            except Exception as exc:
-                log.debug("DHT stream from %s failed: %s", stream.muxed_conn.peer_id, exc)
-        if self.on_served is not None:
-            self.on_served(trio.current_time() - started)
-        if scope.cancelled_caught:
-            log.info("reset a DHT stream from %s that outlived its deadline", stream.muxed_conn.peer_id)
+        """py-libp2p's Kademlia handler serves a stream's messages one after another, reading
+        without a deadline. Here a stream gets ``2 × timeout`` for its first message and for each
+        message, and waits ``serve_idle_seconds`` for the next; the streams a peer
+        (and all peers) hold open are capped (``InboundStreams``); no error escapes to the host."""
+        served = ServedStream(stream, first_message_seconds=2 * self.timeout, message_seconds=2 * self.timeout,
+                              idle_seconds=self.serve_idle_seconds)
+        served.on_answered = self.on_served
+        # py-libp2p's handler adds the asking peer to the routing table as a stream opens, which
+        # needs its addresses: they come in its first message (its peer record)
+        served.after_first_answer = partial(self.kad.add_peer, served.peer, skip_server_mode_check=True)
+        if not self.inbound.admit(served):
+            log.info("refused a DHT stream from %s: %d streams open", served.peer, len(self.inbound))
             with trio.move_on_after(1), contextlib.suppress(Exception):
                 await stream.reset()
+            return
+        try:
+            await self.kad._do_handle_stream(served)  # (py-libp2p's handle_stream without its slot limiter)
+        except Exception as exc:
+            log.debug("DHT stream from %s failed: %s", served.peer, exc)
+        finally:
+            self.inbound.release(served)
+        if served.expired and not served.messages:
+            log.info("closed a DHT stream from %s that sent nothing in %.0f s", served.peer, 2 * self.timeout)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["RecordDHT"]:
         async with background_trio_service(self.kad):
-            yield self
+            try:
+                yield self
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.streams.aclose()
 
     @property
     def server(self) -> bool:
@@ -183,7 +203,7 @@ class RecordDHT:
         async def store_at(peer: ID) -> None:
             nonlocal accepted
             with trio.move_on_after(self.timeout):
-                if await self.kad.value_store._store_at_peer(peer, key_bytes, bundle, record=record):
+                if await self._put_at(peer, key_bytes, record):
                     accepted += 1
                     return
             self._forget(key_bytes, peer)
@@ -228,17 +248,15 @@ class RecordDHT:
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
             nonlocal records
-            record, closer = None, []
+            record, answered = None, False
             with trio.move_on_after(self.timeout) as scope:
-                record, closer = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True,
-                                                                           return_closer_peers=True)
+                record, answered = await self._get_from(peer, key_bytes)
             if scope.cancelled_caught:
                 self._forget(key_bytes, peer)
             if record is not None:  # signatures checked off the event loop: a bundle holds thousands
                 records += 1
                 groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
-            # (a replica that answered sends closer peers with no record; a failed request, neither)
-            holds_none = record is None and bool(closer)
+            holds_none = answered and record is None
             if waiting and records < fanout and not (probe and holds_none and not records):
                 nursery.start_soon(get_from, waiting.pop(), nursery)  # ask another
 
@@ -309,7 +327,72 @@ class RecordDHT:
                 log.debug("DHT lookup: could not dial %s; skipping it for %.0f s", peer, UNREACHABLE_SECONDS)
                 self.kad.routing_table.remove_peer(peer)
                 return []
-        return await self._query_for_closest(peer, key_bytes)
+        return await self._find_node(peer, key_bytes)
+
+    async def _put_at(self, peer: ID, key_bytes: bytes, record: Record) -> bool:
+        """Whether ``peer`` stored ``record`` (it echoes a record it stored)."""
+        message = Message(type=Message.MessageType.PUT_VALUE, key=key_bytes)
+        message.record.CopyFrom(record)
+        message.record.ClearField("timeReceived")
+        try:
+            answer = await self.streams.request(peer, message)
+        except Exception as exc:
+            log.debug("write of %s to %s failed: %s", key_bytes.decode(errors="replace"), peer, exc)
+            return False
+        return answer.type == Message.MessageType.PUT_VALUE and answer.key == key_bytes
+
+    async def _get_from(self, peer: ID, key_bytes: bytes) -> tuple[Record | None, bool]:
+        """``peer``'s record under ``key_bytes`` (None if it holds none), and whether it answered."""
+        try:
+            answer = await self.streams.request(peer, Message(type=Message.MessageType.GET_VALUE, key=key_bytes))
+        except Exception as exc:
+            log.debug("read of %s from %s failed: %s", key_bytes.decode(errors="replace"), peer, exc)
+            return None, False
+        self._learn_closer(answer, READ_ADDRS_SECONDS)
+        if answer.type == Message.MessageType.GET_VALUE and answer.HasField("record") and answer.record.value:
+            return answer.record, True
+        return None, True
+
+    async def _find_node(self, peer: ID, key_bytes: bytes) -> list[ID]:
+        """One FIND_NODE query of a lookup: the closer peers ``peer`` lists, their addresses kept
+        and each put in the routing table (as py-libp2p's query does); [] if it failed."""
+        with contextlib.suppress(Exception):  # known addresses: ``peer`` goes in the routing table, as py-libp2p's does
+            if addrs := self.host.get_peerstore().addrs(peer):
+                await self.kad.routing_table.add_peer(PeerInfo(peer, addrs))
+        answer = None
+        with trio.move_on_after(self.timeout):
+            try:
+                answer = await self.streams.request(peer, Message(type=Message.MessageType.FIND_NODE, key=key_bytes))
+            except Exception as exc:
+                log.debug("FIND_NODE query to %s failed: %s", peer, exc)
+        if answer is None or answer.type != Message.MessageType.FIND_NODE:
+            return []
+        found = self._learn_closer(answer, LOOKUP_ADDRS_SECONDS)
+        for closer, addrs in found.items():
+            with contextlib.suppress(Exception):
+                if addrs:
+                    await self.kad.routing_table.add_peer(PeerInfo(closer, addrs))
+        return list(found)
+
+    def _learn_closer(self, answer: Message, addrs_seconds: float) -> dict[ID, list[Multiaddr]]:
+        """The closer peers an answer lists, other than this one, with their well-formed addresses,
+        which the peerstore keeps ``addrs_seconds``."""
+        me, found = self.host.get_id(), {}
+        for listed in answer.closerPeers:
+            try:
+                peer = ID(listed.id)
+            except Exception:
+                continue
+            if not listed.id or peer == me or peer in found:
+                continue
+            addrs = []
+            for raw in listed.addrs:
+                with contextlib.suppress(Exception):
+                    addrs.append(Multiaddr(raw))
+            if addrs:
+                self.host.get_peerstore().add_addrs(peer, addrs, addrs_seconds)
+            found[peer] = addrs
+        return found
 
     def _dialable(self, peer: ID) -> bool:
         until = self._unreachable.get(peer)

@@ -6,6 +6,7 @@ import contextvars
 import ipaddress
 import logging
 import math
+import os
 import socket
 import time
 from typing import Any, Awaitable, Callable
@@ -74,6 +75,7 @@ def build_host(key_pair: KeyPair, psk: str | None = None, dial_timeout: float = 
                               max_established_total=MAX_CONNECTIONS)
     resources = new_resource_manager(ResourceLimits(max_connections=MAX_CONNECTIONS), connection_limits=limits)
     _write_yamux_frames_whole()
+    _yamux_window_updates_at_half()
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, resource_manager=resources,
                     muxer_opt=create_yamux_muxer_option(), connection_config=config, psk=psk,
                     addrs_factory=lambda addrs: advertised_addrs(addrs, [*announce, *mapped()]))
@@ -147,6 +149,16 @@ def raise_open_file_limit(wanted: int = 2 * MAX_CONNECTIONS) -> int | None:
         log.warning("this process may open only %d files: fewer connections than a large swarm needs "
                     "(raise it with ulimit -n %d)", soft, wanted)
     return soft
+
+
+def _yamux_window_updates_at_half() -> None:
+    """py-libp2p's yamux sends a window update after every read (``PY_YAMUX_RELEASE_ON_READ``, on by
+    default), go-yamux once half the window is read. A DHT message and its answer on a kept stream
+    cost ~1,220 bytes on the wire with an update after every read, ~890 without
+    (``bench/dht_request_cost.py``, 2026-12-06), and a peer's upkeep is such messages; bulk bytes
+    on a py-libp2p stream moved as fast or faster without (``bench/lanes.py``: 108-143 MB/s against
+    92-101). A value set in the environment is kept."""
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 def _write_yamux_frames_whole() -> None:

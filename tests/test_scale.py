@@ -98,11 +98,11 @@ async def test_a_node_lists_closer_peers_without_their_signed_records_and_one_in
             assert len(answer.closerPeers) == listed
             assert all(entry.addrs and not entry.HasField("signedRecord") for entry in answer.closerPeers)
         # over the wire: a lookup's query returns the others, a read one closer peer, a write is found
-        found = await others[0].dht._query_for_closest(server.peer_id, b"/legion/default/test/lean")
+        found = await others[0].dht._find_node(server.peer_id, b"/legion/default/test/lean")
         assert {p.peer_id for p in others[1:]} <= set(found)
-        _, closer = await others[0].dht.kad.value_store._get_from_peer(server.peer_id, b"/legion/default/test/lean",
-                                                                         return_closer_peers=True)
-        assert len(closer) == GET_VALUE_CLOSER_PEERS
+        answer = await others[0].dht.streams.request(server.peer_id, Message(type=Message.MessageType.GET_VALUE,
+                                                                               key=b"/legion/default/test/lean"))
+        assert len(answer.closerPeers) == GET_VALUE_CLOSER_PEERS
         await others[1].dht.store("/legion/default/test/lean", {"found": True}, 30)
         assert [e.value for e in (await others[2].dht.get("/legion/default/test/lean")).values()] == [{"found": True}]
         nursery.cancel_scope.cancel()

@@ -1,0 +1,118 @@
+"""Kademlia streams kept open (``dht.streams``): messages to a node share one stream, a node serves
+many messages on it and closes it once idle, and the streams one peer holds open are capped."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import multiaddr
+import trio
+import varint
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.exceptions import StreamFailure
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.record import make_signed_put_record
+
+from dht import RecordDHT
+from dht.records import encode_bundle, sign_entry
+from swarm.network import build_host
+
+KEY = "/legion/default/test/streams"
+
+
+@contextlib.asynccontextmanager
+async def server_and_client(timeout: float = 5.0):
+    pairs = [create_new_key_pair() for _ in range(2)]
+    hosts = [build_host(pair) for pair in pairs]
+    nodes = [RecordDHT(host, pair, server=i == 0, timeout=timeout) for i, (host, pair) in enumerate(zip(hosts, pairs))]
+    async with contextlib.AsyncExitStack() as stack:
+        for host, node in zip(hosts, nodes):
+            await stack.enter_async_context(host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            await stack.enter_async_context(node.running())
+        await hosts[1].connect(PeerInfo(hosts[0].get_id(), hosts[0].get_addrs()))
+        yield nodes[0], nodes[1], pairs[1]
+
+
+def get_value(key: str = KEY) -> bytes:
+    payload = Message(type=Message.MessageType.GET_VALUE, key=key.encode()).SerializeToString()
+    return varint.encode(len(payload)) + payload
+
+
+async def read_to_end(stream) -> bytes:
+    data = b""
+    with contextlib.suppress(StreamEOF, StreamReset):
+        while chunk := await stream.read(1024):
+            data += chunk
+    return data
+
+
+async def test_messages_to_a_node_share_one_stream_and_survive_the_node_closing_it():
+    async with server_and_client() as (server, client, key_pair):
+        target = server.host.get_id()
+        with trio.fail_after(20):
+            assert (await client._get_from(target, KEY.encode()))[1]
+            opened = client.streams.opened  # (its own lookups at the start may have opened one too)
+            for _ in range(3):
+                bundle = encode_bundle([sign_entry(KEY, key_pair, {"n": 1}, 60)])
+                assert await client._put_at(target, KEY.encode(), make_signed_put_record(KEY.encode(), bundle,
+                                                                                         key_pair.private_key))
+                record, answered = await client._get_from(target, KEY.encode())
+                assert answered and record is not None
+            assert await client._find_node(target, b"/legion/default/test/other") == []  # it knows no one else
+            assert client.streams.opened == opened and len(server.inbound) == opened
+
+            server.serve_idle_seconds = 0.2  # the node closes the next stream once idle this long
+            await client.streams.aclose()
+            assert (await client._get_from(target, KEY.encode()))[1]
+            await trio.sleep(1)
+            record, answered = await client._get_from(target, KEY.encode())  # the kept stream is closed: a new one
+            assert answered and record is not None
+            assert client.streams.opened == opened + 2
+
+
+async def test_a_peer_holds_open_at_most_its_cap_of_streams(caplog):
+    caplog.set_level(logging.INFO, logger="dht.node")
+    async with server_and_client(timeout=1.0) as (server, client, _):
+        server.inbound.per_peer = 3
+        target = server.host.get_id()
+        with trio.fail_after(20):
+            idle = []
+            for _ in range(3):  # each answered once, then waiting for its next message
+                stream = await client.host.new_stream(target, [PROTOCOL_ID])
+                await stream.write(get_value())
+                assert await stream.read(1)
+                idle.append(stream)
+            await trio.sleep(0.2)  # the answers' rest is read
+            # a fourth is served: the longest idle of the three is closed for it
+            assert (await client._get_from(target, KEY.encode()))[1]
+            assert len(server.inbound) == 3
+            assert await read_to_end(idle[0])  # the rest of its answer, then its end
+            # three streams in the middle of a message (none idle): a fifth is refused
+            busy = []
+            await client.streams.aclose()
+            for stream in idle[1:]:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+            await trio.sleep(0.2)
+            for _ in range(3):
+                stream = await client.host.new_stream(target, [PROTOCOL_ID])
+                await stream.write(b"\x80")  # the first byte of a length that never ends
+                busy.append(stream)
+            await trio.sleep(0.2)
+            assert len(server.inbound) == 3
+            try:  # reset by the node, as it opens or after
+                refused = await client.host.new_stream(target, [PROTOCOL_ID])
+                with contextlib.suppress(Exception):
+                    await refused.write(get_value())
+                assert await read_to_end(refused) == b""
+            except StreamFailure:
+                pass
+            # the three run out of their message's time (2 x timeout) and are cut; then all is served
+            await trio.sleep(2.5)
+            assert len(server.inbound) == 0
+            assert (await client._get_from(target, KEY.encode()))[1]
+    assert "refused a DHT stream" in caplog.text
