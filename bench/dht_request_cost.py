@@ -85,6 +85,7 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
                 before = loopback_bytes()
                 for i in range(requests):
                     await request(i)
+                await client.streams.close_retired()  # (the streams of a message each)
                 results.setdefault(streams, {})[name] = round((loopback_bytes() - before) / requests - payload)
 
             offset = 0 if idle_seconds == 0 else requests

@@ -18,9 +18,9 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from multiaddr import Multiaddr
 from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 from dht.buckets import parse_entries
 from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
@@ -140,10 +140,12 @@ class RecordDHT:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["RecordDHT"]:
-        async with background_trio_service(self.kad):
+        async with background_trio_service(self.kad), trio.open_nursery() as nursery:
+            nursery.start_soon(self.streams.close_retired_forever)
             try:
                 yield self
             finally:
+                nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await self.streams.aclose()
 

@@ -61,6 +61,7 @@ class StreamPool:
         self.host = host
         self.idle_seconds = idle_seconds
         self._idle: OrderedDict[tuple[ID, int], _Kept] = OrderedDict()  # the longest idle first
+        self._closing: list[INetStream] = []  # streams no longer kept, to close
         self.opened = 0  # streams opened (a measure of what reuse saves)
 
     async def request(self, peer: ID, message: Message) -> Message:
@@ -69,7 +70,7 @@ class StreamPool:
         peer's signed addresses (its peer record), which is how a node learns to dial it, and so
         does the first after they change (py-libp2p's requests carry it every time)."""
         record = env_to_send_in_RPC(self.host)[0]
-        kept = await self._take(peer)
+        kept = self._take(peer)
         if kept is not None:
             try:
                 return await self._exchange(peer, kept, message, record)
@@ -92,33 +93,50 @@ class StreamPool:
                 await _close(kept.stream, reset=True)
             raise
         kept.record = record
-        await self._keep(peer, kept)
+        self._keep(peer, kept)
         return answer
 
-    async def _take(self, peer: ID) -> _Kept | None:
-        now = trio.current_time()
-        while self._idle and now - next(iter(self._idle.values())).used > self.idle_seconds:
-            await _close(self._idle.popitem(last=False)[1].stream)
+    def _take(self, peer: ID) -> _Kept | None:
+        self._retire_idle()
         for slot in range(MAX_IDLE_OUTBOUND_PER_NODE):
             kept = self._idle.pop((peer, slot), None)
             if kept is not None:
                 return kept
         return None
 
-    async def _keep(self, peer: ID, kept: _Kept) -> None:
+    def _keep(self, peer: ID, kept: _Kept) -> None:
         free = [slot for slot in range(MAX_IDLE_OUTBOUND_PER_NODE) if (peer, slot) not in self._idle]
         if not free:
-            await _close(kept.stream)
+            self._closing.append(kept.stream)
             return
         kept.used = trio.current_time()
         self._idle[(peer, free[0])] = kept
         while len(self._idle) > MAX_IDLE_OUTBOUND:
-            await _close(self._idle.popitem(last=False)[1].stream)
+            self._closing.append(self._idle.popitem(last=False)[1].stream)
+
+    def _retire_idle(self) -> None:
+        """Streams idle too long go to be closed (by ``close_retired``, not on a request's time)."""
+        now = trio.current_time()
+        while self._idle and now - next(iter(self._idle.values())).used > self.idle_seconds:
+            self._closing.append(self._idle.popitem(last=False)[1].stream)
+
+    async def close_retired(self) -> None:
+        self._retire_idle()
+        while self._closing:
+            await _close(self._closing.pop())
+
+    async def close_retired_forever(self) -> None:
+        while True:
+            await trio.sleep(max(1.0, self.idle_seconds / 4))
+            await self.close_retired()
 
     async def aclose(self) -> None:
-        """Close every idle stream (a node leaving)."""
-        while self._idle:
-            await _close(self._idle.popitem()[1].stream)
+        """Close every idle stream (a node leaving), for at most a few seconds."""
+        self._closing.extend(kept.stream for kept in self._idle.values())
+        self._idle.clear()
+        with trio.move_on_after(3):
+            await self.close_retired()
+        self._closing.clear()
 
 
 def _with_record(message: Message, record: bytes) -> Message:
