@@ -1,6 +1,6 @@
 """Chaos benchmark: a training swarm under sustained churn and network faults.
 
-    python bench/chaos.py --peers 8 --rounds 40 --churn 0.2 [--partition] [--sharded] [--json]
+    python bench/chaos.py --peers 8 --rounds 40 --churn 0.2 [--partition] [--sharded] [--group-size G] [--json]
 
 N peer processes, each on its own host (a network namespace on one bridge, ``tests/netns_helpers``)
 with its own identity and checkpoint directory, train the tiny GPT with DiLoCo. On a seeded random
@@ -460,6 +460,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--churn", type=float, default=0.2, help="fraction of peers faulted per 10 rounds")
     p.add_argument("--partition", action="store_true", help="also split the swarm in two halves")
     p.add_argument("--sharded", action="store_true", help="sharded outer momentum (2 replicas)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="peers per averaging group (fewer than --peers: rounds reduce across groups)")
     p.add_argument("--inner-steps", type=int, default=10)
     p.add_argument("--round-timeout", type=float, default=15.0)
     p.add_argument("--stop-seconds", type=float, default=20.0, help="how long a SIGSTOP lasts")
