@@ -19,6 +19,7 @@ from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
 from dht.records import encode_bundle, sign_entry
+from dht.streams import ServedStream
 from swarm.network import build_host
 
 KEY = "/legion/default/test/streams"
@@ -65,13 +66,20 @@ async def test_messages_to_a_node_share_one_stream_and_survive_the_node_closing_
             assert await client._find_node(target, b"/legion/default/test/other") == []  # it knows no one else
             assert client.streams.opened == opened and len(server.inbound) == opened
 
+            # a stream's first answer carries the node's signed peer record, the next ones not
+            await client.streams.aclose()
+            answers = [await client.streams.request(target, Message(type=Message.MessageType.GET_VALUE,
+                                                                    key=KEY.encode())) for _ in range(2)]
+            assert answers[0].senderRecord and not answers[1].senderRecord
+            assert answers[0].record == answers[1].record and answers[1].record.value
+
             server.serve_idle_seconds = 0.2  # the node closes the next stream once idle this long
             await client.streams.aclose()
             assert (await client._get_from(target, KEY.encode()))[1]
             await trio.sleep(1)
             record, answered = await client._get_from(target, KEY.encode())  # the kept stream is closed: a new one
             assert answered and record is not None
-            assert client.streams.opened == opened + 2
+            assert client.streams.opened == opened + 3
 
 
 async def test_a_peer_holds_open_at_most_its_cap_of_streams(caplog):
@@ -116,3 +124,31 @@ async def test_a_peer_holds_open_at_most_its_cap_of_streams(caplog):
             assert len(server.inbound) == 0
             assert (await client._get_from(target, KEY.encode()))[1]
     assert "refused a DHT stream" in caplog.text
+
+
+async def test_an_answers_length_goes_out_with_it_and_other_writes_pass_unchanged():
+    class Inner:
+        muxed_conn = type("Conn", (), {"peer_id": "someone"})()
+
+        def __init__(self):
+            self.written = []
+
+        async def write(self, data):
+            self.written.append(data)
+
+        async def read(self, n=None):
+            return b"\x01"
+
+    inner = Inner()
+    served = ServedStream(inner, first_message_seconds=5, message_seconds=5)
+    answer = Message(type=Message.MessageType.GET_VALUE, key=b"k", senderRecord=b"record").SerializeToString()
+    for body in (answer, answer, b"not an answer"):
+        await served.read(1)  # a request begins
+        await served.write(varint.encode(len(body)))
+        await served.write(body)
+    first, second, other = inner.written
+    assert first == varint.encode(len(answer)) + answer  # one write; the record the first time
+    stripped = Message()
+    stripped.ParseFromString(second[1:])
+    assert second[0] == len(second) - 1 and stripped.key == b"k" and not stripped.senderRecord
+    assert other == varint.encode(13) + b"not an answer"
