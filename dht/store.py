@@ -44,7 +44,7 @@ class MergingValueStore(ValueStore):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._writers: dict[bytes, frozenset[str]] = {}  # key -> subkeys of its stored entries
-        self._keys_of: dict[str, set[bytes]] = {}  # subkey -> keys holding one of its entries
+        self._keys_of: dict[str, dict[bytes, float]] = {}  # subkey -> keys holding one of its entries, and its expiry
         self._sizes: dict[bytes, int] = {}  # key -> bytes of its stored bundle
         self._expiry: dict[bytes, float] = {}  # key -> when its last entry expires
         self._entries: dict[bytes, list[Entry]] = {}  # key -> the entries its stored bundle holds
@@ -77,8 +77,21 @@ class MergingValueStore(ValueStore):
         return super().remove(key)
 
     def _writer_may_store(self, subkey: str, key: bytes) -> bool:
-        keys = self._keys_of.get(subkey, set())
-        return key in keys or len(keys) < MAX_KEYS_PER_WRITER
+        """Whether ``subkey``'s writer may have an entry under ``key``: its entries that expired
+        count no more, though nobody read their keys since (a peer writes new matchmaking keys
+        every round, and old rounds' keys are never read again: counted, they filled its 32 in a
+        few minutes and every later entry of it was dropped)."""
+        held = self._keys_of.get(subkey, {})
+        if key in held or len(held) < MAX_KEYS_PER_WRITER:
+            return True
+        now = time.time()
+        for expired in [k for k, expiration in held.items() if expiration <= now]:
+            del held[expired]
+        if len(held) < MAX_KEYS_PER_WRITER:
+            return True
+        log.info("dropped an entry under %s: its writer has live entries under %d keys here",
+                 key.decode(errors="replace"), len(held))
+        return False
 
     def _room_for_a_key(self) -> bool:
         if len(self._sizes) < MAX_KEYS and sum(self._sizes.values()) < MAX_BYTES:
@@ -92,7 +105,7 @@ class MergingValueStore(ValueStore):
         for subkey in self._writers.pop(key, ()):
             keys = self._keys_of.get(subkey)
             if keys is not None:
-                keys.discard(key)
+                keys.pop(key, None)
                 if not keys:
                     del self._keys_of[subkey]
         self._sizes.pop(key, None)
@@ -108,7 +121,7 @@ class MergingValueStore(ValueStore):
         self._entries[key] = kept
         self._writers[key] = frozenset(e.subkey for e in kept)
         for entry in kept:
-            self._keys_of.setdefault(entry.subkey, set()).add(key)
+            self._keys_of.setdefault(entry.subkey, {})[key] = entry.expiration
         self._sizes[key] = len(record.value)
         self._expiry[key] = max((e.expiration for e in kept), default=0.0)
         return record

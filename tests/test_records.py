@@ -215,3 +215,33 @@ async def test_the_merging_store_caps_keys_and_the_keys_one_writer_holds(monkeyp
     assert len(store.get_keys()) == 6
     put("/legion/test/k0", honest)  # a key held still takes new writers' entries
     assert len(decode_bundle_strict("/legion/test/k0", store.get(b"/legion/test/k0").value)) == 2
+
+
+def test_a_writers_expired_entries_do_not_count_against_its_keys(monkeypatch):
+    """A peer writes new matchmaking keys every round and nobody reads old rounds' keys again:
+    its expired entries under them must not fill its cap (they did, and after ~14 rounds of a
+    fast swarm every new entry of every peer was dropped)."""
+    from libp2p.records.record import make_signed_put_record
+
+    import dht.store
+    from dht.store import MergingValueStore
+    from swarm.network import build_host
+
+    monkeypatch.setattr(dht.store, "MAX_KEYS_PER_WRITER", 3)
+    host = build_host(create_new_key_pair())
+    store = MergingValueStore(host=host, local_peer_id=host.get_id())
+    writer = create_new_key_pair()
+
+    def put(key, ttl):
+        entry = sign_entry(key, writer, "v", ttl=ttl)
+        store.put_record(key.encode(), make_signed_put_record(key.encode(), encode_bundle([entry]), writer.private_key))
+
+    for i in range(3):
+        put(f"/legion/test/round{i}", ttl=1)
+    assert len(store.get_keys()) == 3
+    time.sleep(1.2)  # they expire; nobody reads their keys
+    for i in range(3, 6):
+        put(f"/legion/test/round{i}", ttl=60)
+    assert {k.decode() for k in store.get_keys() if store.get(k)} == {f"/legion/test/round{i}" for i in range(3, 6)}
+    put("/legion/test/round6", ttl=60)  # three live keys: a fourth is refused
+    assert store.get(b"/legion/test/round6") is None
