@@ -12,7 +12,7 @@ probed), ``adopt`` (member and holdings levels followed by their own reads), ``n
 entries with their field names); of 2026-12-06: ``streams`` (a new stream for every message),
 ``lookup10`` (a key's closest nodes kept 5 minutes, not 10). Each is undone by replacing a constant
 or function for the run, then restored. Message bytes are the figures of
-``bench/dht_request_cost.py`` on 2026-12-06 (not measured again here).
+``bench/dht_request_cost.py`` on 2026-12-06, before answers were compacted (not measured again here).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import dht.buckets as buckets  # noqa: E402
 import dht_load  # noqa: E402
 from dht.records import merge  # noqa: E402
 
-LEAN = dht_load.MessageBytes(read=899, write=1022, find_node=2530, stream=2126, kept_seconds=60)  # kept streams
+# kept streams, as first measured on 2026-12-06, before answers were compacted (578-2,250 B since):
+# the figures of docs/benchmarks.md's ablation
+LEAN = dht_load.MessageBytes(read=899, write=1022, find_node=2530, stream=2126, kept_seconds=60)
 NEW_STREAMS = dht_load.MessageBytes(read=3003, write=3157, find_node=4703)  # a stream per message, lean answers
 PY_LIBP2P = dht_load.MessageBytes(read=8821, write=3156, find_node=8857)
 CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10")
