@@ -416,6 +416,14 @@ class RecordDHT:
         return True
 
     def _forget(self, key_bytes: bytes, peer: ID) -> None:
+        """Drop ``peer`` from the key's cached closest nodes; where none would be left, the key is
+        looked up again at its next use (a home peer whose only DHT server refused one write, a
+        stale entry racing a fresher one, had cached no node for the run board for the lookup's
+        10 minutes, and saw no other peer join its run)."""
         cached = self._lookups.get(key_bytes)
         if cached and peer in cached[1]:
-            self._lookups[key_bytes] = (cached[0], [p for p in cached[1] if p != peer], cached[2])
+            left = [p for p in cached[1] if p != peer]
+            if left:
+                self._lookups[key_bytes] = (cached[0], left, cached[2])
+            else:
+                del self._lookups[key_bytes]

@@ -152,3 +152,16 @@ async def test_an_answers_length_goes_out_with_it_and_other_writes_pass_unchange
     stripped.ParseFromString(second[1:])
     assert second[0] == len(second) - 1 and stripped.key == b"k" and not stripped.senderRecord
     assert other == varint.encode(13) + b"not an answer"
+
+
+def test_a_key_whose_every_cached_node_failed_is_looked_up_again():
+    """A home peer whose only DHT server refused one write (a stale entry racing a fresher one)
+    cached no node for the run board for the lookup's 10 minutes, and saw no other peer join."""
+    pair = create_new_key_pair()
+    node = RecordDHT(build_host(pair), pair, server=False)
+    a, b = (build_host(create_new_key_pair()).get_id() for _ in range(2))
+    node._lookups[b"/legion/k"] = (1e12, [a, b], 2)
+    node._forget(b"/legion/k", a)
+    assert node._lookups[b"/legion/k"][1] == [b]
+    node._forget(b"/legion/k", b)
+    assert b"/legion/k" not in node._lookups
