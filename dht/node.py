@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -54,9 +55,20 @@ SHORT_LIVED_SECONDS = 180.0
 # peer's upkeep, 22.3 kbit/s; kept 10, 18.4 (``bench/scale.py --only dht``, 2026-12-06). A node
 # that joins closer to a key meanwhile is read as an empty replica, passed over.
 LOOKUP_SECONDS = 600.0
+# A lookup that timed out leaves the routing table's closest nodes for this long
+TIMED_OUT_LOOKUP_SECONDS = 30.0
 GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
 READ_ADDRS_SECONDS = 600  # how long addresses of closer peers in a read's answer are kept (py-libp2p's)
 LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
+
+
+@dataclass
+class _Lookup:
+    """A key's closest nodes as a lookup found them, kept until ``expiry``."""
+    expiry: float
+    peers: list[ID]  # the ones this peer may use, closest first
+    table: int  # the routing table's size then
+    full: bool  # the lookup found as many nodes as the replication factor
 
 
 class RecordDHT:
@@ -78,7 +90,7 @@ class RecordDHT:
         self.timeout = timeout
         self.replication = replication
         self.lookup_ttl = lookup_ttl
-        self._lookups: dict[bytes, tuple[float, list[ID], int]] = {}  # key -> (expiry, peers, table size)
+        self._lookups: dict[bytes, _Lookup] = {}
         self._unreachable: dict[ID, float] = {}  # peer -> until when lookups skip it
         self.on_served: Callable[[float], None] | None = None  # given each inbound request's seconds
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
@@ -285,28 +297,37 @@ class RecordDHT:
 
     async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
         cached = self._lookups.get(key_bytes)
-        # A set shorter than the replication factor is kept while the routing table has not grown:
-        # in a swarm smaller than that factor every set is short, and looking again every few
-        # seconds there cost most of the CPU of 16 peers on 2 cores.
-        if cached and trio.current_time() < cached[0] and \
-                (len(cached[1]) >= self.replication or self.routing_table_size() <= cached[2]):
-            return cached[1]
+        # A lookup that found fewer nodes than the replication factor is kept while the routing
+        # table has not grown: in a swarm smaller than that factor every set is short, and looking
+        # again every few seconds there cost most of the CPU of 16 peers on 2 cores.
+        if cached and trio.current_time() < cached.expiry and (cached.full or self.routing_table_size() <= cached.table):
+            return cached.peers
         me = self.host.get_id()
-        peers: list[ID] | None = None
+        found: list[ID] | None = None
         started = trio.current_time()
         with trio.move_on_after(self.timeout):
-            peers = await self.kad.peer_routing.find_closest_peers_network(key_bytes)
+            found = await self.kad.peer_routing.find_closest_peers_network(key_bytes)
         log.debug("closest-peer lookup for %s: %.1f s", key_bytes.decode(errors="replace"), trio.current_time() - started)
-        if peers is None:
+        timed_out = found is None
+        if found is None:
             log.debug("closest-peer lookup timed out; using the routing table")
-            peers = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
+            found = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
+        found = [p for p in found if p != me]
         # closest first: short-lived entries go to the first few (``SHORT_LIVED_REPLICAS``)
         peers = sort_peer_ids_by_distance(
-            key_bytes, [p for p in peers if p != me and self._may_serve(p) and self._dialable(p)])[: self.replication]
+            key_bytes, [p for p in found if self._may_serve(p) and self._dialable(p)])[: self.replication]
         table = self.routing_table_size()
-        # An answer short of both the factor and the table may mean peers that did not answer: look again sooner.
-        ttl = self.lookup_ttl if len(peers) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)
-        self._lookups[key_bytes] = (trio.current_time() + ttl, peers, table)
+        # A lookup that found fewer nodes than both the factor and the table may have missed peers
+        # that did not answer: it is done again sooner. Nodes it found that this peer cannot use
+        # (undialable lately, or not serving) do not count against it: a lookup again finds them
+        # again (counted, 64 peers on one machine looked most keys up every 5 s, which took both
+        # cores: ``bench/matchmaking_swarm.py``). One that timed out (a loaded peer or network)
+        # leaves the routing table's closest nodes for a while: looking again at once adds load.
+        if timed_out:
+            ttl = min(self.lookup_ttl, TIMED_OUT_LOOKUP_SECONDS)
+        else:
+            ttl = self.lookup_ttl if len(found) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)
+        self._lookups[key_bytes] = _Lookup(trio.current_time() + ttl, peers, table, len(found) >= self.replication)
         return peers
 
     async def _query_dialable_for_closest(self, peer: ID, key_bytes: bytes) -> list[ID]:
@@ -421,9 +442,7 @@ class RecordDHT:
         stale entry racing a fresher one, had cached no node for the run board for the lookup's
         10 minutes, and saw no other peer join its run)."""
         cached = self._lookups.get(key_bytes)
-        if cached and peer in cached[1]:
-            left = [p for p in cached[1] if p != peer]
-            if left:
-                self._lookups[key_bytes] = (cached[0], left, cached[2])
-            else:
+        if cached and peer in cached.peers:
+            cached.peers = [p for p in cached.peers if p != peer]
+            if not cached.peers:
                 del self._lookups[key_bytes]

@@ -18,6 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
+from dht.node import TIMED_OUT_LOOKUP_SECONDS, _Lookup
 from dht.records import encode_bundle, sign_entry
 from dht.streams import ServedStream
 from swarm.network import build_host
@@ -160,8 +161,48 @@ def test_a_key_whose_every_cached_node_failed_is_looked_up_again():
     pair = create_new_key_pair()
     node = RecordDHT(build_host(pair), pair, server=False)
     a, b = (build_host(create_new_key_pair()).get_id() for _ in range(2))
-    node._lookups[b"/legion/k"] = (1e12, [a, b], 2)
+    node._lookups[b"/legion/k"] = _Lookup(1e12, [a, b], 2, False)
     node._forget(b"/legion/k", a)
-    assert node._lookups[b"/legion/k"][1] == [b]
+    assert node._lookups[b"/legion/k"].peers == [b]
     node._forget(b"/legion/k", b)
     assert b"/legion/k" not in node._lookups
+
+
+async def test_a_lookup_that_found_enough_nodes_is_kept_though_one_cannot_be_used(autojump_clock):
+    """Nodes a lookup found that this peer cannot use (one it could not dial lately) are found again
+    by the next lookup: counted as missing, most keys of 64 peers were looked up every 5 s."""
+    pair = create_new_key_pair()
+    node = RecordDHT(build_host(pair), pair, server=False)
+    nodes = [build_host(create_new_key_pair()).get_id() for _ in range(node.replication)]
+    lookups = []
+
+    async def find_closest_peers_network(key: bytes) -> list:
+        lookups.append(key)
+        return list(nodes)
+
+    node.kad.peer_routing.find_closest_peers_network = find_closest_peers_network
+    node.routing_table_size = lambda: 2 * node.replication
+    node._unreachable[nodes[0]] = trio.current_time() + 1e6
+    first = await node._closest_peers(b"/legion/k")
+    assert len(first) == node.replication - 1 and nodes[0] not in first
+    await trio.sleep(60)
+    assert await node._closest_peers(b"/legion/k") == first and len(lookups) == 1
+    # a lookup that found fewer nodes than the factor and the table is looked up again soon
+    lookups.clear()
+    nodes[:] = nodes[:3]
+    await node._closest_peers(b"/legion/other")
+    await trio.sleep(6)
+    await node._closest_peers(b"/legion/other")
+    assert len(lookups) == 2
+    # one that timed out (a loaded machine) is not tried again at once: that adds to the load
+    lookups.clear()
+
+    async def hung(key: bytes) -> list:
+        lookups.append(key)
+        await trio.sleep_forever()
+
+    node.kad.peer_routing.find_closest_peers_network = hung
+    await node._closest_peers(b"/legion/third")
+    await trio.sleep(TIMED_OUT_LOOKUP_SECONDS - node.timeout - 1)
+    await node._closest_peers(b"/legion/third")
+    assert len(lookups) == 1
