@@ -91,8 +91,13 @@ class BucketPlace(Generic[T]):
     Its entries are ``parse(subkey, value)``; one that raises ``ValueError`` is dropped and logged
     as an ignored ``what``."""
 
-    def __init__(self, key: str, parse: Callable[[str, Any], T], what: str, me: str = "") -> None:
+    def __init__(self, key: str, parse: Callable[[str, Any], T], what: str, me: str = "",
+                 unsplit_refreshes_per_beat: int = 0) -> None:
         self.key, self.parse, self.what = key, parse, what
+        # with it, the unsplit key's writers refresh their entries less often as they grow: about
+        # this many refreshes a heartbeat in all (at most one a writer, at least one every
+        # ``SPLIT_REFRESH_BEATS``), see ``refresh_beats``
+        self.unsplit_refreshes_per_beat = unsplit_refreshes_per_beat
         self.me = me or secrets.token_hex(16)  # a reader that writes nothing reads a random bucket
         self.level: int | None = None
         self.estimate = 0
@@ -101,6 +106,7 @@ class BucketPlace(Generic[T]):
         self._adopted = False  # a level taken from another key since the last look (``adopt``)
         self._beats_since_write = 0
         self._written: tuple[str, Any] | None = None  # (key, value) of this peer's last write
+        self._written_beats = 1  # the ``refresh_beats`` its lifetime was written for
 
     @property
     def own_key(self) -> str:
@@ -120,36 +126,48 @@ class BucketPlace(Generic[T]):
 
     @property
     def refresh_beats(self) -> int:
-        """Heartbeats between refreshes of this peer's entry: one while the key is one key (a small
-        swarm, whose peers watch each other closely), ``SPLIT_REFRESH_BEATS`` once it is split.
-        The entry's lifetime is that many times a heartbeat's."""
-        return SPLIT_REFRESH_BEATS if self.level else 1
+        """Heartbeats between refreshes of this peer's entry: ``SPLIT_REFRESH_BEATS`` once the key
+        is split; while it is not, one (a small swarm, whose peers watch each other closely), or
+        with ``unsplit_refreshes_per_beat`` one for up to that many writers, more for more (64
+        peers' member entries refreshed every heartbeat were a third of the DHT requests of 64 peers
+        on one machine, ``bench/matchmaking_swarm.py``). The entry's lifetime is that many times a
+        heartbeat's."""
+        if self.level:
+            return SPLIT_REFRESH_BEATS
+        if not self.unsplit_refreshes_per_beat:
+            return 1
+        return max(1, min(SPLIT_REFRESH_BEATS, -(-self.estimate // self.unsplit_refreshes_per_beat)))
 
     def refresh_due(self, value: Any = None) -> bool:
         """Once a heartbeat: whether to write this peer's entry now, ``refresh_beats`` heartbeats
-        after the last write (``write``), or at once where its key (its level) or ``value``
-        changed since (None: the value is not compared)."""
+        after the last write (``write``; sooner where the last write's lifetime was shorter), or at
+        once where its key (its level) or ``value`` changed since (None: the value is not compared)."""
         self._beats_since_write += 1
-        return self._beats_since_write >= self.refresh_beats or self._written != (self.own_key, value)
+        due = min(self.refresh_beats, self._written_beats)
+        return self._beats_since_write >= due or self._written != (self.own_key, value)
 
     async def write(self, dht: EntryWriter, value: Any, ttl: float, compared: Any = None) -> None:
         """Write this peer's entry ``value`` at its own key, living ``ttl`` (an entry's lifetime
         in a small swarm) times ``refresh_beats``. Once a node took it, the next ``refresh_due``
         counts from here and compares ``compared``; where none did, it is due at the next heartbeat."""
-        key = self.own_key
-        if await dht.store(key, value, ttl * self.refresh_beats):
-            self.wrote(compared, key)
+        key, beats = self.own_key, self.refresh_beats
+        if await dht.store(key, value, ttl * beats):
+            self.wrote(compared, key, beats)
 
-    def wrote(self, compared: Any = None, key: str | None = None) -> None:
-        """Record a write of this peer's entry at ``key`` (its own key) with ``compared``."""
+    def wrote(self, compared: Any = None, key: str | None = None, beats: int | None = None) -> None:
+        """Record a write of this peer's entry at ``key`` (its own key) with ``compared``, living
+        ``beats`` heartbeats' lifetimes (``refresh_beats``)."""
         self._beats_since_write, self._written = 0, (key or self.own_key, compared)
+        self._written_beats = beats or self.refresh_beats
 
-    def adopt(self, level: int) -> None:
-        """Take ``level`` from a read of another key the same peers write (the run board's, for a
-        trainer's member and holdings entries): same writers, same level, and this key's own
-        reads to follow it are skipped while levels keep coming. They were a third of a peer's
-        own DHT traffic (``bench/scale.py --only dht``)."""
+    def adopt(self, level: int, estimate: int | None = None) -> None:
+        """Take ``level`` (and the writers' ``estimate``) from a read of another key the same peers
+        write (the run board's, for a trainer's member and holdings entries): same writers, same
+        level, and this key's own reads to follow it are skipped while levels keep coming. They
+        were a third of a peer's own DHT traffic (``bench/scale.py --only dht``)."""
         self.level, self._adopted = level, True
+        if estimate is not None:
+            self.estimate = estimate
 
     async def follow(self, dht: EntryReader) -> None:
         """Once a heartbeat, for a peer that writes the key but does not otherwise read it: a read
@@ -173,7 +191,8 @@ async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T
     lifetime, and a reader that reads every lifetime follows them.
 
     Without ``level`` (a peer joining, ``status``) the level is found first: the unsplit key's,
-    if it holds some entries but not two buckets' worth, else the one of ``me``'s bucket keys at
+    if it holds some entries but fewer than its writers move up at (``_split_at``: a joiner of 64
+    peers, all writing the unsplit key, probed every level's key, 12 lookups each), else the one of ``me``'s bucket keys at
     every level that holds the most entries. With ``find_level`` (every ``LEVEL_READ_BEATS``
     reads), the keys of the ``FIND_LEVELS`` levels above are looked at too: a peer that drifted
     below the level the swarm writes at (it moved down when its first reads showed few peers)
@@ -183,7 +202,7 @@ async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T
     probed: list[int] = []
     if level is None:
         read, level = await _read_keys(dht, key, me, [0]), 0
-        if not 0 < len(read[key]) < 2 * BUCKET_ENTRIES:
+        if not 0 < len(read[key]) < _split_at(0):
             probed = list(range(1, MAX_LEVEL + 1))
     elif find_level:
         probed = list(range(level + 1, min(MAX_LEVEL, level + FIND_LEVELS) + 1))
@@ -229,12 +248,18 @@ def _in_bucket(me: str, level: int, entries: dict[str, Entry]) -> int:
     return sum(1 for peer in entries if bucket_prefix(peer, level) == prefix)
 
 
+def _split_at(level: int) -> int:
+    """The writers' estimate from which they move from ``level`` to the next: a quarter past the
+    level's range."""
+    return (BUCKET_ENTRIES << (level + 1)) * 5 // 4
+
+
 def _next_level(level: int, estimate: int) -> int:
     """The level to write at next: a step toward ``bucket_level(estimate)`` once the estimate is
     a quarter past the edge of this level's range (a bucket's count is noisy: peers near an edge
     would go back and forth every read)."""
     target = bucket_level(estimate)
-    if target > level and estimate < (BUCKET_ENTRIES << (level + 1)) * 5 // 4:
+    if target > level and estimate < _split_at(level):
         target = level
     if target < level and estimate >= (BUCKET_ENTRIES << level) * 3 // 4:
         target = level

@@ -11,6 +11,11 @@ from dht import RecordDHT
 from dht.buckets import BucketPlace, BucketRead, read_every_bucket
 
 ROLES = ("seed", "peer")
+# While the member list is one key (up to 64-80 peers), its writers refresh about this many entries
+# a heartbeat in all: each every heartbeat up to 16 peers (a kill shows within 3 heartbeats there),
+# every 4 at 64. Rounds go by the run board, not the member list (status, addresses to connect
+# ahead), and 64 peers' refreshes every heartbeat were a third of their DHT requests.
+MEMBER_REFRESHES_PER_BEAT = 16
 
 
 def members_key(swarm: str) -> str:
@@ -72,7 +77,8 @@ class Announcement:
 
 def member_place(swarm: str, me: str = "") -> BucketPlace[Announcement]:
     """``me``'s place in the swarm's member list, kept from read to read (a random bucket without ``me``)."""
-    return BucketPlace(members_key(swarm), Announcement.from_value, "announcement", me)
+    return BucketPlace(members_key(swarm), Announcement.from_value, "announcement", me,
+                       unsplit_refreshes_per_beat=MEMBER_REFRESHES_PER_BEAT)
 
 
 def seeds_first(members: list[Announcement]) -> list[Announcement]:

@@ -379,8 +379,8 @@ class Trainer:
             if level is not None and read.level != level:
                 log.info("the run board holds about %d peers: this peer's entry moves to level %d", read.estimate, read.level)
             # the same peers write the member list and the holdings: their entries go to the same level
-            self.peer.member_place.adopt(read.level)
-            self.checkpoints.holdings_place.adopt(read.level)
+            self.peer.member_place.adopt(read.level, read.estimate)
+            self.checkpoints.holdings_place.adopt(read.level, read.estimate)
         now = trio.current_time()
         for progress in read.entries if read is not None else []:
             self._board_seen[progress.peer_id] = (now, progress)

@@ -13,7 +13,7 @@ from dht.buckets import (BUCKET_ENTRIES, LEVEL_READ_BEATS, SPLIT_REFRESH_BEATS, 
 from dht.records import Entry
 from swarm.run_board import (Progress, board_place, choose_run, publishes_config, read_board, read_run_configs,
                              run_configs_key, run_key)
-from swarm.members import member_place, members_key
+from swarm.members import MEMBER_REFRESHES_PER_BEAT, member_place, members_key
 from swarm.run_config import PROTOCOL as RUN_PROTOCOL, RunConfig, RunConfigError
 
 
@@ -203,6 +203,28 @@ def test_a_writer_refreshes_its_entry_every_heartbeat_in_a_small_swarm_every_few
     assert place.refresh_beats == SPLIT_REFRESH_BEATS
     assert writes == [(0, False), (SPLIT_REFRESH_BEATS, False), (SPLIT_REFRESH_BEATS + 2, True),
                       (2 * SPLIT_REFRESH_BEATS + 2, False)]
+
+
+def test_member_entries_of_an_unsplit_key_are_refreshed_less_often_as_the_swarm_grows():
+    """64 peers' member entries refreshed every heartbeat were a third of their DHT requests: while
+    the key is one, a member refreshes every heartbeat up to MEMBER_REFRESHES_PER_BEAT peers, less
+    often beyond (its entry living as much longer), and a lifetime written short is not outlived."""
+    place = member_place("s", "me")
+    place.level, place.estimate = 0, MEMBER_REFRESHES_PER_BEAT
+    assert place.refresh_beats == 1
+    place.wrote("up")
+    place.estimate = 2 * BUCKET_ENTRIES  # the swarm grew: the entry written lives one heartbeat's lifetime still
+    assert place.refresh_beats == 2 * BUCKET_ENTRIES // MEMBER_REFRESHES_PER_BEAT > 1 and place.refresh_due("up")
+    place.estimate = 1000  # (never beyond a split key's)
+    assert place.refresh_beats == SPLIT_REFRESH_BEATS
+    place.wrote("up", beats=place.refresh_beats)
+    due = []
+    for beat in range(1, 3 * SPLIT_REFRESH_BEATS):
+        if place.refresh_due("up"):
+            due.append(beat)
+            place.wrote("up")
+    assert due == [SPLIT_REFRESH_BEATS, 2 * SPLIT_REFRESH_BEATS]
+    assert board_place("s", "me").refresh_beats == 1  # the run board: every heartbeat while unsplit
 
 
 async def test_a_trainers_member_and_holdings_entries_take_the_boards_level_without_reading_their_own():
