@@ -1,11 +1,12 @@
 """Matchmaking with real peers: N peers in a few processes on 127.0.0.1 form one swarm and match
 into groups, round after round, as a check of the simulator's matchmaking (``scale.py``).
 
-    python bench/matchmaking_swarm.py --peers 64 [--per-process 8] [--rounds 6] [--group 16] [--json]
+    python bench/matchmaking_swarm.py --peers 64 [--per-process 8] [--rounds 6] [--group 16] [--settle 40] [--json]
 
 A seed peer (``legion-peer --seed --no-train``) and ``--peers`` averaging peers, ``--per-process``
-to a process, each a real libp2p host with its DHT node. Once every process is up, all peers start
-round r at the same moment (plus up to ``--jitter`` seconds each, as peers finish their inner steps
+to a process, each a real libp2p host with its DHT node. ``--settle`` seconds after every process
+is up (a training run's first round comes after its first inner steps; here, 64 peers' joining
+lookups keep both cores busy for tens of seconds), all peers start round r at the same moment (plus up to ``--jitter`` seconds each, as peers finish their inner steps
 at slightly different times) and average a small tensor (each its own value, 1000 + its index)
 under the round's key with the real matchmaker and all-reduce: with the swarm size given, from
 twice the group size on they seek in buckets (``averaging.groups.bucket_count``: 4 buckets at 64
@@ -47,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--group", type=int, default=16, help="target group size (the reducer's cap)")
     p.add_argument("--period", type=float, default=40.0, help="seconds from one round's start to the next")
     p.add_argument("--jitter", type=float, default=1.0, help="each peer starts a round up to this late")
+    p.add_argument("--settle", type=float, default=40.0,
+                   help="seconds from the last peer up to round 0 (their joining lookups take both cores of a 2-core machine)")
     p.add_argument("--budget", type=float, default=10.0, help="matchmaking budget (DiLoCo's)")
     p.add_argument("--heartbeat", type=float, default=5.0)
     p.add_argument("--values", type=int, default=1000, help="floats each peer averages")
@@ -194,8 +197,8 @@ def main() -> int:
             workers = list(pool.map(launch, firsts, counts))
         processes += workers
         started_in = time.monotonic() - began
-        # two heartbeats for the last peers' announcements to spread, then every peer starts round 0
-        go.write_text(str(time.time() + 2 * args.heartbeat))
+        # the last peers' announcements spread and the joiners' lookups end, then every peer starts round 0
+        go.write_text(str(time.time() + args.settle))
         results, cpu = [], []
         for worker in workers:
             try:
@@ -205,6 +208,7 @@ def main() -> int:
             results += [json.loads(line[len("result "):]) for line in lines if line.startswith("result ")]
             cpu += [json.loads(line[len("cpu "):]) for line in lines if line.startswith("cpu ")]
         result = {"peers": args.peers, "processes": len(workers), "rounds": args.rounds, "group": args.group,
+                  "settle_seconds": args.settle,
                   "seconds_to_start_the_peers": round(started_in, 1), **check(results),
                   "cpu_cores_per_peer": round(sum(c["seconds"] / c["wall"] for c in cpu) / args.peers, 4) if cpu else None}
         result["simulator"] = {f"miss_{miss}": simulate("buckets", args.peers, miss, 20, args.peers, seed=1)["grouped_first_try"]
