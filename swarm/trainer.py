@@ -46,6 +46,7 @@ from swarm.shard_ownership import MeasuredUploads, bid_and_assign, own_bid, run_
 log = logging.getLogger(__name__)
 
 EVAL_EVERY_STEPS = 50
+MAX_DONORS_TRIED = 2  # signers of an attested state whose version a fetch tries in turn (``_fetch_from_swarm``)
 BASE_DIGEST_CHARS = 12  # of a weights' digest on the board: 48 bits tell lineages apart, in 16 bytes an entry
 CATCH_UP_PATIENCE_HEARTBEATS = 5  # how long a failed peer asks for a state the others are about to make
 OWN_BASES_KEPT = 4  # this peer's last rounds whose weights it compares with the board's (_outnumbering)
@@ -511,33 +512,39 @@ class Trainer:
             donors = self._donors(0, among)
             if not donors:
                 return None
-            signed = await self._attested_state(donors, min_round)
+            offers = await self._attested_state(donors, min_round)
             now = trio.current_time()
-            if signed is not None or now >= patience or (now >= deadline and not self._others_about_to_reach(min_round)):
+            if offers or now >= patience or (now >= deadline and not self._others_about_to_reach(min_round)):
                 break
             await trio.sleep(0.5)
-        if signed is None:
+        if not offers:
             log.warning("no state of round %d or later that %s attest alike; not adopting any",
                         min_round, "two peers" if self._witnesses() > 1 else "the other peer")
             return None
-        donor = signed.signer
-        sources = [donor, *(p.peer_id for p in self._others_training() if p.peer_id != donor)]
-        try:
-            stats = await self.checkpoints.download(signed, sources, timeout=self.config.round_timeout * 10)
-            tensors = await trio.to_thread.run_sync(self.store.load, signed)
-        except (DownloadError, ChunkError, ManifestError) as exc:
-            log.warning("fetching round %d from the swarm failed: %s", signed.manifest.round, exc)
-            return None
-        self._record({"event": "state", "source": "swarm", "round": signed.manifest.round,
-                            "size_bytes": stats.size_bytes, "reused_bytes": stats.reused_bytes,
-                            "bytes_received": stats.bytes_received, "duplicate_bytes": stats.duplicate_bytes,
-                            "peers": len(stats.per_peer)})
-        return signed.manifest.round, tensors
+        # The signers of one attested state in turn: its chunks besides the weights (the signer's
+        # optimizer state) are often held by the signer alone, and a signer that left mid-download
+        # leaves them missing; another signer's version shares the weights' chunks, fetched already.
+        for signed in offers[:MAX_DONORS_TRIED]:
+            donor = signed.signer
+            sources = [donor, *(p.peer_id for p in self._others_training() if p.peer_id != donor)]
+            try:
+                stats = await self.checkpoints.download(signed, sources, timeout=self.config.round_timeout * 10)
+                tensors = await trio.to_thread.run_sync(self.store.load, signed)
+            except (DownloadError, ChunkError, ManifestError) as exc:
+                log.warning("fetching round %d from the swarm failed: %s", signed.manifest.round, exc)
+                continue
+            self._record({"event": "state", "source": "swarm", "round": signed.manifest.round,
+                          "size_bytes": stats.size_bytes, "reused_bytes": stats.reused_bytes,
+                          "bytes_received": stats.bytes_received, "duplicate_bytes": stats.duplicate_bytes,
+                          "peers": len(stats.per_peer)})
+            return signed.manifest.round, tensors
+        return None
 
-    async def _attested_state(self, donors: list[str], min_round: int) -> SignedManifest | None:
+    async def _attested_state(self, donors: list[str], min_round: int) -> list[SignedManifest]:
         """A state of round ``min_round`` or later whose weights ``_witnesses()`` of ``donors`` hold
         alike: a single peer cannot make others adopt weights it made up. The newest such state
-        (of the newest round's, the one most of them offer); its signer is the donor."""
+        (of the newest round's, the one most of them offer), as its signers' versions of it in
+        random order (each signer is a donor); none if there is none."""
         offers = [o for o in await self._offered_states(donors) if o.manifest.round >= min_round]
         witnesses = self._witnesses()
         alike: dict[tuple[int, bytes | None], list[SignedManifest]] = {}
@@ -549,11 +556,12 @@ class Trainer:
             if len(alike) > 1:
                 log.info("peers offer %d different states: %s", len(alike),
                          ", ".join(f"round {r} ({len(g)})" for (r, _), g in alike.items()))
-            return None
+            return []
         # of the newest round's, the state most peers offer: after a round that failed for most
         # peers, those still hold the weights they had, and a pair whose round averaged holds
         # others; picking either at random left 5 peers with theirs and 2 apart (bench/internet.py)
-        return random.choice(max(attested, key=lambda group: (group[0].manifest.round, len({o.signer for o in group}))))
+        group = max(attested, key=lambda group: (group[0].manifest.round, len({o.signer for o in group})))
+        return random.sample(group, len(group))
 
     async def _offered_states(self, peers: list[str]) -> list[SignedManifest]:
         """The newest state of this run each of ``peers`` offers (asked all at once)."""

@@ -102,3 +102,27 @@ def test_a_downloader_serves_the_chunks_it_has_while_it_downloads(node):
     result = fetched(late)
     assert result["digest"] == first["digest"]
     assert result["fetched"]["per_peer"].get(early_ready["ready"], 0) > 0
+
+
+def test_a_download_whose_missing_chunks_nobody_holds_gives_up_early(node):
+    """The signer killed while two peers each hold part of its version: neither will ever get the
+    rest, so each gives up after a few re-asks instead of waiting out its deadline (a restarted
+    peer in the chaos test waited 80 s for chunks held by a signer that had left, while the swarm
+    finished without it)."""
+    _, boot = node("boot", "--seed")
+    signer, _ = node("s0", "--bootstrap", boot["addr"], "--make-state", "16", "--max-upload", "24")
+    started = time.monotonic()
+    a, _ = node("a", "--bootstrap", boot["addr"], "--fetch", "--stall-timeout", "2", "--timeout", "90")
+    b, _ = node("b", "--bootstrap", boot["addr"], "--fetch", "--stall-timeout", "2", "--timeout", "90")
+    time.sleep(max(0.0, 3 - (time.monotonic() - started)))  # ~3 MB/s out of 16 MB: both hold a part
+    signer.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    errors = []
+    for downloader in (a, b):
+        lines = [json.loads(line) for line in downloader.output_lines(timeout=120)]
+        assert lines and "error" in lines[0], lines
+        errors.append(lines[0]["error"])
+    # 2 x 2 s + 8 s of nobody holding them, not the 90 s deadline (the first to give up may see its
+    # only other source leave: then none is left)
+    assert time.monotonic() - killed < 60, errors
+    assert any("none of the sources holds them" in error for error in errors), errors
