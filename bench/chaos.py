@@ -1,6 +1,6 @@
 """Chaos benchmark: a training swarm under sustained churn and network faults.
 
-    python bench/chaos.py --peers 8 --rounds 40 --churn 0.2 [--partition] [--sharded] [--group-size G] [--json]
+    python bench/chaos.py --peers 8 --rounds 40 --churn 0.2 [--partition] [--kinds K ...] [--sharded] [--group-size G] [--json]
 
 N peer processes, each on its own host (a network namespace on one bridge, ``tests/netns_helpers``)
 with its own identity and checkpoint directory, train the tiny GPT with DiLoCo. On a seeded random
@@ -281,6 +281,10 @@ class ChaosSwarm:
             if fault.kind in RESTARTS:
                 fault.restarted_at = time.monotonic()
 
+    def metrics_paths(self) -> list[Path]:
+        """The ``metrics.jsonl`` of every peer process started, restarted and replacing ones included."""
+        return list(self._peer_of)
+
     def busy(self) -> bool:
         """Whether a fault is still in effect, or a restarted peer is still joining."""
         return self.in_effect() or bool(self.joining())
@@ -376,7 +380,7 @@ def run(args: argparse.Namespace, work: Path, faults: bool) -> dict:
     try:
         swarm = ChaosSwarm(lab, work, args.peers, run_file(args, work), seed=args.seed)
         swarm.start()
-        kinds = [*KINDS, *(["partition"] if args.partition else [])]
+        kinds = list(args.kinds) if args.kinds else [*KINDS, *(["partition"] if args.partition else [])]
         total = round(args.churn * args.peers * args.rounds / 10) if faults else 0
         rng = random.Random(args.seed)
         rng.shuffle(kinds)
@@ -420,6 +424,9 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
                    if event["event"] in ("applied", "adopted")] if path.exists() else []
         if applied and slot.peer_id not in swarm.hung:
             finals[slot.peer_id] = (applied[-1]["round"], applied[-1]["digest"])
+    # a peer that took another lineage's state mid-run (``swarm.trainer``: more peers hold other weights)
+    lineage = [event for path in swarm.metrics_paths() if path.exists()
+               for event in map(json.loads, path.read_text().splitlines()) if event["event"] == "lineage"]
     last_round = max((r for r, _ in finals.values()), default=0)
     final_digests = {d for r, d in finals.values() if r == last_round}
     recovery = [f.recovered_at - f.at for f in swarm.faults if f.recovered_at is not None]
@@ -447,6 +454,8 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
         "not_restarted_after_the_end": sum(f.after_end for f in swarm.faults),
         "bytes_refetched": sum(s.get("checkpoint_bytes_fetched", 0) for s in survivors),
         "momentum_lost": sum(s.get("momentum_lost", 0) for s in survivors),
+        "lineage_moves": sum(1 for event in lineage if event.get("adopted")),
+        "lineage_moves_failed": sum(1 for event in lineage if not event.get("adopted")),
         "groups_checked": swarm.oracles.checked,
         "identical_after_every_round": not any("holds weights" in v for v in swarm.oracles.violations),
         "violations": swarm.oracles.violations[:20], "tracebacks": swarm.tracebacks, "hung": swarm.hung,
@@ -459,6 +468,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--churn", type=float, default=0.2, help="fraction of peers faulted per 10 rounds")
     p.add_argument("--partition", action="store_true", help="also split the swarm in two halves")
+    p.add_argument("--kinds", nargs="+", choices=(*KINDS, "partition"),
+                   help="draw faults of these kinds only (instead of all, the partition with --partition)")
     p.add_argument("--sharded", action="store_true", help="sharded outer momentum (2 replicas)")
     p.add_argument("--group-size", type=int, default=None,
                    help="peers per averaging group (fewer than --peers: rounds reduce across groups)")
