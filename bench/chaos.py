@@ -493,6 +493,10 @@ def main() -> int:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
         print("bench/chaos.py needs root, iproute2 and iptables (network namespaces)", file=sys.stderr)
         return 2
+    if args.keep and args.keep.exists() and any(args.keep.iterdir()):
+        # the controller follows the peers' metrics files: an earlier run's would be read as this one's
+        print(f"--keep {args.keep}: not empty (an earlier run's metrics would count as this run's)", file=sys.stderr)
+        return 2
     work = args.keep or Path(tempfile.mkdtemp(prefix="legion-chaos-"))
     try:
         result = run(args, work / "chaos", faults=True)
