@@ -57,6 +57,7 @@ SHORT_LIVED_SECONDS = 180.0
 LOOKUP_SECONDS = 600.0
 # A lookup that timed out leaves the routing table's closest nodes for this long
 TIMED_OUT_LOOKUP_SECONDS = 30.0
+FORGOTTEN_LOOKUP_SECONDS = 60.0  # a key whose cached node failed a request is looked up again within this
 GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
 READ_ADDRS_SECONDS = 600  # how long addresses of closer peers in a read's answer are kept (py-libp2p's)
 LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
@@ -321,13 +322,18 @@ class RecordDHT:
         # that did not answer: it is done again sooner. Nodes it found that this peer cannot use
         # (undialable lately, or not serving) do not count against it: a lookup again finds them
         # again (counted, 64 peers on one machine looked most keys up every 5 s, which took both
-        # cores: ``bench/matchmaking_swarm.py``). One that timed out (a loaded peer or network)
-        # leaves the routing table's closest nodes for a while: looking again at once adds load.
+        # cores: ``bench/matchmaking_swarm.py``), but the set is looked up again once the first of
+        # them may be dialled again. One that timed out (a loaded peer or network) leaves the
+        # routing table's closest nodes for a while: looking again at once adds load.
         if timed_out:
             ttl = min(self.lookup_ttl, TIMED_OUT_LOOKUP_SECONDS)
         else:
             ttl = self.lookup_ttl if len(found) >= min(self.replication, table) else min(self.lookup_ttl, 5.0)
-        self._lookups[key_bytes] = _Lookup(trio.current_time() + ttl, peers, table, len(found) >= self.replication)
+        now = trio.current_time()
+        dialable_again = [until for p in found if (until := self._unreachable.get(p)) is not None and until > now]
+        if dialable_again:
+            ttl = min(ttl, max(5.0, min(dialable_again) - now))
+        self._lookups[key_bytes] = _Lookup(now + ttl, peers, table, len(found) >= self.replication)
         return peers
 
     async def _query_dialable_for_closest(self, peer: ID, key_bytes: bytes) -> list[ID]:
@@ -437,12 +443,16 @@ class RecordDHT:
         return True
 
     def _forget(self, key_bytes: bytes, peer: ID) -> None:
-        """Drop ``peer`` from the key's cached closest nodes; where none would be left, the key is
-        looked up again at its next use (a home peer whose only DHT server refused one write, a
-        stale entry racing a fresher one, had cached no node for the run board for the lookup's
-        10 minutes, and saw no other peer join its run)."""
+        """Drop ``peer`` from the key's cached closest nodes, and look the key up again within
+        ``FORGOTTEN_LOOKUP_SECONDS``: a node that failed once (a partition, a restart) may be back
+        by then, and kept out of the set for the lookup's 10 minutes, the two halves of a healed
+        partition read and wrote the run board each at its own nodes, and trained apart to the
+        end (``bench/chaos.py --kinds partition``). Where none would be left, the key is looked up
+        again at its next use (a home peer whose only DHT server refused one write, a stale entry
+        racing a fresher one, had cached no node for the run board, and saw no other peer join)."""
         cached = self._lookups.get(key_bytes)
         if cached and peer in cached.peers:
             cached.peers = [p for p in cached.peers if p != peer]
+            cached.expiry = min(cached.expiry, trio.current_time() + FORGOTTEN_LOOKUP_SECONDS)
             if not cached.peers:
                 del self._lookups[key_bytes]

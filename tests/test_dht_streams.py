@@ -18,7 +18,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
-from dht.node import TIMED_OUT_LOOKUP_SECONDS, _Lookup
+from dht.node import FORGOTTEN_LOOKUP_SECONDS, TIMED_OUT_LOOKUP_SECONDS, _Lookup
 from dht.records import encode_bundle, sign_entry
 from dht.streams import ServedStream
 from swarm.network import build_host
@@ -155,7 +155,7 @@ async def test_an_answers_length_goes_out_with_it_and_other_writes_pass_unchange
     assert other == varint.encode(13) + b"not an answer"
 
 
-def test_a_key_whose_every_cached_node_failed_is_looked_up_again():
+async def test_a_key_whose_every_cached_node_failed_is_looked_up_again():
     """A home peer whose only DHT server refused one write (a stale entry racing a fresher one)
     cached no node for the run board for the lookup's 10 minutes, and saw no other peer join."""
     pair = create_new_key_pair()
@@ -164,6 +164,8 @@ def test_a_key_whose_every_cached_node_failed_is_looked_up_again():
     node._lookups[b"/legion/k"] = _Lookup(1e12, [a, b], 2, False)
     node._forget(b"/legion/k", a)
     assert node._lookups[b"/legion/k"].peers == [b]
+    # and the rest is looked up again soon: the node that failed may be back (a healed partition)
+    assert node._lookups[b"/legion/k"].expiry <= trio.current_time() + FORGOTTEN_LOOKUP_SECONDS
     node._forget(b"/legion/k", b)
     assert b"/legion/k" not in node._lookups
 
@@ -187,6 +189,16 @@ async def test_a_lookup_that_found_enough_nodes_is_kept_though_one_cannot_be_use
     assert len(first) == node.replication - 1 and nodes[0] not in first
     await trio.sleep(60)
     assert await node._closest_peers(b"/legion/k") == first and len(lookups) == 1
+    # ... until that node may be dialled again: then it is looked up again, and the node is back
+    del node._unreachable[nodes[0]]
+    node._unreachable[nodes[1]] = trio.current_time() + 30
+    lookups.clear()
+    await node._closest_peers(b"/legion/k2")
+    await trio.sleep(20)
+    await node._closest_peers(b"/legion/k2")
+    assert len(lookups) == 1
+    await trio.sleep(11)
+    assert nodes[1] in await node._closest_peers(b"/legion/k2") and len(lookups) == 2
     # a lookup that found fewer nodes than the factor and the table is looked up again soon
     lookups.clear()
     nodes[:] = nodes[:3]
