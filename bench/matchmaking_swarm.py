@@ -6,8 +6,8 @@ into groups, round after round, as a check of the simulator's matchmaking (``sca
 A seed peer (``legion-peer --seed --no-train``) and ``--peers`` averaging peers, ``--per-process``
 to a process, each a real libp2p host with its DHT node. ``--settle`` seconds after every process
 is up (a training run's first round comes after its first inner steps; here, 64 peers' joining
-lookups keep both cores busy for tens of seconds), all peers start round r at the same moment (plus up to ``--jitter`` seconds each, as peers finish their inner steps
-at slightly different times) and average a small tensor (each its own value, 1000 + its index)
+lookups keep both cores busy for tens of seconds), all peers start round r at the same moment
+(plus up to ``--jitter`` seconds each, as peers finish their inner steps at slightly different times) and average a small tensor (each its own value, 1000 + its index)
 under the round's key with the real matchmaker and all-reduce: with the swarm size given, from
 twice the group size on they seek in buckets (``averaging.groups.bucket_count``: 4 buckets at 64
 peers and groups of 16).

@@ -139,7 +139,7 @@ class SwarmDownload:
                         else:
                             idle_since = None
                         if self._nobody_holds_since(now) < now - 2 * self.stall_timeout - MAX_REASK_SECONDS:
-                            give_up = "none of the sources holds them (the version's own chunks are its signer's alone)"
+                            give_up = "none of the sources holds them (a version's chunks besides its weights may be its signer's alone)"
                             break
                         with trio.move_on_after(rediscover_every):
                             while self._running and not self.finished.is_set():
