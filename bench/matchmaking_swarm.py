@@ -4,13 +4,13 @@ into groups, round after round, as a check of the simulator's matchmaking (``sca
     python bench/matchmaking_swarm.py --peers 64 [--per-process 8] [--rounds 6] [--group 16] [--settle 40] [--json]
 
 A seed peer (``legion-peer --seed --no-train``) and ``--peers`` averaging peers, ``--per-process``
-to a process, each a real libp2p host with its DHT node. ``--settle`` seconds after every process
-is up (a training run's first round comes after its first inner steps; here, 64 peers' joining
-lookups keep both cores busy for tens of seconds), all peers start round r at the same moment
-(plus up to ``--jitter`` seconds each, as peers finish their inner steps at slightly different times) and average a small tensor (each its own value, 1000 + its index)
-under the round's key with the real matchmaker and all-reduce: with the swarm size given, from
-twice the group size on they seek in buckets (``averaging.groups.bucket_count``: 4 buckets at 64
-peers and groups of 16).
+to a process, each a real libp2p host with its DHT node. ``--settle`` seconds after every process is
+up (a training run's first round comes after its first inner steps; here, 64 peers' joining lookups
+keep both cores busy for tens of seconds), all peers start round r at the same moment (plus up to
+``--jitter`` seconds each, as peers finish their inner steps at slightly different times) and
+average a small tensor (each its own value, 1000 + its index) under the round's key with the real
+matchmaker and all-reduce: with the swarm size given, from twice the group size on they seek in
+buckets (``averaging.groups.bucket_count``: 4 buckets at 64 peers and groups of 16).
 
 Reports the fraction of peer-rounds averaged on the first try (in a group of two or more), why the
 others failed, group sizes and the time a round took; and checks every averaged result: the
