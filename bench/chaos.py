@@ -176,6 +176,7 @@ class ChaosSwarm:
         self.hung: list[str] = []
         self._offsets: dict[Path, int] = {}
         self._peer_of: dict[Path, str] = {}
+        self.lineage_moves: Counter = Counter()  # adopted (True) or not: peers taking another lineage's state mid-run
         self._gone: list[PeerProcess] = []  # killed processes, whose logs are still checked
         self.swarm_round = 0
         self.run_ended = False  # some peer finished its last round
@@ -281,10 +282,6 @@ class ChaosSwarm:
             if fault.kind in RESTARTS:
                 fault.restarted_at = time.monotonic()
 
-    def metrics_paths(self) -> list[Path]:
-        """The ``metrics.jsonl`` of every peer process started, restarted and replacing ones included."""
-        return list(self._peer_of)
-
     def busy(self) -> bool:
         """Whether a fault is still in effect, or a restarted peer is still joining."""
         return self.in_effect() or bool(self.joining())
@@ -334,6 +331,8 @@ class ChaosSwarm:
                     self.run_ended, self.run_ended_at = True, now
                 if event["event"] == "applied":
                     self.oracles.applied(peer, event)
+                elif event["event"] == "lineage":  # it took (or failed to take) the state more peers hold
+                    self.lineage_moves[bool(event.get("adopted"))] += 1
                 elif event["event"] == "reduced":
                     self.oracles.reduced(peer, event, now)
                     self.swarm_round = max(self.swarm_round, int(event["key"].rsplit("-", 1)[-1]) + 1)
@@ -424,9 +423,6 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
                    if event["event"] in ("applied", "adopted")] if path.exists() else []
         if applied and slot.peer_id not in swarm.hung:
             finals[slot.peer_id] = (applied[-1]["round"], applied[-1]["digest"])
-    # a peer that took another lineage's state mid-run (``swarm.trainer``: more peers hold other weights)
-    lineage = [event for path in swarm.metrics_paths() if path.exists()
-               for event in map(json.loads, path.read_text().splitlines()) if event["event"] == "lineage"]
     last_round = max((r for r, _ in finals.values()), default=0)
     final_digests = {d for r, d in finals.values() if r == last_round}
     recovery = [f.recovered_at - f.at for f in swarm.faults if f.recovered_at is not None]
@@ -454,8 +450,7 @@ def report(swarm: ChaosSwarm, args: argparse.Namespace, started: float) -> dict:
         "not_restarted_after_the_end": sum(f.after_end for f in swarm.faults),
         "bytes_refetched": sum(s.get("checkpoint_bytes_fetched", 0) for s in survivors),
         "momentum_lost": sum(s.get("momentum_lost", 0) for s in survivors),
-        "lineage_moves": sum(1 for event in lineage if event.get("adopted")),
-        "lineage_moves_failed": sum(1 for event in lineage if not event.get("adopted")),
+        "lineage_moves": swarm.lineage_moves[True], "lineage_moves_failed": swarm.lineage_moves[False],
         "groups_checked": swarm.oracles.checked,
         "identical_after_every_round": not any("holds weights" in v for v in swarm.oracles.violations),
         "violations": swarm.oracles.violations[:20], "tracebacks": swarm.tracebacks, "hung": swarm.hung,

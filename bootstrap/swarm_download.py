@@ -108,7 +108,6 @@ class SwarmDownload:
         self.done_bytes = 0
         self.finished = trio.Event()
         self._changed = trio.Event()
-        self._held_at = 0.0  # when a source last held a missing chunk (``_nobody_holds_since``)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -118,12 +117,12 @@ class SwarmDownload:
                   rediscover_every: float = 3.0, timeout: float = 3600.0) -> DownloadStats:
         """Download from ``sources`` (and from peers ``find_sources`` names later) until complete;
         gives up when no source is left for twice the stall timeout, or when for that long plus a
-        re-ask none of the sources holds a missing chunk (``_nobody_holds_since``)."""
+        re-ask none of the sources holds a missing chunk (``_a_source_holds_a_missing_chunk``)."""
         began = time.monotonic()
         self.store.add_manifest(self.signed)  # from now on this peer serves what it has of it
         if not self.pending:
             self.finished.set()
-        give_up, self._held_at = None, trio.current_time()
+        give_up, held_at = None, trio.current_time()
         try:
             with trio.fail_after(timeout):
                 async with trio.open_nursery() as nursery:
@@ -138,8 +137,11 @@ class SwarmDownload:
                                 break
                         else:
                             idle_since = None
-                        if self._nobody_holds_since(now) < now - 2 * self.stall_timeout - MAX_REASK_SECONDS:
-                            give_up = "none of the sources holds them (a version's chunks besides its weights may be its signer's alone)"
+                        if self._a_source_holds_a_missing_chunk():
+                            held_at = now
+                        elif now - held_at > 2 * self.stall_timeout + MAX_REASK_SECONDS:
+                            give_up = "none of the sources holds them (a version's chunks besides its weights " \
+                                      "may be its signer's alone)"
                             break
                         with trio.move_on_after(rediscover_every):
                             while self._running and not self.finished.is_set():
@@ -159,15 +161,13 @@ class SwarmDownload:
                                 + (f"; {give_up}" if give_up else ""))
         return self.stats
 
-    def _nobody_holds_since(self, now: float) -> float:
-        """Since when no source has held a missing chunk as far as its answers tell (``now`` while
-        one does), nor sent one. A version's chunks other than the weights (the signer's own
-        optimizer state) are often held by its signer alone: where it left, the others, asked
-        again every few seconds, never gain them (a restarted peer waited out an 80 s deadline
-        for 7 of 15 chunks while the swarm finished, ``tests/test_chaos.py`` in CI)."""
-        if any(source.has & self.pending or source.inflight for source in self.sources.values()):
-            self._held_at = now
-        return self._held_at
+    def _a_source_holds_a_missing_chunk(self) -> bool:
+        """Whether a source holds a missing chunk as far as its answers tell, or is sending one. A
+        version's chunks other than the weights (the signer's own optimizer state) are often held
+        by its signer alone: where it left, the others, asked again every few seconds, never gain
+        them (a restarted peer waited out an 80 s deadline for 7 of 15 chunks while the swarm
+        finished, ``tests/test_chaos.py`` in CI)."""
+        return any(source.has & self.pending or source.inflight for source in self.sources.values())
 
     def _start_some(self, nursery: trio.Nursery, peers: list[str]) -> None:
         """Start the first of ``peers`` not tried yet, up to ``max_sources`` running at once (the

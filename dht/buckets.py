@@ -190,13 +190,13 @@ async def read_buckets(dht: EntryReader, key: str, parse: Callable[[str, Any], T
     unsplit key holds a bucket's worth: peers that moved down leave their entries there for a
     lifetime, and a reader that reads every lifetime follows them.
 
-    Without ``level`` (a peer joining, ``status``) the level is found first: the unsplit key's,
-    if it holds some entries but fewer than its writers move up at (``_split_at``: a joiner of 64
-    peers, all writing the unsplit key, probed every level's key, 12 lookups each), else the one
-    of ``me``'s bucket keys at every level that holds the most entries. With ``find_level`` (every ``LEVEL_READ_BEATS``
-    reads), the keys of the ``FIND_LEVELS`` levels above are looked at too: a peer that drifted
-    below the level the swarm writes at (it moved down when its first reads showed few peers)
-    sees almost nobody there, and would take them for the whole swarm."""
+    Without ``level`` (a peer joining, ``status``) the level is found first: the unsplit key's, if
+    it holds some entries but fewer than its writers move up at (``_split_at``: a joiner of 64
+    peers, all writing the unsplit key, probed every level's key, 12 lookups each), else the one of
+    ``me``'s bucket keys at every level that holds the most entries. With ``find_level`` (every
+    ``LEVEL_READ_BEATS`` reads), the keys of the ``FIND_LEVELS`` levels above are looked at too: a
+    peer that drifted below the level the swarm writes at (it moved down when its first reads showed
+    few peers) sees almost nobody there, and would take them for the whole swarm."""
     me = me or secrets.token_hex(16)
     read: dict[str, dict[str, Entry]] = {}
     probed: list[int] = []
