@@ -67,7 +67,7 @@ LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
 class _Lookup:
     """A key's closest nodes as a lookup found them, kept until ``expiry``."""
     expiry: float
-    peers: list[ID]  # the ones this peer may use, closest first
+    nodes: list[ID]  # closest first, less those forgotten since (``RecordDHT._forget``)
     table: int  # the routing table's size then
     full: bool  # the lookup found as many nodes as the replication factor
 
@@ -301,8 +301,10 @@ class RecordDHT:
         # A lookup that found fewer nodes than the replication factor is kept while the routing
         # table has not grown: in a swarm smaller than that factor every set is short, and looking
         # again every few seconds there cost most of the CPU of 16 peers on 2 cores.
+        # Which of them this peer may use is asked at each use: a node it could not dial at the
+        # lookup may have connected since (peers starting together on a loaded machine).
         if cached and trio.current_time() < cached.expiry and (cached.full or self.routing_table_size() <= cached.table):
-            return cached.peers
+            return self._usable(cached.nodes)
         me = self.host.get_id()
         found: list[ID] | None = None
         started = trio.current_time()
@@ -313,10 +315,9 @@ class RecordDHT:
         if found is None:
             log.debug("closest-peer lookup timed out; using the routing table")
             found = self.kad.routing_table.find_local_closest_peers(key_bytes, self.replication)
-        found = [p for p in found if p != me]
         # closest first: short-lived entries go to the first few (``SHORT_LIVED_REPLICAS``)
-        peers = sort_peer_ids_by_distance(
-            key_bytes, [p for p in found if self._may_serve(p) and self._dialable(p)])[: self.replication]
+        found = sort_peer_ids_by_distance(key_bytes, [p for p in found if p != me])
+        peers = self._usable(found)
         table = self.routing_table_size()
         # A lookup that found fewer nodes than both the factor and the table may have missed peers
         # that did not answer: it is done again sooner. Nodes it found that this peer cannot use
@@ -333,8 +334,12 @@ class RecordDHT:
         dialable_again = [until for p in found if (until := self._unreachable.get(p)) is not None and until > now]
         if dialable_again:
             ttl = min(ttl, max(5.0, min(dialable_again) - now))
-        self._lookups[key_bytes] = _Lookup(now + ttl, peers, table, len(found) >= self.replication)
+        self._lookups[key_bytes] = _Lookup(now + ttl, found, table, len(found) >= self.replication)
         return peers
+
+    def _usable(self, nodes: list[ID]) -> list[ID]:
+        """The first ``replication`` of ``nodes`` that serve the DHT and may be dialled."""
+        return [p for p in nodes if self._may_serve(p) and self._dialable(p)][:self.replication]
 
     async def _query_dialable_for_closest(self, peer: ID, key_bytes: bytes) -> list[ID]:
         """py-libp2p's FIND_NODE query, skipping peers that do not serve or could not be dialled
@@ -343,7 +348,7 @@ class RecordDHT:
         enough that heartbeat refreshes gave up and peers' entries expired."""
         if not self._may_serve(peer) or not self._dialable(peer):
             return []
-        if peer not in self.host.get_connected_peers():
+        if not self._connected(peer):
             if len(self._unreachable) >= UNREACHABLE_CAP:
                 self._unreachable.clear()
             # marked before the dial, so a lookup cancelled mid-dial still counts it as failed
@@ -424,11 +429,18 @@ class RecordDHT:
         return found
 
     def _dialable(self, peer: ID) -> bool:
+        """False for a peer a lookup could not dial in the last ``UNREACHABLE_SECONDS``, unless it
+        is connected now: a dial that timed out on a loaded machine left peers that connected a
+        moment later out of every lookup's set for a minute (11 peers started at once on 2 cores:
+        a long-lived entry reached 4 of 9 replicas)."""
         until = self._unreachable.get(peer)
-        if until is not None and trio.current_time() >= until:
+        if until is not None and (trio.current_time() >= until or self._connected(peer)):
             del self._unreachable[peer]
             return True
         return until is None
+
+    def _connected(self, peer: ID) -> bool:
+        return peer in self.host.get_network().connections
 
     def _may_serve(self, peer: ID) -> bool:
         """False for a peer whose Identify says it does not serve the DHT: a client, which
@@ -451,8 +463,8 @@ class RecordDHT:
         again at its next use (a home peer whose only DHT server refused one write, a stale entry
         racing a fresher one, had cached no node for the run board, and saw no other peer join)."""
         cached = self._lookups.get(key_bytes)
-        if cached and peer in cached.peers:
-            cached.peers = [p for p in cached.peers if p != peer]
+        if cached and peer in cached.nodes:
+            cached.nodes = [p for p in cached.nodes if p != peer]
             cached.expiry = min(cached.expiry, trio.current_time() + FORGOTTEN_LOOKUP_SECONDS)
-            if not cached.peers:
+            if not cached.nodes:
                 del self._lookups[key_bytes]
