@@ -227,6 +227,7 @@ class Trainer:
                 await self._wait_for_peers(training=True)
             summary = await trio.to_thread.run_sync(self._train, model, corpus, optimizer)
             if isinstance(optimizer, DiLoCo):
+                ended = ended or summary.get("final_weights") == "adopted"
                 summary["final_weights"] = await self._settle_final_weights(optimizer)
                 if summary["final_weights"] == "adopted":
                     summary["val_loss"] = await trio.to_thread.run_sync(
@@ -235,7 +236,7 @@ class Trainer:
                     if self.out:
                         torch.save(model.state_dict(), self.out / "model.pt")
                 elif ended:
-                    summary["final_weights"] = "adopted"  # before training: the run had ended
+                    summary["final_weights"] = "adopted"  # before training or during it: the run had ended
             else:
                 await self._publish_once()
                 await self._latest_checkpoint(config.run_id)  # a restart resumes from the final state
@@ -679,21 +680,24 @@ class Trainer:
         return _weights_digest(self._checkpoint)
 
     async def _take_the_final_weights_of_an_ended_run(self, optimizer: DiLoCo) -> bool:
-        """A peer that starts (or restarts) after the others finished the run takes the final
-        weights at least two of them settled on, rather than step its remaining rounds alone (a
-        chaos run restarted a peer as the others finished: it stepped 10 rounds alone, then
-        adopted theirs). True if it took them: it has no round left to train."""
+        """A peer behind the others' end of the run takes the final weights at least two of them
+        settled on, rather than step its remaining rounds alone, where more peers have finished
+        than still train (itself included): one that starts (or restarts) after the others
+        finished (a chaos run restarted a peer as they finished: it stepped 10 rounds alone, then
+        adopted theirs), and one left behind mid-run (after a partition healed, four peers
+        finished in pairs while three whose rounds failed stepped their last 10 rounds alone, 20 s
+        each: ``bench/chaos.py --kinds partition``). True if it took them: it has no round left."""
         rounds = self._rounds
-        if not rounds or optimizer.round >= rounds or self._others_training():
+        if not rounds or optimizer.round >= rounds:
             return False
         finals = self._finals(rounds)
         digest = settled_digest(finals)
-        if digest is None:
+        if digest is None or len(finals) <= 1 + len(self._others_training()):
             return False
         holders = [peer for peer, held in finals.items() if held == digest]
-        log.info("run %s ended: %d peers finished its %d rounds; this peer (at round %d) takes the final "
-                 "weights they settled on instead of stepping the rest alone", self.config.run_id, len(holders),
-                 rounds, optimizer.round)
+        log.info("run %s ended for %d peers (%d hold the weights they settled on); this peer (at round %d) takes "
+                 "those instead of stepping the rest alone", self.config.run_id, len(finals), len(holders),
+                 optimizer.round)
         return await self._adopt_final(optimizer, rounds, digest, holders)
 
     async def _adopt_final(self, optimizer: DiLoCo, final_round: int, digest: str, holders: list[str]) -> bool:
@@ -734,6 +738,7 @@ class Trainer:
             else contextlib.nullcontext()
         initial = val_loss = evaluate(model, corpus, config.eval_batches, batch)
         started, steps, last_eval, tokens_window, window_start = time.monotonic(), 0, 0, 0, time.monotonic()
+        took_final = False  # the final weights the others settled on, the run having ended for most peers
         progress.val_loss = val_loss
         self._record({"event": "start", "val_loss": val_loss, "round": optimizer.round})
         try:
@@ -763,6 +768,10 @@ class Trainer:
                 progress.tokens_per_second = tokens_window / max(1e-9, now - window_start)
                 tokens_window, window_start = 0, now
                 self._note_weights(optimizer)  # before the checks: the board shows the others at this round too
+                if isinstance(optimizer, DiLoCo) and trio.from_thread.run(self._take_the_final_weights_of_an_ended_run,
+                                                                          optimizer):
+                    took_final = True
+                    break
                 if optimizer.out_of_sync or self._behind(optimizer):
                     # still shown training: the others keep expecting this peer, which is back
                     # in a round or two (hidden, it would find their groups formed without it)
@@ -795,7 +804,8 @@ class Trainer:
                        "rounds_averaged": optimizer.stats.rounds_averaged,
                        "rounds_alone": optimizer.stats.rounds_alone, "rounds_failed": optimizer.stats.rounds_failed,
                        "checkpoint_bytes_fetched": self.checkpoints.download_limit.total,
-                       "relayed_bytes": self.peer.relays.relayed_bytes, **self._outer_summary(optimizer)}
+                       "relayed_bytes": self.peer.relays.relayed_bytes, **self._outer_summary(optimizer),
+                       **({"final_weights": "adopted"} if took_final else {})}
             self._record(summary)
             if self.out:
                 torch.save(model.state_dict(), self.out / "model.pt")
