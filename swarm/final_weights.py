@@ -29,17 +29,27 @@ def agreed_digest(own: str, others: dict[str, str]) -> str:
     return _most_held(held)
 
 
-def outnumbering(own: dict[int, str], others: dict[str, tuple[int, str]]) -> list[str]:
+def outnumbering(own: dict[int, str], others: dict[str, tuple[int, str]], me: str) -> list[str]:
     """The other peers holding other weights than this peer, where they are at least two and more
-    than the peers holding this peer's (itself included), else none. ``own``: this peer's weights'
-    digests at its last rounds; ``others``: each other peer's latest (round, digest); those at
-    other rounds than ``own``'s are not compared. Each peer counts once, at its latest entry: the
-    board shows the others spread over two rounds or more, and a count at one round was a sample
-    that at times showed a lineage that had just moved (its old entries) outnumbering the one it
-    had moved to. A tie moves nobody, unlike at the end of a run (``agreed_digest``)."""
+    than the peers holding this peer's (itself, ``me``, included), else none. ``own``: this peer's
+    weights' digests at its last rounds; ``others``: each other peer's latest (round, digest);
+    those at other rounds than ``own``'s are not compared. Each peer counts once, at its latest
+    entry: the board shows the others spread over two rounds or more, and a count at one round
+    was a sample that at times showed a lineage that had just moved (its old entries)
+    outnumbering the one it had moved to. In a tie with one other lineage, the lineage holding
+    the smallest peer id stays and the other moves: both sides choose alike whatever the rounds
+    they compare at (digests, unlike at the end of a run, ``agreed_digest``, differ round to
+    round). Without it, two pairs that a healed partition left apart averaged in pairs to the
+    end of the run (``bench/chaos.py --kinds partition``)."""
     compared = {peer: own[round_] == digest for peer, (round_, digest) in others.items() if round_ in own}
     apart = sorted(peer for peer, alike in compared.items() if not alike)
-    return apart if len(apart) >= 2 and len(apart) > 1 + len(compared) - len(apart) else []
+    holding_own = [me, *(peer for peer, alike in compared.items() if alike)]
+    if len(apart) < 2 or len(apart) < len(holding_own):
+        return []
+    if len(apart) > len(holding_own):
+        return apart
+    one_lineage = len({others[peer] for peer in apart}) == len({others[peer][0] for peer in apart})
+    return apart if one_lineage and min(apart) < min(holding_own) else []
 
 
 def settled_digest(others: dict[str, str]) -> str | None:

@@ -827,7 +827,7 @@ class Trainer:
         rounds, where they outnumber those holding its own (``swarm.final_weights.outnumbering``;
         DiLoCo only: other algorithms publish no digest)."""
         return outnumbering(self._own_bases, {p.peer_id: shown for p in self._others_training()
-                                              if (shown := p.weights_shown()) is not None})
+                                              if (shown := p.weights_shown()) is not None}, self.me)
 
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
         """Take the state of the peers that outnumber this peer's lineage (the training thread)."""

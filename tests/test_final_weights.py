@@ -35,20 +35,33 @@ def test_one_peer_cannot_outvote_with_weights_it_made_up():
 
 def test_a_peer_of_the_smaller_lineage_is_told_whom_to_take_the_weights_from():
     own = {4: "a4", 5: "a5"}
-    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "s": (5, "b5"), "r": (5, "a5")}) == ["p", "q", "s"]
-    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4")}) == ["p", "q"]  # 2 against this peer alone
-    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "r": (5, "a5"), "s": (4, "a4")}) == []  # 2 against 3
-    assert outnumbering(own, {"p": (5, "b5"), "q": (5, "b5"), "r": (4, "a4")}) == []  # a tie moves nobody
-    assert outnumbering(own, {"p": (5, "b5")}) == []  # one other peer's word is not enough
-    assert outnumbering(own, {"p": (3, "b3"), "q": (6, "b6"), "r": (2, "b2")}) == []  # not at this peer's rounds
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "s": (5, "b5"), "r": (5, "a5")}, "m") == ["p", "q", "s"]
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4")}, "m") == ["p", "q"]  # 2 against this peer alone
+    assert outnumbering(own, {"p": (5, "b5"), "q": (4, "b4"), "r": (5, "a5"), "s": (4, "a4")}, "m") == []  # 2 against 3
+    assert outnumbering(own, {"p": (5, "b5")}, "m") == []  # one other peer's word is not enough
+    assert outnumbering(own, {"p": (3, "b3"), "q": (6, "b6"), "r": (2, "b2")}, "m") == []  # not at this peer's rounds
     # each peer counts once, at its latest entry: a lineage that just moved still shows its old
     # entries, yet never outnumbers the one it moved to
     lineage_a, lineage_b = {"a1", "a2", "a3"}, {"b1", "b2"}
     board = {**{p: (5, "a5") for p in lineage_a}, **{p: (4, "b4") for p in lineage_b}}
     moving = [peer for peer in sorted(board)
               if outnumbering({4: "b4", 5: "b5"} if peer in lineage_b else {4: "a4", 5: "a5"},
-                              {p: entry for p, entry in board.items() if p != peer})]
+                              {p: entry for p, entry in board.items() if p != peer}, peer)]
     assert moving == ["b1", "b2"]
+
+
+def test_of_two_lineages_alike_in_number_the_one_without_the_smallest_peer_id_moves():
+    """Two pairs a healed partition left apart averaged in pairs to the end of a chaos run."""
+    own = {4: "a4", 5: "a5"}
+    assert outnumbering(own, {"p": (5, "b5"), "q": (5, "b5"), "r": (4, "a4")}, "s") == ["p", "q"]
+    assert outnumbering(own, {"p": (5, "b5"), "q": (5, "b5"), "r": (4, "a4")}, "c") == []  # "c" < "p": this lineage stays
+    assert outnumbering(own, {"p": (5, "b5"), "q": (5, "c5"), "r": (4, "a4")}, "s") == []  # two lineages of one each
+    # each side sees the other at whatever round: exactly one pair moves, whoever compares when
+    pairs = {"a1": {4: "a4", 5: "a5"}, "a2": {4: "a4", 5: "a5"}, "b1": {4: "b4", 5: "b5"}, "b2": {4: "b4", 5: "b5"}}
+    for rounds in ({"a1": 5, "a2": 4, "b1": 4, "b2": 5}, {"a1": 4, "a2": 4, "b1": 5, "b2": 5}):
+        moving = [peer for peer, bases in pairs.items()
+                  if outnumbering(bases, {p: (rounds[p], pairs[p][rounds[p]]) for p in pairs if p != peer}, peer)]
+        assert moving == ["b1", "b2"]
 
 
 def last_round_apart(train):
