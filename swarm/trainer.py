@@ -832,8 +832,8 @@ class Trainer:
     def _take_the_weights_most_hold(self, optimizer: DiLoCo, holders: list[str]) -> None:
         """Take the state of the peers that outnumber this peer's lineage (the training thread)."""
         round_ = optimizer.round
-        log.warning("round %d: %d other peers hold other weights than this peer's, more than hold its own; "
-                    "taking theirs", round_, len(holders))
+        log.warning("round %d: %d other peers hold other weights than this peer's, more than hold its own (or as "
+                    "many, with the smallest peer id); taking theirs", round_, len(holders))
         own = self._own_bases.get(round_) or _board_digest(optimizer.global_weights)
         fetched = trio.from_thread.run(self._fetch_from_swarm, round_, holders)
         if fetched is not None and fetched[0] == round_ and isinstance(fetched[1].get("weights"), torch.Tensor) \
