@@ -135,6 +135,56 @@ async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tm
     assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1
 
 
+async def test_of_two_pairs_apart_mid_run_the_one_without_the_smallest_peer_id_takes_the_others_state(tmp_path):
+    """Fault injected at a chosen point: after round 1 two of four peers change their weights alike
+    (a partition's halves). Two against two: the pair without the smallest peer id takes the other
+    pair's state mid-run, the other never moves, and all four end alike. Before, a tie moved nobody
+    and the pairs averaged apart to the end (a chaos run's healed partition)."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 4)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=4) for i, peer in enumerate(peers)]
+        for trainer in trainers[2:]:
+            apart_after_round(trainer, 1)
+        summaries = await train_all(trainers)
+        nursery.cancel_scope.cancel()
+    smallest = min(range(4), key=lambda i: trainers[i].me)
+    staying, moving = ([0, 1], [2, 3]) if smallest < 2 else ([2, 3], [0, 1])
+    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(4)]
+    assert not any(r["adopted"] for i in staying for r in merges[i]), merges
+    assert any(r["adopted"] for i in moving for r in merges[i]), merges
+    assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1, summaries
+
+
+async def test_a_peer_left_behind_takes_the_final_weights_once_the_others_finished(tmp_path):
+    """Fault injected at a chosen point: one of three peers stalls after its round 1 until the other
+    two have finished the run. It then takes their final weights at its next round end instead of
+    stepping the remaining rounds alone (after a healed partition, three peers stepped their last
+    10 rounds alone, 20 s each, while four had finished: the chaos watchdog fired)."""
+    import time as clock
+
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=4, round_timeout=10)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers)]
+        straggler, others = trainers[2], trainers[:2]
+        note = straggler._note_weights
+
+        def stalling(optimizer):
+            if optimizer.round == 1:
+                deadline = clock.monotonic() + 120
+                while not all(t.progress.final for t in others) and clock.monotonic() < deadline:
+                    clock.sleep(0.2)
+            note(optimizer)
+        straggler._note_weights = stalling
+        summaries = await train_all(trainers)
+        nursery.cancel_scope.cancel()
+    rounds = [r["round"] for r in metrics(tmp_path / "peer2") if r["event"] == "round"]
+    assert summaries[2]["final_weights"] == "adopted" and summaries[2]["round"] == config.rounds, summaries[2]
+    assert max(rounds, default=0) < config.rounds - 1, rounds  # it stepped no remaining round alone
+    assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1, summaries
+
+
 def apart_after_round(trainer: Trainer, round_: int) -> None:
     """Change ``trainer``'s swarm weights once round ``round_`` is applied (the same change on every
     trainer it is applied to: peers that held the same weights still do)."""
