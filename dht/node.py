@@ -454,6 +454,13 @@ class RecordDHT:
             return False
         return True
 
+    def look_up_again(self) -> None:
+        """Drop every key's cached closest nodes: each is looked up at its next use. For a peer
+        whose view of the swarm may be stale: a node forgotten during a partition stays out of a
+        key's set for up to ``FORGOTTEN_LOOKUP_SECONDS`` after it heals, and in a chaos run three
+        peers that read the run board from their half's nodes only never saw four others finish."""
+        self._lookups.clear()
+
     def _forget(self, key_bytes: bytes, peer: ID) -> None:
         """Drop ``peer`` from the key's cached closest nodes, and look the key up again within
         ``FORGOTTEN_LOOKUP_SECONDS``: a node that failed once (a partition, a restart) may be back

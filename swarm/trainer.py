@@ -51,6 +51,7 @@ BASE_DIGEST_CHARS = 12  # of a weights' digest on the board: 48 bits tell lineag
 CATCH_UP_PATIENCE_HEARTBEATS = 5  # how long a failed peer asks for a state the others are about to make
 OWN_BASES_KEPT = 4  # this peer's last rounds whose weights it compares with the board's (_outnumbering)
 MAX_WITNESSES = 8  # peers asked at once for their state when catching up
+RELOOKUP_SECONDS = 15.0  # a peer whose catch-up found no attested state looks keys up again at most this often
 CHECKPOINT_SECONDS = 30.0  # a new version on disk at most this often (and on request, and at the end)
 BOARD_MEMORY_TTLS = 3  # a board entry missing from reads still counts for this many entry lifetimes
 FINAL_HEARTBEATS = 4  # with a round timeout: how long peers settle on their final weights at the end
@@ -146,6 +147,7 @@ class Trainer:
         self._joinable: dict[int, str] | None = None  # see _watch_joinable_round
         # the digests of this peer's swarm weights at its last rounds, since it last took a state (_outnumbering)
         self._own_bases: dict[int, str] = {}
+        self._looked_up_again = -math.inf  # trio time of the last ``RecordDHT.look_up_again``
         self.progress: Progress | None = None
         self.optimizer: SwarmOptimizer | None = None
         self.round_listeners: list[Callable[[RoundReport], None]] = [self._on_round]  # told of every round
@@ -521,6 +523,10 @@ class Trainer:
         if not offers:
             log.warning("no state of round %d or later that %s attest alike; not adopting any",
                         min_round, "two peers" if self._witnesses() > 1 else "the other peer")
+            # its view of the board may be stale (a healed partition): the next reads look again
+            if now - self._looked_up_again >= RELOOKUP_SECONDS:
+                self._looked_up_again = now
+                self.peer.dht.look_up_again()
             return None
         # The signers of one attested state in turn: its chunks besides the weights (the signer's
         # optimizer state) are often held by the signer alone, and a signer that left mid-download
@@ -614,6 +620,7 @@ class Trainer:
         weights), ``adopted``, or ``differs`` (could not fetch the agreed weights: said in the log)."""
         final_round = optimizer.round
         self.progress.final = await self._save_final_state(optimizer)
+        self.peer.dht.look_up_again()  # the board as it is now: all peers' final weights are compared here
         await self._publish_once()
         heartbeat = self.peer.config.heartbeat
         allowance = self.config.round_timeout + FINAL_HEARTBEATS * heartbeat
