@@ -194,6 +194,9 @@ async def test_a_lookup_that_found_enough_nodes_is_kept_though_one_cannot_be_use
     node.host.get_network().connections[nodes[0]] = []
     assert nodes[0] in await node._closest_peers(b"/legion/k") and len(lookups) == 1
     del node.host.get_network().connections[nodes[0]]
+    node.look_up_again()  # a view that may be stale (a healed partition): looked up at the next use
+    await node._closest_peers(b"/legion/k")
+    assert len(lookups) == 2
     # ... until that node may be dialled again: then it is looked up again, and the node is back
     node._unreachable[nodes[1]] = trio.current_time() + 30
     lookups.clear()
