@@ -109,21 +109,27 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
     assert weights_digest(trainers[2].store.load(saved)["weights"]) == digests.pop()
 
 
+async def train_with_the_last_apart(tmp_path, count: int, apart: int) -> tuple[list[Trainer], list[dict], list[list[dict]]]:
+    """``count`` peers train 6 rounds, the last ``apart`` of them changing their weights alike after
+    round 1; the trainers, their summaries and their metrics lines."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, count)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=count) for i, peer in enumerate(peers)]
+        for trainer in trainers[count - apart:]:
+            apart_after_round(trainer, 1)
+        summaries = await train_all(trainers)
+        nursery.cancel_scope.cancel()
+    return trainers, summaries, [metrics(tmp_path / f"peer{i}") for i in range(count)]
+
+
 async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tmp_path):
     """Fault injected at a chosen point: after round 1 two of five peers change their weights
     alike, as after a partition in which each side averaged on its own. Both sides go on
     averaging, each with its own weights; the pair takes the three's state mid-run and the five
     train on together. Before, the sides stayed apart to the end, where the pair took the others'
     weights."""
-    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
-    async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 5)
-        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=5) for i, peer in enumerate(peers)]
-        for trainer in trainers[3:]:
-            apart_after_round(trainer, 1)
-        summaries = await train_all(trainers)
-        nursery.cancel_scope.cancel()
-    records = [metrics(tmp_path / f"peer{i}") for i in range(5)]
+    trainers, summaries, records = await train_with_the_last_apart(tmp_path, 5, 2)
     merges = [[r for r in peer if r["event"] == "lineage"] for peer in records]
     assert not any(r["adopted"] for merged in merges[:3] for r in merged), merges  # the larger side never moves
     assert [s["final_weights"] for s in summaries[:3]] == ["own"] * 3, summaries
@@ -140,17 +146,10 @@ async def test_of_two_pairs_apart_mid_run_the_one_without_the_smallest_peer_id_t
     (a partition's halves). Two against two: the pair without the smallest peer id takes the other
     pair's state mid-run, the other never moves, and all four end alike. Before, a tie moved nobody
     and the pairs averaged apart to the end (a chaos run's healed partition)."""
-    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=6, round_timeout=30)
-    async with trio.open_nursery() as nursery:
-        peers = await start_peers(nursery, 4)
-        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=4) for i, peer in enumerate(peers)]
-        for trainer in trainers[2:]:
-            apart_after_round(trainer, 1)
-        summaries = await train_all(trainers)
-        nursery.cancel_scope.cancel()
+    trainers, summaries, records = await train_with_the_last_apart(tmp_path, 4, 2)
     smallest = min(range(4), key=lambda i: trainers[i].me)
     staying, moving = ([0, 1], [2, 3]) if smallest < 2 else ([2, 3], [0, 1])
-    merges = [[r for r in metrics(tmp_path / f"peer{i}") if r["event"] == "lineage"] for i in range(4)]
+    merges = [[r for r in peer if r["event"] == "lineage"] for peer in records]
     assert not any(r["adopted"] for i in staying for r in merges[i]), merges
     assert any(r["adopted"] for i in moving for r in merges[i]), merges
     assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1, summaries
