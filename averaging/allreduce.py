@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 from collections import Counter
@@ -55,7 +56,7 @@ MAX_STALL_SECONDS = 15.0  # a stream on which no byte moves for this long has st
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
-MAX_CELLS = MAX_MEMBERS  # cells of a two-level round's vector
+MAX_CELLS = 1 << 12  # cells of a two-level round's vector (a sharded run's shards: up to 4096)
 MAX_STREAMS_PER_PEER = 16  # contribution, repair and note streams one peer may have served at once
 CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
@@ -82,8 +83,9 @@ class GroupSpec:
     # The round's vector as ranges of the caller's (natural) vector, concatenated; empty: natural
     # order. Lets a group give each member a part made of whole shards it owns (``Averager``).
     order: tuple[tuple[int, int], ...] = ()
-    # Two-level rounds: the vector is cut into this many cells (``partition.cell_bounds``), the same
-    # grid in every group of the round, and each member's part is whole cells, which its owner
+    # Two-level rounds: the vector is cut into this many cells, the same in every group of the round:
+    # ``partition.cell_bounds``'s grid, or with an ``order`` its ranges (a sharded run's shards,
+    # cell i the i-th from the vector's start). Each member's part is whole cells, which its owner
     # reduces with the owners of the same cells in the round's other groups (``CrossReduce``)
     cells: int = 0
 
@@ -146,16 +148,30 @@ class GroupSpec:
                 raise SpecError("group spec order is not a split of the vector")
         if not 0 <= self.cells <= MAX_CELLS:
             raise SpecError("group spec cell count out of range")
-        if self.cells and (self.order or not set(self.bounds) <= set(cell_bounds(self.total, self.cells))):
+        if self.cells and self.order and len(self.order) != self.cells:
+            raise SpecError("group spec order ranges are not its cells")
+        if self.cells and not set(self.bounds) <= set(self._cell_edges()):
             raise SpecError("group spec parts are not whole cells")
 
+    def _cell_edges(self) -> list[int]:
+        """Where the cells of a two-level round begin and end, in the round's vector."""
+        if not self.order:
+            return cell_bounds(self.total, self.cells)
+        return list(itertools.accumulate((b - a for a, b in self.order), initial=0))
+
     def cells_of(self, index: int) -> list[tuple[int, int, int]]:
-        """The cells member ``index`` owns in a two-level round: (cell, start, end), none empty."""
+        """The cells member ``index`` owns in a two-level round: (cell, start, end) in the round's
+        vector, none empty. With an ``order``, its ranges are the cells, numbered by where they lie
+        in the natural vector (every group's order holds the same ranges, in its own sequence)."""
         if not self.cells:
             return []
         start, end = self.part(index)
-        grid = cell_bounds(self.total, self.cells)
-        return [(c, a, b) for c, (a, b) in enumerate(zip(grid, grid[1:])) if start <= a < b <= end]
+        edges = self._cell_edges()
+        numbers = list(range(self.cells))
+        if self.order:  # the cell number of each range, in the round's sequence
+            by_range = {r: i for i, r in enumerate(sorted(self.order))}
+            numbers = [by_range[r] for r in self.order]
+        return [(numbers[i], a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])) if start <= a < b <= end]
 
     def permutation(self) -> np.ndarray | None:
         """Indices of the natural vector in the round's order (None: the natural order)."""

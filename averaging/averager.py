@@ -36,6 +36,13 @@ class RoundPlan(Protocol):
         """At every member once the group is known: the transform of the part it reduces
         (``spec.order``'s ranges within its bounds); ``ValueError`` if it cannot take it."""
 
+    @property
+    def ranges(self) -> int:
+        """How many ranges ``order`` cuts the vector into, whatever the members: in a two-level
+        round each is a cell, reduced across the round's groups before its transform (every
+        group's reducer of a range must then take the same transform: a sharded run's owners
+        hold the same momentum)."""
+
 
 class Averager:
     """Weighted averaging of a list of tensors with a group found through the DHT.
@@ -86,18 +93,20 @@ class Averager:
         every member of the group must average with a plan. Results then carry no error feedback:
         the transform's reducer changes from round to round.
 
-        ``across_groups`` (without ``plan``), where more peers average under ``group_key`` than
-        a group holds (``matchmaker.swarm_size`` above its ``target_size``): a two-level round. The
-        vector is cut into ``target_size`` cells, each member of a group reduces whole cells, and
-        each cell's owners in the round's groups then reduce it with each other (``_cross_groups``),
-        so that every group gets the same mean, not one of its own. Results then carry no error
+        ``across_groups``, where more peers average under ``group_key`` than a group holds
+        (``matchmaker.swarm_size`` above its ``target_size``): a two-level round. The vector is
+        cut into cells (``target_size`` of them; with ``plan``, its ranges), each member of a
+        group reduces whole cells, and each cell's owners in the round's groups then reduce it
+        with each other (``_cross_groups``), so that every group gets the same mean, not one of
+        its own (and with ``plan``, the same transform of it). Results then carry no error
         feedback (each group's owners must encode that mean alike)."""
         flat = await trio.to_thread.run_sync(_flatten, tensors)
-        two_level = across_groups and plan is None and self.matchmaker.several_groups
+        cells = 0
+        if across_groups and self.matchmaker.several_groups:
+            cells = self.matchmaker.target_size if plan is None else plan.ranges
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, trio.current_time() + (matchmaking_timeout or timeout),
-            order=plan.order if plan is not None else None, base=base,
-            cells=self.matchmaker.target_size if two_level else 0)
+            order=plan.order if plan is not None else None, base=base, cells=cells)
         deadline = trio.current_time() + timeout
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once%s", spec.group_id,
@@ -178,7 +187,7 @@ class Averager:
             # a group weighs what its members do together: up to the largest group's worth
             output, stats = await self.allreduce.run(
                 spec, spec.members.index(matchmaker.me), values, weight, deadline=deadline - left / 4,
-                bandwidth=self.bandwidth, max_weight=self.allreduce.max_weight * cells)
+                bandwidth=self.bandwidth, max_weight=self.allreduce.max_weight * self.matchmaker.target_size)
             counted.bytes_sent += stats.bytes_sent
             counted.bytes_received += stats.bytes_received
             log.info("%s: cell %d reduced across %d groups", group_key, cell, len(stats.contributors))

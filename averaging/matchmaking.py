@@ -37,8 +37,8 @@ from dht import RecordDHT
 log = logging.getLogger(__name__)
 
 # 1.1: splits salted by the key alone, buckets from 2x the target size; 1.2: two-level rounds (a
-# spec's cells, a declaration's covers)
-PROTOCOL = "/legion/matchmaking/1.2.0"
+# spec's cells, a declaration's covers); 1.3: a spec's order with cells (sharded two-level rounds)
+PROTOCOL = "/legion/matchmaking/1.3.0"
 CELLS_PROTOCOL = "/legion/matchmaking-cells/1.0.0"  # the owners of a two-level round's cells (``Averager``)
 PING_PROTOCOL = "/legion/ping/1.0.0"
 
@@ -237,8 +237,9 @@ class Matchmaker:
                          order: GroupOrder | None = None, base: str = "", cells: int = 0,
                          covers: int = 1) -> GroupSpec:
         """Declare, wait for candidates, then lead or follow; retries until ``deadline``. A group
-        this peer leads takes its order and bounds from ``order``, if given, else with ``cells``
-        gives each member whole cells of a two-level round. With ``base`` (say a digest of the
+        this peer leads takes its order and bounds from ``order``, if given (with ``cells``, the
+        order's ranges are a two-level round's cells), else with ``cells`` gives each member whole
+        cells of a two-level round. With ``base`` (say a digest of the
         weights a pseudo-gradient was taken from) only peers declaring the same base form a group:
         a mean of updates to different weights would leave the members with different weights
         after it. A group forms before the budget ends once the seekers read stand for the target
@@ -476,7 +477,7 @@ class Matchmaker:
             group_id = hashlib.sha256(f"{seeking.key}/{','.join(members)}/{trio.current_time()}".encode()).hexdigest()[:32]
             spec = GroupSpec(group_id, tuple(members), tuple(tuple(candidates.get(m, {}).get("addrs", [])) for m in members),
                              tuple(bounds), seeking.codec, min(self.send_concurrency, len(members)),
-                             tuple(tuple(r) for r in order), 0 if seeking.order is not None else seeking.cells)
+                             tuple(tuple(r) for r in order), seeking.cells)
         async with trio.open_nursery() as nursery:
             for stream in accepted.values():
                 nursery.start_soon(self._finish_invitation, stream, spec)

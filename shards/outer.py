@@ -348,5 +348,9 @@ class ShardedRoundPlan:
     def order(self, members: list[str]) -> tuple[list[tuple[int, int]], list[int]]:
         return self.outer.order(members)
 
+    @property
+    def ranges(self) -> int:
+        return self.outer.layout.count
+
     async def prepare(self, spec: GroupSpec, me: int) -> ResultTransform:
         return await self.outer.prepare(self.round, self.base, list(spec.order), *spec.part(me))

@@ -14,7 +14,6 @@ from averaging.allreduce import RoundFailed
 from averaging.averager import Averager, RoundPlan
 from averaging.matchmaking import MatchmakingFailed
 from optim.base import Reduced
-from swarm.run_config import BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class SwarmReducer:
         self.others_finished: Callable[[], bool] = lambda: False  # whether peers of the run finished it
         self._others_seen_at: float | None = None  # trio time others were last expected in a round
         self._alone_since_said = False
-        self._parting_said = False  # ``_say_if_groups_part_the_weights``
 
     async def open_to_join(self, key: str) -> str | None:
         """Whether peers of the run seek a group for round ``key`` now and wait for more peers: the
@@ -72,8 +70,6 @@ class SwarmReducer:
             reduced = Reduced(tensors if plan is None else await self.averager.transform_alone(tensors, plan), 1)
             self._report(RoundReport(key, "alone", trio.current_time() - started))
             return reduced
-        if plan is not None:
-            self._say_if_groups_part_the_weights(expected, base)
         self.averager.matchmaker.target_size = min(self.max_group, expected)
         self.averager.matchmaker.swarm_size = expected
         try:
@@ -97,21 +93,6 @@ class SwarmReducer:
                                  uploads_seen={p: rate * 8 / 1e6 for p, rate in stats.uploads_seen.items()}))
         return Reduced(result.tensors, len(stats.contributors), stats.bytes_sent, stats.bytes_received,
                        tuple(sorted(stats.contributors)))
-
-    def _say_if_groups_part_the_weights(self, expected: int, base: str) -> None:
-        """Sharded updates to shared weights (a ``base``) with more peers than a group holds: rounds
-        with owner-side steps do not reduce across groups (``Averager.all_reduce``), so each group
-        of a round applies its own steps, the round leaves the swarm with as many sets of weights
-        as groups, and peers group only with peers of their own weights. (Unsharded, 6 peers in
-        groups of 3 failed 10 of 48 peer-rounds this way and refetched states, before rounds
-        reduced across groups.) Said once a run."""
-        if base and expected > self.max_group and not self._parting_said:
-            self._parting_said = True
-            log.warning("%d peers train this sharded run and a group holds at most %d: sharded rounds do not reduce "
-                        "across groups, so each round's groups leave different weights, and peers of different "
-                        "weights do not average together, so rounds fail and peers refetch states; set the run's "
-                        "group_size to at least its number of peers (at most %d)", expected, self.max_group,
-                        BOUNDS["group_size"][1])
 
     async def _expected_after_losing_others(self, key: str) -> int:
         """The peers expected in round ``key``; when none but this one, and others were seen

@@ -59,17 +59,3 @@ async def test_a_peer_alone_from_the_start_or_after_the_others_finished_does_not
     await reducer._expected_after_losing_others("diloco-0")
     peers["n"], reducer.others_finished = 1, lambda: True
     assert await alone_round(reducer, "diloco-1") == 0.0
-
-
-def test_a_sharded_peer_says_once_when_more_peers_update_shared_weights_than_a_group_holds(caplog):
-    """Sharded rounds do not reduce across groups: each group of a round applies its own steps, and
-    with more peers than a group holds the swarm's weights part. Not for updates to no shared
-    weights (no base), nor when one group holds everyone."""
-    reducer = SwarmReducer(None, "run", lambda: 6, max_group=3)
-    reducer._say_if_groups_part_the_weights(3, "digest")
-    reducer._say_if_groups_part_the_weights(6, "")
-    assert not caplog.records
-    reducer._say_if_groups_part_the_weights(6, "digest")
-    reducer._say_if_groups_part_the_weights(7, "digest")
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "6 peers train this sharded run and a group holds at most 3" in warnings[0]

@@ -335,6 +335,75 @@ async def test_a_group_without_a_shards_owner_reduces_it_with_the_momentum_of_th
         nursery.cancel_scope.cancel()
 
 
+async def test_sharded_rounds_of_several_groups_reduce_each_shard_across_them_and_keep_one_set_of_weights():
+    """Five peers, groups of at most three, 6 shards with 2 owners each: each round forms two
+    groups, and each group's reducer of a shard reduces it with the other group's reducer before
+    it takes the Nesterov step from the shard's momentum. Every peer gets the same direction, bit
+    for bit, the unsharded step of the mean of all contributions; every shard's holders keep the
+    same momentum; none is lost. (Before, each group stepped with its own mean: the swarm's
+    weights parted every round.)"""
+    import numpy as np
+    import torch
+
+    from averaging.allreduce import RoundFailed
+    from averaging.averager import Averager
+    from averaging.matchmaking import MatchmakingFailed
+    from optim.base import weights_digest
+    from optim.diloco import OuterNesterov
+
+    generator = torch.Generator().manual_seed(1)
+    total, weights = OUTER_LAYOUT.total, [1.0, 2.0, 3.0, 4.0, 5.0]
+    start = torch.randn(total, generator=generator)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 5)
+        ids = [p.peer_id.to_base58() for p in peers]
+        view = outer_owners([bid(i) for i in ids], 2)
+        outers = sharded_outers(peers, lambda: view, lambda: ids)
+        averagers = [Averager(p, target_group_size=3, matchmaking_budget=5) for p in peers]
+        current = {i: start.clone() for i in range(5)}
+        reference = OuterNesterov(total, 0.7, 0.9)
+        expected = start.clone()
+        for round_ in range(2):
+            taking_part = sorted(current)
+            base = weights_digest(current[taking_part[0]])
+            gradients = {i: torch.randn(total, generator=generator) for i in taking_part}
+            results = {}
+
+            async def average(i):
+                averagers[i].matchmaker.swarm_size = len(taking_part)
+                try:
+                    results[i] = await averagers[i].all_reduce(
+                        [gradients[i]], weight=weights[i], group_key=f"r{round_}", timeout=60,
+                        plan=outers[i].plan(round_, base), base=base, across_groups=True)
+                except (MatchmakingFailed, RoundFailed) as exc:  # left alone by its view: not in the round
+                    results[i] = exc
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as rounds:
+                    for i in taking_part:
+                        rounds.start_soon(average, i)
+            averaged = {i: r for i, r in results.items() if not isinstance(r, Exception)}
+            assert len({r.stats.group_id for r in averaged.values()}) >= 2, "one group: no second level"
+            index = {peer: i for i, peer in enumerate(ids)}
+            counted = sorted(index[m] for r in averaged.values() for m in r.stats.contributors)
+            assert len(averaged) >= 4 and sorted(set(counted)) == sorted(averaged)  # no partial set
+            directions = [r.tensors[0] for r in averaged.values()]
+            assert all(torch.equal(directions[0], d) for d in directions[1:])  # bit-identical in every group
+            mean = sum(gradients[i] * weights[i] for i in averaged) / sum(weights[i] for i in averaged)
+            reference.step(expected, mean)
+            stepped = {i: await outers[i].step(round_, base, current[i], directions[0].clone()) for i in averaged}
+            for i, new in stepped.items():
+                assert torch.equal(new, stepped[min(stepped)])
+                np.testing.assert_allclose(new.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+            current = stepped
+            after = (round_ + 1, weights_digest(stepped[min(stepped)]))
+            for shard in range(OUTER_LAYOUT.count):
+                held = [outers[i].history[shard][after] for i in stepped if after in outers[i].history.get(shard, {})]
+                assert held and all(torch.equal(h, held[0]) for h in held[1:]), (round_, shard)
+        assert all(o.stats.momentum_lost == 0 for o in outers)
+        nursery.cancel_scope.cancel()
+
+
 def test_the_layout_counts_the_models_parameters_without_torch():
     from optim.model import GPT
     from optim.model_config import SIZES

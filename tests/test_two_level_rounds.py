@@ -28,6 +28,20 @@ def test_parts_of_a_two_level_round_are_whole_cells_of_one_grid():
         GroupSpec("g", members, ((), ()), (0, 5_000, 10_000), "none", cells=10_000).validate()
 
 
+def test_a_sharded_rounds_cells_are_its_orders_ranges_numbered_by_where_they_lie():
+    """With an order (a sharded run's shards), each range is a cell, numbered from the start of
+    the natural vector, so that groups ordering the shards differently reduce the same cells."""
+    members = ("m0", "m1")
+    order = ((2000, 4000), (0, 2000), (4000, 6000))  # shards 1, 0, 2
+    spec = GroupSpec("g", members, ((), ()), (0, 4000, 6000), "none", order=order, cells=3)
+    spec.validate()
+    assert spec.cells_of(0) == [(1, 0, 2000), (0, 2000, 4000)] and spec.cells_of(1) == [(2, 4000, 6000)]
+    with pytest.raises(SpecError, match="whole cells"):  # a part ending inside a shard
+        GroupSpec("g", members, ((), ()), (0, 3000, 6000), "none", order=order, cells=3).validate()
+    with pytest.raises(SpecError, match="not its cells"):
+        GroupSpec("g", members, ((), ()), (0, 4000, 6000), "none", order=order, cells=4).validate()
+
+
 async def test_groups_of_a_round_reduce_across_each_other_and_all_hold_one_mean():
     """Five peers, groups of at most three: two groups, whose owners reduce each of the three
     cells with the other group's owner of it. Every peer ends with the same values, the mean of
