@@ -173,6 +173,17 @@ class GroupSpec:
             numbers = [by_range[r] for r in self.order]
         return [(numbers[i], a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])) if start <= a < b <= end]
 
+    def chunks(self, index: int) -> list[tuple[int, int]]:
+        """Member ``index``'s part as streamed chunks. In a sharded two-level round none crosses a
+        cell's edge: the codec's blocks then start at each cell's start, so a cell's result encodes
+        alike in every group whatever its place in the group's vector (shards do not end on blocks,
+        and a round's groups had stepped a shard each with its own rounding)."""
+        start, end = self.part(index)
+        if not (self.cells and self.order):
+            return _chunk_ranges(start, end)
+        edges = [start, *(e for e in self._cell_edges() if start < e < end), end]
+        return [r for a, b in zip(edges, edges[1:]) for r in _chunk_ranges(a, b)]
+
     def permutation(self) -> np.ndarray | None:
         """Indices of the natural vector in the round's order (None: the natural order)."""
         if not self.order:
@@ -283,9 +294,9 @@ class _OwnerState:
     they had of it. The last chunk goes out only when every contribution is complete and checked,
     so a part whose last chunk was sent is final."""
 
-    def __init__(self, start: int, end: int, members: int, max_norm_ratio: float, clip_ratio: float) -> None:
-        self.start, self.ranges = start, _chunk_ranges(start, end)
-        self.sum = np.zeros(end - start, np.float32)
+    def __init__(self, ranges: list[tuple[int, int]], members: int, max_norm_ratio: float, clip_ratio: float) -> None:
+        self.start, self.ranges = ranges[0][0], ranges
+        self.sum = np.zeros(ranges[-1][1] - ranges[0][0], np.float32)
         self.pending = set(range(members))  # neither complete nor failed
         self.weights: dict[int, float] = {}  # senders whose contribution began
         self.received: dict[int, int] = {}  # chunks of each sender summed so far
@@ -387,7 +398,7 @@ class RoundState:
             result_residual = None
         self.codec: Codec = get_codec(spec.codec)
         self.send_residual, self.result_residual = send_residual, result_residual
-        self.owner = _OwnerState(*spec.part(me), len(spec.members), max_norm_ratio, clip_ratio)
+        self.owner = _OwnerState(spec.chunks(me), len(spec.members), max_norm_ratio, clip_ratio)
         self.output = np.empty(spec.total, np.float32)
         self.parts: dict[int, _Part] = {}
         self.stats = RoundStats(spec.group_id, list(spec.members))
@@ -781,7 +792,7 @@ class AllReduce:
         may still take our contribution (``wait_for_round``): a relayed connection replaced by a
         hole-punched one as a round started took its streams with it, the owner never saw our
         header, and the round failed for every member."""
-        ranges = _chunk_ranges(*state.spec.part(owner))
+        ranges = state.spec.chunks(owner)
         payloads: list[bytes] = []  # each chunk encoded once: encoding moves the error feedback on
         give_up = trio.current_time() + self.wait_for_round
         with trio.move_on_at(deadline):
@@ -867,7 +878,7 @@ class AllReduce:
         The first frame may take ``first_wait`` seconds more than the stall timeout."""
         spec = state.spec
         start, end = spec.part(owner)
-        ranges = _chunk_ranges(start, end)
+        ranges = spec.chunks(owner)
         contributors: list[int] | None = None
         chunks: list[bytes] = []
         signature: bytes | None = None

@@ -1,13 +1,15 @@
 """More DiLoCo peers than a group holds: a swarm trained in groups of G (two-level rounds, each
 cell reduced across the round's groups) beside the same swarm in one group of all its peers.
 
-    python bench/groups.py [--peers 6] [--group-size 3] [--rounds 8] [--inner-steps 5] [--groups-only]
-                           [--keep DIR] [--json]
+    python bench/groups.py [--peers 6] [--group-size 3] [--rounds 8] [--inner-steps 5] [--sharded]
+                           [--groups-only] [--keep DIR] [--json]
 
 Per run: the fraction of peer-rounds averaged, rounds failed, the peers that ended with weights of
 their own (the others adopted the weights most held: with one set of weights all keep their own),
 the cells reduced across groups and those a group reduced alone, the final validation loss and the
-wall time. Both runs train the tiny GPT on the embedded corpus on this machine's loopback.
+wall time; with ``--sharded`` (outer momentum held by each shard's owners, every shard reduced
+across the round's groups), the shard-rounds whose momentum was lost. Both runs train the tiny GPT
+on the embedded corpus on this machine's loopback.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def train(peers: int, group_size: int, args: argparse.Namespace, work: Path) -> 
     work.mkdir(parents=True)
     run = work / "run.toml"
     run.write_text(f'model = "tiny"\ninner_steps = {args.inner_steps}\nbatch_size = 8\nrounds = {args.rounds}\n'
-                   f'round_timeout = {args.round_timeout}\ngroup_size = {group_size}\n')
+                   f'round_timeout = {args.round_timeout}\ngroup_size = {group_size}\n'
+                   + ("sharded = true\n" if args.sharded else ""))
     started = time.monotonic()
     processes = start_training_swarm(peers, ["--run", str(run)], work)
     try:
@@ -49,6 +52,9 @@ def train(peers: int, group_size: int, args: argparse.Namespace, work: Path) -> 
         "own_final_weights": sum(s["final_weights"] == "own" for s in done),
         "cells_across_groups": len(re.findall(r"cell \d+ reduced across", logs)),
         "cells_within_a_group": len(re.findall(r"cell \d+ reduced in this group only", logs)),
+        "lineage_moves": len(re.findall(r'"event": "lineage"', "".join(
+            path.read_text(errors="replace") for path in work.glob("*/metrics.jsonl")))),
+        **({"momentum_lost": sum(s.get("momentum_lost", 0) for s in done)} if args.sharded else {}),
         "val_loss": max((s["val_loss"] for s in done), default=None),
         "errors": [s["error"] for s in summaries if "error" in s],
     }
@@ -68,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--round-timeout", type=float, default=40.0)
+    parser.add_argument("--sharded", action="store_true", help="sharded outer momentum (run key sharded)")
     parser.add_argument("--groups-only", action="store_true", help="no run in one group beside it")
     parser.add_argument("--keep", type=Path, help="keep the peers' logs and metrics here")
     parser.add_argument("--json", action="store_true")
@@ -83,7 +90,9 @@ def main() -> None:
         print(f"{name:9} ({run['peers']} peers, groups of {run['group_size']}): "
               f"{run['rounds_averaged_fraction']:.3f} of peer-rounds averaged, {run['rounds_failed']} failed, "
               f"{run['own_final_weights']} kept their own weights, cells across groups {run['cells_across_groups']} "
-              f"(within one {run['cells_within_a_group']}), val loss {run['val_loss']}, {run['seconds']} s"
+              f"(within one {run['cells_within_a_group']}), lineage moves {run['lineage_moves']}, "
+              + (f"momentum lost {run['momentum_lost']}, " if args.sharded else "")
+              + f"val loss {run['val_loss']}, {run['seconds']} s"
               + (f", errors: {run['errors']}" if run["errors"] else ""))
 
 
