@@ -56,7 +56,8 @@ MAX_STALL_SECONDS = 15.0  # a stream on which no byte moves for this long has st
 MAX_ORDER_RANGES = 1 << 16  # ranges a group spec's order may list
 MAX_MEMBERS = 256
 MAX_ADDRS = 16  # addresses per member in a group spec
-MAX_CELLS = 1 << 12  # cells of a two-level round's vector (a sharded run's shards: up to 4096)
+MAX_CELLS = MAX_MEMBERS  # cells of a two-level round's grid (``partition.cell_bounds``)
+MAX_ORDERED_CELLS = 1 << 12  # cells of a two-level round's order: a sharded run's shards (up to 4096)
 MAX_STREAMS_PER_PEER = 16  # contribution, repair and note streams one peer may have served at once
 CLIP_RATIO = 2.0  # contributions are clipped to this many times the median norm (see _OwnerState.clip)
 MAX_ABS_VALUE = 1e9  # larger contributed values are absurd (and their weighted sum could overflow float32)
@@ -146,7 +147,7 @@ class GroupSpec:
             ends = sorted(self.order)
             if ends[0][0] != 0 or any(b != c for (_, b), (c, _) in zip(ends, ends[1:])):
                 raise SpecError("group spec order is not a split of the vector")
-        if not 0 <= self.cells <= MAX_CELLS:
+        if not 0 <= self.cells <= (MAX_ORDERED_CELLS if self.order else MAX_CELLS):
             raise SpecError("group spec cell count out of range")
         if self.cells and self.order and len(self.order) != self.cells:
             raise SpecError("group spec order ranges are not its cells")
