@@ -275,6 +275,13 @@ def add_addrs(host: IHost, peer: str, addrs: Sequence[str], ttl: float) -> None:
         log.debug("ignoring addresses of %s: %s", peer, exc)
 
 
+def _first_cause(exc: BaseException) -> BaseException:
+    """The first exception inside ``exc``'s exception groups, or ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _chunk_ranges(start: int, end: int) -> list[tuple[int, int]]:
     """A part's chunks. Smaller ones would shorten the pipeline's tail (an owner's last result chunk
     leaves after the last contribution is in) but cost CPU per byte: 64 Ki-value chunks took 4 x 20 MB
@@ -1057,8 +1064,11 @@ class AllReduce:
             if isinstance(exc, RoundFailed):
                 raise
             # Remote data may still reach a path that raises (a result that does not encode, say):
-            # that is this round's failure, never the peer's end.
-            reason = f"{type(exc).__name__}: {exc}"
+            # that is this round's failure, never the peer's end. Said by its first cause: a
+            # nursery's "Exceptions from Trio nursery (1 sub-exception)" said nothing (a cell whose
+            # reduction across groups failed, in chaos runs)
+            cause = _first_cause(exc)
+            reason = f"{type(cause).__name__}: {cause}"
             log.warning("%s: round failed: %s", spec.group_id, reason)
             state.stats.outcome, state.stats.reason = "failed", reason
             raise RoundFailed(reason, state.stats) from exc

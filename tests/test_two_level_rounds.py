@@ -79,3 +79,36 @@ async def test_groups_of_a_round_reduce_across_each_other_and_all_hold_one_mean(
         assert all(np.array_equal(outputs[0], out) for out in outputs[1:])  # bit-identical in every group
         np.testing.assert_allclose(outputs[0], expected, rtol=1e-5, atol=1e-5)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cell_whose_reduction_across_groups_fails_fails_the_round_and_says_why():
+    """The second level's failure is the round's, and its reason is the cause itself, not the
+    "Exceptions from Trio nursery" wrapping it (chaos runs logged only that)."""
+    from averaging.allreduce import RoundFailed
+
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers]
+
+        def failing_cross(*args):
+            async def cross(cell, values, weight, contributors):
+                raise ValueError(f"cell {cell} found no second level")
+            return cross
+
+        reasons = []
+
+        async def average(averager):
+            averager.matchmaker.swarm_size = 4  # more peers expected than a group holds: two levels
+            averager._cross_groups = failing_cross
+            with pytest.raises(RoundFailed) as failed:
+                await averager.all_reduce([torch.ones(1000)], group_key="r", timeout=30, base="b",
+                                          across_groups=True)
+            reasons.append(str(failed.value))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as rounds:
+                for averager in averagers:
+                    rounds.start_soon(average, averager)
+        assert len(reasons) == 2
+        assert any("ValueError: cell" in r and "found no second level" in r for r in reasons), reasons
+        nursery.cancel_scope.cancel()
