@@ -88,7 +88,7 @@ async def test_a_cell_whose_reduction_across_groups_fails_fails_the_round_and_sa
 
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
-        averagers = [Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers]
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=2) for p in peers]
 
         def failing_cross(*args):
             async def cross(cell, values, weight, contributors):
