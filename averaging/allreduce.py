@@ -168,10 +168,11 @@ class GroupSpec:
             return []
         start, end = self.part(index)
         edges = self._cell_edges()
-        numbers = list(range(self.cells))
         if self.order:  # the cell number of each range, in the round's sequence
             by_range = {r: i for i, r in enumerate(sorted(self.order))}
             numbers = [by_range[r] for r in self.order]
+        else:
+            numbers = list(range(self.cells))
         return [(numbers[i], a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])) if start <= a < b <= end]
 
     def chunks(self, index: int) -> list[tuple[int, int]]:

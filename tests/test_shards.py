@@ -231,9 +231,19 @@ async def step_and_check(outers, active, round_, current, gradient, expected) ->
         assert torch.equal(results[i], results[active[0]]), (round_, i)
         torch.testing.assert_close(results[i], expected, rtol=1e-5, atol=1e-5)
         current[i] = results[i]
-    after = (round_ + 1, weights_digest(results[active[0]]))
-    for shard in range(outers[active[0]].layout.count):
-        held = [outers[i].history[shard][after] for i in active if after in outers[i].history.get(shard, {})]
+    assert_holders_agree(outers, active, round_, results[active[0]])
+
+
+def assert_holders_agree(outers, stepped, round_: int, weights) -> None:
+    """After round ``round_`` stepped ``stepped`` to ``weights``: every shard's momentum for the
+    next round of those weights is held by some of them, and all their copies are bit-identical."""
+    import torch
+
+    from optim.base import weights_digest
+
+    after = (round_ + 1, weights_digest(weights))
+    for shard in range(outers[0].layout.count):
+        held = [outers[i].history[shard][after] for i in stepped if after in outers[i].history.get(shard, {})]
         assert held and all(torch.equal(h, held[0]) for h in held[1:]), (round_, shard)
 
 
@@ -400,10 +410,7 @@ async def test_sharded_rounds_of_several_groups_reduce_each_shard_across_them_an
                 assert torch.equal(new, stepped[min(stepped)])
                 np.testing.assert_allclose(new.numpy(), expected.numpy(), rtol=tolerance, atol=tolerance)
             current = stepped
-            after = (round_ + 1, weights_digest(stepped[min(stepped)]))
-            for shard in range(OUTER_LAYOUT.count):
-                held = [outers[i].history[shard][after] for i in stepped if after in outers[i].history.get(shard, {})]
-                assert held and all(torch.equal(h, held[0]) for h in held[1:]), (round_, shard)
+            assert_holders_agree(outers, stepped, round_, stepped[min(stepped)])
         assert all(o.stats.momentum_lost == 0 for o in outers)
         nursery.cancel_scope.cancel()
 
