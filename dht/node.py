@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ LOOKUP_SECONDS = 600.0
 # A lookup that timed out leaves the routing table's closest nodes for this long
 TIMED_OUT_LOOKUP_SECONDS = 30.0
 FORGOTTEN_LOOKUP_SECONDS = 60.0  # a key whose cached node failed a request is looked up again within this
+# A key none of whose cached nodes may be used now is looked up again, at most this often
+UNUSABLE_LOOKUP_SECONDS = 2.0
 GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
 READ_ADDRS_SECONDS = 600  # how long addresses of closer peers in a read's answer are kept (py-libp2p's)
 LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
@@ -70,6 +73,8 @@ class _Lookup:
     nodes: list[ID]  # closest first, less those forgotten since (``RecordDHT._forget``)
     table: int  # the routing table's size then
     full: bool  # the lookup found as many nodes as the replication factor
+    # when a set left with no usable node may be looked up again (one that timed out: at expiry)
+    retry: float = -math.inf
 
 
 class RecordDHT:
@@ -302,9 +307,16 @@ class RecordDHT:
         # table has not grown: in a swarm smaller than that factor every set is short, and looking
         # again every few seconds there cost most of the CPU of 16 peers on 2 cores.
         # Which of them this peer may use is asked at each use: a node it could not dial at the
-        # lookup may have connected since (peers starting together on a loaded machine).
-        if cached and trio.current_time() < cached.expiry and (cached.full or self.routing_table_size() <= cached.table):
-            return self._usable(cached.nodes)
+        # lookup may have connected since (peers starting together on a loaded machine). A set
+        # left with no usable node is looked up again (``UNUSABLE_LOOKUP_SECONDS`` apart): a home
+        # peer whose one reachable node failed a single write (the others behind NAT) read and
+        # wrote the run board only locally for ``FORGOTTEN_LOOKUP_SECONDS``, saw nobody join, and
+        # waited after the others had finished.
+        now = trio.current_time()
+        if cached and now < cached.expiry and (cached.full or self.routing_table_size() <= cached.table):
+            usable = self._usable(cached.nodes)
+            if usable or now < cached.retry:
+                return usable
         me = self.host.get_id()
         found: list[ID] | None = None
         started = trio.current_time()
@@ -334,7 +346,8 @@ class RecordDHT:
         dialable_again = [until for p in found if (until := self._unreachable.get(p)) is not None and until > now]
         if dialable_again:
             ttl = min(ttl, max(5.0, min(dialable_again) - now))
-        self._lookups[key_bytes] = _Lookup(now + ttl, found, table, len(found) >= self.replication)
+        retry = now + (ttl if timed_out else UNUSABLE_LOOKUP_SECONDS)
+        self._lookups[key_bytes] = _Lookup(now + ttl, found, table, len(found) >= self.replication, retry)
         return peers
 
     def _usable(self, nodes: list[ID]) -> list[ID]:
@@ -466,12 +479,9 @@ class RecordDHT:
         ``FORGOTTEN_LOOKUP_SECONDS``: a node that failed once (a partition, a restart) may be back
         by then, and kept out of the set for the lookup's 10 minutes, the two halves of a healed
         partition read and wrote the run board each at its own nodes, and trained apart to the
-        end (``bench/chaos.py --kinds partition``). Where none would be left, the key is looked up
-        again at its next use (a home peer whose only DHT server refused one write, a stale entry
-        racing a fresher one, had cached no node for the run board, and saw no other peer join)."""
+        end (``bench/chaos.py --kinds partition``). Where no usable node is left, the key is
+        looked up again at its next use (``_closest_peers``)."""
         cached = self._lookups.get(key_bytes)
         if cached and peer in cached.nodes:
             cached.nodes = [p for p in cached.nodes if p != peer]
             cached.expiry = min(cached.expiry, trio.current_time() + FORGOTTEN_LOOKUP_SECONDS)
-            if not cached.nodes:
-                del self._lookups[key_bytes]

@@ -144,6 +144,9 @@ class Trainer:
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
+        # one write of this peer's board entry at a time: of two racing, the older arrived second
+        # at a node, which refused it (its newer was there), and the writer dropped that node
+        self._publishing = trio.Lock()
         self._joinable: dict[int, str] | None = None  # see _watch_joinable_round
         # the digests of this peer's swarm weights at its last rounds, since it last took a state (_outnumbering)
         self._own_bases: dict[int, str] = {}
@@ -397,16 +400,17 @@ class Trainer:
         publishers (``run_board.publishes_config``)."""
         swarm = self.peer.config.swarm
         with trio.move_on_after(self.peer.ttl - self.peer.config.heartbeat):
-            # what the others act on is written at once; the rest (round, loss...) at each refresh
-            turns = (self.progress.run_id, self.progress.training, self.progress.final, self.progress.settled)
-            if self._board.refresh_due(turns):
-                await self._board.write(self.peer.dht, self.progress.to_value(), self.peer.ttl, compared=turns)
-            # it never changes: a long lifetime, refreshed rarely
-            lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)
-            if publishes_config(self.me, self._expected_peers()) and \
-                    trio.current_time() - self._config_published_at >= lifetime / 3:
-                await self.peer.dht.store(run_configs_key(swarm), self.config.to_dict(), lifetime)
-                self._config_published_at = trio.current_time()
+            async with self._publishing:
+                # what the others act on is written at once; the rest (round, loss...) at each refresh
+                turns = (self.progress.run_id, self.progress.training, self.progress.final, self.progress.settled)
+                if self._board.refresh_due(turns):
+                    await self._board.write(self.peer.dht, self.progress.to_value(), self.peer.ttl, compared=turns)
+                # it never changes: a long lifetime, refreshed rarely
+                lifetime = min(MAX_TTL, RUN_CONFIG_HEARTBEATS * self.peer.config.heartbeat)
+                if publishes_config(self.me, self._expected_peers()) and \
+                        trio.current_time() - self._config_published_at >= lifetime / 3:
+                    await self.peer.dht.store(run_configs_key(swarm), self.config.to_dict(), lifetime)
+                    self._config_published_at = trio.current_time()
 
     async def _publish_progress(self) -> None:
         """This peer's board entry, refreshed on its own (every heartbeat in a small swarm,
