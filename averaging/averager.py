@@ -170,7 +170,11 @@ class Averager:
         contributors, until those read stand for every peer expected) and all-reduces the cell
         with them, each group's mean weighted by its total weight. A cell whose owner finds no
         other group keeps its group's mean (the group may be the whole round), as a one-level
-        round would; one whose reduction fails fails the round. Its bytes are added to ``counted``.
+        round would; one whose reduction fails fails the round, and so does one whose owner read
+        other groups' owners seeking there but formed no group with them: stepped with its own
+        mean, each group would hold weights of its own, and the swarm's lineages part until states
+        are fetched (failed, the round leaves every group's weights as they were). Its bytes are
+        added to ``counted``.
 
         Where a peer expected is not in the round (late, behind, restarting), the covers read stay
         short of the swarm and the cells form a budget after the first declaration: a budget of at
@@ -193,6 +197,11 @@ class Averager:
                 spec = await matchmaker.find_group(f"{group_key}/cells/{cells}.{cell}", len(values), codec,
                                                    now + left / 2, base=base, covers=contributors)
             except MatchmakingFailed as exc:
+                if exc.others_sought:
+                    # other groups' owners of the cell were there: they step it with their mean, or fail
+                    # as this one does; stepping it with this group's own mean would part the swarm's
+                    # weights (two groups of 4 in a chaos run: 9 rounds apart, 11 states refetched)
+                    raise MatchmakingFailed(f"cell {cell} met no other group's owner of it: {exc}") from exc
                 log.info("%s: cell %d reduced in this group only: %s", group_key, cell, exc)
                 return values
             # a group weighs what its members do together: up to the largest group's worth

@@ -60,7 +60,12 @@ MAX_REREAD_SECONDS = 2.0
 
 
 class MatchmakingFailed(Exception):
-    """No group could be formed before the deadline."""
+    """No group could be formed before the deadline. ``others_sought``: other peers were read
+    seeking under the key, from this peer's base, and no group with them formed."""
+
+    def __init__(self, message: str, others_sought: bool = False) -> None:
+        super().__init__(message)
+        self.others_sought = others_sought
 
 
 # members -> (the vector's order as ranges, part bounds): a caller's layout of its groups (``RoundPlan``)
@@ -91,6 +96,7 @@ class _Seeking:
     found: trio.Event = field(default_factory=trio.Event)
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
+    met: set[str] = field(default_factory=set)  # other peers read seeking there from this base, at any read
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     other_covers: int = 0  # ...and the peers they stand for (``covers``), who will not join this peer's group
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
@@ -266,7 +272,8 @@ class Matchmaker:
                     seeking.committed, seeking.leader, seeking.alone = False, None, False
             if seeking.superseded:
                 raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
-            raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}")
+            raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}",
+                                    others_sought=bool(seeking.met))
         finally:
             if self._seekings.get(key) is seeking:
                 del self._seekings[key]
@@ -301,6 +308,7 @@ class Matchmaker:
                 return seeking.spec
             candidates, left = await self._candidates(seeking)
             seeking.seen = frozenset(candidates)
+            seeking.met.update(p for p in candidates if p != self.me)
             waited = trio.current_time() - started
             if not self.one_at_a_time and candidates:
                 # seekers that come at different times (a round's groups at their cells) count the
@@ -312,7 +320,8 @@ class Matchmaker:
                     # nobody else came while a round's groups form (their members seek for up to two
                     # budgets): this peer's group is likely the round's only one (a peer the caller
                     # expected is behind), and waiting on would cost every round
-                    raise MatchmakingFailed(f"nobody else sought under {seeking.key} within {2 * self.budget:.0f} s")
+                    raise MatchmakingFailed(f"nobody else sought under {seeking.key} within {2 * self.budget:.0f} s",
+                                            others_sought=bool(seeking.met))
             if self.me not in candidates:
                 # our declaration is not where we read (its store failed, or the nodes holding the
                 # key changed): nobody else sees it either, so declare again rather than group
@@ -339,7 +348,7 @@ class Matchmaker:
                 # leader has invited this peer (committed: accepted, awaiting its begin): nobody is
                 # left to group with, so fail now rather than hold up this peer's next round
                 raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer"
-                                        f"{_other_bases(seeking)}")
+                                        f"{_other_bases(seeking)}", others_sought=bool(seeking.met))
             await self._ping_some(candidates)
             waited = trio.current_time() - started
             pause = reread if waited >= self.budget else min(reread, self.budget - waited)

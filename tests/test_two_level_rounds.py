@@ -112,3 +112,42 @@ async def test_a_cell_whose_reduction_across_groups_fails_fails_the_round_and_sa
         assert len(reasons) == 2
         assert any("ValueError: cell" in r and "found no second level" in r for r in reasons), reasons
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cell_that_met_another_groups_owner_but_formed_no_group_fails_the_round():
+    """Two groups' owners of a cell that read each other but formed no group (an invitation that
+    came too late, in a chaos run) each stepped the cell with their own group's mean, and the
+    swarm's weights parted for nine rounds. Such a cell fails the round (the groups' weights stay
+    as they were); a cell that nobody else sought keeps its group's mean, as before."""
+    from averaging.allreduce import RoundStats
+
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 2)
+        first, other = (Averager(p, target_group_size=2, matchmaking_budget=2) for p in peers)
+        for averager in (first, other):
+            averager.matchmaker.swarm_size = 4  # two groups of two expected
+        values = np.ones(1000, dtype=np.float32)
+
+        def cross(averager, key):
+            now = trio.current_time()
+            return averager._cross_groups(key, "none", "b", 2, 8, now + 8, RoundStats("cells", []))(0, values, 1.0, 2)
+
+        with trio.fail_after(30):
+            assert np.array_equal(await cross(first, "alone"), values)  # nobody else: its own mean
+            # the other owner will not group with this one (it left it out), but seeks under the cell
+            other.cells_matchmaker.exclude([first.matchmaker.me])
+            outcomes = {}
+
+            async def seek(name, averager):
+                try:
+                    outcomes[name] = await cross(averager, "met")
+                except MatchmakingFailed as exc:
+                    outcomes[name] = exc
+
+            async with trio.open_nursery() as both:
+                both.start_soon(seek, "first", first)
+                both.start_soon(seek, "other", other)
+        assert isinstance(outcomes["first"], MatchmakingFailed), outcomes
+        assert "cell 0 met no other group's owner of it" in str(outcomes["first"])
+        assert np.array_equal(outcomes["other"], values)  # it never read the first: as if alone
+        nursery.cancel_scope.cancel()
