@@ -170,11 +170,11 @@ class Averager:
         contributors, until those read stand for every peer expected) and all-reduces the cell
         with them, each group's mean weighted by its total weight. A cell whose owner finds no
         other group keeps its group's mean (the group may be the whole round), as a one-level
-        round would; one whose reduction fails fails the round, and so does one whose owner read
-        other groups' owners seeking there but formed no group with them: stepped with its own
-        mean, each group would hold weights of its own, and the swarm's lineages part until states
-        are fetched (failed, the round leaves every group's weights as they were). Its bytes are
-        added to ``counted``.
+        round would; one whose reduction fails fails the round, and so does one that formed no group
+        while other groups' owners of it were still seeking there: stepped with their own means,
+        the groups would hold weights of their own, and the swarm's lineages part until states are
+        fetched. (Owners gone or stopped do not count: their groups' rounds fail, and a group that
+        steps alone is caught up with.) Its bytes are added to ``counted``.
 
         Where a peer expected is not in the round (late, behind, restarting), the covers read stay
         short of the swarm and the cells form a budget after the first declaration: a budget of at
@@ -197,11 +197,12 @@ class Averager:
                 spec = await matchmaker.find_group(f"{group_key}/cells/{cells}.{cell}", len(values), codec,
                                                    now + left / 2, base=base, covers=contributors)
             except MatchmakingFailed as exc:
-                if exc.others_sought:
-                    # other groups' owners of the cell were there: they step it with their mean, or fail
-                    # as this one does; stepping it with this group's own mean would part the swarm's
-                    # weights (two groups of 4 in a chaos run: 9 rounds apart, 11 states refetched)
-                    raise MatchmakingFailed(f"cell {cell} met no other group's owner of it: {exc}") from exc
+                if exc.others_seeking:
+                    # other groups' owners of the cell seek still, and will step it with their own mean
+                    # as this one would: the swarm's weights would part (two groups of 4 in a chaos run:
+                    # 9 rounds apart, 11 states refetched). Failed, this group's weights stay as they were
+                    raise MatchmakingFailed(f"cell {cell} formed no group with the other groups' owners "
+                                            f"seeking it: {exc}") from exc
                 log.info("%s: cell %d reduced in this group only: %s", group_key, cell, exc)
                 return values
             # a group weighs what its members do together: up to the largest group's worth

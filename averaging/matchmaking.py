@@ -60,12 +60,12 @@ MAX_REREAD_SECONDS = 2.0
 
 
 class MatchmakingFailed(Exception):
-    """No group could be formed before the deadline. ``others_sought``: other peers were read
-    seeking under the key, from this peer's base, and no group with them formed."""
+    """No group could be formed before the deadline. ``others_seeking``: other peers of this peer's
+    base were still seeking under the key at its last read (``_Seeking.others_seeking``)."""
 
-    def __init__(self, message: str, others_sought: bool = False) -> None:
+    def __init__(self, message: str, others_seeking: bool = False) -> None:
         super().__init__(message)
-        self.others_sought = others_sought
+        self.others_seeking = others_seeking
 
 
 # members -> (the vector's order as ranges, part bounds): a caller's layout of its groups (``RoundPlan``)
@@ -96,12 +96,18 @@ class _Seeking:
     found: trio.Event = field(default_factory=trio.Event)
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
-    met: set[str] = field(default_factory=set)  # other peers read seeking there from this base, at any read
+    unanswered: set[str] = field(default_factory=set)  # peers this one invited that never answered
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     other_covers: int = 0  # ...and the peers they stand for (``covers``), who will not join this peer's group
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
     alone: bool = False  # that split leaves this peer in a group too small to form
     scope: trio.CancelScope | None = None  # cancelled when a later seeking supersedes this one
+
+    def others_seeking(self, me: str) -> bool:
+        """Whether peers other than ``me`` were still seeking under the key at the last read, save
+        leaders that never invited ``me`` and peers that never answered its invitation (gone,
+        stopped, unreachable): they will not form a group with ``me`` either, and may go on alone."""
+        return bool(self.seen - self.suspects - self.unanswered - {me})
 
     def may_invite(self, peer: str, me: str) -> bool:
         """Only a leader this peer can derive itself may invite it: the one of its own split once
@@ -273,7 +279,7 @@ class Matchmaker:
             if seeking.superseded:
                 raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}",
-                                    others_sought=bool(seeking.met))
+                                    others_seeking=seeking.others_seeking(self.me))
         finally:
             if self._seekings.get(key) is seeking:
                 del self._seekings[key]
@@ -308,7 +314,6 @@ class Matchmaker:
                 return seeking.spec
             candidates, left = await self._candidates(seeking)
             seeking.seen = frozenset(candidates)
-            seeking.met.update(p for p in candidates if p != self.me)
             waited = trio.current_time() - started
             if not self.one_at_a_time and candidates:
                 # seekers that come at different times (a round's groups at their cells) count the
@@ -320,8 +325,7 @@ class Matchmaker:
                     # nobody else came while a round's groups form (their members seek for up to two
                     # budgets): this peer's group is likely the round's only one (a peer the caller
                     # expected is behind), and waiting on would cost every round
-                    raise MatchmakingFailed(f"nobody else sought under {seeking.key} within {2 * self.budget:.0f} s",
-                                            others_sought=bool(seeking.met))
+                    raise MatchmakingFailed(f"nobody else sought under {seeking.key} within {2 * self.budget:.0f} s")
             if self.me not in candidates:
                 # our declaration is not where we read (its store failed, or the nodes holding the
                 # key changed): nobody else sees it either, so declare again rather than group
@@ -348,7 +352,7 @@ class Matchmaker:
                 # leader has invited this peer (committed: accepted, awaiting its begin): nobody is
                 # left to group with, so fail now rather than hold up this peer's next round
                 raise MatchmakingFailed(f"the others' groups under {seeking.key} formed without this peer"
-                                        f"{_other_bases(seeking)}", others_sought=bool(seeking.met))
+                                        f"{_other_bases(seeking)}")
             await self._ping_some(candidates)
             waited = trio.current_time() - started
             pause = reread if waited >= self.budget else min(reread, self.budget - waited)
@@ -452,15 +456,19 @@ class Matchmaker:
             # direct try); no other address of it may be known yet
             declared = candidates.get(member, {})
             add_addrs(self.host, member, declared.get("addrs", []), self.budget + 30)
+            answered = False
             with trio.move_on_after(LEAD_INVITE_SECONDS + (RELAYED_INVITE_SECONDS if _behind_nat(declared.get("reach")) else 0)):
                 try:
                     stream = await self.host.new_stream(ID.from_base58(member), [self.protocol])
                 except Exception as exc:  # gone, unreachable: libp2p raises many kinds
                     log.debug("cannot invite %s: %s", member, exc)
+                    seeking.unanswered.add(member)
                     return
                 try:
                     await write_frame(stream, {"t": "invite", "key": seeking.key, "leader": self.me})
                     answer, _ = await read_frame(stream, 0)
+                    answered = True
+                    seeking.unanswered.discard(member)
                     if answer.get("t") == "accept":
                         accepted[member] = stream
                         return
@@ -468,6 +476,8 @@ class Matchmaker:
                     log.debug("invitation to %s failed: %s", member, exc)
                 with contextlib.suppress(Exception):
                     await stream.close()
+            if not answered:  # (not reached where the seeking itself ended meanwhile)
+                seeking.unanswered.add(member)
 
         async with trio.open_nursery() as nursery:
             for member in group:

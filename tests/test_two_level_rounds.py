@@ -114,7 +114,7 @@ async def test_a_cell_whose_reduction_across_groups_fails_fails_the_round_and_sa
         nursery.cancel_scope.cancel()
 
 
-async def test_a_cell_that_met_another_groups_owner_but_formed_no_group_fails_the_round():
+async def test_a_cell_that_formed_no_group_while_another_groups_owner_sought_it_fails_the_round():
     """Two groups' owners of a cell that read each other but formed no group (an invitation that
     came too late, in a chaos run) each stepped the cell with their own group's mean, and the
     swarm's weights parted for nine rounds. Such a cell fails the round (the groups' weights stay
@@ -123,31 +123,37 @@ async def test_a_cell_that_met_another_groups_owner_but_formed_no_group_fails_th
 
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
-        first, other = (Averager(p, target_group_size=2, matchmaking_budget=2) for p in peers)
+        # the first leads (the smaller id): it invites the other, which rejects it (a leader that
+        # never invites counts as gone, as does an invitee that never answers); the other seeks on
+        # past the first's deadline
+        first, other = sorted(peers, key=lambda p: p.peer_id.to_base58())
+        first, other = Averager(first, target_group_size=2, matchmaking_budget=2), \
+            Averager(other, target_group_size=2, matchmaking_budget=10)
         for averager in (first, other):
             averager.matchmaker.swarm_size = 4  # two groups of two expected
         values = np.ones(1000, dtype=np.float32)
 
-        def cross(averager, key):
+        def cross(averager, key, timeout=8):
             now = trio.current_time()
-            return averager._cross_groups(key, "none", "b", 2, 8, now + 8, RoundStats("cells", []))(0, values, 1.0, 2)
+            return averager._cross_groups(key, "none", "b", 2, timeout, now + timeout,
+                                          RoundStats("cells", []))(0, values, 1.0, 2)
 
         with trio.fail_after(30):
-            assert np.array_equal(await cross(first, "alone"), values)  # nobody else: its own mean
+            assert np.array_equal(await cross(first, "alone", 4), values)  # nobody else: its own mean
             # the other owner will not group with this one (it left it out), but seeks under the cell
             other.cells_matchmaker.exclude([first.matchmaker.me])
             outcomes = {}
 
-            async def seek(name, averager):
+            async def seek(name, averager, timeout):
                 try:
-                    outcomes[name] = await cross(averager, "met")
+                    outcomes[name] = await cross(averager, "met", timeout)
                 except MatchmakingFailed as exc:
                     outcomes[name] = exc
 
             async with trio.open_nursery() as both:
-                both.start_soon(seek, "first", first)
-                both.start_soon(seek, "other", other)
+                both.start_soon(seek, "first", first, 8)
+                both.start_soon(seek, "other", other, 10)
         assert isinstance(outcomes["first"], MatchmakingFailed), outcomes
-        assert "cell 0 met no other group's owner of it" in str(outcomes["first"])
+        assert "cell 0 formed no group with the other groups' owners seeking it" in str(outcomes["first"])
         assert np.array_equal(outcomes["other"], values)  # it never read the first: as if alone
         nursery.cancel_scope.cancel()
