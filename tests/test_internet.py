@@ -250,3 +250,37 @@ def test_a_home_peer_joining_late_catches_up_through_the_relay_and_averages(lab,
             if event["event"] in ("applied", "adopted"):
                 finals[name] = event["digest"]
     assert len(finals) == 3 and len(set(finals.values())) == 1, finals
+
+
+@pytest.mark.slow  # ~1 minute
+@pytest.mark.timeout(480)
+def test_sharded_rounds_in_groups_across_nats_reduce_every_shard_across_the_groups(lab, tmp_path):
+    """Four peers in groups of two, two of them behind separate NATs (the seed relays; declared
+    reachability puts one home peer in each group): a sharded run's two-level rounds reduce each
+    shard's mean across both groups, home peers reducing theirs with each other through the relay
+    or a punched hole, and every peer steps every round to the same weights."""
+    lab.add_host("pub1", 1)
+    lab.add_host("pub2", 2)
+    lab.add_home("home1", 1)
+    lab.add_home("home2", 2)
+    run = ["--model", "tiny", "--inner-steps", "10", "--batch-size", "8", "--rounds", "5", "--sharded",
+           "--group-size", "2"]
+    peer = ["--threads", "1", "--heartbeat", "2", "--wait-peers", "4"]
+    seed = lab.start_peer("pub1", ["--seed", *run, *peer, "--out", str(tmp_path / "pub1")], tmp_path / "logs")
+    others = {name: lab.start_peer(name, ["--bootstrap", seed.addrs[0], *peer, "--out", str(tmp_path / name)],
+                                   tmp_path / "logs") for name in ("pub2", "home1", "home2")}
+    processes = {"pub1": seed, **others}
+    summaries = {name: training_summary(process, 400) for name, process in processes.items()}
+    digests: dict[int, set] = {}  # round -> the swarm weights' digests after it, all peers together
+    for name, summary in summaries.items():
+        assert summary["rounds_averaged"] >= 3, (name, summary)
+        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "applied" and event["members"]:
+                digests.setdefault(event["round"], set()).add(event["digest"])
+    assert len(digests) >= 3 and all(len(d) == 1 for d in digests.values()), digests
+    logs = {name: p.log_path.read_text(errors="replace") for name, p in processes.items()}
+    for name, log in logs.items():
+        assert "Traceback" not in log and "reduced in this group only" not in log, name
+        assert re.search(r"cell \d+ reduced across 2 groups", log), name
+    assert "reduced across 2 groups" in logs["home1"] and "reduced across 2 groups" in logs["home2"]
