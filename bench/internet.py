@@ -1,6 +1,6 @@
 """Internet benchmark: a training swarm across public hosts and home NATs, in network namespaces.
 
-    python bench/internet.py [--rounds 8] [--group-size G] [--down 50] [--up 15] [--json]
+    python bench/internet.py [--rounds 8] [--group-size G] [--sharded] [--down 50] [--up 15] [--json]
 
 Topology (``tests/netns_helpers.Lab``, its own namespaces on a public-looking "internet",
 11.201.0.0/24; needs root, iproute2, iptables, nftables and miniupnpd): ``pub1`` (the seed, which
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace, work: Path, all_public: bool) -> dict:
             lab.shape(name, args.down, args.up)
         common = ["--threads", "1", "--heartbeat", "2", "--wait-peers", str(len(names))]
         train = ["--model", "tiny", "--inner-steps", str(args.inner_steps), "--batch-size", "8",
-                 "--rounds", str(args.rounds), *(["--group-size", str(args.group_size)] if args.group_size else [])]
+                 "--rounds", str(args.rounds), *(["--group-size", str(args.group_size)] if args.group_size else []),
+                 *(["--sharded"] if args.sharded else [])]
         logs = work / "logs"
         seed = lab.start_peer("pub1", ["--seed", *train, *common, "--out", str(work / "pub1")], logs)
         processes = {"pub1": seed}
@@ -101,6 +102,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--group-size", type=int, help="the run's group_size (below 7: two-level rounds)")
+    parser.add_argument("--sharded", action="store_true", help="sharded outer momentum (the run's shards' owners step)")
     parser.add_argument("--down", type=float, default=50.0, help="download Mbit/s of every access link")
     parser.add_argument("--up", type=float, default=15.0, help="upload Mbit/s of every access link")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a peer may take to finish")
