@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ class _Lookup:
     table: int  # the routing table's size then
     full: bool  # the lookup found as many nodes as the replication factor
     # when a set left with no usable node may be looked up again (one that timed out: at expiry)
-    retry: float = -math.inf
+    retry: float
 
 
 class RecordDHT:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import trio
 
-from averaging.allreduce import GroupSpec, SpecError
+from averaging.allreduce import GroupSpec, RoundFailed, RoundStats, SpecError
 from averaging.averager import Averager
 from averaging.matchmaking import MatchmakingFailed
 from averaging.partition import cell_bounds, cell_owner_bounds
@@ -84,8 +84,6 @@ async def test_groups_of_a_round_reduce_across_each_other_and_all_hold_one_mean(
 async def test_a_cell_whose_reduction_across_groups_fails_fails_the_round_and_says_why():
     """The second level's failure is the round's, and its reason is the cause itself, not the
     "Exceptions from Trio nursery" wrapping it (chaos runs logged only that)."""
-    from averaging.allreduce import RoundFailed
-
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
         averagers = [Averager(p, target_group_size=2, matchmaking_budget=2) for p in peers]
@@ -119,8 +117,6 @@ async def test_a_cell_that_formed_no_group_while_another_groups_owner_sought_it_
     came too late, in a chaos run) each stepped the cell with their own group's mean, and the
     swarm's weights parted for nine rounds. Such a cell fails the round (the groups' weights stay
     as they were); a cell that nobody else sought keeps its group's mean, as before."""
-    from averaging.allreduce import RoundStats
-
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
         # the first leads (the smaller id): it invites the other, which rejects it (a leader that
