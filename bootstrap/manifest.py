@@ -205,7 +205,8 @@ def _parse_body(body: bytes, max_bytes: int) -> Manifest:
         raise ManifestError("manifest tensor list malformed")
     specs, total = [], 0
     for item in tensors:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[1] in DTYPES
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and isinstance(item[1], str) and item[1] in DTYPES
                 and isinstance(item[2], list) and len(item[2]) <= 8
                 and all(type(d) is int and 0 <= d < 1 << 40 for d in item[2])
                 and math.prod(d for d in item[2] if d) < 1 << 40):  # also with a zero among them

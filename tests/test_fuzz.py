@@ -112,7 +112,16 @@ def signed(body: bytes) -> bytes:
                           KEY_PAIR.private_key.sign(b"legion-manifest-v1" + body)])
 
 
+def with_a_list_for_a_dtype() -> bytes:
+    """A signed manifest whose first tensor's dtype is a list: unhashable, it raised TypeError
+    where a ManifestError was due (found by this test in a CI run)."""
+    fields = msgpack.unpackb(MANIFEST.body(), raw=False)
+    fields[4][0][1] = ["float32"]
+    return signed(msgpack.packb(fields, use_bin_type=True))
+
+
 @settings(suppress_health_check=[HealthCheck.too_slow])
+@example(with_a_list_for_a_dtype())
 @given(st.one_of(st.binary(max_size=300), mutations(ENVELOPE),
                  mutations(MANIFEST.body()).map(signed),  # validly signed, malformed bodies
                  values.map(lambda v: signed(msgpack.packb(v, use_bin_type=True)))))
