@@ -24,7 +24,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from dht.buckets import parse_entries
-from dht.records import Entry, RecordError, check_key, decode_bundle_lenient, encode_bundle, merge, sign_entry
+from dht.records import Entry, RecordError, check_key, decode_answer, digest, encode_bundle, encode_known, merge, sign_entry
+from dht.seen import SeenEntries
 from dht.store import MergingValueStore
 from dht.streams import SERVE_IDLE_SECONDS, InboundStreams, ServedStream, StreamPool
 from dht.validator import LegionValidator
@@ -60,6 +61,7 @@ TIMED_OUT_LOOKUP_SECONDS = 30.0
 FORGOTTEN_LOOKUP_SECONDS = 60.0  # a key whose cached node failed a request is looked up again within this
 # A key none of whose cached nodes may be used now is looked up again, at most this often
 UNUSABLE_LOOKUP_SECONDS = 2.0
+FIRST_ANSWER_SECONDS = 1.0  # a first read asks one replica, and the others once it answered or after this
 GET_VALUE_CLOSER_PEERS = 1  # closer peers in this node's answer to a read (py-libp2p lists 20)
 READ_ADDRS_SECONDS = 600  # how long addresses of closer peers in a read's answer are kept (py-libp2p's)
 LOOKUP_ADDRS_SECONDS = 3600  # ... in a FIND_NODE answer
@@ -97,6 +99,7 @@ class RecordDHT:
         self.lookup_ttl = lookup_ttl
         self._lookups: dict[bytes, _Lookup] = {}
         self._unreachable: dict[ID, float] = {}  # peer -> until when lookups skip it
+        self.seen = SeenEntries()  # what the last read of each key found: replicas send the rest
         self.on_served: Callable[[float], None] | None = None  # given each inbound request's seconds
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
@@ -251,11 +254,20 @@ class RecordDHT:
         here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
         all are read: a round's matchmaking key is seconds old, its entries still arriving, and
         peers whose views differ form different groups. ``fanout`` replaces ``read_fanout`` for
-        this read (where the swarm is not that small)."""
+        this read (where the swarm is not that small).
+
+        A key read before is read again as a delta: the request names the entries the last read
+        found (``seen``) or this node holds, and a replica names back those it holds too and sends
+        only the others; the read finds what it would have found in full. A key with none of
+        those is asked of one replica first, and of the others, as a delta against its answer,
+        once it answered or after ``FIRST_ANSWER_SECONDS``: one bundle crosses, not ``fanout``."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
-        groups: list[list[Entry]] = [self._decode(key, local.value, "local store")] if local else []
+        seen = {digest(e): e for e in self.seen.get(key_bytes)}
+        groups: list[list[Entry]] = [self._decode(key, local.value, "local store", seen)] if local else []
+        seen.update((digest(e), e) for group in groups for e in group)
+        known = encode_known(seen.values()) if seen else b""
         closest = await self._closest_peers(key_bytes)
         peers = closest[:self._short_lived_replicas(closest)]
         waiting = random.sample(peers, len(peers))
@@ -263,26 +275,45 @@ class RecordDHT:
         # reached only some of them (a joiner of 4 peers once missed one seeder's holdings)
         small = len(closest) <= 2 * self.read_fanout
         fanout = len(peers) if every_replica or small else fanout or self.read_fanout
-        records = 0  # replicas that sent a record
+        records = asked = 0  # replicas that sent a record; requests under way
+        limit = 1 if probe or not seen else fanout  # replicas to have sent a record or be asked
+        first_answered = trio.Event()
+
+        def ask(nursery: trio.Nursery) -> None:
+            nonlocal asked
+            while waiting and records + asked < limit:
+                asked += 1
+                nursery.start_soon(get_from, waiting.pop(), nursery)
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
-            nonlocal records
+            nonlocal records, asked, limit, known
             record, answered = None, False
             with trio.move_on_after(self.timeout) as scope:
-                record, answered = await self._get_from(peer, key_bytes)
+                record, answered = await self._get_from(peer, key_bytes, known)
             if scope.cancelled_caught:
                 self._forget(key_bytes, peer)
+            asked -= 1
             if record is not None:  # signatures checked off the event loop: a bundle holds thousands
                 records += 1
-                groups.append(await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58()))
-            holds_none = answered and record is None
-            if waiting and records < fanout and not (probe and holds_none and not records):
-                nursery.start_soon(get_from, waiting.pop(), nursery)  # ask another
+                entries = await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58(), seen)
+                groups.append(entries)
+                seen.update((digest(e), e) for e in entries)
+                known = encode_known(seen.values())
+            if not (probe and answered and not records):  # (a probe asks more only where a replica holds the key)
+                limit = fanout
+            first_answered.set()
+            ask(nursery)  # another in place of one that failed or held none
 
         async with trio.open_nursery() as nursery:
-            for _ in range(min(1 if probe else fanout, len(waiting))):
-                nursery.start_soon(get_from, waiting.pop(), nursery)
-        return {sub: e for sub, e in merge(*groups).items() if withdrawn or not e.withdrawn}
+            ask(nursery)
+            if not probe and limit < fanout and asked:
+                with trio.move_on_after(FIRST_ANSWER_SECONDS):
+                    await first_answered.wait()
+                limit = fanout
+                ask(nursery)
+        merged = merge(*groups)
+        self.seen.remember(key_bytes, list(merged.values()))
+        return {sub: e for sub, e in merged.items() if withdrawn or not e.withdrawn}
 
     async def get_parsed(self, key: str, parse: Callable[[str, Any], T], what: str) -> list[T]:
         """Every live entry under ``key`` as ``parse(subkey, value)``; a value that ``parse``
@@ -290,14 +321,16 @@ class RecordDHT:
         return parse_entries(await self.get(key), parse, what)
 
     @staticmethod
-    def _decode(key: str, data: bytes, source: str) -> list[Entry]:
+    def _decode(key: str, data: bytes, source: str, seen: dict[bytes, Entry]) -> list[Entry]:
+        """The entries ``source``'s answer holds: those it sent, and those of ``seen`` it named."""
         try:
-            entries, problems = decode_bundle_lenient(key, data)
+            entries, named, problems = decode_answer(key, data)
         except RecordError as exc:
             log.warning("dropped record for %s from %s: %s", key, source, exc)
             return []
         for problem in problems:
             log.warning("dropped entry for %s from %s: %s", key, source, problem)
+        entries.extend(seen[d] for d in named if d in seen)
         return entries
 
     async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
@@ -387,10 +420,14 @@ class RecordDHT:
             return False
         return answer.type == Message.MessageType.PUT_VALUE and answer.key == key_bytes
 
-    async def _get_from(self, peer: ID, key_bytes: bytes) -> tuple[Record | None, bool]:
-        """``peer``'s record under ``key_bytes`` (None if it holds none), and whether it answered."""
+    async def _get_from(self, peer: ID, key_bytes: bytes, known: bytes = b"") -> tuple[Record | None, bool]:
+        """``peer``'s record under ``key_bytes`` (None if it holds none), and whether it answered;
+        with ``known`` (``encode_known``), the record holds only the entries it does not name."""
+        request = Message(type=Message.MessageType.GET_VALUE, key=key_bytes)
+        if known:
+            request.record.key, request.record.value = key_bytes, known
         try:
-            answer = await self.streams.request(peer, Message(type=Message.MessageType.GET_VALUE, key=key_bytes))
+            answer = await self.streams.request(peer, request)
         except Exception as exc:
             log.debug("read of %s from %s failed: %s", key_bytes.decode(errors="replace"), peer, exc)
             return None, False

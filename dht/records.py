@@ -13,6 +13,13 @@ Limits keep what one writer can make a node hold small: an entry lives at most `
 Legion entry is refreshed each heartbeat), each kind of key caps its entries' size
 (``entry_limit``), and a bundle over its size cap loses its largest entries first, so no writer can
 push others' entries out by writing a big one.
+
+A reader that read a key before tells its replicas which entries it holds (``encode_known``: a
+short digest of each entry's signature), and a replica answers with a *delta* (``delta_answer``):
+the digests of those it holds too, and its other entries in full. A seeker rereads its matchmaking
+key every second or two, and a replica's answer was the whole bundle each time. The digests ride in
+the GET_VALUE request's otherwise unused record, so a node of an earlier version ignores them and
+answers with its bundle; ``decode_answer`` reads either.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ MAX_TTL = 600.0  # Legion's entries live a few heartbeats (<= 25 s) and a matchm
 # The largest entry each kind of key takes (the path segment after the swarm's name); others MAX_ENTRY_BYTES
 KIND_ENTRY_BYTES = {"members": 8192, "run": 8192, "runs": 16384, "checkpoints": 4096, "mm": 8192, "shards": 2048}
 CLOCK_SKEW = 30.0
+DIGEST_BYTES = 8  # of an entry's signature (Ed25519: nobody can make another entry's digest match one it reads)
+MAX_KNOWN = 2048  # digests one read may name (16 KiB): a reader holding more names the newest
+_KNOWN_TAG = b"legion-known-v1:"
+_DELTA_TAG = b"legion-delta-v1:"  # (a bundle, a msgpack list, never begins so)
 _SIGNATURE_DOMAIN = b"legion-record-v1"
 
 
@@ -205,8 +216,12 @@ def decode_bundle_lenient(key: str, data: bytes, now: float | None = None) -> tu
     """Keep the valid entries of a bundle read from the network; return the reasons for rejecting
     the others (expired entries are dropped without a reason: they are routine)."""
     check_key(key)
+    return _verify_each(key, _unpack_bundle(data), now)
+
+
+def _verify_each(key: str, wires: list, now: float | None) -> tuple[list[Entry], list[str]]:
     entries, problems = [], []
-    for wire in _unpack_bundle(data):
+    for wire in wires:
         try:
             entries.append(verify_entry(key, wire, now))
         except ExpiredEntry:
@@ -250,3 +265,63 @@ def fit_bundle(entries: dict[str, Entry]) -> tuple[bytes, list[Entry]]:
         kept = kept[: len(kept) - max(1, len(kept) // 100)]
         data = encode_bundle(kept)
     return data, kept
+
+
+def digest(entry: Entry) -> bytes:
+    return entry.signature[:DIGEST_BYTES]
+
+
+def encode_known(entries: Iterable[Entry]) -> bytes:
+    """What a reader tells a replica it holds of a key: its entries' digests, the newest
+    ``MAX_KNOWN`` of them."""
+    newest = sorted(entries, key=lambda e: e.timestamp, reverse=True)[:MAX_KNOWN]
+    return _KNOWN_TAG + b"".join(map(digest, newest))
+
+
+def decode_known(data: bytes) -> frozenset[bytes] | None:
+    """The digests ``encode_known`` wrote; None where ``data`` is not such a list (a request
+    without one, or a malformed one: answered in full)."""
+    if not data.startswith(_KNOWN_TAG):
+        return None
+    body = data[len(_KNOWN_TAG):]
+    if len(body) % DIGEST_BYTES or len(body) > MAX_KNOWN * DIGEST_BYTES:
+        return None
+    return frozenset(body[i:i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES))
+
+
+def delta_answer(bundle: bytes, known: frozenset[bytes]) -> bytes:
+    """A replica's answer to a reader holding the entries ``known`` names: the digests of those
+    ``bundle`` holds too, and its other entries; a bundle that is not a list of entries passes
+    unchanged (a node stores only bundles it decoded: not expected)."""
+    try:
+        wires = _unpack_bundle(bundle)
+    except RecordError:
+        return bundle
+    held, others = [], []
+    for wire in wires:
+        signed = isinstance(wire, list) and len(wire) == 5 and isinstance(wire[4], bytes)
+        if signed and wire[4][:DIGEST_BYTES] in known:
+            held.append(wire[4][:DIGEST_BYTES])
+        else:
+            others.append(wire)
+    return _DELTA_TAG + msgpack.packb([b"".join(held), others], use_bin_type=True)
+
+
+def decode_answer(key: str, data: bytes, now: float | None = None) -> tuple[list[Entry], frozenset[bytes], list[str]]:
+    """A replica's answer to a read, a bundle or a ``delta_answer``: the valid entries it sent, the
+    digests of those it named instead, and the reasons for rejecting the others."""
+    if not data.startswith(_DELTA_TAG):
+        entries, problems = decode_bundle_lenient(key, data, now)
+        return entries, frozenset(), problems
+    check_key(key)
+    if len(data) > MAX_BUNDLE_BYTES + len(_DELTA_TAG):
+        raise RecordError(f"answer of {len(data)} bytes exceeds {MAX_BUNDLE_BYTES}")
+    try:
+        held, wires = msgpack.unpackb(data[len(_DELTA_TAG):], raw=False, max_bin_len=MAX_ENTRY_BYTES,
+                                      max_array_len=MAX_BUNDLE_BYTES // 64, max_map_len=0, max_str_len=0)
+    except Exception as exc:
+        raise RecordError(f"answer is not a msgpack delta: {exc}") from exc
+    if not isinstance(held, bytes) or len(held) % DIGEST_BYTES or not isinstance(wires, list):
+        raise RecordError("answer is not a list of digests and one of entries")
+    entries, problems = _verify_each(key, wires, now)
+    return entries, frozenset(held[i:i + DIGEST_BYTES] for i in range(0, len(held), DIGEST_BYTES)), problems

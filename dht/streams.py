@@ -11,8 +11,9 @@ closing it after a minute idle. Legion does the same:
   open, else on a new one, which is kept for the next message until ``CLIENT_IDLE_SECONDS``
   pass without one. A reused stream that fails (its node closed it meanwhile) is retried once
   on a new stream.
-- ``ServedStream`` (the serving end): an answer goes out with its length in one frame, and
-  without the node's signed peer record where an earlier answer on the stream carried it.
+- ``ServedStream`` (the serving end): an answer goes out with its length in one frame, without
+  the node's signed peer record where an earlier answer on the stream carried it, and, to a
+  GET_VALUE request naming the entries its reader holds, as a delta (``dht.records.delta_answer``).
 - ``InboundStreams`` (the serving end): a stream waits ``SERVE_IDLE_SECONDS`` for its next message,
   its first message only ``first_message_seconds``, and a message (read and answer) has
   ``message_seconds``. What remote peers can hold open is capped: ``MAX_INBOUND_PER_PEER``
@@ -38,6 +39,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils.varint import decode_uvarint, read_varint_prefixed_bytes_limited
+
+from dht.records import decode_known, delta_answer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,14 @@ class StreamPool:
         self._closing.clear()
 
 
+def _varint_at_start(data: bytes | bytearray) -> tuple[int, int]:
+    """A varint-prefixed message's length and where it starts."""
+    for end in range(min(len(data), 10)):
+        if data[end] < 0x80:
+            return decode_uvarint(bytes(data[:end + 1])), end + 1
+    raise ValueError("no length")
+
+
 def _lone_varint(data: bytes) -> bool:
     return 0 < len(data) <= 10 and data[-1] < 0x80 and all(b & 0x80 for b in data[:-1])
 
@@ -181,6 +192,7 @@ class ServedStream:
         self.ended_for_room = False
         self._length: bytes | None = None  # an answer's length, written with the answer
         self._record_sent = b""  # the peer record an answer on it carried last
+        self._request = bytearray()  # the message being answered, as read (py-libp2p's handler caps its size)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -191,7 +203,9 @@ class ServedStream:
             self._length = None
         if self.idle_since is None:
             with trio.move_on_at(self._message_deadline):
-                return await self._stream.read(n)
+                data = await self._stream.read(n)
+                self._request += data
+                return data
             return b""  # mid-message: the handler sees a short message and resets the stream
         data = b""
         with trio.move_on_at(self._idle_deadline) as wait:
@@ -205,6 +219,7 @@ class ServedStream:
         if data:
             self.idle_since = None
             self._message_deadline = trio.current_time() + self.message_seconds
+            self._request[:] = data
         return data
 
     @property
@@ -224,6 +239,7 @@ class ServedStream:
             return
         if self._length is not None:
             data, self._length = self._compact(self._length, data), None
+            self._request.clear()
         with trio.fail_after(max(0.0, self._message_deadline - trio.current_time())):
             await self._stream.write(data)
         now = trio.current_time()
@@ -243,12 +259,29 @@ class ServedStream:
             answer.ParseFromString(body)
         except Exception:
             return length + body
+        changed = False
         if answer.senderRecord and answer.senderRecord == self._record_sent:
             answer.ClearField("senderRecord")
-            body = answer.SerializeToString()
+            changed = True
         else:
             self._record_sent = answer.senderRecord
+        if answer.type == Message.MessageType.GET_VALUE and answer.record.value and (known := self._known()):
+            answer.record.value, changed = delta_answer(answer.record.value, known), True
+        if changed:
+            body = answer.SerializeToString()
         return varint.encode(len(body)) + body
+
+    def _known(self) -> frozenset[bytes] | None:
+        """The digests of the entries the GET_VALUE request being answered says its reader holds."""
+        request = Message()
+        try:
+            length, start = _varint_at_start(self._request)
+            request.ParseFromString(bytes(self._request[start:start + length]))
+        except Exception:
+            return None
+        if request.type != Message.MessageType.GET_VALUE or not request.HasField("record"):
+            return None
+        return decode_known(request.record.value)
 
     def close_idle(self) -> None:
         """End the stream at its wait for the next message (to make room for another)."""

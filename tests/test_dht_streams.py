@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import multiaddr
 import trio
@@ -12,14 +13,15 @@ import varint
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.host.exceptions import StreamFailure
 from libp2p.kad_dht.kad_dht import PROTOCOL_ID
-from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
-from dht.node import FORGOTTEN_LOOKUP_SECONDS, TIMED_OUT_LOOKUP_SECONDS, UNUSABLE_LOOKUP_SECONDS
-from dht.records import encode_bundle, sign_entry
+from dht.node import FIRST_ANSWER_SECONDS, FORGOTTEN_LOOKUP_SECONDS, TIMED_OUT_LOOKUP_SECONDS, UNUSABLE_LOOKUP_SECONDS
+from dht.records import MAX_KNOWN, decode_answer, decode_bundle_strict, encode_bundle, encode_known, sign_entry
+from dht.seen import SeenEntries
 from dht.streams import ServedStream
 from swarm.network import build_host
 
@@ -27,16 +29,26 @@ KEY = "/legion/default/test/streams"
 
 
 @contextlib.asynccontextmanager
-async def server_and_client(timeout: float = 5.0):
-    pairs = [create_new_key_pair() for _ in range(2)]
+async def servers_and_client(servers: int, timeout: float = 5.0):
+    """``servers`` DHT servers and a client connected to each: (servers, client, client's key pair)."""
+    pairs = [create_new_key_pair() for _ in range(servers + 1)]
     hosts = [build_host(pair) for pair in pairs]
-    nodes = [RecordDHT(host, pair, server=i == 0, timeout=timeout) for i, (host, pair) in enumerate(zip(hosts, pairs))]
+    nodes = [RecordDHT(host, pair, server=i < servers, timeout=timeout) for i, (host, pair) in enumerate(zip(hosts, pairs))]
     async with contextlib.AsyncExitStack() as stack:
         for host, node in zip(hosts, nodes):
             await stack.enter_async_context(host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
             await stack.enter_async_context(node.running())
-        await hosts[1].connect(PeerInfo(hosts[0].get_id(), hosts[0].get_addrs()))
-        yield nodes[0], nodes[1], pairs[1]
+        for host in hosts[:servers]:
+            await hosts[-1].connect(PeerInfo(host.get_id(), host.get_addrs()))
+            if servers > 1:
+                await nodes[-1].add_peer(host.get_id())
+        yield nodes[:servers], nodes[-1], pairs[-1]
+
+
+@contextlib.asynccontextmanager
+async def server_and_client(timeout: float = 5.0):
+    async with servers_and_client(1, timeout) as (servers, client, client_pair):
+        yield servers[0], client, client_pair
 
 
 def get_value(key: str = KEY) -> bytes:
@@ -153,6 +165,98 @@ async def test_an_answers_length_goes_out_with_it_and_other_writes_pass_unchange
     stripped.ParseFromString(second[1:])
     assert second[0] == len(second) - 1 and stripped.key == b"k" and not stripped.senderRecord
     assert other == varint.encode(13) + b"not an answer"
+
+
+async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
+    """A seeker rereads its matchmaking key every second or two; its replicas sent the whole
+    bundle each time. A reread names what the last read found; the replica names back those it
+    still holds and sends the rest, so the read finds what a full one would."""
+    async with servers_and_client(3) as (servers, client, client_pair):
+        server = servers[0]
+        writers = [create_new_key_pair() for _ in range(4)]
+
+        stored = {}  # writer -> its last entry's bundle
+
+        def put(bundle, at=servers):
+            for node in at:
+                node.kad.value_store.put_record(KEY.encode(), Record(key=KEY.encode(), value=bundle))
+
+        def store(pair, value):
+            stored[id(pair)] = encode_bundle([sign_entry(KEY, pair, value, 60)])
+            put(stored[id(pair)])
+
+        answers = []  # (entries sent, entries named) in each replica answer the client decodes
+        request = client.streams.request
+        slow, asked_at = set(), []  # replicas that answer after 2.5 s, and when each was asked
+
+        async def counting(peer, message):
+            if peer in slow:
+                asked_at.append(trio.current_time())
+                await trio.sleep(2.5)
+            answer = await request(peer, message)
+            if message.type == Message.MessageType.GET_VALUE and answer.HasField("record"):
+                sent, named, _ = decode_answer(KEY, answer.record.value)
+                answers.append((len(sent), len(named)))
+            return answer
+
+        client.streams.request = counting
+        for i, pair in enumerate(writers[:3]):
+            store(pair, {"n": i})
+        store(client_pair, {"n": "own"})
+        with trio.fail_after(20):
+            # a first read: one replica's bundle, then the others' deltas against it
+            assert len(await client.get(KEY, every_replica=True)) == 4 and answers == [(4, 0), (0, 4), (0, 4)]
+            store(writers[3], {"n": 3})
+            store(writers[0], {"n": "newer"})
+            answers.clear()
+            read = await client.get(KEY, every_replica=True)
+            assert answers == [(2, 3)] * 3  # the new entry and the newer one; the others named
+            assert {e.value["n"] for e in read.values()} == {"newer", 1, 2, 3, "own"}
+            answers.clear()
+            assert len(await client.get(KEY, every_replica=True)) == 5 and answers == [(0, 5)] * 3
+            # an entry gone from every replica (nodes that restarted, say) is gone from the read too
+            for node in servers:
+                node.kad.value_store.remove(KEY.encode())
+            for pair in writers[1:]:
+                put(stored[id(pair)])
+            answers.clear()
+            read = await client.get(KEY, every_replica=True)
+            assert answers == [(0, 3)] * 3 and {e.value["n"] for e in read.values()} == {1, 2, 3}
+            # a reader with nothing in common with the replicas: where the first asked is slow to
+            # answer, the others are asked too, after FIRST_ANSWER_SECONDS, and all send everything
+            client.seen = SeenEntries()
+            answers.clear()
+            slow.update(node.host.get_id() for node in servers)
+            assert len(await client.get(KEY, every_replica=True)) == 3 and answers == [(3, 0)] * 3
+            assert len(asked_at) == 3 and all(t - asked_at[0] >= FIRST_ANSWER_SECONDS for t in asked_at[1:])
+            slow.clear()
+            # a node of an earlier version ignores the list and answers with its bundle; so does
+            # a node sent a malformed list
+            for known in (b"", b"legion-known-v1:" + b"x" * 7, b"legion-known-v1:" + b"x" * 8 * (MAX_KNOWN + 1),
+                          b"garbage"):
+                record, _ = await client._get_from(server.host.get_id(), KEY.encode(), known)
+                assert len(decode_bundle_strict(KEY, record.value)) == 3
+            # every entry named: an answer of digests only, still one that holds the key
+            record, answered = await client._get_from(server.host.get_id(), KEY.encode(),
+                                                      encode_known(decode_bundle_strict(KEY, record.value)))
+            assert answered and tuple(map(len, decode_answer(KEY, record.value)[:2])) == (0, 3)
+
+
+def test_remembered_reads_are_capped_and_forget_the_least_recently_read_key():
+    pair = create_new_key_pair()
+    entries = [sign_entry(KEY, create_new_key_pair(), {"n": i}, 60) for i in range(6)]
+    seen = SeenEntries(max_keys=2, max_entries=4)
+    seen.remember(b"a", entries[:2])
+    seen.remember(b"b", entries[2:3])
+    seen.remember(b"c", entries[3:4])  # a third key: the one read longest ago goes
+    assert seen.get(b"a") == [] and seen.get(b"b") == entries[2:3] and len(seen) == 2
+    seen.remember(b"d", entries[:4])  # four more entries than the cap leaves room for: the others go
+    assert seen.get(b"b") == seen.get(b"c") == [] and len(seen.get(b"d")) == 4 and len(seen) == 4
+    seen.remember(b"e", entries)  # more than the cap alone: not remembered
+    assert seen.get(b"e") == [] and len(seen) == 4
+    expired = sign_entry(KEY, pair, {"n": 0}, 60, now=time.time() - 120)
+    seen.remember(b"d", [expired])
+    assert seen.get(b"d") == []
 
 
 async def test_a_key_left_with_no_usable_cached_node_is_looked_up_again(autojump_clock):

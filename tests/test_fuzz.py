@@ -29,7 +29,8 @@ from averaging.wire import FrameError, read_frame
 from bootstrap.advert import parse_holdings
 from bootstrap.chunk_store import ChunkError, decompress_chunk
 from bootstrap.manifest import ChunkRef, ManifestError, build_manifest, open_envelope
-from dht.records import RecordError, decode_bundle_lenient, decode_bundle_strict, encode_bundle, sign_entry
+from dht.records import (RecordError, decode_answer, decode_bundle_lenient, decode_bundle_strict, decode_known,
+                         delta_answer, encode_bundle, encode_known, sign_entry)
 from optim.base import StateError, check_optimizer_tensors
 from shards.bids import parse_bid
 from swarm.members import Announcement
@@ -95,11 +96,35 @@ VALID_BUNDLE = encode_bundle([sign_entry(KEY, KEY_PAIR, {"addrs": ["/ip4/198.18.
 @given(st.one_of(st.binary(max_size=300), mutations(VALID_BUNDLE),
                  values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
 def test_dht_bundles_from_random_or_mutated_bytes(data):
-    for decode in (decode_bundle_strict, decode_bundle_lenient):
+    for decode in (decode_bundle_strict, decode_bundle_lenient, decode_answer):
         try:
             decode(KEY, data)
         except RecordError:
             pass
+
+
+VALID_DELTA = delta_answer(VALID_BUNDLE, frozenset())
+KNOWN = encode_known(decode_bundle_strict(KEY, VALID_BUNDLE))
+
+
+@given(st.one_of(mutations(VALID_DELTA), mutations(delta_answer(VALID_BUNDLE, decode_known(KNOWN))),
+                 values.map(lambda v: b"legion-delta-v1:" + msgpack.packb(v, use_bin_type=True))))
+def test_read_answers_from_mutated_or_random_deltas(data):
+    """A replica's delta answer (``dht.records.decode_answer``): entries are checked as in a
+    bundle, and anything else raises ``RecordError``."""
+    try:
+        entries, named, _ = decode_answer(KEY, data)
+    except RecordError:
+        return
+    assert all(len(d) == 8 for d in named) and all(e.subkey for e in entries)
+
+
+@given(st.one_of(mutations(KNOWN), st.binary(max_size=64).map(lambda b: b"legion-known-v1:" + b)))
+def test_known_lists_from_mutated_or_random_bytes(data):
+    """What a reader says it holds, as a replica parses it: digests of 8 bytes, or None (answered in full)."""
+    known = decode_known(data)
+    assert known is None or all(isinstance(d, bytes) and len(d) == 8 for d in known)
+    assert delta_answer(VALID_BUNDLE, known or frozenset()).startswith(b"legion-delta-v1:")
 
 
 MANIFEST = build_manifest({"weights": torch.arange(5000, dtype=torch.float32), "inner.0.step": torch.tensor(3.0)},
