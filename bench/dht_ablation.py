@@ -10,7 +10,8 @@ and the board read, every heartbeat once split), ``replicas`` (short-lived entri
 ``lookup`` (a key's closest nodes kept 30 s), ``probes`` (the keys a level up and down read, not
 probed), ``adopt`` (member and holdings levels followed by their own reads), ``names`` (board
 entries with their field names); of 2026-12-06: ``streams`` (a new stream for every message),
-``lookup10`` (a key's closest nodes kept 5 minutes, not 10). Each is undone by replacing a constant
+``lookup10`` (a key's closest nodes kept 5 minutes, not 10), ``delta`` (a reread brings the whole
+bundle again, not only the entries its reader lacks). Each is undone by replacing a constant
 or function for the run, then restored. Message bytes are the figures of
 ``bench/dht_request_cost.py`` on 2026-12-06, before answers were compacted (not measured again here).
 """
@@ -34,7 +35,7 @@ from dht.records import merge  # noqa: E402
 LEAN = dht_load.MessageBytes(read=899, write=1022, find_node=2530, stream=2126, kept_seconds=60)
 NEW_STREAMS = dht_load.MessageBytes(read=3003, write=3157, find_node=4703)  # a stream per message, lean answers
 PY_LIBP2P = dht_load.MessageBytes(read=8821, write=3156, find_node=8857)
-CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10")
+CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10", "delta")
 
 
 async def _bucket_read_without_probes(dht, key, me, level, read):
@@ -59,6 +60,7 @@ UNDO = {  # change -> (module or class, attribute, value before the change)
     "probes": [(buckets, "_bucket_at", _bucket_read_without_probes)],
     "adopt": [(buckets.BucketPlace, "adopt", lambda self, level: None)],
     "names": [(dht_load, "VALUES", {**dht_load.VALUES, "board": _named_board_entry})],
+    "delta": [(dht_load, "DELTA_READS", False)],
 }
 
 

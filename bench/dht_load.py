@@ -30,7 +30,10 @@ key's closest nodes are looked up again every ``LOOKUP_SECONDS`` while a peer us
   ``SPLIT_REFRESH_BEATS`` heartbeats once split, the configuration under its own key, entries
   written to and read from the ``SHORT_LIVED_REPLICAS`` closest nodes only, a read asks
   ``READ_FANOUT`` of them drawn at random (``RecordDHT.get``), one for a split bucket key
-  (``dht.buckets.SPLIT_READ_FANOUT``), Legion's lean answers.
+  (``dht.buckets.SPLIT_READ_FANOUT``), Legion's lean answers, and rereads as deltas (since
+  2026-12-06, ``DELTA_READS``): a reader names the entries its last read of a key found, 8 bytes
+  each, and a replica names back those it holds and sends only the others; a first read asks one
+  replica, then the others against its answer.
 
 Shard bids stay one key in both (sharded runs only; not counted here).
 """
@@ -56,7 +59,8 @@ from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import SPLIT_REFRESH_BEATS, BucketPlace  # noqa: E402
 from dht.node import LOOKUP_SECONDS, READ_FANOUT, SHORT_LIVED_REPLICAS  # noqa: E402
 from dht.streams import CLIENT_IDLE_SECONDS  # noqa: E402
-from dht.records import MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle, entry_bytes, sign_entry  # noqa: E402
+from dht.records import (DIGEST_BYTES, MAX_BUNDLE_BYTES, Entry, decode_bundle_lenient, encode_bundle,  # noqa: E402
+                         entry_bytes, sign_entry)
 from dht.store import MergingValueStore  # noqa: E402
 from swarm.members import Announcement, members_key  # noqa: E402
 from swarm.run_board import RUN_CONFIG_HEARTBEATS, Progress, publishes_config, run_configs_key, run_key  # noqa: E402
@@ -69,6 +73,8 @@ SWARM = "sim"
 GROUP_TARGET = 16
 ROUND_SECONDS = 60.0  # a DiLoCo round of a few hundred inner steps
 MM_BUDGET = 10.0  # DiLoCo's matchmaking budget (``swarm.trainer``)
+DELTA_READS = True  # ``buckets`` rereads a key as a delta (``dht.seen``)
+DIGESTS_TAG_BYTES = 20  # ``dht.records._KNOWN_TAG`` or ``_DELTA_TAG``, with the framing
 
 
 def matchmaking_reads(budget: float = MM_BUDGET) -> int:
@@ -218,6 +224,7 @@ class LoadDHT:
     fanout: int = K
     replicas: int = K
     lookup_seconds: float = LOOKUP_SECONDS
+    delta_reads: bool = False
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     up: np.ndarray = field(init=False)
     down: np.ndarray = field(init=False)
@@ -234,6 +241,9 @@ class LoadDHT:
     own_requests: np.ndarray = field(init=False)  # messages each peer sent for its upkeep (matchmaking apart)
     _contacts: list[np.ndarray] = field(default_factory=list)  # pairs of peers that exchanged a message
     _streams: dict[tuple[int, int], float] = field(default_factory=dict)  # (peer, node) -> its last message
+    _writes: int = 0  # writes so far, each entry numbered by its write...
+    _written: dict[tuple[str, str], int] = field(default_factory=dict)  # (key, writer) -> the write that made its entry
+    _read: dict[tuple[int, str], int] = field(default_factory=dict)  # (reader, key) -> writes before its last read
 
     def __post_init__(self) -> None:
         # the simulated clock, a heartbeat a step; a day ahead of the real one, which ``merge`` expires
@@ -272,8 +282,11 @@ class LoadDHT:
         for key, bundle in list(self.keys.items()):
             for peer in [p for p, e in bundle.items() if e.expiration <= self.now]:
                 self.key_bytes[key] -= entry_bytes(bundle.pop(peer))
+                self._written.pop((key, peer), None)
             if not bundle:
                 del self.keys[key], self.key_bytes[key]
+        if self._read and round(self.now / HEARTBEAT) % 12 == 0:  # what readers saw of keys gone since
+            self._read = {seen: at for seen, at in self._read.items() if seen[1] in self.keys}
 
     def store(self, writer: str, key: str, entry: Entry) -> None:
         """A write of ``entry`` to each of the key's holders (after a lookup of them, where the
@@ -295,30 +308,51 @@ class LoadDHT:
         self._count(me, key, 2 * (size * len(holders) + overhead.sum()), len(holders))
         bundle[writer] = entry
         self.key_bytes[key] = self.key_bytes.get(key, 0) + size - (entry_bytes(old) if old else 0)
+        self._writes += 1
+        self._written[(key, writer)] = self._writes
 
     def charge_get(self, reader: str, key: str, every_replica: bool = False, fanout: int | None = None,
                    probe: bool = False) -> None:
         """A read of ``key`` as ``RecordDHT.get`` reads (after a lookup, where the reader's is older
         than ``lookup_seconds``): ``fanout`` (the simulation's, unless given) of its holders, drawn
         at random, each send the bundle (cut at the bundle cap); an empty key is asked of every
-        holder, or of one for a ``probe``."""
-        entries = len(self.keys.get(key, {}))
+        holder, or of one for a ``probe``. With ``delta_reads``, a reader that read the key before
+        names the entries it found, and the holders name them back (every holder holds every entry
+        here: a write goes to all) and send the others; a first read of several holders gets one's
+        bundle, then the others' deltas against it."""
+        bundle = self.keys.get(key, {})
+        entries = len(bundle)
         size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
         holders = self.holders(key)
         fanout = 1 if probe and not entries else len(holders) if not entries else fanout or self.fanout
         served = holders if every_replica or fanout >= len(holders) else self.rng.choice(holders, fanout, replace=False)
         me = self._index[reader]
+        answers = np.full(len(served), float(size))  # bytes of entries (and digests) each holder sends
+        requests = np.zeros(len(served))  # ... and of the digests the reader names to it
+        sent = entries  # entries the reader decodes
+        if self.delta_reads and entries:
+            last = self._read.get((me, key))
+            self._read[(me, key)] = self._writes
+            digests = DIGESTS_TAG_BYTES + DIGEST_BYTES * entries
+            if last is not None:  # a reread: each holder names back what the reader named and sends the rest
+                fresh = [e for w, e in bundle.items() if self._written[(key, w)] > last]
+                answers[:] = min(size, sum(map(entry_bytes, fresh))) + digests - DIGEST_BYTES * len(fresh)
+                requests[:] = digests - DIGEST_BYTES * len(fresh)
+                sent = len(fresh)
+            elif len(served) > 1:  # a first read: one holder's bundle, the others' deltas against it
+                answers[1:] = requests[1:] = digests
         overhead = self._overhead(me, served, self.messages.read) / 2
-        self.up[served] += size + overhead
-        self.down[served] += overhead
+        self.up[served] += answers + overhead
+        self.down[served] += overhead + requests
         self.cpu[served] += self.costs.get_per_stored_entry * entries
         self._lookup(me, key)
         self._contact(me, served)
-        self.down[me] += size * len(served) + overhead.sum()
-        self.up[me] += overhead.sum()
-        self._count(me, key, size * len(served) + 2 * overhead.sum(), len(served))
-        shown = entries if not entries else min(entries, entries * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
-        self.cpu[me] += shown * (self.costs.verify_per_entry + (len(served) - 1) * self.costs.decode_per_entry)
+        self.down[me] += answers.sum() + overhead.sum()
+        self.up[me] += overhead.sum() + requests.sum()
+        self._count(me, key, answers.sum() + requests.sum() + 2 * overhead.sum(), len(served))
+        shown = sent if not sent else min(sent, sent * MAX_BUNDLE_BYTES // max(1, self.key_bytes[key]))
+        decoded = 1 if self.delta_reads else len(served)  # copies of each entry decoded
+        self.cpu[me] += shown * (self.costs.verify_per_entry + (decoded - 1) * self.costs.decode_per_entry)
 
     def _lookup(self, me: int, key: str) -> None:
         """``me``'s lookups of ``key``'s closest nodes, one every ``lookup_seconds`` while it uses
@@ -444,11 +478,13 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
         for peer in joiners:
             dht.charge_get(peer, run_configs_key(SWARM))
     # matchmaking: a round every ROUND_SECONDS, each peer matching once a round; a heartbeat's
-    # share of the peers, in turn
+    # share of the peers, in turn, each share under its own key, in its share of the round's
+    # buckets, so that a bucket holds as many seekers as a whole round's (until 2026-12-06 the
+    # share sought in all of them: ~1 seeker a bucket, a twelfth of a real round's)
     round_key = f"/legion/{SWARM}/mm/run/diloco-{beat}"
-    count = bucket_count(n, GROUP_TARGET) if protocol == "buckets" else 1
     beats_per_round = round(ROUND_SECONDS / HEARTBEAT)
     matching = dht.peers[(beat % beats_per_round) * n // beats_per_round:(beat % beats_per_round + 1) * n // beats_per_round]
+    count = max(1, round(bucket_count(n, GROUP_TARGET) * len(matching) / n)) if protocol == "buckets" else 1
     for peer in matching:
         key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         dht.store(peer, key, dht.entry("mm", peer))
@@ -468,7 +504,8 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, messages: dict[s
     # flat: py-libp2p's answers and its lookup cache (30 s) as they were until 2026-12-05
     dht = LoadDHT(peers, costs, messages["py-libp2p" if protocol == "flat" else "legion"],
                   fanout=K if protocol == "flat" else READ_FANOUT, replicas=K if protocol == "flat" else SHORT_LIVED_REPLICAS,
-                  lookup_seconds=30.0 if protocol == "flat" else LOOKUP_SECONDS)
+                  lookup_seconds=30.0 if protocol == "flat" else LOOKUP_SECONDS,
+                  delta_reads=protocol != "flat" and DELTA_READS)
     places: dict[tuple[str, str], BucketPlace] = {}  # (peer, kind) -> where that peer reads and writes
     estimates: list[float] = []
     rng = np.random.default_rng(seed)

@@ -5,7 +5,9 @@ and a client in this process (``dht.RecordDHT`` over ``swarm.network.build_host`
 yamux, on 127.0.0.1), the first server knowing the others, and counts the loopback interface's
 bytes (TCP/IP headers included) over repeated messages of the client to that server: a read of a
 key it holds no entry under, a read of a key holding one entry, a write of one entry (which the
-server echoes), and a FIND_NODE query of a lookup. What remains after the entries' own bytes is
+server echoes), a FIND_NODE query of a lookup, and a read of a key holding 16 entries, in full and
+again as a delta that names all 16 (``dht.records.encode_known``: the reread answered with none of
+them; the digests it names are counted as its entries). What remains after the entries' own bytes is
 each message's overhead: a stream (multistream negotiation, a yamux stream, its close), Noise
 frames and TCP acknowledgements, the signed peer records of request and answer, and up to 20
 closer peers an answer lists. Each message is sent once on a new stream (as py-libp2p's client
@@ -30,12 +32,13 @@ import psutil
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.peer.peerinfo import PeerInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht import RecordDHT  # noqa: E402
-from dht.records import encode_bundle, entry_bytes, sign_entry  # noqa: E402
+from dht.records import encode_bundle, encode_known, entry_bytes, sign_entry  # noqa: E402
 from libp2p.records.record import make_signed_put_record  # noqa: E402
 from swarm.network import build_host  # noqa: E402
 
@@ -73,6 +76,9 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
         entry = sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)
         record = make_signed_put_record(b"/legion/cost/held", encode_bundle([entry]), pairs[-1].private_key)
         assert await client._put_at(target, b"/legion/cost/held", record)
+        many = [sign_entry("/legion/cost/many", create_new_key_pair(), VALUE, 600) for _ in range(16)]
+        nodes[0].kad.value_store.put_record(b"/legion/cost/many", Record(key=b"/legion/cost/many", value=encode_bundle(many)))
+        known = encode_known(many)
         records = []
         for i in range(2 * requests):  # each write a newer entry, signed beforehand
             fresh = encode_bundle([sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)])
@@ -94,6 +100,9 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
             await per_message("write_one_entry", lambda i: client._put_at(target, b"/legion/cost/held", records[offset + i]),
                               2 * entry_bytes(entry))
             await per_message("find_node", lambda i: client._find_node(target, f"/legion/cost/new/{i}".encode()))
+            await per_message("read_16_entries", lambda i: client._get_from(target, b"/legion/cost/many"),
+                              sum(map(entry_bytes, many)))
+            await per_message("reread_16_known", lambda i: client._get_from(target, b"/legion/cost/many", known), len(known))
         closer = len(nodes[0].kad.routing_table.find_local_closest_peers(b"/legion/cost/empty", 20))
     return {"requests": requests, "servers": servers, "closer_peers_listed": closer, "lean_answers": lean,
             "overhead_bytes": results["kept_stream"], "new_stream_overhead_bytes": results["new_stream"],
