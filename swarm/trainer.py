@@ -12,6 +12,7 @@ import random
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -21,7 +22,7 @@ import trio
 from averaging.averager import Averager
 from bootstrap.checkpoint_swarm import CheckpointSwarm
 from bootstrap.chunk_store import ChunkError, ChunkStore
-from bootstrap.manifest import ManifestError, SignedManifest
+from bootstrap.manifest import Manifest, ManifestError, SignedManifest
 from bootstrap.swarm_download import DownloadError
 from optim.base import Reduced, StateError, SwarmOptimizer, weights_digest
 from optim.data import Corpus, load_corpus
@@ -66,6 +67,11 @@ CONNECT_AHEAD_PEERS = 16
 def _board_digest(weights: torch.Tensor) -> str:
     """The digest of swarm weights as the run board shows it (``BASE_DIGEST_CHARS``)."""
     return weights_digest(weights)[:BASE_DIGEST_CHARS]
+
+
+def _same_weights(offered: Manifest, own: Manifest) -> bool:
+    """Whether a state offered is of the round of this peer's own and holds its weights."""
+    return offered.round == own.round and offered.segment_digest("weights") == own.segment_digest("weights")
 
 
 def _weights_digest(signed: SignedManifest) -> str:
@@ -495,9 +501,13 @@ class Trainer:
             self._record({"event": "state", "source": "disk", "round": signed.manifest.round})
             return
 
-    async def _fetch_from_swarm(self, min_round: int, among: Collection[str] | None = None) -> tuple[int, dict] | None:
+    async def _fetch_from_swarm(self, min_round: int, among: Collection[str] | None = None, *,
+                                skip_if_held: bool = False) -> tuple[int, dict | None] | None:
         """The newest state of the most advanced peer (of ``among``, if given) if it is at
-        ``min_round`` or later, else None.
+        ``min_round`` or later, else None. With ``skip_if_held``, a state of the round of this
+        peer's own newest state, with its weights, is not fetched: ``(round, None)`` says the
+        peer holds it (after a round that failed for every peer, each fetched a state of its own
+        round with its own weights, and with it another peer's inner optimizer state).
         Its chunks come from every peer holding them; those held already stay. The board lags the
         peers by up to a heartbeat, so a donor a round short is asked again, for two heartbeats. The
         first asking is not cut short: through a relay, dialling the donors alone can take longer
@@ -532,6 +542,11 @@ class Trainer:
                 self._looked_up_again = now
                 self.peer.dht.look_up_again()
             return None
+        own = await self._latest_checkpoint(self.config.run_id) if skip_if_held else None
+        if own is not None and _same_weights(offers[0].manifest, own.manifest):
+            log.info("holds the swarm's weights of round %d already; nothing to fetch", own.manifest.round)
+            self._record({"event": "in_sync", "round": own.manifest.round})
+            return own.manifest.round, None
         # The signers of one attested state in turn: its chunks besides the weights (the signer's
         # optimizer state) are often held by the signer alone, and a signer that left mid-download
         # leaves them missing; another signer's version shares the weights' chunks, fetched already.
@@ -786,8 +801,8 @@ class Trainer:
                 if optimizer.out_of_sync or self._behind(optimizer):
                     # still shown training: the others keep expecting this peer, which is back
                     # in a round or two (hidden, it would find their groups formed without it)
-                    fetched = trio.from_thread.run(self._fetch_from_swarm, optimizer.round)
-                    if fetched is not None:
+                    fetched = trio.from_thread.run(partial(self._fetch_from_swarm, optimizer.round, skip_if_held=True))
+                    if fetched is not None and fetched[1] is not None:
                         self._adopt(optimizer, fetched)
                     # in sync now, or nobody to sync with; else the next round end tries again:
                     # averaging from weights of its own, this peer would stay apart for good

@@ -2,6 +2,7 @@
 peers parted into lineages mid-run merge."""
 
 import json
+import threading
 
 import pytest
 import trio
@@ -90,15 +91,33 @@ async def train_all(trainers: list[Trainer]) -> list[dict]:
 
 
 async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold(tmp_path):
-    """Fault injected at a chosen point: one peer's weights are changed after its last round (as if
-    that round had failed for it alone). At the end all three hold the same weights, on disk too."""
-    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=2, round_timeout=20)
+    """Faults injected at chosen points: one peer's weights are changed after its last round (as if
+    that round had failed for it alone). At the end all three hold the same weights, on disk too.
+    And another peer is told after round 0 that it is out of sync while it holds the swarm's
+    weights (as every peer is after a round that failed for all): it fetches nothing. Before, it
+    fetched a state of its own round with its own weights, and another peer's inner optimizer
+    state with them."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=3, round_timeout=20)
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 3)
         trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers)]
         trainers[2]._train = last_round_apart(trainers[2]._train)
+        out_of_sync_after_round(trainers[1], 0)
+        # the others apply round 1 only once it has looked: it finds them at its own round
+        looked = threading.Event()
+        record = trainers[1]._record
+
+        def recording(event):
+            record(event)
+            if event.get("event") in ("in_sync", "state"):
+                looked.set()
+        trainers[1]._record = recording
+        for trainer in (trainers[0], trainers[2]):
+            hold_round(trainer, 1, looked)
         summaries = await train_all(trainers)
         nursery.cancel_scope.cancel()
+    records = metrics(tmp_path / "peer1")
+    assert [r["event"] for r in records if r["event"] in ("in_sync", "state")] == ["in_sync"], records
     assert [s["final_weights"] for s in summaries] == ["own", "own", "adopted"], summaries
     digests = {weights_digest(t.optimizer.global_weights) for t in trainers}
     assert len(digests) == 1
@@ -192,6 +211,29 @@ def apart_after_round(trainer: Trainer, round_: int) -> None:
     def applied(applied_round, reduced):
         if applied_round == round_:
             trainer.optimizer.global_weights.add_(1e-3)
+        record(applied_round, reduced)
+    trainer._on_applied = applied
+
+
+def out_of_sync_after_round(trainer: Trainer, round_: int) -> None:
+    """Mark ``trainer`` out of sync once round ``round_`` is applied, its weights unchanged."""
+    record = trainer._on_applied
+
+    def applied(applied_round, reduced):
+        record(applied_round, reduced)
+        if applied_round == round_:
+            trainer.optimizer.out_of_sync = True
+    trainer._on_applied = applied
+
+
+def hold_round(trainer: Trainer, round_: int, until: threading.Event) -> None:
+    """Hold ``trainer``'s training thread as it applies round ``round_`` (before its round moves on
+    and it offers that state) until ``until`` is set, for at most 30 s."""
+    record = trainer._on_applied
+
+    def applied(applied_round, reduced):
+        if applied_round == round_:
+            until.wait(30)
         record(applied_round, reduced)
     trainer._on_applied = applied
 
