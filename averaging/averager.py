@@ -203,6 +203,14 @@ class Averager:
                     # 9 rounds apart, 11 states refetched). Failed, this group's weights stay as they were
                     raise MatchmakingFailed(f"cell {cell} formed no group with the other groups' owners "
                                             f"seeking it: {exc}") from exc
+                if exc.others_left:
+                    # other groups' owners of the cell sought it and left before this one came: they
+                    # stepped it (with each other, alone) or their round failed, and either way this
+                    # group's mean alone would part the weights (two groups whose rounds did not
+                    # overlap in a chaos run: 8 lineage moves). A group of another lineage leaves the
+                    # same trace: this group's weights then stay, and it catches up with the swarm's
+                    raise MatchmakingFailed(f"cell {cell} formed no group after other groups' owners of it had "
+                                            f"left: {exc}") from exc
                 log.info("%s: cell %d reduced in this group only: %s", group_key, cell, exc)
                 return values
             # a group weighs what its members do together: up to the largest group's worth

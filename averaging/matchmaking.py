@@ -61,11 +61,13 @@ MAX_REREAD_SECONDS = 2.0
 
 class MatchmakingFailed(Exception):
     """No group could be formed before the deadline. ``others_seeking``: other peers of this peer's
-    base were still seeking under the key at its last read (``_Seeking.others_seeking``)."""
+    base were still seeking under the key at its last read (``_Seeking.others_seeking``);
+    ``others_left``: other peers had sought under it and left (of any base: a withdrawal says none)."""
 
-    def __init__(self, message: str, others_seeking: bool = False) -> None:
+    def __init__(self, message: str, others_seeking: bool = False, others_left: bool = False) -> None:
         super().__init__(message)
         self.others_seeking = others_seeking
+        self.others_left = others_left
 
 
 # members -> (the vector's order as ranges, part bounds): a caller's layout of its groups (``RoundPlan``)
@@ -97,6 +99,7 @@ class _Seeking:
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
     unanswered: set[str] = field(default_factory=set)  # peers this one invited that never answered
+    left: int = 0  # other peers last read to have sought under the key and left
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     other_covers: int = 0  # ...and the peers they stand for (``covers``), who will not join this peer's group
     leader: str | None = None  # the leader of this peer's group in its own split, once computed
@@ -279,7 +282,7 @@ class Matchmaker:
             if seeking.superseded:
                 raise MatchmakingFailed(f"left {group_key!r}: this peer seeks a later round's group now")
             raise MatchmakingFailed(f"no group for {group_key!r} before the deadline{_other_bases(seeking)}",
-                                    others_seeking=seeking.others_seeking(self.me))
+                                    others_seeking=seeking.others_seeking(self.me), others_left=seeking.left > 0)
         finally:
             if self._seekings.get(key) is seeking:
                 del self._seekings[key]
@@ -313,7 +316,7 @@ class Matchmaker:
             if seeking.found.is_set():
                 return seeking.spec
             candidates, left = await self._candidates(seeking)
-            seeking.seen = frozenset(candidates)
+            seeking.seen, seeking.left = frozenset(candidates), left
             waited = trio.current_time() - started
             if not self.one_at_a_time and candidates:
                 # seekers that come at different times (a round's groups at their cells) count the
@@ -425,14 +428,16 @@ class Matchmaker:
         return bases.most_common(1)[0][0] if bases else ""
 
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
-        """The peers seeking a group under the key now, and how many others sought and left."""
+        """The peers seeking a group under the key now, and how many others sought and left (peers
+        this one leaves out of its groups not counted: it would not have grouped with them)."""
         entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True)
         out, left, other_bases, other_covers = {}, 0, 0, 0
         for peer, entry in entries.items():
+            excluded = self._excluded.get(peer, -1) >= self._rounds
             if entry.withdrawn:
-                left += peer != self.me
+                left += peer != self.me and not excluded
                 continue
-            if peer in seeking.suspects or self._excluded.get(peer, -1) >= self._rounds:
+            if peer in seeking.suspects or excluded:
                 continue
             value = _declaration(entry.value)
             if value is None or value["total"] != seeking.total or value["codec"] != seeking.codec:

@@ -116,7 +116,8 @@ async def test_a_cell_that_formed_no_group_while_another_groups_owner_sought_it_
     """Two groups' owners of a cell that read each other but formed no group (an invitation that
     came too late, in a chaos run) each stepped the cell with their own group's mean, and the
     swarm's weights parted for nine rounds. Such a cell fails the round (the groups' weights stay
-    as they were); a cell that nobody else sought keeps its group's mean, as before."""
+    as they were), and so does one that another group's owner sought and left before it came; a
+    cell that nobody else sought keeps its group's mean, as before."""
     async with trio.open_nursery() as nursery:
         peers = await start_peers(nursery, 2)
         # the first leads (the smaller id): it invites the other, which rejects it (a leader that
@@ -134,8 +135,12 @@ async def test_a_cell_that_formed_no_group_while_another_groups_owner_sought_it_
             return averager._cross_groups(key, "none", "b", 2, timeout, now + timeout,
                                           RoundStats("cells", []))(0, values, 1.0, 2)
 
-        with trio.fail_after(30):
+        with trio.fail_after(40):
             assert np.array_equal(await cross(first, "alone", 4), values)  # nobody else: its own mean
+            # the other group's owner of that cell comes once the first has left (two groups whose
+            # rounds did not overlap, in a chaos run): its mean alone would part the weights
+            with pytest.raises(MatchmakingFailed, match="cell 0 formed no group after other groups' owners of it"):
+                await cross(other, "alone", 2)
             # the other owner will not group with this one (it left it out), but seeks under the cell
             other.cells_matchmaker.exclude([first.matchmaker.me])
             outcomes = {}
