@@ -241,7 +241,7 @@ class LoadDHT:
     own_requests: np.ndarray = field(init=False)  # messages each peer sent for its upkeep (matchmaking apart)
     _contacts: list[np.ndarray] = field(default_factory=list)  # pairs of peers that exchanged a message
     _streams: dict[tuple[int, int], float] = field(default_factory=dict)  # (peer, node) -> its last message
-    _writes: int = 0  # writes so far, each entry numbered by its write...
+    _writes: int = 0  # writes so far (an entry is numbered by the write that made it)
     _written: dict[tuple[str, str], int] = field(default_factory=dict)  # (key, writer) -> the write that made its entry
     _read: dict[tuple[int, str], int] = field(default_factory=dict)  # (reader, key) -> writes before its last read
 
