@@ -104,6 +104,7 @@ def test_a_downloader_serves_the_chunks_it_has_while_it_downloads(node):
     assert result["fetched"]["per_peer"].get(early_ready["ready"], 0) > 0
 
 
+@pytest.mark.slow  # ~20 s, to keep the default suite under 15 minutes
 def test_a_download_whose_missing_chunks_nobody_holds_gives_up_early(node):
     """The signer killed while two peers each hold part of its version: neither will ever get the
     rest, so each gives up after a few re-asks instead of waiting out its deadline (a restarted
