@@ -286,7 +286,11 @@ def decode_known(data: bytes) -> frozenset[bytes] | None:
     body = data[len(_KNOWN_TAG):]
     if len(body) % DIGEST_BYTES or len(body) > MAX_KNOWN * DIGEST_BYTES:
         return None
-    return frozenset(body[i:i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES))
+    return _split_digests(body)
+
+
+def _split_digests(digests: bytes) -> frozenset[bytes]:
+    return frozenset(digests[i:i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES))
 
 
 def delta_answer(bundle: bytes, known: frozenset[bytes]) -> bytes:
@@ -324,4 +328,4 @@ def decode_answer(key: str, data: bytes, now: float | None = None) -> tuple[list
     if not isinstance(held, bytes) or len(held) % DIGEST_BYTES or not isinstance(wires, list):
         raise RecordError("answer is not a list of digests and one of entries")
     entries, problems = _verify_each(key, wires, now)
-    return entries, frozenset(held[i:i + DIGEST_BYTES] for i in range(0, len(held), DIGEST_BYTES)), problems
+    return entries, _split_digests(held), problems

@@ -38,7 +38,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import env_to_send_in_RPC
-from libp2p.utils.varint import decode_uvarint, read_varint_prefixed_bytes_limited
+from libp2p.utils.varint import decode_uvarint, decode_varint_with_size, read_varint_prefixed_bytes_limited
 
 from dht.records import decode_known, delta_answer
 
@@ -142,14 +142,6 @@ class StreamPool:
         with trio.move_on_after(3):
             await self.close_retired()
         self._closing.clear()
-
-
-def _varint_at_start(data: bytes | bytearray) -> tuple[int, int]:
-    """A varint-prefixed message's length and where it starts."""
-    for end in range(min(len(data), 10)):
-        if data[end] < 0x80:
-            return decode_uvarint(bytes(data[:end + 1])), end + 1
-    raise ValueError("no length")
 
 
 def _lone_varint(data: bytes) -> bool:
@@ -275,7 +267,7 @@ class ServedStream:
         """The digests of the entries the GET_VALUE request being answered says its reader holds."""
         request = Message()
         try:
-            length, start = _varint_at_start(self._request)
+            length, start = decode_varint_with_size(bytes(self._request))
             request.ParseFromString(bytes(self._request[start:start + length]))
         except Exception:
             return None

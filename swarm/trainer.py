@@ -22,7 +22,7 @@ import trio
 from averaging.averager import Averager
 from bootstrap.checkpoint_swarm import CheckpointSwarm
 from bootstrap.chunk_store import ChunkError, ChunkStore
-from bootstrap.manifest import Manifest, ManifestError, SignedManifest
+from bootstrap.manifest import ManifestError, SignedManifest
 from bootstrap.swarm_download import DownloadError
 from optim.base import Reduced, StateError, SwarmOptimizer, weights_digest
 from optim.data import Corpus, load_corpus
@@ -67,11 +67,6 @@ CONNECT_AHEAD_PEERS = 16
 def _board_digest(weights: torch.Tensor) -> str:
     """The digest of swarm weights as the run board shows it (``BASE_DIGEST_CHARS``)."""
     return weights_digest(weights)[:BASE_DIGEST_CHARS]
-
-
-def _same_weights(offered: Manifest, own: Manifest) -> bool:
-    """Whether a state offered is of the round of this peer's own and holds its weights."""
-    return offered.round == own.round and offered.segment_digest("weights") == own.segment_digest("weights")
 
 
 def _weights_digest(signed: SignedManifest) -> str:
@@ -543,7 +538,8 @@ class Trainer:
                 self.peer.dht.look_up_again()
             return None
         own = await self._latest_checkpoint(self.config.run_id) if skip_if_held else None
-        if own is not None and _same_weights(offers[0].manifest, own.manifest):
+        if own is not None and offers[0].manifest.round == own.manifest.round \
+                and _weights_digest(offers[0]) == _weights_digest(own):
             log.info("holds the swarm's weights of round %d already; nothing to fetch", own.manifest.round)
             self._record({"event": "in_sync", "round": own.manifest.round})
             return own.manifest.round, None
