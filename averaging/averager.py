@@ -185,9 +185,14 @@ class Averager:
 
         async def cross(cell: int, values: np.ndarray, weight: float, contributors: int) -> np.ndarray:
             matchmaker = self.cells_matchmaker
-            # every group of the round in one group per cell, up to the most a group holds (beyond
-            # MAX_MEMBERS groups a round, cells part into several groups, and their weights with them)
-            matchmaker.target_size = max(2, min(self.matchmaker.swarm_size, MAX_MEMBERS))
+            # every group of the round in one group per cell, once its owners read stand for every
+            # peer expected, up to the most a group holds (beyond MAX_MEMBERS groups a round, cells
+            # part into several groups, and their weights with them). Until 2026-12-07 the peers
+            # expected were capped at MAX_MEMBERS too, as if each owner were one peer: beyond 256
+            # peers (16 groups of 16) a cell formed as soon as 16 groups' owners were read, and the
+            # round's later groups reduced it apart
+            matchmaker.target_size = MAX_MEMBERS
+            matchmaker.covers_expected = max(2, self.matchmaker.swarm_size)
             matchmaker.budget = min(self.matchmaker.budget, timeout * CELL_BUDGET_SHARE)
             now = trio.current_time()
             left = deadline - now

@@ -206,6 +206,10 @@ class Matchmaker:
         # how many peers seek groups each round (the caller's estimate, say from the run board):
         # from twice the target size on they seek in buckets, each under its own key
         self.swarm_size = 0
+        # where set, the peers the seekers read must stand for (``covers``) before a group forms
+        # ahead of the budget, apart from a group's most seekers (``target_size``): a round's
+        # cells, whose seekers are groups' owners (``Averager._cross_groups``)
+        self.covers_expected = 0
         self.bucket_peers = BUCKET_PEERS  # ``groups.bucket_count``
         self.coords = Coordinates()
         self._rtt_ms: dict[str, float] = {}
@@ -299,6 +303,8 @@ class Matchmaker:
         size, or where a key holds several groups, every peer expected there (the swarm's share
         of the bucket), so that all are split at once: 3 of 4 peers in groups of 2 formed a group
         of 3 as soon as they read each other, and the fourth, a second later, was left alone."""
+        if self.covers_expected:
+            return self.covers_expected
         if not self.several_groups:
             return self.target_size
         return max(self.target_size, math.ceil(self.swarm_size / bucket_count(self.swarm_size, self.target_size,

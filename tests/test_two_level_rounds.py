@@ -158,3 +158,34 @@ async def test_a_cell_that_formed_no_group_while_another_groups_owner_sought_it_
         assert "cell 0 formed no group with the other groups' owners seeking it" in str(outcomes["first"])
         assert np.array_equal(outcomes["other"], values)  # it never read the first: as if alone
         nursery.cancel_scope.cancel()
+
+
+async def test_a_cells_owners_wait_for_every_peer_expected_though_the_swarm_outnumbers_a_cell_group(monkeypatch):
+    """A cell's owners form their group once the owners they read stand for every peer expected,
+    though the swarm holds more peers than a group may hold owners (``MAX_MEMBERS``, 4 here):
+    until 2026-12-07 the peers expected were capped at that bound, so beyond 256 peers a cell
+    formed as soon as 16 groups' owners were read, and the round's later groups reduced it apart.
+    Three groups of two (6 peers): two owners come at once, the third 1.5 s later; all three
+    reduce the cell together."""
+    monkeypatch.setattr("averaging.averager.MAX_MEMBERS", 4)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        averagers = [Averager(p, target_group_size=2, matchmaking_budget=5) for p in peers]
+        for averager in averagers:
+            averager.matchmaker.swarm_size = 6
+        outputs = {}
+
+        async def cross(i, delay):
+            await trio.sleep(delay)
+            now = trio.current_time()
+            reduce_cell = averagers[i]._cross_groups("r", "none", "b", 2, 20, now + 20, RoundStats("cells", []))
+            outputs[i] = await reduce_cell(0, np.full(1000, float(i), np.float32), 1.0, 2)
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as owners:
+                for i, delay in enumerate((0, 0, 1.5)):
+                    owners.start_soon(cross, i, delay)
+        assert len(outputs) == 3
+        assert all(np.array_equal(outputs[0], out) for out in outputs.values())
+        np.testing.assert_allclose(outputs[0], 1.0)  # the mean of 0, 1 and 2
+        nursery.cancel_scope.cancel()
