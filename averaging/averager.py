@@ -81,7 +81,7 @@ class Averager:
     async def all_reduce(self, tensors: list[torch.Tensor], *, weight: float = 1.0, codec: str = "none",
                          timeout: float = 120.0, group_key: str = "default",
                          matchmaking_timeout: float | None = None, plan: RoundPlan | None = None,
-                         base: str = "", across_groups: bool = False) -> AveragingResult:
+                         base: str = "", across_groups: bool = False, rotation: str | None = None) -> AveragingResult:
         """The weighted mean of ``tensors`` over the group's contributors, or ``RoundFailed`` /
         ``MatchmakingFailed`` (then nothing was changed and the caller may retry). Finding the
         group may take ``matchmaking_timeout`` seconds (default: all of ``timeout``); the round
@@ -101,14 +101,17 @@ class Averager:
         group reduces whole cells, and each cell's owners in the round's groups then reduce it
         with each other (``_cross_groups``), so that every group gets the same mean, not one of
         its own (and with ``plan``, the same transform of it). Results then carry no error
-        feedback (each group's owners must encode that mean alike)."""
+        feedback (each group's owners must encode that mean alike).
+
+        ``rotation``: the round's series and place in its cycle (``groups.rotation_of``), under
+        which both levels' keys are drawn and placed (``Matchmaker.find_group``)."""
         flat = await trio.to_thread.run_sync(_flatten, tensors)
         cells = 0
         if across_groups and self.matchmaker.several_groups:
             cells = self.matchmaker.target_size if plan is None else plan.ranges
         spec = await self.matchmaker.find_group(
             group_key, len(flat), codec, trio.current_time() + (matchmaking_timeout or timeout),
-            order=plan.order if plan is not None else None, base=base, cells=cells)
+            order=plan.order if plan is not None else None, base=base, cells=cells, rotation=rotation)
         deadline = trio.current_time() + timeout
         me = spec.members.index(self.matchmaker.me)
         log.info("round %s starts: %d members, %d values, codec %s, contributions to %s at once%s", spec.group_id,
@@ -146,7 +149,7 @@ class Averager:
             averaged, stats = await self.allreduce.run(
                 spec, me, flat, weight, deadline=deadline, send_residual=send_residual,
                 result_residual=result_residual, bandwidth=self.bandwidth, transform=transform,
-                cross=self._cross_groups(group_key, codec, base, spec.cells, timeout, deadline, crossed)
+                cross=self._cross_groups(group_key, codec, base, spec.cells, timeout, deadline, crossed, rotation)
                 if spec.cells else None)
         except RoundFailed as exc:
             self.matchmaker.exclude(exc.stats.blamed)
@@ -164,7 +167,7 @@ class Averager:
         return AveragingResult(self._unflatten(averaged, tensors), stats)
 
     def _cross_groups(self, group_key: str, codec: str, base: str, cells: int, timeout: float, deadline: float,
-                      counted: RoundStats) -> CrossReduce:
+                      counted: RoundStats, rotation: str | None = None) -> CrossReduce:
         """The second level of a two-level round: a cell's owner finds the owners of the same cell
         in the round's other groups (under the cell's own key, standing for its group's
         contributors, until those read stand for every peer expected) and all-reduces the cell
@@ -199,8 +202,11 @@ class Averager:
             try:
                 # up to half the round's time left: the round's last group may form a matchmaking
                 # timeout after the first (its members' views differed, say), and its exchange take longer
+                # (with the round's rotation, a cell's key is placed at the same nodes each cycle: a
+                # group of the same members, at the same place in it, owns the same cell)
                 spec = await matchmaker.find_group(f"{group_key}/cells/{cells}.{cell}", len(values), codec,
-                                                   now + left / 2, base=base, covers=contributors)
+                                                   now + left / 2, base=base, covers=contributors,
+                                                   rotation=rotation and f"{rotation}/cells/{cells}.{cell}")
             except MatchmakingFailed as exc:
                 if exc.others_seeking:
                     # other groups' owners of the cell seek still, and will step it with their own mean

@@ -75,6 +75,17 @@ def _salted(salt: str, peer: str) -> bytes:
 BUCKET_PEERS = 16
 
 
+# Rounds after which a peer's matchmaking buckets repeat (``rotation_of``): the DHT nodes of its
+# keys are then looked up once every few rounds, not every round, and the swarm still mixes: each
+# round of the cycle splits it by another draw (Moshpit SGD cycles through the dimensions of a grid).
+ROTATION_ROUNDS = 4
+
+
+def rotation_of(series: str, round_: int) -> str:
+    """Round ``round_`` of ``series``'s place in its cycle of ``ROTATION_ROUNDS`` (the same at every peer)."""
+    return f"{series}@{round_ % ROTATION_ROUNDS}"
+
+
 def bucket_count(swarm_size: int, target: int, bucket_peers: int = BUCKET_PEERS) -> int:
     """How many matchmaking buckets a round of ``swarm_size`` peers uses: one below twice
     ``size = max(target, bucket_peers)``, else a power of two that leaves ``size / 2 .. size``

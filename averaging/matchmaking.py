@@ -86,6 +86,7 @@ def _other_bases(seeking: "_Seeking") -> str:
 @dataclass
 class _Seeking:
     key: str
+    place: str | None  # the key whose DHT nodes hold ``key`` (``RecordDHT.store``), if not its own
     total: int
     codec: str
     order: GroupOrder | None = None
@@ -245,16 +246,20 @@ class Matchmaker:
     def me(self) -> str:
         return self.host.get_id().to_base58()
 
-    def _key(self, group_key: str) -> str:
-        """The DHT key this peer seeks a group for ``group_key`` under: its bucket's, where there are
-        several (``groups.bucket_count``)."""
+    def _key(self, group_key: str, rotation: str | None = None) -> tuple[str, str | None]:
+        """The DHT key this peer seeks a group for ``group_key`` under (its bucket's, where there
+        are several: ``groups.bucket_count``), and the key whose nodes hold it (``rotation``'s)."""
         key = f"/legion/{self.swarm}/mm/{group_key}"
+        drawn_by = key if rotation is None else f"/legion/{self.swarm}/mm/{rotation}"
         count = bucket_count(self.swarm_size, self.target_size, self.bucket_peers)
-        return key if count == 1 else f"{key}/{count}.{bucket_of(self.me, key, count)}"
+        if count == 1:
+            return key, None if rotation is None else drawn_by
+        bucket = f"{count}.{bucket_of(self.me, drawn_by, count)}"
+        return f"{key}/{bucket}", None if rotation is None else f"{drawn_by}/{bucket}"
 
     async def find_group(self, group_key: str, total: int, codec: str, deadline: float,
                          order: GroupOrder | None = None, base: str = "", cells: int = 0,
-                         covers: int = 1) -> GroupSpec:
+                         covers: int = 1, rotation: str | None = None) -> GroupSpec:
         """Declare, wait for candidates, then lead or follow; retries until ``deadline``. A group
         this peer leads takes its order and bounds from ``order``, if given (with ``cells``, the
         order's ranges are a two-level round's cells), else with ``cells`` gives each member whole
@@ -262,8 +267,15 @@ class Matchmaker:
         weights a pseudo-gradient was taken from) only peers declaring the same base form a group:
         a mean of updates to different weights would leave the members with different weights
         after it. A group forms before the budget ends once the seekers read stand for the target
-        size, each for ``covers`` peers as it declares."""
-        key = self._key(group_key)
+        size, each for ``covers`` peers as it declares.
+
+        ``rotation`` (a round's series and its place in a cycle of ``ROTATION_ROUNDS``, the same
+        at every peer: ``rotation_of``) draws the bucket instead of ``group_key``, so that a
+        peer's buckets repeat every cycle, and places the key at its bucket's DHT nodes for the
+        whole series (``RecordDHT.store``): a peer then looks up a few keys' nodes every
+        ``LOOKUP_SECONDS``, not a new key every round (at 1,000 peers, a third of matchmaking's
+        DHT traffic: ``bench/dht_load.py``)."""
+        key, place = self._key(group_key, rotation)
         if self.one_at_a_time:
             for previous in self._seekings.values():
                 if not previous.committed and previous.scope is not None:
@@ -272,7 +284,8 @@ class Matchmaker:
                     # this one's slot, so this peer refused its group.
                     previous.superseded = True
                     previous.scope.cancel()
-        seeking = self._seekings[key] = _Seeking(key, total, codec, order, base, cells, max(1, min(covers, MAX_COVERS)))
+        seeking = self._seekings[key] = _Seeking(key, place, total, codec, order, base, cells,
+                                                 max(1, min(covers, MAX_COVERS)))
         self._rounds += 1
         try:
             with trio.move_on_at(deadline) as seeking.scope:
@@ -291,7 +304,7 @@ class Matchmaker:
             if self._seekings.get(key) is seeking:
                 del self._seekings[key]
             with trio.move_on_after(2):
-                await self.dht.withdraw(key, self.budget + 10)
+                await self.dht.withdraw(key, self.budget + 10, place)
 
     @property
     def several_groups(self) -> bool:
@@ -316,7 +329,7 @@ class Matchmaker:
                        "codec": seeking.codec, "coords": self.coords.to_wire(), "upload_mbps": self.upload_mbps,
                        "target": self.target_size, "reach": self.reachability(), "base": seeking.base,
                        "covers": seeking.covers}
-        await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
+        await self.dht.store(seeking.key, declaration, ttl=self.budget + 10, place=seeking.place)
         started, reread = trio.current_time(), FIRST_REREAD_SECONDS
         while True:
             if seeking.found.is_set():
@@ -340,7 +353,7 @@ class Matchmaker:
                 # key changed): nobody else sees it either, so declare again rather than group
                 # without ourselves (a chaos run crashed there, on a loaded machine)
                 log.info("own declaration under %s not found; declaring again", seeking.key)
-                await self.dht.store(seeking.key, declaration, ttl=self.budget + 10)
+                await self.dht.store(seeking.key, declaration, ttl=self.budget + 10, place=seeking.place)
             elif (len(candidates) >= self.min_size
                   and sum(c["covers"] for c in candidates.values()) + seeking.other_covers + left >= self._enough()) or (
                     waited >= self.budget and len(candidates) >= self.min_size):
@@ -420,12 +433,13 @@ class Matchmaker:
             del self._blames[next(iter(self._blames))]
         self._excluded = {p: r for p, r in self._excluded.items() if r >= self._rounds}
 
-    async def open_base(self, group_key: str) -> str | None:
+    async def open_base(self, group_key: str, rotation: str | None = None) -> str | None:
         """Whether a group forms under ``group_key`` now that a newcomer can still join: peers seek
         there, at least half as many as their target size and fewer than it (they wait for more).
         Returns the base most of them declare ("" for none), or None. A few peers seeking alone
         are stragglers of a round whose group formed without them, not the swarm."""
-        entries = await self.dht.get(self._key(group_key), every_replica=True)
+        key, place = self._key(group_key, rotation)
+        entries = await self.dht.get(key, every_replica=True, place=place)
         declarations = [d for d in map(_declaration, (e.value for e in entries.values())) if d]
         targets = [d["target"] for d in declarations if d["target"] is not None]
         if not targets or not len(entries) < max(targets) <= 2 * len(entries):
@@ -436,7 +450,7 @@ class Matchmaker:
     async def _candidates(self, seeking: _Seeking) -> tuple[dict[str, dict], int]:
         """The peers seeking a group under the key now, and how many others sought and left (peers
         this one leaves out of its groups not counted: it would not have grouped with them)."""
-        entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True)
+        entries = await self.dht.get(seeking.key, withdrawn=True, every_replica=True, place=seeking.place)
         out, left, other_bases, other_covers = {}, 0, 0, 0
         for peer, entry in entries.items():
             excluded = self._excluded.get(peer, -1) >= self._rounds

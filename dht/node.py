@@ -208,12 +208,16 @@ class RecordDHT:
     def routing_table_size(self) -> int:
         return self.kad.get_routing_table_size()
 
-    async def store(self, key: str, value: Any, ttl: float) -> int:
-        """Write this peer's entry under ``key``; returns how many remote nodes accepted it."""
-        key_bytes = key.encode()
+    async def store(self, key: str, value: Any, ttl: float, place: str | None = None) -> int:
+        """Write this peer's entry under ``key``; returns how many remote nodes accepted it.
+        ``place``: the key whose closest nodes hold this one (itself by default). Keys written
+        and read anew every round (matchmaking's) placed at one key share its nodes, and with them
+        its lookup (``LOOKUP_SECONDS``) and the streams kept open to them; readers and writers of
+        a key must give it the same place."""
+        key_bytes, place_bytes = key.encode(), (place or key).encode()
         # The closest peers first, then the entry: a lookup that waits out unreachable peers (behind
         # NAT) takes seconds, and an entry signed before it could expire before it is stored.
-        peers = await self._closest_peers(key_bytes)
+        peers = await self._closest_peers(place_bytes)
         if ttl <= SHORT_LIVED_SECONDS:
             peers = peers[:self._short_lived_replicas(peers)]
         entry = sign_entry(key, self.key_pair, value, ttl)
@@ -228,7 +232,7 @@ class RecordDHT:
                 if await self._put_at(peer, key_bytes, record):
                     accepted += 1
                     return
-            self._forget(key_bytes, peer)
+            self._forget(place_bytes, peer)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
@@ -236,12 +240,12 @@ class RecordDHT:
         log.debug("stored %s at %d of %d peers", key, accepted, len(peers))
         return accepted
 
-    async def withdraw(self, key: str, ttl: float) -> int:
+    async def withdraw(self, key: str, ttl: float, place: str | None = None) -> int:
         """Replace this peer's entry with a tombstone that outlives it."""
-        return await self.store(key, None, ttl)
+        return await self.store(key, None, ttl, place)
 
     async def get(self, key: str, *, withdrawn: bool = False, probe: bool = False,
-                  every_replica: bool = False, fanout: int | None = None) -> dict[str, Entry]:
+                  every_replica: bool = False, fanout: int | None = None, place: str | None = None) -> dict[str, Entry]:
         """All live, valid, not withdrawn entries under ``key`` (with ``withdrawn``, the live
         tombstones too), merged from this node and the closest nodes to the key; entries that
         fail validation are dropped and logged. The closest few nodes that short-lived entries go
@@ -254,7 +258,7 @@ class RecordDHT:
         here?) one replica is asked, and only if it holds the key, more. With ``every_replica``
         all are read: a round's matchmaking key is seconds old, its entries still arriving, and
         peers whose views differ form different groups. ``fanout`` replaces ``read_fanout`` for
-        this read (where the swarm is not that small).
+        this read (where the swarm is not that small). ``place``: as ``store``'s.
 
         A key read before is read again as a delta: the request names the entries the last read
         found (``seen``) or this node holds, and a replica names back those it holds too and sends
@@ -268,7 +272,8 @@ class RecordDHT:
         groups: list[list[Entry]] = [self._decode(key, local.value, "local store", seen)] if local else []
         seen.update((digest(e), e) for group in groups for e in group)
         known = encode_known(seen.values()) if seen else b""
-        closest = await self._closest_peers(key_bytes)
+        place_bytes = (place or key).encode()
+        closest = await self._closest_peers(place_bytes)
         peers = closest[:self._short_lived_replicas(closest)]
         waiting = random.sample(peers, len(peers))
         # a small swarm's few replicas are all read: cheap there, and its young entries may have
@@ -291,7 +296,7 @@ class RecordDHT:
             with trio.move_on_after(self.timeout) as scope:
                 record, answered = await self._get_from(peer, key_bytes, known)
             if scope.cancelled_caught:
-                self._forget(key_bytes, peer)
+                self._forget(place_bytes, peer)
             asked -= 1
             if record is not None:  # signatures checked off the event loop: a bundle holds thousands
                 records += 1

@@ -12,6 +12,7 @@ import torch
 
 from averaging.allreduce import RoundFailed
 from averaging.averager import Averager, RoundPlan
+from averaging.groups import rotation_of
 from averaging.matchmaking import MatchmakingFailed
 from optim.base import Reduced
 
@@ -60,7 +61,13 @@ class SwarmReducer:
     async def open_to_join(self, key: str) -> str | None:
         """Whether peers of the run seek a group for round ``key`` now and wait for more peers: the
         base most of them declare (the digest of the weights they update), or None."""
-        return await self.averager.matchmaker.open_base(f"{self.run_id}/{key}")
+        return await self.averager.matchmaker.open_base(f"{self.run_id}/{key}", self._rotation(key))
+
+    def _rotation(self, key: str) -> str | None:
+        """Round ``key``'s place in its series' cycle (``groups.rotation_of``): round keys end with
+        the round's number ("diloco-12"); None for another key."""
+        series, _, number = key.rpartition("-")
+        return rotation_of(f"{self.run_id}/{series}", int(number)) if series and number.isdigit() else None
 
     async def __call__(self, tensors: list[torch.Tensor], weight: float, codec: str, key: str,
                        plan: RoundPlan | None = None, base: str = "") -> Reduced | None:
@@ -76,7 +83,7 @@ class SwarmReducer:
             result = await self.averager.all_reduce(
                 tensors, weight=weight, codec=codec, timeout=self.timeout, group_key=f"{self.run_id}/{key}",
                 matchmaking_timeout=2 * self.averager.matchmaker.budget, plan=plan, base=base,
-                across_groups=bool(base))
+                across_groups=bool(base), rotation=self._rotation(key))
         except MatchmakingFailed as exc:
             log.info("round %s: %s", key, exc)
             return self._failed(key, str(exc), started)

@@ -18,11 +18,12 @@ from averaging.codecs import CodecError, get_codec
 from optim.model_config import SIZES, GPTConfig
 from optim.schedule import SCHEDULES
 
-PROTOCOL = 8  # bumped whenever peers of different versions could not train together (2: sharded rounds;
+PROTOCOL = 9  # bumped whenever peers of different versions could not train together (2: sharded rounds;
 # 3: run board entries carry round counts and the last group, which older peers reject; 4: the run's
 # configuration under its own key, not in every board entry; 5: board entries with short field names;
 # 6: sharded momentum asked for by the weights it belongs to; 7: board entries carry the weights' digest;
-# 8: sharded rounds of several groups reduce each shard across the groups)
+# 8: sharded rounds of several groups reduce each shard across the groups; 9: a round's matchmaking
+# keys held at the nodes of its rotation's keys, ``groups.rotation_of``)
 ALGORITHMS = ("diloco", "sync", "onebit-adam")
 DEFAULT_CODECS = {"diloco": "int8", "sync": "none", "onebit-adam": "sign1"}
 

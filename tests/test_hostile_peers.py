@@ -228,7 +228,7 @@ async def test_only_the_leader_a_peer_derives_may_invite_it_and_a_bad_spec_frees
             while not averager.matchmaker._seekings or not next(iter(averager.matchmaker._seekings.values())).seen:
                 await trio.sleep(0.05)
         seeking = next(iter(averager.matchmaker._seekings.values()))
-        full_key = averager.matchmaker._key(key)
+        full_key = averager.matchmaker._key(key)[0]
 
         async def invite(inviter, spec_wire):
             stream = await inviter.host.new_stream(follower.peer_id, [MATCHMAKING_PROTOCOL])

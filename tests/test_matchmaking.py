@@ -8,6 +8,7 @@ import torch
 import trio
 
 from averaging.averager import Averager
+from averaging.groups import ROTATION_ROUNDS, rotation_of
 from averaging.matchmaking import MatchmakingFailed
 from peer_helpers import start_peers
 
@@ -56,7 +57,7 @@ async def test_a_straggler_seeking_alone_is_not_taken_for_a_group_forming():
         async with trio.open_nursery() as group:
             group.start_soon(seek, first)
             with trio.fail_after(10):
-                while len(await late.matchmaker.dht.get(late.matchmaker._key("k"), every_replica=True)) < 1:
+                while len(await late.matchmaker.dht.get(late.matchmaker._key("k")[0], every_replica=True)) < 1:
                     await trio.sleep(0.2)
             assert await late.matchmaker.open_base("k") is None  # one of four: a straggler
             group.start_soon(seek, second)
@@ -129,7 +130,7 @@ async def test_a_peer_that_cannot_read_its_own_declaration_declares_again_and_ne
                 group.start_soon(average, "second", second, 3.0)
                 group.start_soon(average, "third", third, 5.0)
                 with trio.fail_after(10):  # both others declared: the first's reads hold two peers
-                    while len(await second.matchmaker.dht.get(second.matchmaker._key("k"))) < 2:
+                    while len(await second.matchmaker.dht.get(second.matchmaker._key("k")[0])) < 2:
                         await trio.sleep(0.05)
                 group.start_soon(average, "first", first, 1.0)
         assert reads and len(reads[0]) == 2 and first.matchmaker.me not in reads[0]
@@ -149,7 +150,7 @@ async def test_a_large_swarm_seeks_in_buckets_each_under_its_own_key_and_each_bu
             averager.matchmaker.swarm_size, averager.matchmaker.bucket_peers = 8, 2
         # a round whose buckets all hold two or more peers (a bucket of one has nobody to average with)
         for round_ in range(5000):  # two in each bucket: 1 round in 26
-            keys = [a.matchmaker._key(f"r{round_}") for a in averagers]
+            keys = [a.matchmaker._key(f"r{round_}")[0] for a in averagers]
             if len(set(keys)) == 4 and all(keys.count(k) == 2 for k in keys):
                 break
         assert len(set(keys)) == 4 and all(k.endswith(("/4.0", "/4.1", "/4.2", "/4.3")) for k in keys)
@@ -167,6 +168,44 @@ async def test_a_large_swarm_seeks_in_buckets_each_under_its_own_key_and_each_bu
             bucket = [i for i in range(8) if keys[i] == keys[index]]
             assert sorted(result.stats.contributors) == sorted(str(peers[i].peer_id) for i in bucket)
             assert torch.allclose(result.tensors[0], torch.full((100,), sum(bucket) / len(bucket)))
+        nursery.cancel_scope.cancel()
+
+
+async def test_rounds_of_one_rotation_share_their_bucket_and_its_dht_nodes_and_look_them_up_once():
+    """With a rotation (``groups.rotation_of``) a peer's bucket repeats every ``ROTATION_ROUNDS``
+    rounds, and each round's key is held at its rotation's DHT nodes: three peers averaging 8
+    rounds looked up the nodes of 4 keys, one per round of the cycle, not of 8 (a lookup a round
+    was a third of matchmaking's DHT traffic at 1,000 peers, ``bench/dht_load.py``)."""
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        averagers = [Averager(p, target_group_size=3, matchmaking_budget=2) for p in peers]
+        # in a large swarm, the bucket of round r and of round r + ROTATION_ROUNDS are one
+        matchmaker = averagers[0].matchmaker
+        matchmaker.swarm_size, matchmaker.target_size = 1000, 16
+        keys = [matchmaker._key(f"run/diloco-{r}", rotation_of("run/diloco", r)) for r in range(2 * ROTATION_ROUNDS)]
+        assert all(key.endswith(f"/diloco-{r}/{key.rpartition('/')[2]}") for r, (key, _) in enumerate(keys))
+        assert [place for _, place in keys[:ROTATION_ROUNDS]] == [place for _, place in keys[ROTATION_ROUNDS:]]
+        assert [key.rpartition("/")[2] for key, _ in keys[:ROTATION_ROUNDS]] == \
+            [key.rpartition("/")[2] for key, _ in keys[ROTATION_ROUNDS:]]
+        assert len({place for _, place in keys}) == ROTATION_ROUNDS
+        matchmaker.swarm_size, matchmaker.target_size = 0, 3
+        for round_ in range(2 * ROTATION_ROUNDS):
+            results = {}
+
+            async def average(index: int) -> None:
+                results[index] = await averagers[index].all_reduce(
+                    [torch.full((100,), float(index))], group_key=f"run/diloco-{round_}", timeout=30,
+                    rotation=rotation_of("run/diloco", round_))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as group:
+                    for index in range(3):
+                        group.start_soon(average, index)
+            assert all(len(r.stats.contributors) == 3 for r in results.values())
+        for peer in peers:
+            looked_up = {k.decode() for k in peer.dht._lookups if b"/mm/" in k}
+            assert looked_up == {f"/legion/{peer.config.swarm}/mm/{rotation_of('run/diloco', r)}"
+                                 for r in range(ROTATION_ROUNDS)}, looked_up
         nursery.cancel_scope.cancel()
 
 
@@ -225,7 +264,7 @@ async def test_a_peer_whose_reads_missed_a_seeker_groups_once_the_others_left_be
                 for index in (1, 2, 3):
                     group.start_soon(average, index)
                 with trio.fail_after(10):
-                    while len(await late.dht.get(late._key("k"), every_replica=True)) < 3:
+                    while len(await late.dht.get(late._key("k")[0], every_replica=True)) < 3:
                         await trio.sleep(0.05)
                 group.start_soon(average, 0)
         assert reads[0] == (3, 0) and reads[-1] == (2, 2), reads  # the race happened as described
