@@ -5,9 +5,11 @@ and a client in this process (``dht.RecordDHT`` over ``swarm.network.build_host`
 yamux, on 127.0.0.1), the first server knowing the others, and counts the loopback interface's
 bytes (TCP/IP headers included) over repeated messages of the client to that server: a read of a
 key it holds no entry under, a read of a key holding one entry, a write of one entry (which the
-server echoes), a FIND_NODE query of a lookup, and a read of a key holding 16 entries, in full and
-again as a delta that names all 16 (``dht.records.encode_known``: the reread answered with none of
-them; the digests it names are counted as its entries). What remains after the entries' own bytes is
+server echoes), a FIND_NODE query of a lookup, and a read of a key holding 16 entries, in full,
+again as a delta that names all 16 (``dht.records.encode_read`` without a token: the reread
+answered with none of them, their digests named back; the digests it names are counted as its
+entries), and again with the token of the replica's last answer only (since 2026-12-07: the
+replica answers with what changed since, here nothing). What remains after the entries' own bytes is
 each message's overhead: a stream (multistream negotiation, a yamux stream, its close), Noise
 frames and TCP acknowledgements, the signed peer records of request and answer, and up to 20
 closer peers an answer lists. Each message is sent once on a new stream (as py-libp2p's client
@@ -38,7 +40,7 @@ from libp2p.peer.peerinfo import PeerInfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dht import RecordDHT  # noqa: E402
-from dht.records import encode_bundle, encode_known, entry_bytes, sign_entry  # noqa: E402
+from dht.records import decode_answer, encode_bundle, encode_read, entry_bytes, sign_entry  # noqa: E402
 from libp2p.records.record import make_signed_put_record  # noqa: E402
 from swarm.network import build_host  # noqa: E402
 
@@ -78,7 +80,7 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
         assert await client._put_at(target, b"/legion/cost/held", record)
         many = [sign_entry("/legion/cost/many", create_new_key_pair(), VALUE, 600) for _ in range(16)]
         nodes[0].kad.value_store.put_record(b"/legion/cost/many", Record(key=b"/legion/cost/many", value=encode_bundle(many)))
-        known = encode_known(many)
+        known = encode_read(b"", many)
         records = []
         for i in range(2 * requests):  # each write a newer entry, signed beforehand
             fresh = encode_bundle([sign_entry("/legion/cost/held", pairs[-1], VALUE, 600)])
@@ -103,6 +105,13 @@ async def measure(requests: int, servers: int, lean: bool = True) -> dict:
             await per_message("read_16_entries", lambda i: client._get_from(target, b"/legion/cost/many"),
                               sum(map(entry_bytes, many)))
             await per_message("reread_16_known", lambda i: client._get_from(target, b"/legion/cost/many", known), len(known))
+            token = [b""]  # the replica's last answer's (the first reread names the 16 entries)
+
+            async def reread_with_token(i: int) -> None:
+                record, _ = await client._get_from(target, b"/legion/cost/many", encode_read(token[0], many))
+                token[0] = decode_answer("/legion/cost/many", record.value).token
+
+            await per_message("reread_16_token", reread_with_token)
         closer = len(nodes[0].kad.routing_table.find_local_closest_peers(b"/legion/cost/empty", 20))
     return {"requests": requests, "servers": servers, "closer_peers_listed": closer, "lean_answers": lean,
             "overhead_bytes": results["kept_stream"], "new_stream_overhead_bytes": results["new_stream"],

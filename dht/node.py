@@ -24,8 +24,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from dht.buckets import parse_entries
-from dht.records import Entry, RecordError, check_key, decode_answer, digest, encode_bundle, encode_known, merge, sign_entry
-from dht.seen import SeenEntries
+from dht.records import Entry, RecordError, check_key, decode_answer, digest, encode_bundle, encode_read, merge, sign_entry
+from dht.seen import ReplicaView, SeenEntries
+from dht.told import ToldReaders
 from dht.store import MergingValueStore
 from dht.streams import SERVE_IDLE_SECONDS, InboundStreams, ServedStream, StreamPool
 from dht.validator import LegionValidator
@@ -100,6 +101,7 @@ class RecordDHT:
         self._lookups: dict[bytes, _Lookup] = {}
         self._unreachable: dict[ID, float] = {}  # peer -> until when lookups skip it
         self.seen = SeenEntries()  # what the last read of each key found: replicas send the rest
+        self.told = ToldReaders()  # what this node last told each reader of each key
         self.on_served: Callable[[float], None] | None = None  # given each inbound request's seconds
         self.kad = KadDHT(host, DHTMode.SERVER if server else DHTMode.CLIENT, strict_validation=True)
         self.kad.register_validator("legion", LegionValidator())
@@ -141,6 +143,7 @@ class RecordDHT:
         served = ServedStream(stream, first_message_seconds=2 * self.timeout, message_seconds=2 * self.timeout,
                               idle_seconds=self.serve_idle_seconds)
         served.on_answered = self.on_served
+        served.told = self.told
         # py-libp2p's handler adds the asking peer to the routing table as a stream opens, which
         # needs its addresses: they come in its first message (its peer record)
         served.after_first_answer = partial(self.kad.add_peer, served.peer, skip_server_mode_check=True)
@@ -262,16 +265,18 @@ class RecordDHT:
 
         A key read before is read again as a delta: the request names the entries the last read
         found (``seen``) or this node holds, and a replica names back those it holds too and sends
-        only the others; the read finds what it would have found in full. A key with none of
-        those is asked of one replica first, and of the others, as a delta against its answer,
-        once it answered or after ``FIRST_ANSWER_SECONDS``: one bundle crosses, not ``fanout``."""
+        only the others; a replica that answered before is sent only its answer's token, and
+        answers with what it dropped and gained since. The read finds what it would have found in
+        full. A key with none of those is asked of one replica first, and of the others, as a
+        delta against its answer, once it answered or after ``FIRST_ANSWER_SECONDS``: one bundle
+        crosses, not ``fanout``."""
         check_key(key)
         key_bytes = key.encode()
         local = self.kad.value_store.get(key_bytes)
         seen = {digest(e): e for e in self.seen.get(key_bytes)}
-        groups: list[list[Entry]] = [self._decode(key, local.value, "local store", seen)] if local else []
+        groups: list[list[Entry]] = [self._decode(key, local.value, "local store", seen, None)[0]] if local else []
         seen.update((digest(e), e) for group in groups for e in group)
-        known = encode_known(seen.values()) if seen else b""
+        views = self.seen.views(key_bytes)
         place_bytes = (place or key).encode()
         closest = await self._closest_peers(place_bytes)
         peers = closest[:self._short_lived_replicas(closest)]
@@ -291,19 +296,23 @@ class RecordDHT:
                 nursery.start_soon(get_from, waiting.pop(), nursery)
 
         async def get_from(peer: ID, nursery: trio.Nursery) -> None:
-            nonlocal records, asked, limit, known
+            nonlocal records, asked, limit
+            view = views.get(peer)
             record, answered = None, False
             with trio.move_on_after(self.timeout) as scope:
-                record, answered = await self._get_from(peer, key_bytes, known)
+                record, answered = await self._get_from(peer, key_bytes, encode_read(view[0] if view else b"",
+                                                                                    seen.values()))
             if scope.cancelled_caught:
                 self._forget(place_bytes, peer)
             asked -= 1
+            if answered and record is None:
+                views.pop(peer, None)
             if record is not None:  # signatures checked off the event loop: a bundle holds thousands
                 records += 1
-                entries = await trio.to_thread.run_sync(self._decode, key, record.value, peer.to_base58(), seen)
+                entries, views[peer] = await trio.to_thread.run_sync(self._decode, key, record.value,
+                                                                     peer.to_base58(), seen, view)
                 groups.append(entries)
                 seen.update((digest(e), e) for e in entries)
-                known = encode_known(seen.values())
             if not (probe and answered and not records):  # (a probe asks more only where a replica holds the key)
                 limit = fanout
             first_answered.set()
@@ -317,7 +326,7 @@ class RecordDHT:
                 limit = fanout
                 ask(nursery)
         merged = merge(*groups)
-        self.seen.remember(key_bytes, list(merged.values()))
+        self.seen.remember(key_bytes, list(merged.values()), {p: v for p, v in views.items() if v is not None})
         return {sub: e for sub, e in merged.items() if withdrawn or not e.withdrawn}
 
     async def get_parsed(self, key: str, parse: Callable[[str, Any], T], what: str) -> list[T]:
@@ -326,17 +335,23 @@ class RecordDHT:
         return parse_entries(await self.get(key), parse, what)
 
     @staticmethod
-    def _decode(key: str, data: bytes, source: str, seen: dict[bytes, Entry]) -> list[Entry]:
-        """The entries ``source``'s answer holds: those it sent, and those of ``seen`` it named."""
+    def _decode(key: str, data: bytes, source: str, seen: dict[bytes, Entry],
+                view: ReplicaView | None) -> tuple[list[Entry], ReplicaView | None]:
+        """The entries ``source``'s answer holds (those it sent, and those of ``seen`` it holds
+        by its answer: named, or told before with ``view``'s token and not dropped since), and its
+        view for the next read (None: none, a node of an earlier version)."""
         try:
-            entries, named, problems = decode_answer(key, data)
+            answer = decode_answer(key, data)
+            if answer.since and view is None:
+                raise RecordError("an answer to a token this node did not send")
         except RecordError as exc:
             log.warning("dropped record for %s from %s: %s", key, source, exc)
-            return []
-        for problem in problems:
+            return [], None
+        for problem in answer.problems:
             log.warning("dropped entry for %s from %s: %s", key, source, problem)
-        entries.extend(seen[d] for d in named if d in seen)
-        return entries
+        held = view[1] - answer.named if answer.since else answer.named
+        entries = answer.entries + [seen[d] for d in held if d in seen]
+        return entries, (answer.token, held | {digest(e) for e in answer.entries}) if answer.token else None
 
     async def _closest_peers(self, key_bytes: bytes) -> list[ID]:
         cached = self._lookups.get(key_bytes)
@@ -425,12 +440,12 @@ class RecordDHT:
             return False
         return answer.type == Message.MessageType.PUT_VALUE and answer.key == key_bytes
 
-    async def _get_from(self, peer: ID, key_bytes: bytes, known: bytes = b"") -> tuple[Record | None, bool]:
+    async def _get_from(self, peer: ID, key_bytes: bytes, read: bytes = b"") -> tuple[Record | None, bool]:
         """``peer``'s record under ``key_bytes`` (None if it holds none), and whether it answered;
-        with ``known`` (``encode_known``), the record holds only the entries it does not name."""
+        with ``read`` (``encode_read``), the record is a delta (``dht.records.read_answer``)."""
         request = Message(type=Message.MessageType.GET_VALUE, key=key_bytes)
-        if known:
-            request.record.key, request.record.value = key_bytes, known
+        if read:
+            request.record.value = read  # (the record's key left out: the request's says it)
         try:
             answer = await self.streams.request(peer, request)
         except Exception as exc:

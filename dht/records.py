@@ -14,12 +14,16 @@ Legion entry is refreshed each heartbeat), each kind of key caps its entries' si
 (``entry_limit``), and a bundle over its size cap loses its largest entries first, so no writer can
 push others' entries out by writing a big one.
 
-A reader that read a key before tells its replicas which entries it holds (``encode_known``: a
-short digest of each entry's signature), and a replica answers with a *delta* (``delta_answer``):
-the digests of those it holds too, and its other entries in full. A seeker rereads its matchmaking
-key every second or two, and a replica's answer was the whole bundle each time. The digests ride in
-the GET_VALUE request's otherwise unused record, so a node of an earlier version ignores them and
-answers with its bundle; ``decode_answer`` reads either.
+A reader that read a key before asks its replicas for what it lacks (``encode_read``), and a
+replica answers with a *delta* (``read_answer``). The first time, the reader names the entries it
+holds (a short digest of each entry's signature), and the replica names back those it holds too
+and sends its other entries in full. Every answer carries a token, and the replica remembers, per
+reader and key, what it told with it (``dht.told``): a reread then names only the token, and the
+replica answers with what it dropped and what it gained since. A seeker rereads its matchmaking
+key every second or two; a replica's answer was the whole bundle each time, then (until
+2026-12-07) every entry named both ways. The request rides in the GET_VALUE request's otherwise
+unused record, so a node of an earlier version ignores it and answers with its bundle;
+``decode_answer`` reads either.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ KIND_ENTRY_BYTES = {"members": 8192, "run": 8192, "runs": 16384, "checkpoints": 
 CLOCK_SKEW = 30.0
 DIGEST_BYTES = 8  # of an entry's signature (Ed25519: nobody can make another entry's digest match one it reads)
 MAX_KNOWN = 2048  # digests one read may name (16 KiB): a reader holding more names the newest
-_KNOWN_TAG = b"legion-known-v1:"
-_DELTA_TAG = b"legion-delta-v1:"  # (a bundle, a msgpack list, never begins so)
+TOKEN_BYTES = 8  # a replica's mark of what it told a reader (``read_answer``)
+# a read's request and a replica's answer (a bundle, a msgpack list, never begins so); until
+# 2026-12-07 (v1) a reread named every entry its reader held, 8 bytes each, both ways, every time
+_READ_TAG = b"legion-read-v2:"
 _SIGNATURE_DOMAIN = b"legion-record-v1"
 
 
@@ -271,61 +277,87 @@ def digest(entry: Entry) -> bytes:
     return entry.signature[:DIGEST_BYTES]
 
 
-def encode_known(entries: Iterable[Entry]) -> bytes:
-    """What a reader tells a replica it holds of a key: its entries' digests, the newest
-    ``MAX_KNOWN`` of them."""
-    newest = sorted(entries, key=lambda e: e.timestamp, reverse=True)[:MAX_KNOWN]
-    return _KNOWN_TAG + b"".join(map(digest, newest))
+def encode_read(token: bytes, known: Iterable[Entry]) -> bytes:
+    """A read's request to a replica: the ``token`` of that replica's last answer to this reader
+    (b"" for none), else the digests of the entries the reader holds (the newest ``MAX_KNOWN``)."""
+    newest = [] if token else sorted(known, key=lambda e: e.timestamp, reverse=True)[:MAX_KNOWN]
+    return _READ_TAG + msgpack.packb([token, b"".join(map(digest, newest))], use_bin_type=True)
 
 
-def decode_known(data: bytes) -> frozenset[bytes] | None:
-    """The digests ``encode_known`` wrote; None where ``data`` is not such a list (a request
-    without one, or a malformed one: answered in full)."""
-    if not data.startswith(_KNOWN_TAG):
+def decode_read(data: bytes) -> tuple[bytes, frozenset[bytes]] | None:
+    """The token and digests ``encode_read`` wrote; None where ``data`` is not such a request (a
+    request without one, or a malformed one: answered in full)."""
+    if not data.startswith(_READ_TAG) or len(data) > len(_READ_TAG) + 16 + MAX_KNOWN * DIGEST_BYTES:
         return None
-    body = data[len(_KNOWN_TAG):]
-    if len(body) % DIGEST_BYTES or len(body) > MAX_KNOWN * DIGEST_BYTES:
+    try:
+        token, known = msgpack.unpackb(data[len(_READ_TAG):], raw=False, max_map_len=0, max_str_len=0,
+                                       max_array_len=2)
+    except Exception:
         return None
-    return _split_digests(body)
+    if not (isinstance(token, bytes) and len(token) in (0, TOKEN_BYTES) and isinstance(known, bytes)
+            and len(known) % DIGEST_BYTES == 0 and len(known) <= MAX_KNOWN * DIGEST_BYTES):
+        return None
+    return token, _split_digests(known)
 
 
 def _split_digests(digests: bytes) -> frozenset[bytes]:
     return frozenset(digests[i:i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES))
 
 
-def delta_answer(bundle: bytes, known: frozenset[bytes]) -> bytes:
-    """A replica's answer to a reader holding the entries ``known`` names: the digests of those
-    ``bundle`` holds too, and its other entries; a bundle that is not a list of entries passes
-    unchanged (a node stores only bundles it decoded: not expected)."""
+def read_answer(bundle: bytes, known: frozenset[bytes], told: frozenset[bytes] | None,
+                token: bytes) -> tuple[bytes, frozenset[bytes]]:
+    """A replica's answer to a read, marked with ``token``, and the digests of every entry of
+    ``bundle`` (what it has now told the reader). Where the reader's token matched, ``told``
+    (what the replica told it then): the digests of those entries it no longer holds, and its
+    entries not among them. Else the digests of those ``known`` names that it holds too, and its
+    other entries. A bundle that is not a list of entries passes unchanged (a node stores only
+    bundles it decoded: not expected)."""
     try:
         wires = _unpack_bundle(bundle)
     except RecordError:
-        return bundle
-    held, others = [], []
+        return bundle, frozenset()
+    held, others, everything = set(), [], set()
     for wire in wires:
         signed = isinstance(wire, list) and len(wire) == 5 and isinstance(wire[4], bytes)
-        if signed and wire[4][:DIGEST_BYTES] in known:
-            held.append(wire[4][:DIGEST_BYTES])
+        mark = wire[4][:DIGEST_BYTES] if signed else None
+        if mark is not None:
+            everything.add(mark)
+        if mark is not None and mark in (known if told is None else told):
+            held.add(mark)
         else:
             others.append(wire)
-    return _DELTA_TAG + msgpack.packb([b"".join(held), others], use_bin_type=True)
+    named = held if told is None else told - everything
+    return _READ_TAG + msgpack.packb([token, told is not None, b"".join(sorted(named)), others],
+                                     use_bin_type=True), frozenset(everything)
 
 
-def decode_answer(key: str, data: bytes, now: float | None = None) -> tuple[list[Entry], frozenset[bytes], list[str]]:
-    """A replica's answer to a read, a bundle or a ``delta_answer``: the valid entries it sent, the
-    digests of those it named instead, and the reasons for rejecting the others."""
-    if not data.startswith(_DELTA_TAG):
+@dataclass(frozen=True)
+class Answer:
+    """A replica's answer to a read (``decode_answer``)."""
+
+    entries: list[Entry]  # the valid entries it sent
+    named: frozenset[bytes]  # digests: of the reader's entries it holds too, or ``since``, of those it dropped
+    since: bool  # an answer to the reader's token: ``named`` are what it no longer holds of what it told
+    token: bytes  # its mark for the reader's next request (b"": none, a node of an earlier version)
+    problems: list[str]  # why the others were rejected
+
+
+def decode_answer(key: str, data: bytes, now: float | None = None) -> Answer:
+    """A replica's answer to a read: a bundle (a node of an earlier version) or a ``read_answer``."""
+    if not data.startswith(_READ_TAG):
         entries, problems = decode_bundle_lenient(key, data, now)
-        return entries, frozenset(), problems
+        return Answer(entries, frozenset(), False, b"", problems)
     check_key(key)
-    if len(data) > MAX_BUNDLE_BYTES + len(_DELTA_TAG):
+    if len(data) > MAX_BUNDLE_BYTES + len(_READ_TAG):
         raise RecordError(f"answer of {len(data)} bytes exceeds {MAX_BUNDLE_BYTES}")
     try:
-        held, wires = msgpack.unpackb(data[len(_DELTA_TAG):], raw=False, max_bin_len=MAX_ENTRY_BYTES,
-                                      max_array_len=MAX_BUNDLE_BYTES // 64, max_map_len=0, max_str_len=0)
+        token, since, named, wires = msgpack.unpackb(
+            data[len(_READ_TAG):], raw=False, max_bin_len=MAX_ENTRY_BYTES,
+            max_array_len=MAX_BUNDLE_BYTES // 64, max_map_len=0, max_str_len=0)
     except Exception as exc:
-        raise RecordError(f"answer is not a msgpack delta: {exc}") from exc
-    if not isinstance(held, bytes) or len(held) % DIGEST_BYTES or not isinstance(wires, list):
-        raise RecordError("answer is not a list of digests and one of entries")
+        raise RecordError(f"answer is not a msgpack read answer: {exc}") from exc
+    if not (isinstance(token, bytes) and len(token) == TOKEN_BYTES and isinstance(since, bool)
+            and isinstance(named, bytes) and len(named) % DIGEST_BYTES == 0 and isinstance(wires, list)):
+        raise RecordError("answer is not a token, a flag, a list of digests and one of entries")
     entries, problems = _verify_each(key, wires, now)
-    return entries, _split_digests(held), problems
+    return Answer(entries, _split_digests(named), since, token, problems)

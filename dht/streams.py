@@ -13,7 +13,9 @@ closing it after a minute idle. Legion does the same:
   on a new stream.
 - ``ServedStream`` (the serving end): an answer goes out with its length in one frame, without
   the node's signed peer record where an earlier answer on the stream carried it, and, to a
-  GET_VALUE request naming the entries its reader holds, as a delta (``dht.records.delta_answer``).
+  Legion reader's GET_VALUE request, as a delta (``dht.records.read_answer``): against the
+  entries the request names, or against what this node told the reader with the request's
+  token (``dht.told``).
 - ``InboundStreams`` (the serving end): a stream waits ``SERVE_IDLE_SECONDS`` for its next message,
   its first message only ``first_message_seconds``, and a message (read and answer) has
   ``message_seconds``. What remote peers can hold open is capped: ``MAX_INBOUND_PER_PEER``
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -40,7 +43,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils.varint import decode_uvarint, decode_varint_with_size, read_varint_prefixed_bytes_limited
 
-from dht.records import decode_known, delta_answer
+from dht.records import TOKEN_BYTES, decode_read, read_answer
+from dht.told import ToldReaders
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +189,7 @@ class ServedStream:
         self._length: bytes | None = None  # an answer's length, written with the answer
         self._record_sent = b""  # the peer record an answer on it carried last
         self._request = bytearray()  # the message being answered, as read (py-libp2p's handler caps its size)
+        self.told: ToldReaders | None = None  # what this node told its readers (read answers as deltas)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -257,14 +262,21 @@ class ServedStream:
             changed = True
         else:
             self._record_sent = answer.senderRecord
-        if answer.type == Message.MessageType.GET_VALUE and answer.record.value and (known := self._known()):
-            answer.record.value, changed = delta_answer(answer.record.value, known), True
+        if answer.type == Message.MessageType.GET_VALUE and answer.record.value and self.told is not None \
+                and (read := self._read()) is not None:
+            key, (token, known) = read
+            since = self.told.since(self.peer, key, token) if token else None
+            fresh = os.urandom(TOKEN_BYTES)
+            answer.record.value, told = read_answer(answer.record.value, known, since, fresh)
+            self.told.remember(self.peer, key, fresh, told)
+            changed = True
         if changed:
             body = answer.SerializeToString()
         return varint.encode(len(body)) + body
 
-    def _known(self) -> frozenset[bytes] | None:
-        """The digests of the entries the GET_VALUE request being answered says its reader holds."""
+    def _read(self) -> tuple[bytes, tuple[bytes, frozenset[bytes]]] | None:
+        """The key of the GET_VALUE request being answered, and its reader's token and the digests
+        of the entries it holds (``dht.records.decode_read``); None for another request."""
         request = Message()
         try:
             length, start = decode_varint_with_size(bytes(self._request))
@@ -273,7 +285,8 @@ class ServedStream:
             return None
         if request.type != Message.MessageType.GET_VALUE or not request.HasField("record"):
             return None
-        return decode_known(request.record.value)
+        read = decode_read(request.record.value)
+        return None if read is None else (request.key, read)
 
     def close_idle(self) -> None:
         """End the stream at its wait for the next message (to make room for another)."""

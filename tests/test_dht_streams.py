@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 
+import msgpack
 import multiaddr
 import trio
 import varint
@@ -20,8 +21,9 @@ from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
 from dht.node import FIRST_ANSWER_SECONDS, FORGOTTEN_LOOKUP_SECONDS, TIMED_OUT_LOOKUP_SECONDS, UNUSABLE_LOOKUP_SECONDS
-from dht.records import MAX_KNOWN, decode_answer, decode_bundle_strict, encode_bundle, encode_known, sign_entry
+from dht.records import MAX_KNOWN, decode_answer, decode_bundle_strict, encode_bundle, encode_read, sign_entry
 from dht.seen import SeenEntries
+from dht.told import ToldReaders
 from dht.streams import ServedStream
 from swarm.network import build_host
 
@@ -169,8 +171,10 @@ async def test_an_answers_length_goes_out_with_it_and_other_writes_pass_unchange
 
 async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
     """A seeker rereads its matchmaking key every second or two; its replicas sent the whole
-    bundle each time. A reread names what the last read found; the replica names back those it
-    still holds and sends the rest, so the read finds what a full one would."""
+    bundle each time, then (until 2026-12-07) every entry named both ways. A first read names what
+    the reader holds, and the replica names back those it holds too and sends the rest; a
+    reread sends only the replica's last token, and the replica answers with what it dropped and
+    gained since. Either way the read finds what a full one would."""
     async with servers_and_client(3) as (servers, client, client_pair):
         server = servers[0]
         writers = [create_new_key_pair() for _ in range(4)]
@@ -185,7 +189,8 @@ async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
             stored[id(pair)] = encode_bundle([sign_entry(KEY, pair, value, 60)])
             put(stored[id(pair)])
 
-        answers = []  # (entries sent, entries named) in each replica answer the client decodes
+        answers = []  # (entries sent, digests named, an answer to a token) of each replica answer decoded
+        requests = []  # the bytes of each read's request
         request = client.streams.request
         slow, asked_at = set(), []  # replicas that answer after 2.5 s, and when each was asked
 
@@ -195,8 +200,9 @@ async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
                 await trio.sleep(2.5)
             answer = await request(peer, message)
             if message.type == Message.MessageType.GET_VALUE and answer.HasField("record"):
-                sent, named, _ = decode_answer(KEY, answer.record.value)
-                answers.append((len(sent), len(named)))
+                decoded = decode_answer(KEY, answer.record.value)
+                answers.append((len(decoded.entries), len(decoded.named), decoded.since))
+                requests.append(len(message.record.value))
             return answer
 
         client.streams.request = counting
@@ -205,15 +211,18 @@ async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
         store(client_pair, {"n": "own"})
         with trio.fail_after(20):
             # a first read: one replica's bundle, then the others' deltas against it
-            assert len(await client.get(KEY, every_replica=True)) == 4 and answers == [(4, 0), (0, 4), (0, 4)]
+            assert len(await client.get(KEY, every_replica=True)) == 4
+            assert answers == [(4, 0, False), (0, 4, False), (0, 4, False)]
             store(writers[3], {"n": 3})
             store(writers[0], {"n": "newer"})
             answers.clear()
+            requests.clear()
             read = await client.get(KEY, every_replica=True)
-            assert answers == [(2, 3)] * 3  # the new entry and the newer one; the others named
+            # the new entry and the newer one sent, the older one named as dropped; a request is a token
+            assert answers == [(2, 1, True)] * 3 and max(requests) <= 32
             assert {e.value["n"] for e in read.values()} == {"newer", 1, 2, 3, "own"}
             answers.clear()
-            assert len(await client.get(KEY, every_replica=True)) == 5 and answers == [(0, 5)] * 3
+            assert len(await client.get(KEY, every_replica=True)) == 5 and answers == [(0, 0, True)] * 3
             # an entry gone from every replica (nodes that restarted, say) is gone from the read too
             for node in servers:
                 node.kad.value_store.remove(KEY.encode())
@@ -221,25 +230,49 @@ async def test_a_key_read_again_brings_only_the_entries_its_reader_lacks():
                 put(stored[id(pair)])
             answers.clear()
             read = await client.get(KEY, every_replica=True)
-            assert answers == [(0, 3)] * 3 and {e.value["n"] for e in read.values()} == {1, 2, 3}
+            assert answers == [(0, 2, True)] * 3 and {e.value["n"] for e in read.values()} == {1, 2, 3}
+            # a replica that no longer knows the token (it restarted, or forgot it beyond its caps)
+            # answers against the entries named, none: everything
+            for node in servers:
+                node.told.__init__()  # (its streams hold it: emptied in place)
+            answers.clear()
+            assert {e.value["n"] for e in (await client.get(KEY, every_replica=True)).values()} == {1, 2, 3}
+            assert answers == [(3, 0, False)] * 3
             # a reader with nothing in common with the replicas: where the first asked is slow to
             # answer, the others are asked too, after FIRST_ANSWER_SECONDS, and all send everything
             client.seen = SeenEntries()
             answers.clear()
             slow.update(node.host.get_id() for node in servers)
-            assert len(await client.get(KEY, every_replica=True)) == 3 and answers == [(3, 0)] * 3
+            assert len(await client.get(KEY, every_replica=True)) == 3 and answers == [(3, 0, False)] * 3
             assert len(asked_at) == 3 and all(t - asked_at[0] >= FIRST_ANSWER_SECONDS for t in asked_at[1:])
             slow.clear()
-            # a node of an earlier version ignores the list and answers with its bundle; so does
-            # a node sent a malformed list
-            for known in (b"", b"legion-known-v1:" + b"x" * 7, b"legion-known-v1:" + b"x" * 8 * (MAX_KNOWN + 1),
-                          b"garbage"):
-                record, _ = await client._get_from(server.host.get_id(), KEY.encode(), known)
+            # a node of an earlier version ignores the request and answers with its bundle; so does
+            # a node sent a malformed one
+            for malformed in (b"", b"legion-known-v1:" + b"x" * 8, b"legion-read-v2:" + b"x" * 7,
+                              b"legion-read-v2:" + msgpack.packb([b"short", b""]),
+                              b"legion-read-v2:" + msgpack.packb([b"", b"x" * 7]),
+                              b"legion-read-v2:" + msgpack.packb([b"", b"x" * 8 * (MAX_KNOWN + 1)]), b"garbage"):
+                record, _ = await client._get_from(server.host.get_id(), KEY.encode(), malformed)
                 assert len(decode_bundle_strict(KEY, record.value)) == 3
             # every entry named: an answer of digests only, still one that holds the key
             record, answered = await client._get_from(server.host.get_id(), KEY.encode(),
-                                                      encode_known(decode_bundle_strict(KEY, record.value)))
-            assert answered and tuple(map(len, decode_answer(KEY, record.value)[:2])) == (0, 3)
+                                                      encode_read(b"", decode_bundle_strict(KEY, record.value)))
+            decoded = decode_answer(KEY, record.value)
+            assert answered and (len(decoded.entries), len(decoded.named)) == (0, 3)
+
+
+def test_what_a_node_told_its_readers_is_capped_per_reader_and_in_all():
+    told = ToldReaders(max_reads=4, max_digests=10, per_reader=2)
+    digests = frozenset(bytes([i]) * 8 for i in range(4))
+    told.remember("a", b"k1", b"t1", digests)
+    told.remember("a", b"k2", b"t2", digests)
+    told.remember("a", b"k3", b"t3", digests)  # a third key of one reader: its oldest goes
+    assert told.since("a", b"k1", b"t1") is None and told.since("a", b"k3", b"t3") == digests
+    assert told.since("a", b"k3", b"other") is None  # another token: not what was told with it
+    told.remember("b", b"k1", b"t4", digests)  # 12 digests in all, over 10: the least recently used goes
+    assert told.since("a", b"k2", b"t2") is None and len(told) == 2
+    told.remember("c", b"k1", b"t5", frozenset(bytes([i]) * 8 for i in range(11)))  # more than all: not kept
+    assert told.since("c", b"k1", b"t5") is None and len(told) == 2
 
 
 def test_remembered_reads_are_capped_and_forget_the_least_recently_read_key():

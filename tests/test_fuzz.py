@@ -29,8 +29,8 @@ from averaging.wire import FrameError, read_frame
 from bootstrap.advert import parse_holdings
 from bootstrap.chunk_store import ChunkError, decompress_chunk
 from bootstrap.manifest import ChunkRef, ManifestError, build_manifest, open_envelope
-from dht.records import (RecordError, decode_answer, decode_bundle_lenient, decode_bundle_strict, decode_known,
-                         delta_answer, encode_bundle, encode_known, sign_entry)
+from dht.records import (RecordError, decode_answer, decode_bundle_lenient, decode_bundle_strict, decode_read,
+                         encode_bundle, encode_read, read_answer, sign_entry)
 from optim.base import StateError, check_optimizer_tensors
 from shards.bids import parse_bid
 from swarm.members import Announcement
@@ -103,28 +103,35 @@ def test_dht_bundles_from_random_or_mutated_bytes(data):
             pass
 
 
-VALID_DELTA = delta_answer(VALID_BUNDLE, frozenset())
-KNOWN = encode_known(decode_bundle_strict(KEY, VALID_BUNDLE))
+VALID_ANSWER = read_answer(VALID_BUNDLE, frozenset(), None, b"t" * 8)[0]
+VALID_ENTRIES = decode_bundle_strict(KEY, VALID_BUNDLE)
+KNOWN = encode_read(b"", VALID_ENTRIES)
 
 
-@given(st.one_of(mutations(VALID_DELTA), mutations(delta_answer(VALID_BUNDLE, decode_known(KNOWN))),
-                 values.map(lambda v: b"legion-delta-v1:" + msgpack.packb(v, use_bin_type=True))))
+@given(st.one_of(mutations(VALID_ANSWER), mutations(read_answer(VALID_BUNDLE, decode_read(KNOWN)[1], None, b"t" * 8)[0]),
+                 mutations(read_answer(VALID_BUNDLE, frozenset(), frozenset([b"d" * 8]), b"t" * 8)[0]),
+                 values.map(lambda v: b"legion-read-v2:" + msgpack.packb(v, use_bin_type=True))))
 def test_read_answers_from_mutated_or_random_deltas(data):
-    """A replica's delta answer (``dht.records.decode_answer``): entries are checked as in a
+    """A replica's answer to a read (``dht.records.decode_answer``): entries are checked as in a
     bundle, and anything else raises ``RecordError``."""
     try:
-        entries, named, _ = decode_answer(KEY, data)
+        answer = decode_answer(KEY, data)
     except RecordError:
         return
-    assert all(len(d) == 8 for d in named) and all(e.subkey for e in entries)
+    assert all(len(d) == 8 for d in answer.named) and all(e.subkey for e in answer.entries)
+    assert answer.token == b"" or len(answer.token) == 8
 
 
-@given(st.one_of(mutations(KNOWN), st.binary(max_size=64).map(lambda b: b"legion-known-v1:" + b)))
-def test_known_lists_from_mutated_or_random_bytes(data):
-    """What a reader says it holds, as a replica parses it: digests of 8 bytes, or None (answered in full)."""
-    known = decode_known(data)
-    assert known is None or all(isinstance(d, bytes) and len(d) == 8 for d in known)
-    assert delta_answer(VALID_BUNDLE, known or frozenset()).startswith(b"legion-delta-v1:")
+@given(st.one_of(mutations(KNOWN), mutations(encode_read(b"t" * 8, ())),
+                 values.map(lambda v: b"legion-read-v2:" + msgpack.packb(v, use_bin_type=True))))
+def test_read_requests_from_mutated_or_random_bytes(data):
+    """A reader's request, as a replica parses it: a token of 8 bytes or none and digests of 8
+    bytes, or None (answered in full); the replica's answer to it reads back."""
+    read = decode_read(data)
+    assert read is None or (len(read[0]) in (0, 8) and all(isinstance(d, bytes) and len(d) == 8 for d in read[1]))
+    token, known = read or (b"", frozenset())
+    answer, told = read_answer(VALID_BUNDLE, known, None, b"t" * 8)
+    assert len(decode_answer(KEY, answer).entries) + len(known & told) == len(VALID_ENTRIES)
 
 
 MANIFEST = build_manifest({"weights": torch.arange(5000, dtype=torch.float32), "inner.0.step": torch.tensor(3.0)},
