@@ -8,7 +8,9 @@ from collections import OrderedDict
 from typing import Hashable
 
 TOLD_READS = 4096  # (reader, key) pairs remembered, all readers together
-TOLD_DIGESTS = 1 << 17  # their digests together (1 MiB)
+# their digests together, each pair's counted (4 MiB; pairs told the same entries of a key share
+# them: a cell's key at 10,000 peers holds 625 entries, each read by its 625 owners)
+TOLD_DIGESTS = 1 << 19
 TOLD_READS_PER_READER = 64  # pairs one reader can make this node remember
 
 
@@ -23,6 +25,7 @@ class ToldReaders:
         self._told: OrderedDict[tuple[Hashable, bytes], tuple[bytes, frozenset[bytes]]] = OrderedDict()
         self._per_reader: dict[Hashable, int] = {}
         self._digests = 0
+        self._last: dict[bytes, frozenset[bytes]] = {}  # key -> the digests last remembered for it (shared)
 
     def __len__(self) -> int:
         return len(self._told)
@@ -41,6 +44,13 @@ class ToldReaders:
             return
         if self._per_reader.get(reader, 0) >= self.per_reader:
             self._forget(next(pair for pair in self._told if pair[0] == reader))
+        last = self._last.get(key)
+        if last == digests:
+            digests = last
+        self._last[key] = digests
+        if len(self._last) > self.max_reads:  # (keys no pair holds any more forgotten)
+            self._last = {k: d for (_, k), (_, d) in self._told.items()}
+            self._last[key] = digests
         self._told[(reader, key)] = (token, digests)
         self._per_reader[reader] = self._per_reader.get(reader, 0) + 1
         self._digests += len(digests)

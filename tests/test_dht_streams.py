@@ -273,6 +273,9 @@ def test_what_a_node_told_its_readers_is_capped_per_reader_and_in_all():
     assert told.since("a", b"k2", b"t2") is None and len(told) == 2
     told.remember("c", b"k1", b"t5", frozenset(bytes([i]) * 8 for i in range(11)))  # more than all: not kept
     assert told.since("c", b"k1", b"t5") is None and len(told) == 2
+    # readers told the same entries of a key share one set of digests (625 owners of a cell key)
+    told.remember("d", b"k1", b"t6", frozenset(digests))
+    assert told.since("d", b"k1", b"t6") is told.since("b", b"k1", b"t4")
 
 
 def test_remembered_reads_are_capped_and_forget_the_least_recently_read_key():
