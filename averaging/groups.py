@@ -10,8 +10,9 @@ mix globally.
 Nothing in a split may depend on how much of the swarm a peer happens to see: peers read the
 matchmaking entries from the DHT, and views that differ by one entry must still agree on almost
 every group. So the salt is the round's key alone, and from twice the target size on, peers are
-spread over buckets (``bucket_of``) by a hash of their own id and the round: each bucket has its own
-DHT key, holds about one group, and a missing entry changes only the group it belonged to.
+spread over buckets (``bucket_of``) by a hash of their own id and the round's rotation
+(``rotation_of``: its place in a cycle of rounds): each bucket has its own DHT key, holds about one
+group, and a missing entry changes only the group it belonged to.
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ and the board read, every heartbeat once split), ``replicas`` (short-lived entri
 probed), ``adopt`` (member and holdings levels followed by their own reads), ``names`` (board
 entries with their field names); of 2026-12-06: ``streams`` (a new stream for every message),
 ``lookup10`` (a key's closest nodes kept 5 minutes, not 10), ``delta`` (a reread brings the whole
-bundle again, not only the entries its reader lacks). Each is undone by replacing a constant
+bundle again, not only the entries its reader lacks); of 2026-12-07: ``rotation`` (a round's
+buckets drawn by the round, its keys held at their own nodes, looked up anew every round),
+``tokens`` (a reread names every entry its reader holds, not the replica's last token).
+``cells`` is no change: it leaves the second
+level of two-level rounds uncounted, as the simulator did until 2026-12-07. Each is undone by replacing a constant
 or function for the run, then restored. Message bytes are the figures of
 ``bench/dht_request_cost.py`` on 2026-12-06, before answers were compacted (not measured again here).
 """
@@ -35,7 +39,7 @@ from dht.records import merge  # noqa: E402
 LEAN = dht_load.MessageBytes(read=899, write=1022, find_node=2530, stream=2126, kept_seconds=60)
 NEW_STREAMS = dht_load.MessageBytes(read=3003, write=3157, find_node=4703)  # a stream per message, lean answers
 PY_LIBP2P = dht_load.MessageBytes(read=8821, write=3156, find_node=8857)
-CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10", "delta")
+CHANGES = ("answers", "refresh", "replicas", "lookup", "probes", "adopt", "names", "streams", "lookup10", "delta", "rotation", "tokens", "cells")
 
 
 async def _bucket_read_without_probes(dht, key, me, level, read):
@@ -61,6 +65,9 @@ UNDO = {  # change -> (module or class, attribute, value before the change)
     "adopt": [(buckets.BucketPlace, "adopt", lambda self, level: None)],
     "names": [(dht_load, "VALUES", {**dht_load.VALUES, "board": _named_board_entry})],
     "delta": [(dht_load, "DELTA_READS", False)],
+    "rotation": [(dht_load, "ROTATION", False)],
+    "tokens": [(dht_load, "TOKEN_READS", False)],
+    "cells": [(dht_load, "CELL_LEVEL", False)],  # (not a change: the second level left uncounted, as until 2026-12-07)
 }
 
 
@@ -75,7 +82,8 @@ def simulate_without(change: str | None, peers: int, costs: dht_load.Costs, beat
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
-    figures = ("peer_background_kbps", "peer_matchmaking_kbps", "peer_requests_per_second", "busiest_node_mbps")
+    figures = ("peer_background_kbps", "peer_matchmaking_kbps", "peer_cells_kbps", "peer_requests_per_second",
+               "busiest_node_mbps", "busiest_node_cpu")
     return {"undone": change or "nothing", **{figure: result[figure] for figure in figures}}
 
 

@@ -33,7 +33,12 @@ key's closest nodes are looked up again every ``LOOKUP_SECONDS`` while a peer us
   (``dht.buckets.SPLIT_READ_FANOUT``), Legion's lean answers, and rereads as deltas (since
   2026-12-06, ``DELTA_READS``): a reader names the entries its last read of a key found, 8 bytes
   each, and a replica names back those it holds and sends only the others; a first read asks one
-  replica, then the others against its answer.
+  replica, then the others against its answer. Since 2026-12-07: a round's keys held at its
+  rotation's nodes (``ROTATION``, ``groups.rotation_of``), and a reread of a replica that answered
+  before naming only its token (``TOKEN_READS``, ``dht.told``).
+
+Since 2026-12-07 the simulator also counts the second level of two-level rounds (``_cells``): each
+peer seeks under its cell's key with the owners of that cell in every group of the round.
 
 Shard bids stay one key in both (sharded runs only; not counted here).
 """
@@ -53,7 +58,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from averaging.groups import bucket_count, bucket_of  # noqa: E402
+from averaging.groups import ROTATION_ROUNDS, bucket_count, bucket_of  # noqa: E402
 from averaging.matchmaking import FIRST_REREAD_SECONDS, MAX_REREAD_SECONDS  # noqa: E402
 from bootstrap.advert import Holding, holdings_key, holdings_value  # noqa: E402
 from dht.buckets import SPLIT_REFRESH_BEATS, BucketPlace  # noqa: E402
@@ -74,7 +79,12 @@ GROUP_TARGET = 16
 ROUND_SECONDS = 60.0  # a DiLoCo round of a few hundred inner steps
 MM_BUDGET = 10.0  # DiLoCo's matchmaking budget (``swarm.trainer``)
 DELTA_READS = True  # ``buckets`` rereads a key as a delta (``dht.seen``)
-DIGESTS_TAG_BYTES = 20  # ``dht.records._KNOWN_TAG`` or ``_DELTA_TAG``, with the framing
+CELL_LEVEL = True  # ``buckets`` counts the cells of two-level rounds (``_cells``)
+ROTATION = True  # ``buckets`` draws buckets by rotation and holds keys at its nodes (``groups.rotation_of``)
+DIGESTS_TAG_BYTES = 20  # ``dht.records._READ_TAG``, with the framing
+TOKEN_READS = True  # ``buckets`` rereads a replica by its last answer's token (since 2026-12-07, ``dht.told``)
+TOKEN_REQUEST_BYTES = 30  # a request naming a token (``dht.records.encode_read``, with the framing)
+TOKEN_ANSWER_BYTES = 32  # an answer's token and flag (``read_answer``), with the framing; a dropped digest each
 
 
 def matchmaking_reads(budget: float = MM_BUDGET) -> int:
@@ -231,6 +241,7 @@ class LoadDHT:
     cpu: np.ndarray = field(init=False)
     own_traffic: np.ndarray = field(init=False)  # bytes of each peer's own reads and writes (not its serving)...
     own_matchmaking: np.ndarray = field(init=False)  # ...but those of matchmaking, once a round
+    own_cells: np.ndarray = field(init=False)  # ...of which those of two-level rounds' cells
     keys: dict[str, dict[str, Entry]] = field(default_factory=dict)
     key_bytes: dict[str, int] = field(default_factory=dict)
     _holders: dict[str, np.ndarray] = field(default_factory=dict)
@@ -244,14 +255,15 @@ class LoadDHT:
     _writes: int = 0  # writes so far (an entry is numbered by the write that made it)
     _written: dict[tuple[str, str], int] = field(default_factory=dict)  # (key, writer) -> the write that made its entry
     _read: dict[tuple[int, str], int] = field(default_factory=dict)  # (reader, key) -> writes before its last read
+    _told: dict[tuple[int, str, int], int] = field(default_factory=dict)  # (reader, key, holder) -> the same, its last answer
 
     def __post_init__(self) -> None:
         # the simulated clock, a heartbeat a step; a day ahead of the real one, which ``merge`` expires
         # entries by (a slow run at 10,000 peers fell behind the real clock, and every entry expired)
         self.now = time.time() + 86400
         n = len(self.peers)
-        self.up, self.down, self.cpu, self.own_traffic, self.own_matchmaking, self.own_requests = (
-            np.zeros(n) for _ in range(6))
+        self.up, self.down, self.cpu, self.own_traffic, self.own_matchmaking, self.own_cells, self.own_requests = (
+            np.zeros(n) for _ in range(7))
         self._ids = np.array([int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in self.peers],
                              dtype=np.uint64)
         self._index = {p: i for i, p in enumerate(self.peers)}
@@ -287,17 +299,18 @@ class LoadDHT:
                 del self.keys[key], self.key_bytes[key]
         if self._read and round(self.now / HEARTBEAT) % 12 == 0:  # what readers saw of keys gone since
             self._read = {seen: at for seen, at in self._read.items() if seen[1] in self.keys}
+            self._told = {told: at for told, at in self._told.items() if told[1] in self.keys}
 
-    def store(self, writer: str, key: str, entry: Entry) -> None:
+    def store(self, writer: str, key: str, entry: Entry, place: str | None = None) -> None:
         """A write of ``entry`` to each of the key's holders (after a lookup of them, where the
         writer's is older than ``lookup_seconds``); a message's overhead is split evenly between
-        its two directions."""
+        its two directions. ``place``: the key whose holders hold this one (``RecordDHT.store``)."""
         size = entry_bytes(entry)
         bundle = self.keys.setdefault(key, {})
         old = bundle.get(writer)
-        holders = self.holders(key)
+        holders = self.holders(place or key)
         me = self._index[writer]
-        self._lookup(me, key)
+        self._lookup(me, place or key)
         overhead = self._overhead(me, holders, self.messages.write) / 2
         self.down[holders] += size + overhead
         self.up[holders] += size + overhead  # the echo
@@ -312,20 +325,25 @@ class LoadDHT:
         self._written[(key, writer)] = self._writes
 
     def charge_get(self, reader: str, key: str, every_replica: bool = False, fanout: int | None = None,
-                   probe: bool = False) -> None:
+                   probe: bool = False, place: str | None = None) -> None:
         """A read of ``key`` as ``RecordDHT.get`` reads (after a lookup, where the reader's is older
         than ``lookup_seconds``): ``fanout`` (the simulation's, unless given) of its holders, drawn
         at random, each send the bundle (cut at the bundle cap); an empty key is asked of every
         holder, or of one for a ``probe``. With ``delta_reads``, a reader that read the key before
         names the entries it found, and the holders name them back (every holder holds every entry
         here: a write goes to all) and send the others; a first read of several holders gets one's
-        bundle, then the others' deltas against it."""
+        bundle, then the others' deltas against it. With ``TOKEN_READS`` a holder that answered the
+        reader before is sent its token, and sends what was written since that answer, naming a
+        dropped digest for each (at most: an entry that replaced its writer's older one)."""
         bundle = self.keys.get(key, {})
         entries = len(bundle)
         size = min(self.key_bytes.get(key, 0), MAX_BUNDLE_BYTES)
-        holders = self.holders(key)
+        holders = self.holders(place or key)
         fanout = 1 if probe and not entries else len(holders) if not entries else fanout or self.fanout
-        served = holders if every_replica or fanout >= len(holders) else self.rng.choice(holders, fanout, replace=False)
+        # (in random order, as ``RecordDHT.get`` asks them: a first read's bundle comes from any;
+        # until 2026-12-07 always from the same, which made it the busiest node of a popular key)
+        served = self.rng.permutation(holders) if every_replica or fanout >= len(holders) else \
+            self.rng.choice(holders, fanout, replace=False)
         me = self._index[reader]
         answers = np.full(len(served), float(size))  # bytes of entries (and digests) each holder sends
         requests = np.zeros(len(served))  # ... and of the digests the reader names to it
@@ -339,13 +357,21 @@ class LoadDHT:
                 answers[:] = min(size, sum(map(entry_bytes, fresh))) + digests - DIGEST_BYTES * len(fresh)
                 requests[:] = digests - DIGEST_BYTES * len(fresh)
                 sent = len(fresh)
+                for i, holder in enumerate(served.tolist() if TOKEN_READS else ()):
+                    told = self._told.get((me, key, holder))
+                    if told is not None:  # ...or, to a token, names what it dropped and sends what it gained since
+                        since = [e for w, e in bundle.items() if self._written[(key, w)] > told]
+                        answers[i] = min(size, sum(map(entry_bytes, since))) + TOKEN_ANSWER_BYTES + DIGEST_BYTES * len(since)
+                        requests[i] = TOKEN_REQUEST_BYTES
             elif len(served) > 1:  # a first read: one holder's bundle, the others' deltas against it
                 answers[1:] = requests[1:] = digests
+            for holder in served.tolist():
+                self._told[(me, key, holder)] = self._writes
         overhead = self._overhead(me, served, self.messages.read) / 2
         self.up[served] += answers + overhead
         self.down[served] += overhead + requests
         self.cpu[served] += self.costs.get_per_stored_entry * entries
-        self._lookup(me, key)
+        self._lookup(me, place or key)
         self._contact(me, served)
         self.down[me] += answers.sum() + overhead.sum()
         self.up[me] += overhead.sum() + requests.sum()
@@ -392,6 +418,8 @@ class LoadDHT:
         """``me``'s own traffic and messages for ``key``: its upkeep's, or its matchmaking's."""
         if "/mm/" in key:
             self.own_matchmaking[me] += traffic
+            if "/cells/" in key:
+                self.own_cells[me] += traffic
         else:
             self.own_traffic[me] += traffic
             self.own_requests[me] += messages
@@ -483,16 +511,50 @@ async def _heartbeat(dht: LoadDHT, protocol: str, places: dict[tuple[str, str], 
     # share sought in all of them: ~1 seeker a bucket, a twelfth of a real round's)
     round_key = f"/legion/{SWARM}/mm/run/diloco-{beat}"
     beats_per_round = round(ROUND_SECONDS / HEARTBEAT)
-    matching = dht.peers[(beat % beats_per_round) * n // beats_per_round:(beat % beats_per_round + 1) * n // beats_per_round]
+    share = beat % beats_per_round
+    matching = dht.peers[share * n // beats_per_round:(share + 1) * n // beats_per_round]
     count = max(1, round(bucket_count(n, GROUP_TARGET) * len(matching) / n)) if protocol == "buckets" else 1
+    # with rotations (since 2026-12-07, ``groups.rotation_of``), a share's buckets are drawn by
+    # the round's place in its cycle, and each bucket's key is held at its rotation's nodes
+    phase = (beat // beats_per_round) % ROTATION_ROUNDS
+    rotation = f"/legion/{SWARM}/mm/run/diloco.{share}@{phase}" if protocol == "buckets" and ROTATION else None
+    keys = {}  # peer -> (its bucket's key, where it is held)
     for peer in matching:
-        key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
-        dht.store(peer, key, dht.entry("mm", peer))
+        if count == 1:
+            keys[peer] = (round_key, rotation)
+        else:
+            bucket = f"{count}.{bucket_of(peer, rotation or round_key, count)}"
+            keys[peer] = (f"{round_key}/{bucket}", rotation and f"{rotation}/{bucket}")
+        dht.store(peer, keys[peer][0], dht.entry("mm", peer), place=keys[peer][1])
     reads = matchmaking_reads()
     for peer in matching:
-        key = round_key if count == 1 else f"{round_key}/{count}.{bucket_of(peer, round_key, count)}"
         for _ in range(reads):
-            dht.charge_get(peer, key, every_replica=True)
+            dht.charge_get(peer, keys[peer][0], every_replica=True, place=keys[peer][1])
+    if protocol == "buckets" and CELL_LEVEL and n >= 2 * GROUP_TARGET:
+        _cells(dht, beat, beats_per_round, matching, reads)
+
+
+def _cells(dht: LoadDHT, beat: int, beats_per_round: int, matching: list[str], reads: int) -> None:
+    """The second level of a round (``Averager._cross_groups``; counted since 2026-12-07): each
+    member of a group owns one of the round's ``GROUP_TARGET`` cells and seeks under that cell's
+    key with its owners in every group of the round (the cells' matchmaker is one key a cell, not
+    bucketed), reading it as a seeker does (its budget, modelled as ``reads``). The owners of a
+    whole round declare at its start, and each heartbeat's share reads: a reader sees every group's
+    owner, as the last reads of a real round do. With rotations, a cell's key is held at its
+    rotation's nodes, and a peer owns the same cell each cycle (a group of the same members, as
+    a bucket of one group holds, in the same order)."""
+    cells_key = f"/legion/{SWARM}/mm/run/diloco-{beat // beats_per_round}/cells/{GROUP_TARGET}"
+    rotation = f"/legion/{SWARM}/mm/run/diloco@{(beat // beats_per_round) % ROTATION_ROUNDS}/cells/{GROUP_TARGET}" \
+        if ROTATION else None
+    cell_of = {peer: bucket_of(peer, rotation or cells_key, GROUP_TARGET) for peer in dht.peers}
+    if beat % beats_per_round == 0:
+        for peer in dht.peers:
+            dht.store(peer, f"{cells_key}.{cell_of[peer]}", dht.entry("mm", peer, ROUND_SECONDS),
+                      place=rotation and f"{rotation}.{cell_of[peer]}")
+    for peer in matching:
+        for _ in range(reads):
+            dht.charge_get(peer, f"{cells_key}.{cell_of[peer]}", every_replica=True,
+                           place=rotation and f"{rotation}.{cell_of[peer]}")
 
 
 def simulate(protocol: str, n: int, churn: float, costs: Costs, messages: dict[str, MessageBytes], beats: int,
@@ -515,7 +577,8 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, messages: dict[s
         for beat in range(-SETTLE_BEATS, beats):
             dht.tick()
             if beat == 0:
-                for counter in (dht.up, dht.down, dht.cpu, dht.own_traffic, dht.own_matchmaking, dht.own_requests):
+                for counter in (dht.up, dht.down, dht.cpu, dht.own_traffic, dht.own_matchmaking, dht.own_cells,
+                                dht.own_requests):
                     counter[:] = 0
                 dht.counting_contacts = True
             joins = rng.poisson(n * churn / 3600 * HEARTBEAT) if beat >= 0 else 0
@@ -539,6 +602,7 @@ def simulate(protocol: str, n: int, churn: float, costs: Costs, messages: dict[s
             "peer_background_kbps_max": round(float(dht.own_traffic.max()) * 8 / seconds / 1e3, 1),
             # each peer matches once a round: the mean over peers is one peer's average over rounds
             "peer_matchmaking_kbps": round(float(dht.own_matchmaking.mean()) * 8 / seconds / 1e3, 1),
+            "peer_cells_kbps": round(float(dht.own_cells.mean()) * 8 / seconds / 1e3, 1),  # (of matchmaking's)
             "peer_requests_per_second": round(float(np.median(dht.own_requests)) / seconds, 2),
             "dht_contacts_median": int(np.median(contacts)), "dht_contacts_max": int(contacts.max()),
             "largest_key_entries": max(len(dht.keys[k]) for k in legion_keys),

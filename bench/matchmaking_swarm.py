@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=10.0, help="matchmaking budget (DiLoCo's)")
     p.add_argument("--heartbeat", type=float, default=5.0)
     p.add_argument("--values", type=int, default=1000, help="floats each peer averages")
+    p.add_argument("--no-rotation", action="store_true",
+                   help="a round's bucket drawn by the round and its key at its own DHT nodes, as before 2026-12-07")
     p.add_argument("--verbose", action="store_true", help="the peers log at INFO (logs kept in the folder reported)")
     p.add_argument("--json", action="store_true")
     # a worker process (started by the controller)
@@ -71,6 +73,7 @@ async def _worker(args: argparse.Namespace) -> None:
 
     from averaging.allreduce import RoundFailed
     from averaging.averager import Averager
+    from averaging.groups import rotation_of
     from averaging.matchmaking import MatchmakingFailed
     from swarm.peer import Peer, PeerConfig
 
@@ -106,8 +109,9 @@ async def _worker(args: argparse.Namespace) -> None:
                 outcome: dict = {}
                 try:
                     result = await averager.all_reduce(
-                        [torch.full((args.values,), float(value))], group_key=f"bench-mm/r{round_}",
-                        timeout=args.period / 2, matchmaking_timeout=2 * args.budget)
+                        [torch.full((args.values,), float(value))], group_key=f"bench-mm/r-{round_}",
+                        timeout=args.period / 2, matchmaking_timeout=2 * args.budget,
+                        rotation=None if args.no_rotation else rotation_of("bench-mm/r", round_))
                     outcome = {"contributors": sorted(map(str, result.stats.contributors)),
                                "group": result.stats.group_id, "mean": float(result.tensors[0].double().mean()),
                                "spread": float(result.tensors[0].max() - result.tensors[0].min())}
