@@ -349,7 +349,8 @@ class RecordDHT:
             return [], None
         for problem in answer.problems:
             log.warning("dropped entry for %s from %s: %s", key, source, problem)
-        held = view[1] - answer.named if answer.since else answer.named
+        # (of the entries named as held, only those this node holds: a replica cannot make its view grow)
+        held = view[1] - answer.named if answer.since else frozenset(d for d in answer.named if d in seen)
         entries = answer.entries + [seen[d] for d in held if d in seen]
         return entries, (answer.token, held | {digest(e) for e in answer.entries}) if answer.token else None
 

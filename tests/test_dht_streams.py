@@ -21,7 +21,7 @@ from libp2p.records.record import make_signed_put_record
 
 from dht import RecordDHT
 from dht.node import FIRST_ANSWER_SECONDS, FORGOTTEN_LOOKUP_SECONDS, TIMED_OUT_LOOKUP_SECONDS, UNUSABLE_LOOKUP_SECONDS
-from dht.records import MAX_KNOWN, decode_answer, decode_bundle_strict, encode_bundle, encode_read, sign_entry
+from dht.records import MAX_KNOWN, decode_answer, decode_bundle_strict, digest, encode_bundle, encode_read, sign_entry
 from dht.seen import SeenEntries
 from dht.told import ToldReaders
 from dht.streams import ServedStream
@@ -383,3 +383,21 @@ async def test_a_lookup_that_found_enough_nodes_is_kept_though_one_cannot_be_use
     await trio.sleep(TIMED_OUT_LOOKUP_SECONDS - node.timeout - 1)
     await node._closest_peers(b"/legion/third")
     assert len(lookups) == 1
+
+
+def test_a_replica_cannot_make_the_readers_view_of_it_hold_more_than_the_reader_read():
+    """A replica's answer names entries it holds among those the reader named; one naming others
+    (100 made-up digests) leaves the reader's view of it with the entries it read only, and an
+    answer to a token the reader did not send is dropped."""
+    entries = [sign_entry(KEY, create_new_key_pair(), {"n": i}, 60) for i in range(2)]
+    seen = {digest(entries[0]): entries[0]}
+    junk = b"".join(bytes([i]) * 8 for i in range(100))
+
+    def answer(since: bool) -> bytes:
+        return b"legion-read-v2:" + msgpack.packb([b"t" * 8, since, junk + digest(entries[0]), [entries[1].to_wire()]],
+                                                  use_bin_type=True)
+
+    read, view = RecordDHT._decode(KEY, answer(False), "replica", seen, None)
+    assert sorted(e.value["n"] for e in read) == [0, 1]
+    assert view == (b"t" * 8, frozenset({digest(entries[0]), digest(entries[1])}))
+    assert RecordDHT._decode(KEY, answer(True), "replica", seen, None) == ([], None)
