@@ -4,6 +4,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import multiaddr
+import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -39,6 +40,7 @@ async def seconds_until(dht, predicate, timeout):
     return trio.current_time() - started
 
 
+@pytest.mark.slow  # ~20 s; peers forming a swarm: every multi-process test, a killed peer noticed: the chaos test
 async def test_thirteen_peers_in_four_processes_see_each_other_and_notice_a_kill(seed, spawn):
     groups = [await trio.to_thread.run_sync(
         lambda: spawn(["--bootstrap", seed.addrs[0], "--listen", "/ip4/127.0.0.1/tcp/0"], count=4))
