@@ -81,7 +81,9 @@ def _assert_consistent(reports, survivors, tmp_path):
     return outcomes.pop()
 
 
-@pytest.mark.parametrize("fault", ["kill", pytest.param("stop", marks=pytest.mark.slow)])  # SIGSTOP: also in the chaos test
+# both slow (~25 s each): the chaos test kills and stops peers mid-run, and checks that every group's
+# members end each round with the same weights
+@pytest.mark.parametrize("fault", [pytest.param("kill", marks=pytest.mark.slow), pytest.param("stop", marks=pytest.mark.slow)])
 def test_a_member_killed_or_hung_mid_round_leaves_survivors_consistent(seed, spawned, tmp_path, fault):
     size = 4_000_000  # 16 MB: the round lasts long enough to be interrupted
     workers = start_workers(spawned, seed.addrs[0], tmp_path, 4, size=size, extra=["--timeout", "40"])

@@ -142,6 +142,7 @@ async def train_with_the_last_apart(tmp_path, count: int, apart: int) -> tuple[l
     return trainers, summaries, [metrics(tmp_path / f"peer{i}") for i in range(count)]
 
 
+@pytest.mark.slow  # ~28 s; lineages parted by a partition merge in the chaos test (its partition fault)
 async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tmp_path):
     """Fault injected at a chosen point: after round 1 two of five peers change their weights
     alike, as after a partition in which each side averaged on its own. Both sides go on
