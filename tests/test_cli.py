@@ -62,6 +62,7 @@ def test_wrong_configuration_is_a_clear_error(args, message):
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # ~25 s
 def test_a_private_swarm_admits_only_peers_with_its_key(spawn, tmp_path):
     key, other_key = tmp_path / "swarm.key", tmp_path / "other.key"
     assert run_cli("new-swarm-key", str(key)).returncode == 0

@@ -161,6 +161,7 @@ async def test_peers_parted_into_two_lineages_that_both_average_merge_mid_run(tm
     assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1
 
 
+@pytest.mark.slow  # ~21 s; the rule itself: test_of_two_lineages_alike_in_number_the_one_without_the_smallest_peer_id_moves
 async def test_of_two_pairs_apart_mid_run_the_one_without_the_smallest_peer_id_takes_the_others_state(tmp_path):
     """Fault injected at a chosen point: after round 1 two of four peers change their weights alike
     (a partition's halves). Two against two: the pair without the smallest peer id takes the other
