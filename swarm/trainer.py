@@ -474,7 +474,9 @@ class Trainer:
             return None
         async with self._checkpoint_lock:
             snapshot = self.optimizer.snapshot
-            if snapshot is not None and (self._checkpoint is None or self._checkpoint.manifest.round < snapshot[0]):
+            # (and when the optimizer is behind the last one: it went back to the others' round)
+            if snapshot is not None and (self._checkpoint is None or self._checkpoint.manifest.round < snapshot[0]
+                                         or self.optimizer.round < self._checkpoint.manifest.round):
                 round_, tensors = snapshot
                 self._checkpoint = await trio.to_thread.run_sync(
                     lambda: self.store.save(tensors, run_id, round_, self.peer.key_pair,
@@ -529,6 +531,17 @@ class Trainer:
             if offers or now >= patience or (now >= deadline and not self._others_about_to_reach(min_round)):
                 break
             await trio.sleep(0.5)
+        swarm_round = self._swarm_round()
+        if not offers and skip_if_held and swarm_round < min_round:
+            # Out of sync and ahead of the others (its round failed, or it stepped alone, while they
+            # still average an earlier round): the swarm's state is of their round. Waiting for one
+            # of its own round, a peer SIGSTOPped past its rounds stayed a round ahead of the others
+            # to the end of a run, failing every round, and ended with weights of its own
+            # (bench/chaos.py --churn 0.5 --partition --seed 2, 2026-12-06): it goes back to theirs
+            offers = await self._attested_state(self._donors(0, among), swarm_round)
+            if offers:
+                log.info("out of sync and a round or more ahead of the others (at round %d): taking their state of "
+                         "round %d", min_round, offers[0].manifest.round)
         if not offers:
             log.warning("no state of round %d or later that %s attest alike; not adopting any",
                         min_round, "two peers" if self._witnesses() > 1 else "the other peer")
@@ -538,7 +551,9 @@ class Trainer:
                 self.peer.dht.look_up_again()
             return None
         own = await self._latest_checkpoint(self.config.run_id) if skip_if_held else None
-        if own is not None and offers[0].manifest.round == own.manifest.round \
+        # (a state of an earlier round with this peer's weights: its rounds since failed, and the
+        # others' did too or are yet to end; it stays at its round and meets them at the next)
+        if own is not None and offers[0].manifest.round <= own.manifest.round \
                 and _weights_digest(offers[0]) == _weights_digest(own):
             log.info("holds the swarm's weights of round %d already; nothing to fetch", own.manifest.round)
             self._record({"event": "in_sync", "round": own.manifest.round})
@@ -647,11 +662,13 @@ class Trainer:
             await trio.sleep(min(1.0, heartbeat))
         outcome, unfetched = "own", set()  # digests whose fetch failed: not tried again
         deadline += allowance  # the second allowance: others may still decide, then fetch from here
+        said = None
         while True:
             finals = self._finals(final_round)
             agreed = agreed_digest(self.progress.final, finals)
             acts = agreed != self.progress.final and agreed not in unfetched
-            if acts or not self.progress.settled:  # said once, and again whenever it adopts
+            if acts or said != (len(finals), agreed):  # said again whenever it changes or this peer adopts
+                said = len(finals), agreed
                 log.info("final weights of round %d: %d of %d other peers that finished hold this peer's, %d the "
                          "agreed ones", final_round, sum(d == self.progress.final for d in finals.values()),
                          len(finals), sum(d == agreed for d in finals.values()))
@@ -660,16 +677,20 @@ class Trainer:
                 outcome = "adopted" if adopted else "differs"
                 if not adopted:
                     unfetched.add(agreed)
-            if not self.progress.settled:
+            # Settled (its choice final: the others need not wait for it) only once no other peer
+            # trains: a peer a round ahead of the others that settled on its own weights at its first
+            # deadline let them leave as they finished, and then could fetch theirs from none (a chaos
+            # run, 2026-12-06: it ended with weights no other survivor held)
+            if not self.progress.settled and not self._others_training():
                 self.progress.settled = True
                 await self._publish_once()
             # Peers that decided at the same moment on different views may hold different weights
-            # now: each looks again until no peer trains, lacks its final weights, or holds others
-            # unsettled; one not yet showing its final weights may be between its last round and
-            # publishing them.
+            # now: each looks again until no peer trains, lacks its final weights, or is unsettled
+            # (it may be taking others: a peer that left as soon as every peer holding other weights
+            # had settled never saw one holding its own take those, and ended in the minority, apart);
+            # one not yet showing its final weights may be between its last round and publishing them.
             if trio.current_time() >= deadline or not any(
-                    p.training or not p.final or (p.final != self.progress.final and not p.settled)
-                    for p in self._run_peers()):
+                    p.training or not p.final or not p.settled for p in self._run_peers()):
                 return outcome
             await trio.sleep(min(1.0, heartbeat))
             await self._refresh_board()

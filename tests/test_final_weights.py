@@ -128,6 +128,37 @@ async def test_a_peer_whose_last_round_failed_adopts_the_weights_the_others_hold
     assert weights_digest(trainers[2].store.load(saved)["weights"]) == digests.pop()
 
 
+async def test_a_peer_out_of_sync_and_a_round_ahead_of_the_others_takes_their_state_of_their_round(tmp_path):
+    """Faults injected at chosen points: after round 0 one of three peers holds other weights and is
+    out of sync (as after rounds it stepped alone), a round ahead of the other two, which are held
+    at their round 0 until it has looked. No state of its own round is coming in time, so it takes
+    theirs of round 0, going back a round, and all three end alike. Before, it waited for a state
+    of its own round, gave up, and stayed a round ahead of the others to the end of a chaos run,
+    failing every round (``bench/chaos.py --churn 0.5 --partition --seed 2``, 2026-12-06)."""
+    config = RunConfig(model="tiny", inner_steps=5, batch_size=8, rounds=2, round_timeout=10)
+    async with trio.open_nursery() as nursery:
+        peers = await start_peers(nursery, 3)
+        trainers = [Trainer(peer, config, out=tmp_path / f"peer{i}", wait_peers=3) for i, peer in enumerate(peers)]
+        ahead = trainers[2]
+        apart_after_round(ahead, 0)
+        out_of_sync_after_round(ahead, 0)
+        looked = threading.Event()
+        record = ahead._record
+
+        def recording(event):
+            record(event)
+            if event.get("event") in ("in_sync", "state"):
+                looked.set()
+        ahead._record = recording
+        for trainer in trainers[:2]:
+            hold_round(trainer, 0, looked)
+        summaries = await train_all(trainers)
+        nursery.cancel_scope.cancel()
+    fetched = [r for r in metrics(tmp_path / "peer2") if r["event"] in ("in_sync", "state")]
+    assert fetched and fetched[0]["event"] == "state" and fetched[0]["round"] == 0, fetched
+    assert len({weights_digest(t.optimizer.global_weights) for t in trainers}) == 1, summaries
+
+
 async def train_with_the_last_apart(tmp_path, count: int, apart: int) -> tuple[list[Trainer], list[dict], list[list[dict]]]:
     """``count`` peers train 6 rounds, the last ``apart`` of them changing their weights alike after
     round 1; the trainers, their summaries and their metrics lines."""
