@@ -274,3 +274,47 @@ async def test_a_peer_whose_reads_missed_a_seeker_groups_once_the_others_left_be
         groups = {tuple(sorted(r.stats.contributors)) for r in results.values()}
         assert len(results) == 4 and len(groups) == 2 and all(len(g) == 2 for g in groups), groups
         nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_whose_split_missed_the_leader_reads_again_at_its_invitation_and_joins(caplog):
+    """4 peers in one group of 4: the one with the largest id read only the other two followers
+    (its reads missed the smallest id, which came later) and split them at its budget's end,
+    waiting for the second smallest to lead. The smallest then read all four and invited it: it
+    reads again, splits anew with the inviter in view, and joins. Before, it refused the
+    invitation (its own split named another leader), waited in vain and missed the round, as in a
+    bucket of 17 at 64 peers, followers that had read 16 did (``bench/matchmaking_swarm.py``)."""
+    caplog.set_level(logging.DEBUG, logger="averaging.matchmaking")
+    async with trio.open_nursery() as nursery:
+        peers = sorted(await start_peers(nursery, 4), key=lambda p: str(p.peer_id))
+        averagers = [Averager(p, target_group_size=4, matchmaking_budget=10) for p in peers]
+        lagging = averagers[3].matchmaker
+        lagging.budget = 1.0  # it splits the three it read after a second
+        first = averagers[0].matchmaker.me
+        candidates = lagging._candidates
+
+        async def missing_the_first_until_split(seeking):
+            found, left = await candidates(seeking)
+            if seeking.leader is None:
+                found.pop(first, None)
+            return found, left
+
+        lagging._candidates = missing_the_first_until_split
+        results = {}
+
+        async def average(index):
+            results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
+                                                               group_key="k", timeout=30)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as group:
+                for index in (1, 2, 3):
+                    group.start_soon(average, index)
+                with trio.fail_after(10):
+                    while not any(s.leader for s in lagging._seekings.values()):
+                        await trio.sleep(0.05)
+                assert [s.leader for s in lagging._seekings.values()] == [averagers[1].matchmaker.me]
+                group.start_soon(average, 0)
+        assert [r for r in caplog.records if "unseen at this peer's split" in r.getMessage()]
+        groups = {tuple(sorted(r.stats.contributors)) for r in results.values()}
+        assert len(results) == 4 and groups == {tuple(sorted(a.matchmaker.me for a in averagers))}, groups
+        nursery.cancel_scope.cancel()
