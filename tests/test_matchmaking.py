@@ -253,20 +253,11 @@ async def test_a_peer_whose_reads_missed_a_seeker_groups_once_the_others_left_be
             return found, left
 
         late._candidates = missing_one_seeker_until_others_left
-        results = {}
 
-        async def average(index):
-            results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
-                                                               group_key="k", timeout=30)
+        async def three_declared():
+            return len(await late.dht.get(late._key("k")[0], every_replica=True)) >= 3
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as group:
-                for index in (1, 2, 3):
-                    group.start_soon(average, index)
-                with trio.fail_after(10):
-                    while len(await late.dht.get(late._key("k")[0], every_replica=True)) < 3:
-                        await trio.sleep(0.05)
-                group.start_soon(average, 0)
+        results = await average_with_the_first_last(averagers, three_declared)
         assert reads[0] == (3, 0) and reads[-1] == (2, 2), reads  # the race happened as described
         # its partner never gave up on it (it then recovered only by accepting, on a retry, the
         # invitation of the peer it had given up on)
@@ -299,22 +290,35 @@ async def test_a_follower_whose_split_missed_the_leader_reads_again_at_its_invit
             return found, left
 
         lagging._candidates = missing_the_first_until_split
-        results = {}
+        leaders = []
 
-        async def average(index):
-            results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
-                                                               group_key="k", timeout=30)
+        async def lagging_split():
+            leaders[:] = [s.leader for s in lagging._seekings.values() if s.leader]
+            return bool(leaders)
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as group:
-                for index in (1, 2, 3):
-                    group.start_soon(average, index)
-                with trio.fail_after(10):
-                    while not any(s.leader for s in lagging._seekings.values()):
-                        await trio.sleep(0.05)
-                assert [s.leader for s in lagging._seekings.values()] == [averagers[1].matchmaker.me]
-                group.start_soon(average, 0)
+        results = await average_with_the_first_last(averagers, lagging_split)
+        assert leaders == [averagers[1].matchmaker.me], leaders  # its split awaited the second smallest
         assert [r for r in caplog.records if "unseen at this peer's split" in r.getMessage()]
         groups = {tuple(sorted(r.stats.contributors)) for r in results.values()}
         assert len(results) == 4 and groups == {tuple(sorted(a.matchmaker.me for a in averagers))}, groups
         nursery.cancel_scope.cancel()
+
+
+async def average_with_the_first_last(averagers: list[Averager], others_ready) -> dict:
+    """Peers 1-3 average under one key; peer 0 joins once ``await others_ready()`` holds (asked
+    every 50 ms, for at most 10 s). Their results, by index."""
+    results = {}
+
+    async def average(index):
+        results[index] = await averagers[index].all_reduce([torch.full((100,), float(index))],
+                                                           group_key="k", timeout=30)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as group:
+            for index in (1, 2, 3):
+                group.start_soon(average, index)
+            with trio.fail_after(10):
+                while not await others_ready():
+                    await trio.sleep(0.05)
+            group.start_soon(average, 0)
+    return results
