@@ -100,6 +100,7 @@ class _Seeking:
     suspects: set[str] = field(default_factory=set)  # leaders that never invited: dead or elsewhere
     seen: frozenset[str] = frozenset()  # the peers last read seeking under the key
     unanswered: set[str] = field(default_factory=set)  # peers this one invited that never answered
+    read_again_for: set[str] = field(default_factory=set)  # inviters unseen at a read, read again for once
     left: int = 0  # other peers last read to have sought under the key and left
     other_bases: int = 0  # peers last read seeking under the key from another base than this peer's
     other_covers: int = 0  # ...and the peers they stand for (``covers``), who will not join this peer's group
@@ -562,7 +563,8 @@ class Matchmaker:
                 key = invitation.get("key")
                 candidate = self._seekings.get(key) if isinstance(key, str) else None
                 if candidate is not None and not candidate.committed and candidate.leader != self.me \
-                        and peer not in candidate.seen:
+                        and peer not in candidate.seen and peer not in candidate.read_again_for:
+                    candidate.read_again_for.add(peer)  # (once: a peer that never declares costs one read)
                     await self._read_again(candidate, peer)
                 if candidate is None or candidate.committed \
                         or invitation.get("leader") != peer or not candidate.may_invite(peer, self.me):
