@@ -526,7 +526,8 @@ class Trainer:
             donors = self._donors(0, among)
             if not donors:
                 return None
-            offers = await self._attested_state(donors, min_round)
+            offered = await self._offered_states(donors)
+            offers = self._attested_state(offered, min_round)
             now = trio.current_time()
             if offers or now >= patience or (now >= deadline and not self._others_about_to_reach(min_round)):
                 break
@@ -537,8 +538,9 @@ class Trainer:
             # still average an earlier round): the swarm's state is of their round. Waiting for one
             # of its own round, a peer SIGSTOPped past its rounds stayed a round ahead of the others
             # to the end of a run, failing every round, and ended with weights of its own
-            # (bench/chaos.py --churn 0.5 --partition --seed 2, 2026-12-06): it goes back to theirs
-            offers = await self._attested_state(self._donors(0, among), swarm_round)
+            # (bench/chaos.py --churn 0.5 --partition --seed 2, 2026-12-06): it goes back to theirs,
+            # among the states its donors just offered
+            offers = self._attested_state(offered, swarm_round)
             if offers:
                 log.info("out of sync and a round or more ahead of the others (at round %d): taking their state of "
                          "round %d", min_round, offers[0].manifest.round)
@@ -577,12 +579,12 @@ class Trainer:
             return signed.manifest.round, tensors
         return None
 
-    async def _attested_state(self, donors: list[str], min_round: int) -> list[SignedManifest]:
-        """A state of round ``min_round`` or later whose weights ``_witnesses()`` of ``donors`` hold
-        alike: a single peer cannot make others adopt weights it made up. The newest such state
-        (of the newest round's, the one most of them offer), as its signers' versions of it in
-        random order (each signer is a donor); none if there is none."""
-        offers = [o for o in await self._offered_states(donors) if o.manifest.round >= min_round]
+    def _attested_state(self, offered: list[SignedManifest], min_round: int) -> list[SignedManifest]:
+        """Of the states donors ``offered`` (``_offered_states``), one of round ``min_round`` or
+        later whose weights ``_witnesses()`` of them hold alike: a single peer cannot make others
+        adopt weights it made up. The newest such state (of the newest round's, the one most of
+        them offer), as its signers' versions of it in random order; none if there is none."""
+        offers = [o for o in offered if o.manifest.round >= min_round]
         witnesses = self._witnesses()
         alike: dict[tuple[int, bytes | None], list[SignedManifest]] = {}
         for offer in offers:
