@@ -72,6 +72,15 @@ class RunConfig:
     shards: int = 16  # the flattened parameters split into this many shards for ownership
     replicas: int = 2  # owners per shard
 
+    def __post_init__(self) -> None:
+        # 10 and 10.0 pack apart: a configuration made in Python with an int where a float is due
+        # named another run than the same configuration read back from the DHT (floats), and a peer
+        # joining from the network waited for that run's configuration for ever
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(f.default) is float and type(value) is int:
+                object.__setattr__(self, f.name, float(value))
+
     def model_config(self) -> GPTConfig:
         base = SIZES[self.model]
         return GPTConfig(n_layer=self.n_layer or base.n_layer, n_head=self.n_head or base.n_head,

@@ -36,6 +36,15 @@ def test_a_joiner_picks_the_run_most_peers_train_and_explains_an_incompatible_sw
         choose_run([old], configs)
 
 
+def test_a_configuration_made_in_python_names_the_run_its_published_copy_names():
+    # an int where a float is due (round_timeout=10) named another run than the copy peers read
+    # from the DHT (10.0): a peer joining from the network waited for its configuration for ever
+    made = RunConfig(model="tiny", round_timeout=10, outer_lr=1).validate()
+    read = RunConfig.from_dict(msgpack.unpackb(msgpack.packb(made.to_dict())), "a peer's configuration")
+    assert read == made and read.run_id == made.run_id
+    assert type(made.round_timeout) is float and type(made.inner_steps) is int
+
+
 def test_a_board_entry_is_written_with_short_names_and_without_its_defaults():
     """Field names were two thirds of an entry, which every peer of its bucket reads (run protocol 5)."""
     progress = Progress("r1", RUN_PROTOCOL, round=7, loss=2.5, training=True, group=["a", "b"], peer_id="p1")
