@@ -143,7 +143,6 @@ class Trainer:
         self._uploads = MeasuredUploads()  # of the peers this one averaged with, vouched for in its bid
         self.board: list[Progress] = []
         self._board_seen: dict[str, tuple[float, Progress]] = {}  # peer -> (trio time last read, its entry)
-        self._board_read_at = -math.inf  # trio time of the last board read that answered
         self._board = board_place(peer.config.swarm, peer.peer_id.to_base58())  # where it reads and writes the run board
         self._config_published_at = -math.inf  # when this peer last published the run's configuration
         # one write of this peer's board entry at a time: of two racing, the older arrived second
@@ -324,21 +323,8 @@ class Trainer:
         bucket of a large board). Rounds can be faster than the board refreshes, so a board round
         says little about where a peer is now; one that is really behind costs a matchmaking
         budget, then catches up from a peer's state."""
-        seen = 1 + len(self._others_expected())
+        seen = 1 + len({p.peer_id for p in self._others_training()})
         return max(seen, self._board.estimate) if self._board.level else seen
-
-    def _others_expected(self) -> set[str]:
-        """The other peers training that the last board read showed, or that this peer is
-        connected to. An entry only remembered from earlier reads (``BOARD_MEMORY_TTLS``), of a
-        peer not connected, is most likely a peer gone (a killed peer's connections close with it):
-        counted, a round's leader waited out its matchmaking budget for it while the followers,
-        whose boards no longer held it, gave up on the leader; two rounds took a budget each after
-        every kill in a chaos run. Where none is left, the remembered ones count still: a read that
-        missed every other peer must not make this peer step alone."""
-        training = {p.peer_id for p in self._others_training()}
-        connected = {peer_id.to_base58() for peer_id in self.peer.host.get_connected_peers()}
-        present = {peer for peer in training if peer in connected or self._board_seen[peer][0] >= self._board_read_at}
-        return present or training
 
     async def _watch_joinable_round(self, optimizer: DiLoCo, reducer: SwarmReducer) -> None:
         """While the optimizer waits to join the swarm after adopting a peer's state R: the rounds
@@ -404,8 +390,6 @@ class Trainer:
             self.peer.member_place.adopt(read.level, read.estimate)
             self.checkpoints.holdings_place.adopt(read.level, read.estimate)
         now = trio.current_time()
-        if read is not None:
-            self._board_read_at = now
         for progress in read.entries if read is not None else []:
             self._board_seen[progress.peer_id] = (now, progress)
         memory = BOARD_MEMORY_TTLS * self.peer.ttl * self._board.refresh_beats
