@@ -30,7 +30,7 @@ def _check(result: dict, rounds: int) -> None:
 
 
 @needs_namespaces
-@pytest.mark.timeout(360)  # 82-125 s until 2026-12-05; 119-157 s and once over 180 s since peers that
+@pytest.mark.timeout(360)  # 82-125 s until 2026-12-05; 125-157 s and once over 180 s since peers that
 #                            lose sight of the others wait for them (swarm.reducer), on a loaded machine;
 #                            114-122 s here with shorter deadlines (2026-12-07)
 def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
@@ -40,7 +40,6 @@ def test_a_swarm_survives_one_fault_of_every_kind(tmp_path):
     # open (2026-12-06: 20 rounds in 52 s); 30 rounds of 10 steps once ran in 50 s, before all
     # of its faults were applied (2026-12-06 evening), so rounds are 20 steps. Each fault costs the
     # swarm a round deadline or two, so the deadlines are short: a 6 s round, a 7 s stop, 4 s cuts
-    # (the time is the faults', not the rounds': 24 rounds took 113 s with the deadlines of 30)
     rounds = 24
     args = chaos.parser().parse_args([
         "--peers", "4", "--rounds", str(rounds), "--churn", str(len(kinds) * 10 / (4 * rounds)), "--partition",
